@@ -1,0 +1,1847 @@
+#!/usr/bin/env python3
+"""uffdtool: userfaultfd for Linux, from Python, in one file (standard library only).
+
+A command-line tool and an importable module.  It opens userfaultfds, registers memory of the
+tool itself, of a child it starts or of a running process, logs every ``uffd_msg`` as JSON lines
+and resolves the faults: with zero pages, or with the contents of a file (including as a drop-in
+Firecracker page-fault handler).  The interface contract (flags, records, exit codes) is CLI.md.
+
+Contents (each section starts with a boxed banner; grep for ``#  N.``):
+     1. Platform and libc        lazy libc, checked syscalls, per-arch syscall numbers, mmap helpers
+     2. UAPI constants           names verbatim from <linux/userfaultfd.h>, flag sets with names
+     3. Structs                  ctypes mirrors of the kernel structs, ``uffd_msg`` layout
+     4. Errors                   one base class; exit codes; errno hints
+     5. Userfaultfd              the object that owns one uffd
+     6. Events                   PageFault/Fork/Remap/Remove/Unmap and ``decode_msgs``
+     7. Event log and stats      the JSON-lines writer and the counters
+     8. Page sources             zero, file + offset, working-set files (record / prefetch)
+     9. Handler loop             serves faults and events on one or more uffds
+    10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process
+    11. Targets                  self, child (-- CMD), pid, Firecracker socket
+    12. info
+    13. selftest
+    14. CLI
+
+Library example::
+
+    import mmap, uffdtool
+    with uffdtool.Userfaultfd() as uffd:
+        uffd.api(uffdtool.Features.THREAD_ID)
+        area = uffdtool.mmap_anon(4 * uffdtool.PAGE_SIZE)
+        print(uffd.register(area, 4 * uffdtool.PAGE_SIZE))   # Ioctls(WAKE|COPY|ZEROPAGE|...)
+        # ... another process/thread touches the area; then:
+        for ev in uffd.read_events():
+            if isinstance(ev, uffdtool.PageFault):
+                uffd.zeropage(ev.address & ~(uffdtool.PAGE_SIZE - 1), uffdtool.PAGE_SIZE)
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import array
+import bisect
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
+import mmap
+import os
+import platform
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+__all__ = [
+    # binding
+    "Userfaultfd", "Features", "Ioctls", "Flags", "PAGE_SIZE",
+    "PageFault", "Fork", "Remap", "Remove", "Unmap", "UnknownEvent", "decode_msgs",
+    # errors
+    "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError",
+    # serving
+    "EventLog", "Stats", "ZeroSource", "FileSource", "Handler",
+    "read_working_set", "write_working_set",
+    # memory helpers
+    "mmap_anon", "munmap", "mremap", "madvise",
+    "parse_size", "parse_range", "main",
+]  # the UAPI constants (UFFD_*, UFFDIO_*) are module globals, deliberately not listed
+
+
+###################################################################################################
+#  1. Platform and libc
+###################################################################################################
+
+PAGE_SIZE = mmap.PAGESIZE
+ARCH = platform.machine()
+
+#: syscall numbers that os/ctypes do not wrap, per architecture (asm/unistd_64.h, asm-generic).
+SYSCALLS = {
+    "x86_64": dict(userfaultfd=323, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
+                   memfd_create=319, mremap=25, madvise=28, gettid=186),
+    "aarch64": dict(userfaultfd=282, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
+                    memfd_create=279, mremap=216, madvise=233, gettid=178),
+}
+
+_libc = None
+
+
+def libc():
+    """The C library, loaded on first use so that ``import uffdtool`` never fails."""
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.syscall.restype = ctypes.c_long
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_long]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mremap.restype = ctypes.c_void_p
+        lib.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                               ctypes.c_void_p]
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc = lib
+    return _libc
+
+
+def _check(result, what, failed=-1):
+    """Raise OSError(errno) with ``what`` when a libc call returned ``failed``."""
+    if result == failed or result is None and failed == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+    return result
+
+
+def sysno(name):
+    """The number of syscall ``name`` on this architecture (OSError ENOSYS if unknown)."""
+    try:
+        return SYSCALLS[ARCH][name]
+    except KeyError:
+        raise OSError(errno.ENOSYS, "%s: no syscall number known for %s" % (name, ARCH))
+
+
+def syscall(name, *args):
+    """Call syscall ``name`` with integer arguments; return its result or raise OSError.
+
+    Retries EINTR (ctypes calls get no PEP 475 retry)."""
+    nr = sysno(name)
+    cargs = [ctypes.c_long(a) for a in args]
+    while True:
+        r = libc().syscall(ctypes.c_long(nr), *cargs)
+        if r != -1:
+            return r
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, "%s: %s" % (name, os.strerror(err)))
+
+
+PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+MAP_NORESERVE, MAP_POPULATE, MAP_HUGETLB = 0x4000, 0x8000, 0x40000
+MAP_FIXED_NOREPLACE = 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
+MADV_DONTNEED, MADV_REMOVE, MADV_DONTFORK, MADV_FREE = 4, 9, 10, 8
+MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15
+MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def mmap_anon(length, prot=PROT_READ | PROT_WRITE, flags=MAP_PRIVATE, fd=-1, offset=0, addr=0):
+    """mmap(2) returning the address (an int).  Anonymous unless ``fd`` is given."""
+    if fd == -1:
+        flags |= MAP_ANONYMOUS
+    r = libc().mmap(addr or None, length, prot, flags, fd, offset)
+    if r is None or r == MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, "mmap: %s" % os.strerror(err))
+    return r
+
+
+def munmap(addr, length):
+    """munmap(2)."""
+    _check(libc().munmap(addr, length), "munmap")
+
+
+def mremap(addr, old_len, new_len, flags=MREMAP_MAYMOVE, new_addr=0):
+    """mremap(2) returning the new address."""
+    r = libc().mremap(addr, old_len, new_len, flags, new_addr or None)
+    if r is None or r == MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, "mremap: %s" % os.strerror(err))
+    return r
+
+
+def madvise(addr, length, advice):
+    """madvise(2)."""
+    _check(libc().madvise(addr, length, advice), "madvise")
+
+
+def memmove(dst, src, length):
+    """ctypes memmove: copies without holding the GIL (safe on registered memory)."""
+    ctypes.memmove(dst, src, length)
+
+
+def read_sysfs(path, default=None):
+    """The stripped text of a /proc or /sys file, or ``default`` when it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def has_cap(bit):
+    """Whether this process has capability ``bit`` in its effective set (/proc/self/status)."""
+    for line in (read_sysfs("/proc/self/status", "") or "").splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+CAP_SYS_PTRACE = 19
+
+
+###################################################################################################
+#  2. UAPI constants (include/uapi/linux/userfaultfd.h, Linux 6.18)
+###################################################################################################
+
+UFFD_API = 0xAA
+UFFD_USER_MODE_ONLY = 1
+USERFAULTFD_DEV = "/dev/userfaultfd"
+
+_IOC_WRITE, _IOC_READ = 1, 2
+
+
+def _IOC(direction, typ, nr, size):
+    return (direction << 30) | (size << 16) | (typ << 8) | nr
+
+
+def _IOR(typ, nr, size):
+    return _IOC(_IOC_READ, typ, nr, size)
+
+
+def _IOWR(typ, nr, size):
+    return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, size)
+
+
+USERFAULTFD_IOC_NEW = _IOC(0, 0xAA, 0x00, 0)            # 0xAA00, on /dev/userfaultfd
+
+# ioctl numbers (_UFFDIO_*): the bit positions of the ``ioctls`` masks.
+_UFFDIO_REGISTER, _UFFDIO_UNREGISTER, _UFFDIO_WAKE, _UFFDIO_COPY = 0x00, 0x01, 0x02, 0x03
+_UFFDIO_ZEROPAGE, _UFFDIO_MOVE, _UFFDIO_WRITEPROTECT, _UFFDIO_CONTINUE = 0x04, 0x05, 0x06, 0x07
+_UFFDIO_POISON, _UFFDIO_API = 0x08, 0x3F
+
+UFFDIO_API = _IOWR(UFFD_API, _UFFDIO_API, 24)            # 0xC018AA3F
+UFFDIO_REGISTER = _IOWR(UFFD_API, _UFFDIO_REGISTER, 32)  # 0xC020AA00
+UFFDIO_UNREGISTER = _IOR(UFFD_API, _UFFDIO_UNREGISTER, 16)  # 0x8010AA01
+UFFDIO_WAKE = _IOR(UFFD_API, _UFFDIO_WAKE, 16)           # 0x8010AA02
+UFFDIO_COPY = _IOWR(UFFD_API, _UFFDIO_COPY, 40)          # 0xC028AA03
+UFFDIO_ZEROPAGE = _IOWR(UFFD_API, _UFFDIO_ZEROPAGE, 32)  # 0xC020AA04
+UFFDIO_MOVE = _IOWR(UFFD_API, _UFFDIO_MOVE, 40)          # 0xC028AA05
+UFFDIO_WRITEPROTECT = _IOWR(UFFD_API, _UFFDIO_WRITEPROTECT, 24)  # 0xC018AA06
+UFFDIO_CONTINUE = _IOWR(UFFD_API, _UFFDIO_CONTINUE, 32)  # 0xC020AA07
+UFFDIO_POISON = _IOWR(UFFD_API, _UFFDIO_POISON, 32)      # 0xC020AA08
+
+# uffd_msg.event
+UFFD_EVENT_PAGEFAULT, UFFD_EVENT_FORK, UFFD_EVENT_REMAP = 0x12, 0x13, 0x14
+UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = 0x15, 0x16
+EVENT_NAMES = {0x12: "pagefault", 0x13: "fork", 0x14: "remap", 0x15: "remove", 0x16: "unmap"}
+
+# uffd_msg.arg.pagefault.flags
+UFFD_PAGEFAULT_FLAG_WRITE, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_MINOR = 1, 2, 4
+
+# uffdio_api.features
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFD_FEATURE_EVENT_FORK = 1 << 1
+UFFD_FEATURE_EVENT_REMAP = 1 << 2
+UFFD_FEATURE_EVENT_REMOVE = 1 << 3
+UFFD_FEATURE_MISSING_HUGETLBFS = 1 << 4
+UFFD_FEATURE_MISSING_SHMEM = 1 << 5
+UFFD_FEATURE_EVENT_UNMAP = 1 << 6
+UFFD_FEATURE_SIGBUS = 1 << 7
+UFFD_FEATURE_THREAD_ID = 1 << 8
+UFFD_FEATURE_MINOR_HUGETLBFS = 1 << 9
+UFFD_FEATURE_MINOR_SHMEM = 1 << 10
+UFFD_FEATURE_EXACT_ADDRESS = 1 << 11
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_POISON = 1 << 14
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+UFFD_FEATURE_MOVE = 1 << 16
+
+# uffdio_register.mode
+UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, UFFDIO_REGISTER_MODE_MINOR = 1, 2, 4
+# mode flags of the fill ioctls
+UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP = 1, 2
+UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1
+UFFDIO_WRITEPROTECT_MODE_WP, UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1, 2
+UFFDIO_CONTINUE_MODE_DONTWAKE, UFFDIO_CONTINUE_MODE_WP = 1, 2
+UFFDIO_POISON_MODE_DONTWAKE = 1
+UFFDIO_MOVE_MODE_DONTWAKE, UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 1, 2
+
+
+class Flags(int):
+    """An int of bits that prints the names it knows and keeps unknown bits as a number.
+
+    Subclasses set ``NAMES`` (bit value -> name); each name is also a class attribute.  A newer
+    kernel's extra bits are never an error: ``str(Features(0x20001))`` is
+    ``'PAGEFAULT_FLAG_WP|0x20000'``."""
+    NAMES = {}
+
+    def names(self):
+        """Known bit names in bit order, then the unknown remainder as a hex string."""
+        out, rest = [], int(self)
+        for bit, name in sorted(self.NAMES.items()):
+            if rest & bit:
+                out.append(name)
+                rest &= ~bit
+        if rest:
+            out.append(hex(rest))
+        return out
+
+    @property
+    def unknown(self):
+        """The bits that have no name here (0 when all are known)."""
+        known = 0
+        for bit in self.NAMES:
+            known |= bit
+        return int(self) & ~known
+
+    def __str__(self):
+        return "|".join(self.names()) or "0"
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, self)
+
+    def __or__(self, other):
+        return type(self)(int(self) | int(other))
+
+    def __and__(self, other):
+        return type(self)(int(self) & int(other))
+
+    def __contains__(self, other):
+        return int(self) & int(other) == int(other)
+
+    __ror__, __rand__ = __or__, __and__
+
+    @classmethod
+    def parse(cls, text):
+        """Flags from ``'A,B|C'`` names (case-insensitive) or a number; ValueError if unknown."""
+        value = 0
+        by_name = {n.lower(): b for b, n in cls.NAMES.items()}
+        for word in text.replace("|", ",").split(","):
+            word = word.strip().lower()
+            if not word:
+                continue
+            if word in by_name:
+                value |= by_name[word]
+            else:
+                try:
+                    value |= int(word, 0)
+                except ValueError:
+                    raise ValueError("unknown %s name %r (known: %s)" % (
+                        cls.__name__, word, ", ".join(n.lower() for n in cls.NAMES.values())))
+        return cls(value)
+
+
+def _flag_class(name, prefix, doc):
+    table = {v: k[len(prefix):] for k, v in globals().items()
+             if k.startswith(prefix) and isinstance(v, int)}
+    cls = type(name, (Flags,), {"NAMES": table, "__doc__": doc})
+    for bit, bit_name in table.items():
+        setattr(cls, bit_name, cls(bit))
+    return cls
+
+
+Features = _flag_class("Features", "UFFD_FEATURE_", "uffdio_api.features bits (17 on 6.18).")
+Ioctls = type("Ioctls", (Flags,), {
+    "__doc__": "uffdio_api.ioctls / uffdio_register.ioctls bits: 1 << _UFFDIO_*.",
+    "NAMES": {1 << v: k[len("_UFFDIO_"):] for k, v in globals().items()
+              if k.startswith("_UFFDIO_")}})
+for _bit, _name in Ioctls.NAMES.items():
+    setattr(Ioctls, _name, Ioctls(_bit))
+RegisterMode = _flag_class("RegisterMode", "UFFDIO_REGISTER_MODE_", "uffdio_register.mode bits.")
+FaultFlags = type("FaultFlags", (Flags,), {
+    "__doc__": "uffd_msg.arg.pagefault.flags bits.",
+    "NAMES": {1: "write", 2: "wp", 4: "minor"}})
+
+UFFD_API_FEATURES = (1 << 17) - 1                  # every feature bit 6.18 knows
+UFFD_API_IOCTLS = Ioctls(1 << _UFFDIO_REGISTER | 1 << _UFFDIO_UNREGISTER | 1 << _UFFDIO_API)
+UFFD_API_RANGE_IOCTLS = Ioctls(0x1FC)
+UFFD_API_RANGE_IOCTLS_BASIC = Ioctls(0x1CC)
+#: the features that produce non-cooperative events, by the event name used in --events.
+EVENT_FEATURES = {"fork": UFFD_FEATURE_EVENT_FORK, "remap": UFFD_FEATURE_EVENT_REMAP,
+                  "remove": UFFD_FEATURE_EVENT_REMOVE, "unmap": UFFD_FEATURE_EVENT_UNMAP}
+
+
+###################################################################################################
+#  3. Structs (all fields u64 / s64, little-endian, no padding)
+###################################################################################################
+
+class uffdio_range(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class uffdio_api(ctypes.Structure):
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64),
+                ("ioctls", ctypes.c_uint64)]
+
+
+class uffdio_register(ctypes.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class uffdio_copy(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]
+
+
+class uffdio_zeropage(ctypes.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+
+
+class uffdio_move(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("move", ctypes.c_int64)]
+
+
+class uffdio_writeprotect(ctypes.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64)]
+
+
+class uffdio_continue(ctypes.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64), ("mapped", ctypes.c_int64)]
+
+
+class uffdio_poison(ctypes.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64), ("updated", ctypes.c_int64)]
+
+
+#: struct uffd_msg (32 bytes, packed): u8 event, 7 reserved bytes, 24-byte union ``arg``.
+UFFD_MSG_SIZE = 32
+UFFD_MSG = struct.Struct("<B7xQQQ")       # event, then the union as three u64 words
+assert UFFD_MSG.size == UFFD_MSG_SIZE
+
+
+###################################################################################################
+#  4. Errors
+###################################################################################################
+
+class UffdToolError(Exception):
+    """Base of the tool's own errors; ``exit_code`` is the CLI.md exit status."""
+    exit_code = 1
+
+
+class UsageError(UffdToolError):
+    """Bad flag, size, range or file: exit 2."""
+    exit_code = 2
+
+
+class NotPermitted(UffdToolError):
+    """The kernel or the permissions do not allow it: exit 3.  The message names the fix."""
+    exit_code = 3
+
+
+class TargetError(UffdToolError):
+    """The target (process, peer, check) failed: exit 1."""
+    exit_code = 1
+
+
+#: errno -> hint appended to errors of opening a uffd.
+OPEN_HINTS = {
+    errno.EPERM: "needs CAP_SYS_PTRACE (run as root), vm.unprivileged_userfaultfd=1, "
+                 "or read+write access to /dev/userfaultfd",
+    errno.EACCES: "needs read+write access to /dev/userfaultfd (or CAP_SYS_PTRACE)",
+    errno.ENOSYS: "this kernel has no userfaultfd (CONFIG_USERFAULTFD)",
+    errno.ENOENT: "/dev/userfaultfd does not exist (kernel < 6.1?)",
+}
+
+
+class UffdError(OSError):
+    """A userfaultfd syscall or ioctl failed.
+
+    Attributes: ``errno``, ``op`` (e.g. ``'UFFDIO_COPY'``), ``addr``/``length`` where known, and
+    ``done``: bytes the kernel completed before the error (0 when nothing was done)."""
+
+    def __init__(self, err, op, addr=None, length=None, done=0, hint=None):
+        msg = "%s: %s" % (op, os.strerror(err))
+        if addr is not None:
+            msg += " at 0x%x+0x%x" % (addr, length or 0)
+        if hint:
+            msg += " (%s)" % hint
+        super().__init__(err, msg)
+        self.op, self.addr, self.length, self.done, self.hint = op, addr, length, done, hint
+
+    def __str__(self):
+        return self.strerror
+
+
+###################################################################################################
+#  5. Userfaultfd
+###################################################################################################
+
+class Userfaultfd:
+    """One userfaultfd.
+
+    ``Userfaultfd()`` opens a new one: ``route='syscall'`` (userfaultfd(2)), ``'dev'``
+    (/dev/userfaultfd + USERFAULTFD_IOC_NEW) or ``None`` (syscall, then the device).  The fd is
+    O_CLOEXEC and, by default, O_NONBLOCK (needed for poll; reads then never block).
+    ``user_mode_only`` adds UFFD_USER_MODE_ONLY (kernel-mode accesses then fail with EFAULT
+    instead of faulting).  ``Userfaultfd.adopt(fd)`` wraps an fd that already did UFFDIO_API
+    (received over a socket, or from a FORK event).
+
+    Every ioctl has one method.  Fill methods return the bytes done; a partial fill (the kernel
+    stopped early and returned EAGAIN with progress) returns fewer bytes than asked for, so the
+    caller can retry from there.  Failures with nothing done raise ``UffdError`` (EAGAIN whether
+    the kernel wrote 0 or -EAGAIN into the result field).
+    """
+
+    def __init__(self, *, nonblock=True, cloexec=True, user_mode_only=False, route=None, fd=None):
+        self.route = "adopted"
+        self.features = Features(0)      # enabled on this fd (what UFFDIO_API asked for)
+        self.available = Features(0)     # what the kernel offered in UFFDIO_API
+        self.ioctls = Ioctls(0)
+        self._fd = -1
+        if fd is None:
+            flags = (os.O_CLOEXEC if cloexec else 0) | (os.O_NONBLOCK if nonblock else 0) | (
+                UFFD_USER_MODE_ONLY if user_mode_only else 0)
+            fd = self._open(flags, route)
+        self._fd = fd
+        self._rng = uffdio_range()
+        self._copy = uffdio_copy()
+        self._zero = uffdio_zeropage()
+        self._cont = uffdio_continue()
+        self._wp = uffdio_writeprotect()
+        self._buf = bytearray(UFFD_MSG_SIZE * 64)
+
+    def _open(self, flags, route):
+        errors = []
+        if route in (None, "syscall"):
+            try:
+                fd = syscall("userfaultfd", flags)
+                self.route = "syscall"
+                return fd
+            except OSError as e:
+                errors.append(("userfaultfd(2)", e.errno))
+        if route in (None, "dev"):
+            try:
+                dev = os.open(USERFAULTFD_DEV, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fd = fcntl.ioctl(dev, USERFAULTFD_IOC_NEW, flags)
+                finally:
+                    os.close(dev)
+                self.route = "dev"
+                return fd
+            except OSError as e:
+                errors.append((USERFAULTFD_DEV, e.errno))
+        if route not in (None, "syscall", "dev"):
+            raise ValueError("route must be None, 'syscall' or 'dev'")
+        what, err = errors[-1] if len(errors) == 1 else errors[0]
+        detail = "; ".join("%s: %s" % (w, os.strerror(e)) for w, e in errors)
+        raise UffdError(err, "open userfaultfd", hint="%s; %s" % (
+            detail, OPEN_HINTS.get(err, "see 'uffdtool info'")))
+
+    @classmethod
+    def adopt(cls, fd, features=0):
+        """Wrap an existing uffd (UFFDIO_API already done); it is closed with this object."""
+        self = cls(fd=fd)
+        self.features = Features(features)
+        return self
+
+    # -- fd plumbing ----------------------------------------------------------------------------
+    def fileno(self):
+        return self._fd
+
+    @property
+    def closed(self):
+        return self._fd < 0
+
+    def close(self):
+        """Close the fd (idempotent).  Unresolved faults of its ranges then resolve as normal."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return "<Userfaultfd fd=%d route=%s features=%s>" % (self._fd, self.route, self.features)
+
+    # -- one ioctl helper -----------------------------------------------------------------------
+    def _ioctl(self, req, arg, op, addr=None, length=None):
+        try:
+            fcntl.ioctl(self._fd, req, arg, True)
+        except OSError as e:
+            raise UffdError(e.errno, op, addr, length) from None
+
+    def _fill(self, req, arg, result, op, addr, length):
+        """Run a fill ioctl; return bytes done (partial < length); raise when nothing was done.
+
+        The result field is -errno or bytes done; EAGAIN with a positive count is partial
+        progress (the real error is discarded by the kernel, kernel.md §1.7).  Nothing done is
+        reported as 0 or -EAGAIN depending on the kernel: both raise UffdError(EAGAIN)."""
+        try:
+            fcntl.ioctl(self._fd, req, arg, True)
+        except OSError as e:
+            done = getattr(arg, result)
+            if e.errno == errno.EAGAIN and done > 0:
+                return done
+            raise UffdError(e.errno, op, addr, length) from None
+        return length
+
+    # -- the ioctls -----------------------------------------------------------------------------
+    def api(self, features=0):
+        """UFFDIO_API (once per fd).  Returns (available Features, Ioctls of the fd).
+
+        ``features`` are enabled on this fd; asking for one the kernel lacks raises EINVAL,
+        EVENT_FORK without CAP_SYS_PTRACE raises EPERM."""
+        arg = uffdio_api(UFFD_API, int(features), 0)
+        try:
+            fcntl.ioctl(self._fd, UFFDIO_API, arg, True)
+        except OSError as e:
+            hint = None
+            if e.errno == errno.EPERM and int(features) & UFFD_FEATURE_EVENT_FORK:
+                hint = "UFFD_FEATURE_EVENT_FORK needs CAP_SYS_PTRACE"
+            elif e.errno == errno.EINVAL:
+                hint = "feature not offered by this kernel, or UFFDIO_API already done"
+            raise UffdError(e.errno, "UFFDIO_API", hint=hint) from None
+        self.features = Features(features)
+        self.available = Features(arg.features)
+        self.ioctls = Ioctls(arg.ioctls)
+        return self.available, self.ioctls
+
+    def register(self, start, length, mode=UFFDIO_REGISTER_MODE_MISSING):
+        """UFFDIO_REGISTER; returns the Ioctls this range allows."""
+        arg = uffdio_register(uffdio_range(start, length), int(mode), 0)
+        self._ioctl(UFFDIO_REGISTER, arg, "UFFDIO_REGISTER", start, length)
+        return Ioctls(arg.ioctls)
+
+    def unregister(self, start, length):
+        """UFFDIO_UNREGISTER (wakes faulters blocked in the range)."""
+        self._ioctl(UFFDIO_UNREGISTER, uffdio_range(start, length), "UFFDIO_UNREGISTER",
+                    start, length)
+
+    def wake(self, start, length):
+        """UFFDIO_WAKE: wake threads faulting in the range (needed after EEXIST/DONTWAKE)."""
+        rng = self._rng
+        rng.start, rng.len = start, length
+        self._ioctl(UFFDIO_WAKE, rng, "UFFDIO_WAKE", start, length)
+
+    def copy(self, dst, src, length, mode=0):
+        """UFFDIO_COPY ``length`` bytes from ``src`` (our address space) to ``dst``."""
+        c = self._copy
+        c.dst, c.src, c.len, c.mode, c.copy = dst, src, length, mode, 0
+        return self._fill(UFFDIO_COPY, c, "copy", "UFFDIO_COPY", dst, length)
+
+    def zeropage(self, start, length, mode=0):
+        """UFFDIO_ZEROPAGE: map zero pages (not on hugetlb: EINVAL)."""
+        z = self._zero
+        z.range.start, z.range.len, z.mode, z.zeropage = start, length, mode, 0
+        return self._fill(UFFDIO_ZEROPAGE, z, "zeropage", "UFFDIO_ZEROPAGE", start, length)
+
+    def writeprotect(self, start, length, protect=True, dontwake=False):
+        """UFFDIO_WRITEPROTECT: protect, or (protect=False) unprotect and wake the range."""
+        w = self._wp
+        w.range.start, w.range.len = start, length
+        w.mode = (UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
+            UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0)
+        self._ioctl(UFFDIO_WRITEPROTECT, w, "UFFDIO_WRITEPROTECT", start, length)
+
+    def continue_(self, start, length, mode=0):
+        """UFFDIO_CONTINUE: map the page-cache pages of a MINOR range."""
+        c = self._cont
+        c.range.start, c.range.len, c.mode, c.mapped = start, length, mode, 0
+        return self._fill(UFFDIO_CONTINUE, c, "mapped", "UFFDIO_CONTINUE", start, length)
+
+    def poison(self, start, length, mode=0):
+        """UFFDIO_POISON: later accesses get SIGBUS (or EFAULT in the kernel)."""
+        p = uffdio_poison(uffdio_range(start, length), mode, 0)
+        return self._fill(UFFDIO_POISON, p, "updated", "UFFDIO_POISON", start, length)
+
+    def move(self, dst, src, length, mode=0):
+        """UFFDIO_MOVE pages from ``src`` to ``dst`` (same process only)."""
+        m = uffdio_move(dst, src, length, mode, 0)
+        return self._fill(UFFDIO_MOVE, m, "move", "UFFDIO_MOVE", dst, length)
+
+    # -- messages -------------------------------------------------------------------------------
+    def read_events(self, max_msgs=64):
+        """Every pending uffd_msg (up to ``max_msgs``) as typed events; [] when none is pending.
+
+        On a blocking fd this waits for the first message.  A FORK event's ``ufd`` is a new fd in
+        this process; wrap it with ``Userfaultfd.adopt``."""
+        if max_msgs > len(self._buf) // UFFD_MSG_SIZE:
+            self._buf = bytearray(UFFD_MSG_SIZE * max_msgs)
+        try:
+            n = os.readv(self._fd, [memoryview(self._buf)[:UFFD_MSG_SIZE * max_msgs]])
+        except BlockingIOError:
+            return []
+        except OSError as e:
+            raise UffdError(e.errno, "read") from None
+        return decode_msgs(self._buf, n)
+
+
+###################################################################################################
+#  6. Events
+###################################################################################################
+
+class _Event(tuple):
+    """Base of the immutable event records (tuples with named fields)."""
+    __slots__ = ()
+    name = "?"
+
+    def record(self):
+        """The CLI.md JSON-lines fields of this event (without ``t``)."""
+        return {"event": self.name}
+
+
+def _event(cls_name, name, fields, json_names=None):
+    json_names = json_names or fields
+
+    def new(cls, *args):
+        return tuple.__new__(cls, args)
+
+    ns = {"__slots__": (), "name": name, "_fields": fields, "__new__": new,
+          "__repr__": lambda self: "%s(%s)" % (cls_name, ", ".join(
+              "%s=%s" % (f, hex(v) if isinstance(v, int) and v > 9 else v)
+              for f, v in zip(fields, self)))}
+    for i, f in enumerate(fields):
+        ns[f] = property(lambda self, i=i: self[i])
+
+    def record(self):
+        r = {"event": name}
+        r.update(zip(json_names, self))
+        return r
+    ns["record"] = record
+    return type(cls_name, (_Event,), ns)
+
+
+Fork = _event("Fork", "fork", ("ufd",))
+Remap = _event("Remap", "remap", ("from_", "to", "len"), ("from", "to", "len"))
+Remove = _event("Remove", "remove", ("start", "end"))
+Unmap = _event("Unmap", "unmap", ("start", "end"))
+UnknownEvent = _event("UnknownEvent", "unknown", ("code", "raw"))
+UnknownEvent.record = lambda self: {"event": "unknown", "code": self.code, "raw": self.raw.hex()}
+
+
+class PageFault(_event("_PageFault", "pagefault", ("address", "flags", "ptid"))):
+    """A UFFD_EVENT_PAGEFAULT: ``address``, ``flags`` (FaultFlags bits), ``ptid`` (0 without
+    UFFD_FEATURE_THREAD_ID)."""
+    __slots__ = ()
+    write = property(lambda self: bool(self[1] & UFFD_PAGEFAULT_FLAG_WRITE))
+    wp = property(lambda self: bool(self[1] & UFFD_PAGEFAULT_FLAG_WP))
+    minor = property(lambda self: bool(self[1] & UFFD_PAGEFAULT_FLAG_MINOR))
+
+    @property
+    def kind(self):
+        """'wp', 'minor' or 'missing': why the fault was raised."""
+        f = self[1]
+        return "wp" if f & UFFD_PAGEFAULT_FLAG_WP else "minor" if f & \
+            UFFD_PAGEFAULT_FLAG_MINOR else "missing"
+
+    def record(self):
+        return {"event": "pagefault", "address": self[0],
+                "flags": FaultFlags(self[1]).names(), "ptid": self[2]}
+
+
+def decode_msgs(buf, n=None):
+    """Decode ``n`` bytes (default: all) of packed 32-byte uffd_msg records into events.
+
+    Pure: tests feed it bytes.  A trailing partial record is ignored; unknown event codes become
+    ``UnknownEvent(code, raw)``."""
+    n = len(buf) if n is None else n
+    out = []
+    unpack = UFFD_MSG.unpack_from
+    for off in range(0, n - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
+        ev, a, b, c = unpack(buf, off)
+        if ev == UFFD_EVENT_PAGEFAULT:
+            out.append(PageFault(b, a, c & 0xFFFFFFFF))
+        elif ev == UFFD_EVENT_REMOVE:
+            out.append(Remove(a, b))
+        elif ev == UFFD_EVENT_UNMAP:
+            out.append(Unmap(a, b))
+        elif ev == UFFD_EVENT_REMAP:
+            out.append(Remap(a, b, c))
+        elif ev == UFFD_EVENT_FORK:
+            out.append(Fork(a & 0xFFFFFFFF))
+        else:
+            out.append(UnknownEvent(ev, bytes(buf[off:off + UFFD_MSG_SIZE])))
+    return out
+
+
+###################################################################################################
+#  7. Event log and stats
+###################################################################################################
+
+class EventLog:
+    """The one writer of JSON-lines records (CLI.md) and of the human lines on stderr.
+
+    ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
+    ``t`` (seconds since ``t0``) and ``event`` and is flushed.  ``human`` is where the
+    human-readable lines go (None: nowhere, i.e. --quiet); ``human_faults`` says whether
+    pagefault records also get a human line (watch: yes; serve-file: only with -v)."""
+
+    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None):
+        self.t0 = time.monotonic() if t0 is None else t0
+        self._own = False
+        if dest is None:
+            self.out = None
+        elif dest == "-":
+            self.out = sys.stdout
+        elif isinstance(dest, str):
+            try:
+                self.out = open(dest, "w", buffering=1)
+            except OSError as e:
+                raise UsageError("cannot write log %s: %s" % (dest, e.strerror))
+            self._own = True
+        else:
+            self.out = dest
+        self.human = human
+        self.human_faults = human_faults
+
+    @property
+    def wants_faults(self):
+        """Whether per-fault records are written anywhere (the hot path skips them if not)."""
+        return self.out is not None or (self.human is not None and self.human_faults)
+
+    def now(self):
+        return time.monotonic() - self.t0
+
+    def emit(self, event, **fields):
+        """Write one record; returns it."""
+        rec = {"t": round(self.now(), 6), "event": event}
+        rec.update(fields)
+        if self.out is not None:
+            try:
+                self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
+                self.out.flush()
+            except (BrokenPipeError, ValueError):
+                self.out = None          # reader went away: keep serving, stop logging
+        if self.human is not None and (event != "pagefault" or self.human_faults):
+            try:
+                self.human.write(format_human(rec) + "\n")
+                self.human.flush()
+            except (BrokenPipeError, ValueError):
+                self.human = None
+        return rec
+
+    def close(self):
+        if self._own and self.out is not None:
+            self.out.close()
+        self.out = None
+
+
+def _fmt_value(k, v):
+    if isinstance(v, int) and not isinstance(v, bool) and k in (
+            "address", "start", "end", "from", "to", "base", "dst"):
+        return "%s=0x%x" % (k, v)
+    if isinstance(v, list):
+        return "%s=%s" % (k, ",".join(map(str, v)) or "-")
+    if isinstance(v, dict):
+        return "%s={%s}" % (k, " ".join(_fmt_value(a, b) for a, b in v.items()))
+    return "%s=%s" % (k, v)
+
+
+def format_human(rec):
+    """One readable line for a record: ``  1.234567 pagefault address=0x7f.. flags=write``."""
+    rest = " ".join(_fmt_value(k, v) for k, v in rec.items() if k not in ("t", "event"))
+    return "%10.6f %-9s %s" % (rec["t"], rec["event"], rest)
+
+
+class Stats:
+    """Counters and fault-service latencies for the final (and periodic) ``stats`` record.
+
+    ``count`` is a plain dict of counters (faults by kind, pages/bytes filled by copy and zero,
+    eexist, eagain, retries, events by type...); ``latency(us)`` adds one sample (a bounded
+    array: beyond ``max_samples`` every other sample is dropped, which keeps percentiles fair)."""
+
+    def __init__(self, max_samples=1 << 20):
+        self.count = {}
+        self.lat = array.array("f")
+        self._max = max_samples
+        self._keep_every = 1
+        self._seen = 0
+        self.t0 = time.monotonic()
+
+    def add(self, key, n=1):
+        self.count[key] = self.count.get(key, 0) + n
+
+    def latency(self, us):
+        self._seen += 1
+        if self._seen % self._keep_every:
+            return
+        self.lat.append(us)
+        if len(self.lat) >= self._max:
+            self.lat = array.array("f", self.lat[::2])
+            self._keep_every *= 2
+
+    def percentiles(self):
+        """{'p50': µs, 'p99': µs, 'max': µs} of the samples (empty dict when there are none)."""
+        if not self.lat:
+            return {}
+        s = sorted(self.lat)
+
+        def pick(q):
+            return round(float(s[min(len(s) - 1, int(q * len(s)))]), 1)
+        return {"p50": pick(0.50), "p99": pick(0.99), "max": round(float(s[-1]), 1)}
+
+    def record(self, **extra):
+        """The fields of a ``stats`` record."""
+        rec = dict(sorted(self.count.items()))
+        rec["latency_us"] = self.percentiles()
+        rec["wall_s"] = round(time.monotonic() - self.t0, 6)
+        rec.update(extra)
+        return rec
+
+
+###################################################################################################
+#  8. Page sources
+###################################################################################################
+
+class ZeroSource:
+    """Fills with zero pages (UFFDIO_ZEROPAGE); on hugetlb, where ZEROPAGE is EINVAL, with a
+    COPY from a zero-filled buffer."""
+    kind = "zero"
+    size = None                       # no length limit
+
+    def __init__(self):
+        self._zbuf = 0
+        self._zlen = 0
+
+    def fill(self, uffd, dst, length, offset, hugetlb=False):
+        """Resolve ``[dst, dst+length)``; returns bytes done (see Userfaultfd._fill)."""
+        if not hugetlb:
+            return uffd.zeropage(dst, length)
+        if self._zlen < length:
+            self._zbuf, self._zlen = mmap_anon(length, PROT_READ), length
+        return uffd.copy(dst, self._zbuf, length)
+
+    def address(self, offset):
+        return None
+
+    def close(self):
+        if self._zlen:
+            munmap(self._zbuf, self._zlen)
+            self._zlen = 0
+
+
+class FileSource:
+    """Fills from a file: the page at source offset X comes from PATH at ``offset + X``.
+
+    The file is mapped read-only, MAP_PRIVATE|MAP_POPULATE, so disk I/O stays out of fault
+    latency; UFFDIO_COPY copies from that mapping."""
+    kind = "copy"
+
+    def __init__(self, path, offset=0, populate=True):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise UsageError("cannot open %s: %s" % (path, e.strerror))
+        try:
+            st = os.fstat(fd)
+            if not (st.st_mode & 0o170000 in (0o100000, 0o060000)):
+                raise UsageError("%s is not a regular file or block device" % path)
+            total = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blkdev_size(fd)
+            if offset < 0 or offset > total:
+                raise UsageError("--offset %d is beyond the end of %s (%d bytes)"
+                                 % (offset, path, total))
+            self.path, self.offset, self.size = path, offset, total - offset
+            self._maplen = total
+            self._map = 0
+            if total:
+                flags = MAP_PRIVATE | (MAP_POPULATE if populate else 0)
+                self._map = mmap_anon(total, PROT_READ, flags, fd=fd)
+        finally:
+            os.close(fd)
+        self.base = self._map + offset        # address of source offset 0
+
+    def fill(self, uffd, dst, length, offset, hugetlb=False):
+        return uffd.copy(dst, self.base + offset, length)
+
+    def address(self, offset):
+        """Our address of source offset ``offset`` (for verification and prefetch)."""
+        return self.base + offset
+
+    def close(self):
+        if self._map:
+            munmap(self._map, self._maplen)
+            self._map = 0
+
+
+def _blkdev_size(fd):
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+WORKING_SET_MAGIC = "# uffdtool working-set v1"
+
+
+def write_working_set(path, pages, page_size, key="offset"):
+    """Write a working set: a header line, then one hex number per line, in first-fault order.
+
+    Format (text)::
+
+        # uffdtool working-set v1 page_size=4096 key=offset
+        0x1000
+        0x0
+        ...
+
+    ``key=offset``: offsets into the source (serve-file; they survive a restore at new host
+    addresses).  ``key=address``: virtual addresses (watch, where there is no source)."""
+    with open(path, "w") as f:
+        f.write("%s page_size=%d key=%s\n" % (WORKING_SET_MAGIC, page_size, key))
+        f.write("".join("0x%x\n" % p for p in pages))
+
+
+def read_working_set(path):
+    """Read a working-set file: returns (key, page_size, [numbers]).  UsageError if malformed."""
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except OSError as e:
+        raise UsageError("cannot read working set %s: %s" % (path, e.strerror))
+    head = lines[0].split()
+    if not lines[0].startswith(WORKING_SET_MAGIC):
+        raise UsageError("%s is not a uffdtool working-set file (no '%s' header)"
+                         % (path, WORKING_SET_MAGIC))
+    meta = dict(w.split("=", 1) for w in head if "=" in w)
+    pages = []
+    for no, line in enumerate(lines[1:], 2):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            pages.append(int(line, 0))
+        except ValueError:
+            raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
+    try:
+        page_size = int(meta.get("page_size", PAGE_SIZE))
+    except ValueError:
+        raise UsageError("%s: bad page_size in header" % path)
+    return meta.get("key", "offset"), page_size, pages
+
+
+###################################################################################################
+#  9. Handler loop
+###################################################################################################
+
+class Region:
+    """A registered range ``[start, end)`` of one uffd; ``offset`` is the source offset of
+    ``start`` (None: no source data, zero-fill)."""
+    __slots__ = ("start", "end", "offset")
+
+    def __init__(self, start, end, offset=None):
+        self.start, self.end, self.offset = start, end, offset
+
+    def __repr__(self):
+        return "Region(0x%x-0x%x off=%s)" % (self.start, self.end, self.offset)
+
+
+class Served:
+    """The state kept per uffd: the fd, its regions (sorted), pages removed (on-remove=zero)."""
+
+    def __init__(self, uffd, regions, pid=None, label=None):
+        self.uffd = uffd
+        self.regions = sorted(regions, key=lambda r: r.start)
+        self.starts = [r.start for r in self.regions]
+        self.removed = []           # sorted, disjoint [start, end) ranges for on-remove=zero
+        self.pid = pid
+        self.label = label
+
+    def reindex(self):
+        self.regions = [r for r in sorted(self.regions, key=lambda r: r.start) if r.end > r.start]
+        self.starts = [r.start for r in self.regions]
+
+    def find(self, addr):
+        """The region holding ``addr``, or None."""
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i >= 0:
+            r = self.regions[i]
+            if addr < r.end:
+                return r
+        return None
+
+    def cut(self, start, end):
+        """Forget ``[start, end)``: regions are trimmed or split (UNMAP, REMAP source)."""
+        out = []
+        for r in self.regions:
+            if r.end <= start or r.start >= end:
+                out.append(r)
+                continue
+            if r.start < start:
+                out.append(Region(r.start, start, r.offset))
+            if r.end > end:
+                off = None if r.offset is None else r.offset + (end - r.start)
+                out.append(Region(end, r.end, off))
+        self.regions = out
+        self.reindex()
+
+    def is_removed(self, addr):
+        i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
+        return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
+
+
+class Handler:
+    """Serves page faults and events on one or more uffds until told to stop.
+
+    ``source``: a ZeroSource or FileSource.  ``readahead``: pages per fill (from the faulting
+    page, clamped to its region; a fill stopping at a present page is fine).  ``on_remove``:
+    'unregister' (later faults there get kernel zero pages) or 'zero' (they get ZEROPAGE).
+    ``log``: an EventLog; ``stats``: a Stats.  ``record``: a list that receives, in first-fault
+    order, the source offset (or the address, for regions without a source) of every page that
+    faulted.
+
+    Resolution rules: MISSING -> fill from the source; WP -> unprotect (UFFDIO_WRITEPROTECT 0);
+    MINOR -> UFFDIO_CONTINUE; EEXIST -> UFFDIO_WAKE; EAGAIN -> read pending events, then retry
+    with a bounded backoff (no fault is ever dropped); ESRCH/ENOMEM -> that process is gone.
+    FORK adopts the new uffd with a copy of the parent's regions; REMAP moves regions; UNMAP
+    forgets them; REMOVE applies ``on_remove``.
+    """
+
+    def __init__(self, source=None, log=None, stats=None, readahead=1, on_remove="unregister",
+                 page_size=PAGE_SIZE, record=None, hugetlb=False):
+        self.source = source or ZeroSource()
+        self.log = log or EventLog(None, human=None)
+        self.stats = stats or Stats()
+        self.readahead = max(1, int(readahead))
+        self.on_remove = on_remove
+        self.page_size = page_size
+        self.hugetlb = hugetlb
+        self.record = record
+        self._recorded = set()
+        self._zeros = None
+        self.served = {}              # fd -> Served
+        self.on_fork = None           # hook: callable(parent Served, child Served)
+        self.on_gone = None           # hook: callable(Served) when a uffd's process is gone
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def add(self, uffd, regions, pid=None, label=None):
+        """Serve ``uffd`` for ``regions``: Region objects or (start, length[, offset]) tuples."""
+        regs = [r if isinstance(r, Region) else Region(r[0], r[0] + r[1],
+                                                       r[2] if len(r) > 2 else None)
+                for r in regions]
+        s = Served(uffd, regs, pid, label)
+        self.served[uffd.fileno()] = s
+        return s
+
+    def drop(self, s, reason):
+        """Stop serving ``s`` (its process exited or its fd hung up) and close its uffd."""
+        if self.served.pop(s.uffd.fileno(), None) is not None:
+            self.stats.add("uffds_closed")
+            self.log.emit("gone", ufd=s.uffd.fileno(), pid=s.pid, reason=reason)
+            if self.on_gone:
+                self.on_gone(s)
+            s.uffd.close()
+
+    # -- events ---------------------------------------------------------------------------------
+    def handle(self, s, events):
+        """Handle one batch read from ``s``: non-cooperative events first, then faults."""
+        faults = []
+        for ev in events:
+            if type(ev) is PageFault:
+                faults.append(ev)
+            else:
+                self.handle_event(s, ev)
+        for f in faults:
+            if s.uffd.closed:
+                break
+            self.serve_fault(s, f)
+
+    def handle_event(self, s, ev):
+        st = self.stats
+        st.add("events_" + ev.name)
+        rec = ev.record()
+        if type(ev) is Fork:
+            child = Served(Userfaultfd.adopt(ev.ufd, s.uffd.features),
+                           [Region(r.start, r.end, r.offset) for r in s.regions],
+                           label="fork-of-%s" % (s.pid or s.uffd.fileno()))
+            child.removed = list(s.removed)
+            self.served[ev.ufd] = child
+            rec["parent_ufd"] = s.uffd.fileno()
+            if self.on_fork:
+                self.on_fork(s, child)
+        elif type(ev) is Remap:
+            self._remap(s, ev)
+        elif type(ev) is Unmap:
+            s.cut(ev.start, ev.end)
+        elif type(ev) is Remove:
+            self._remove(s, ev.start, ev.end)
+            rec["policy"] = self.on_remove
+        self.log.emit(rec.pop("event"), ufd=s.uffd.fileno(), **rec)
+
+    def _remap(self, s, ev):
+        moved = []
+        lo, hi = ev.from_, ev.from_ + ev.len
+        for r in s.regions:
+            a, b = max(r.start, lo), min(r.end, hi)
+            if a < b:
+                off = None if r.offset is None else r.offset + (a - r.start)
+                moved.append(Region(a - lo + ev.to, b - lo + ev.to, off))
+        s.cut(lo, hi)
+        s.cut(ev.to, ev.to + ev.len)
+        s.regions.extend(moved)
+        s.reindex()
+
+    def _remove(self, s, start, end):
+        if self.on_remove == "zero":
+            s.removed = _merge_range(s.removed, start, end)
+            return
+        # unregister each registered piece (the kernel wakes waiters in it)
+        for r in list(s.regions):
+            a, b = max(r.start, start), min(r.end, end)
+            if a < b:
+                try:
+                    s.uffd.unregister(a, b - a)
+                except UffdError as e:
+                    if e.errno in (errno.ENOMEM, errno.ESRCH):
+                        return self.drop(s, "exited")
+                    if e.errno != errno.EINVAL:
+                        raise
+        s.cut(start, end)
+
+    # -- faults ---------------------------------------------------------------------------------
+    def serve_fault(self, s, f):
+        """Resolve one PageFault on ``s``; logs it when the log wants faults."""
+        t = time.perf_counter()
+        ps = self.page_size
+        addr = f[0] & ~(ps - 1)
+        kind = f.kind
+        st = self.stats
+        st.add("faults_" + kind)
+        pages = 0
+        r = s.find(addr)
+        if r is None:
+            how = "wake"            # range no longer ours (unmapped/unregistered): just wake
+            self._retry(s, s.uffd.wake, addr, ps)
+        elif kind == "wp":
+            how = "wp"
+            self._retry(s, s.uffd.writeprotect, addr, ps, False)
+        elif kind == "minor":
+            how, pages = self._fill(s, s.uffd.continue_, addr, ps, "continue")
+        else:
+            self._note(r, addr)
+            if r.offset is None or (s.removed and s.is_removed(addr)):
+                off, how = None, "zero"
+                fill = self._zero_fill
+            else:
+                off = r.offset + (addr - r.start)
+                fill = self._source_fill
+                how = self.source.kind
+            length = min(self.readahead * ps, r.end - addr)
+            if off is not None and self.source.size is not None:
+                length = min(length, max(ps, self.source.size - off))
+            how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
+        us = (time.perf_counter() - t) * 1e6
+        st.latency(us)
+        if self.log.wants_faults:
+            rec = f.record()
+            rec.pop("event")
+            rec.update(resolved=how, pages=pages, us=round(us, 1), ufd=s.uffd.fileno())
+            self.log.emit("pagefault", **rec)
+
+    def _note(self, r, addr):
+        if self.record is not None:
+            key = addr if r.offset is None else r.offset + (addr - r.start)
+            if key not in self._recorded:
+                self._recorded.add(key)
+                self.record.append(key)
+
+    def _source_fill(self, s, dst, length, off):
+        return self.source.fill(s.uffd, dst, length, off, self.hugetlb)
+
+    def _zero_fill(self, s, dst, length, off):
+        if self._zeros is None:
+            self._zeros = self.source if isinstance(self.source, ZeroSource) else ZeroSource()
+        return self._zeros.fill(s.uffd, dst, length, 0, self.hugetlb)
+
+    def _fill(self, s, fill, addr, length, how):
+        """Fill ``[addr, addr+length)`` with ``fill(dst, n)``; returns (resolution, pages)."""
+        ps = self.page_size
+        st = self.stats
+        for attempt in range(1000):
+            try:
+                done = fill(addr, length)
+            except UffdError as e:
+                if e.errno == errno.EEXIST:
+                    st.add("eexist")
+                    self._retry(s, s.uffd.wake, addr, ps)
+                    return "exists", 0
+                if e.errno == errno.EAGAIN:
+                    st.add("eagain")
+                    if not self._drain_events(s, attempt):
+                        return "gone", 0
+                    if s.uffd.closed or s.find(addr) is None:
+                        return "gone", 0
+                    st.add("retries")
+                    continue
+                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                    self.drop(s, "exited")
+                    return "gone", 0
+                if e.errno == errno.ENOENT:        # the range went away under us
+                    self._drain_events(s, attempt)
+                    return "gone", 0
+                raise
+            pages = done // ps
+            st.add("pages_" + how, pages)
+            st.add("bytes_" + how, done)
+            if done < length:
+                st.add("partial")
+            return how, pages
+        raise UffdError(errno.EAGAIN, "fill retries exhausted", addr, length)
+
+    def _retry(self, s, op, *args):
+        """Run a non-fill ioctl (wake, writeprotect), retrying EAGAIN after reading events."""
+        for attempt in range(1000):
+            try:
+                return op(*args)
+            except UffdError as e:
+                if e.errno == errno.EAGAIN:
+                    self.stats.add("eagain")
+                    self._drain_events(s, attempt)
+                    continue
+                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                    return self.drop(s, "exited")
+                if e.errno in (errno.ENOENT, errno.EINVAL) and s.find(args[0]) is None:
+                    return None
+                raise
+
+    def _drain_events(self, s, attempt):
+        """Read and handle what is pending on ``s`` (after EAGAIN); back off a little more on
+        each attempt (at most 10 ms).  Returns False when ``s`` is gone."""
+        if s.uffd.closed:
+            return False
+        try:
+            evs = s.uffd.read_events()
+        except UffdError:
+            return False
+        if evs:
+            self.handle(s, evs)
+        elif attempt:
+            time.sleep(min(0.01, 0.00005 * attempt))
+        return not s.uffd.closed
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, watch_fds=(), timeout=None, idle=None, tick=None, tick_interval=None):
+        """Serve until every uffd is gone, ``stop()`` was called, a ``watch_fds`` fd becomes
+        readable or hangs up (returns that fd), or ``timeout`` seconds pass (returns 'timeout').
+
+        ``idle()`` is called whenever no message is pending (prefetch work: it returns True while
+        it has more to do, and must do little per call).  ``tick()`` runs every
+        ``tick_interval`` seconds (periodic stats).  Returns 'done', 'stopped', 'timeout' or the
+        fd that fired."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        polled = set()
+        extra = {}
+        for fd in watch_fds:
+            fd = fd if isinstance(fd, int) else fd.fileno()
+            extra[fd] = True
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_tick = None if not tick_interval else time.monotonic() + tick_interval
+        busy = True
+        while not self.stopping:
+            for fd in list(self.served):
+                if fd not in polled:
+                    poller.register(fd, select.POLLIN)
+                    polled.add(fd)
+            for fd in list(polled):
+                if fd not in self.served:
+                    poller.unregister(fd)
+                    polled.discard(fd)
+            if not self.served and not extra:
+                return "done"
+            if not self.served and not watch_fds:
+                return "done"
+            # Read first: on a shared CPU the next fault is usually queued already.
+            got = False
+            for s in list(self.served.values()):
+                try:
+                    evs = s.uffd.read_events()
+                except UffdError as e:
+                    self.drop(s, "read: %s" % e)
+                    continue
+                if evs:
+                    got = True
+                    self.handle(s, evs)
+            if got:
+                continue
+            if idle is not None and busy:
+                busy = idle()
+                if busy:
+                    wait_ms = 0
+                else:
+                    wait_ms = None
+            else:
+                wait_ms = None
+            now = time.monotonic()
+            if next_tick is not None and now >= next_tick:
+                tick()
+                next_tick = now + tick_interval
+            limits = [t for t in (deadline, next_tick) if t is not None]
+            if limits and wait_ms is None:
+                wait_ms = max(0, int((min(limits) - now) * 1000) + 1)
+            if deadline is not None and now >= deadline:
+                return "timeout"
+            for fd, ev in poller.poll(wait_ms):
+                if fd == self._wake_r:
+                    continue
+                if fd in extra:
+                    return fd
+                if ev & (select.POLLHUP | select.POLLERR) and not ev & select.POLLIN:
+                    s = self.served.get(fd)
+                    if s is not None:
+                        self.drop(s, "hangup")
+        return "stopped"
+
+    def stop(self):
+        """Ask ``run`` to return after the current batch (safe from a signal handler or another
+        thread: it also wakes a ``run`` that is waiting in poll)."""
+        self.stopping = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def close(self):
+        """Close every uffd still served and the wake-up pipe."""
+        for s in list(self.served.values()):
+            s.uffd.close()
+        self.served.clear()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+
+def _merge_range(ranges, start, end):
+    """Insert ``[start, end)`` into a sorted list of disjoint ranges, merging overlaps."""
+    out = []
+    for a, b in ranges:
+        if b < start or a > end:
+            out.append((a, b))
+        else:
+            start, end = min(a, start), max(b, end)
+    out.append((start, end))
+    out.sort()
+    return out
+
+
+###################################################################################################
+#  10. ptrace (x86_64)
+###################################################################################################
+
+# (the ptrace machinery for --pid and -- CMD lives here)
+
+
+###################################################################################################
+#  11. Targets
+###################################################################################################
+
+# (self, child, pid and Firecracker targets live here)
+
+
+###################################################################################################
+#  12. info
+###################################################################################################
+
+def _try_open(**kw):
+    """Try opening a uffd one way; returns (ok, error text)."""
+    try:
+        Userfaultfd(**kw).close()
+        return True, None
+    except UffdError as e:
+        return False, str(e)
+
+
+def hugepage_sizes():
+    """[{'size': bytes, 'nr': reserved, 'free': free}] from /sys/kernel/mm/hugepages."""
+    out = []
+    base = "/sys/kernel/mm/hugepages"
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return out
+    for name in names:
+        if name.startswith("hugepages-") and name.endswith("kB"):
+            d = os.path.join(base, name)
+            out.append({"size": int(name[10:-2]) * 1024,
+                        "nr": int(read_sysfs(d + "/nr_hugepages", "0")),
+                        "free": int(read_sysfs(d + "/free_hugepages", "0"))})
+    out.sort(key=lambda h: h["size"])
+    return out
+
+
+def gather_info():
+    """Everything ``uffdtool info`` reports, as a dict.  Never raises for a missing feature."""
+    u = os.uname()
+    thp = read_sysfs("/sys/kernel/mm/transparent_hugepage/enabled")
+    info = {
+        "version": __version__,
+        "kernel": u.release, "arch": ARCH, "python": platform.python_version(),
+        "page_size": PAGE_SIZE, "hugepages": hugepage_sizes(),
+        "thp": thp.split("[")[1].split("]")[0] if thp and "[" in thp else thp,
+        "uid": os.geteuid(), "cap_sys_ptrace": has_cap(CAP_SYS_PTRACE),
+        "unprivileged_userfaultfd": _int_or_none(read_sysfs("/proc/sys/vm/unprivileged_userfaultfd")),
+        "syscalls": SYSCALLS.get(ARCH, {}),
+    }
+    dev_exists = os.path.exists(USERFAULTFD_DEV)
+    routes = {}
+    routes["syscall"] = dict(zip(("ok", "error"), _try_open(route="syscall")))
+    routes["syscall_user_mode_only"] = dict(zip(("ok", "error"), _try_open(
+        route="syscall", user_mode_only=True)))
+    routes["dev"] = dict(zip(("ok", "error"), _try_open(route="dev")) if dev_exists else
+                         {"ok": False, "error": "%s does not exist" % USERFAULTFD_DEV})
+    routes["dev"]["path"] = USERFAULTFD_DEV
+    routes["dev"]["exists"] = dev_exists
+    info["open"] = routes
+    api = {"ok": False}
+    for kw in ({}, {"user_mode_only": True}):
+        try:
+            with Userfaultfd(**kw) as uffd:
+                feats, ioctls = uffd.api(0)
+                api = {"ok": True, "route": uffd.route + (" (user mode only)" if kw else ""),
+                       "features": feats.names(), "features_mask": int(feats),
+                       "unknown_features": feats.unknown,
+                       "missing_features": Features(UFFD_API_FEATURES & ~int(feats)).names(),
+                       "ioctls": ioctls.names(), "ioctls_mask": int(ioctls)}
+                api["register_ioctls"] = _register_probe(uffd)
+            break
+        except UffdError as e:
+            api = {"ok": False, "error": str(e)}
+    info["api"] = api
+    return info
+
+
+def _int_or_none(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _register_probe(uffd):
+    """Which ioctls a MISSING registration allows on anon and shmem memory (names)."""
+    out = {}
+    size = PAGE_SIZE
+    for kind in ("anon", "shmem"):
+        fd = -1
+        try:
+            if kind == "shmem":
+                fd = os.memfd_create("uffdtool-info", os.MFD_CLOEXEC)
+                os.ftruncate(fd, size)
+                addr = mmap_anon(size, flags=MAP_SHARED, fd=fd)
+            else:
+                addr = mmap_anon(size)
+            try:
+                out[kind] = uffd.register(addr, size).names()
+                uffd.unregister(addr, size)
+            except UffdError as e:
+                out[kind] = "error: %s" % e
+            finally:
+                munmap(addr, size)
+        except OSError as e:
+            out[kind] = "error: %s" % e
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    return out
+
+
+def format_info(info):
+    """The human-readable form of ``gather_info()``."""
+    L = []
+    L.append("uffdtool %s on Linux %s (%s), Python %s" % (
+        info["version"], info["kernel"], info["arch"], info["python"]))
+    hp = ", ".join("%d KiB: %d reserved, %d free" % (h["size"] // 1024, h["nr"], h["free"])
+                   for h in info["hugepages"]) or "none"
+    L.append("page size       %d bytes; hugepages: %s; THP: %s" % (
+        info["page_size"], hp, info["thp"]))
+    L.append("privileges      uid %d, CAP_SYS_PTRACE %s, vm.unprivileged_userfaultfd=%s" % (
+        info["uid"], "yes" if info["cap_sys_ptrace"] else "no", info["unprivileged_userfaultfd"]))
+    for name, r in info["open"].items():
+        L.append("open %-22s %s" % (name, "ok" if r["ok"] else "no: %s" % r["error"]))
+    api = info["api"]
+    if not api["ok"]:
+        L.append("UFFDIO_API      not possible: %s" % api.get("error"))
+        return "\n".join(L)
+    L.append("UFFDIO_API      via %s: features 0x%x, ioctls 0x%x" % (
+        api["route"], api["features_mask"], api["ioctls_mask"]))
+    L.append("features (%d)   %s" % (len(api["features"]), " ".join(api["features"])))
+    if api["missing_features"]:
+        L.append("missing         %s" % " ".join(api["missing_features"]))
+    L.append("ioctls          %s" % " ".join(api["ioctls"]))
+    for kind, names in api.get("register_ioctls", {}).items():
+        L.append("register %-6s %s" % (kind, names if isinstance(names, str) else " ".join(names)))
+    return "\n".join(L)
+
+
+###################################################################################################
+#  13. selftest
+###################################################################################################
+
+# (the registry of checks lives here)
+
+
+###################################################################################################
+#  14. CLI
+###################################################################################################
+
+_SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+           "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+           "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text):
+    """Bytes from ``'4096'``, ``'64K'``, ``'2M'``, ``'1G'``, ``'0x1000'``; ValueError if bad."""
+    t = str(text).strip().lower()
+    if t.startswith("0x"):
+        return int(t, 16)
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in _SUFFIX or not num:
+        raise ValueError("bad size %r (use bytes or a K/M/G suffix)" % text)
+    try:
+        value = float(num) * _SUFFIX[unit] if "." in num else int(num) * _SUFFIX[unit]
+    except ValueError:
+        raise ValueError("bad size %r (use bytes or a K/M/G suffix)" % text)
+    if value < 0 or value != int(value):
+        raise ValueError("bad size %r" % text)
+    return int(value)
+
+
+def parse_range(text):
+    """(start, length) from ``'START:LEN'`` (START may be 0x-hex, LEN takes K/M/G)."""
+    start, sep, length = str(text).partition(":")
+    if not sep:
+        raise ValueError("bad range %r (use START:LEN, e.g. 0x7f0000000000:64K)" % text)
+    try:
+        return int(start, 0), parse_size(length)
+    except ValueError:
+        raise ValueError("bad range %r (use START:LEN, e.g. 0x7f0000000000:64K)" % text)
+
+
+def _size_arg(text):
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _range_arg(text):
+    try:
+        return parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _positive_int(text):
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a whole number: %r" % text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be at least 1: %r" % text)
+    return v
+
+
+def _seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError("must be > 0: %r" % text)
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one line (``uffdtool: error: ...``) on bad usage."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s\n" % (self.prog, message))
+
+
+EPILOG_INFO = """examples:
+  uffdtool info             what this kernel allows, in words
+  uffdtool info --json      the same as one JSON object
+"""
+
+
+def _add_common(p):
+    g = p.add_argument_group("output (COMMON)")
+    g.add_argument("--log", metavar="FILE", help="JSON lines, one object per event ('-': stdout)")
+    g.add_argument("--json", action="store_true", help="same as --log -")
+    g.add_argument("--quiet", "-q", action="store_true", help="no human-readable lines on stderr")
+    g.add_argument("--stats-interval", metavar="SECS", type=_seconds,
+                   help="also emit a stats record every SECS")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="a human line per page fault too (watch always has them)")
+
+
+def _add_resolve(p):
+    g = p.add_argument_group("resolution policy (RESOLVE)")
+    g.add_argument("--readahead", metavar="PAGES", type=_positive_int, default=1,
+                   help="fill up to PAGES pages per fault from the faulting page (default 1)")
+    g.add_argument("--on-remove", choices=("unregister", "zero"), default="unregister",
+                   help="what a page removed by MADV_DONTNEED/REMOVE gets later "
+                        "(default unregister: the kernel's own zero page)")
+    g.add_argument("--record", metavar="FILE",
+                   help="write the working set (pages that faulted, in first-fault order)")
+
+
+def _add_target(p):
+    g = p.add_argument_group("target (TARGET)")
+    g.add_argument("--self", dest="self_", action="store_true",
+                   help="the tool's own memory, driven by a built-in workload")
+    g.add_argument("--size", type=_size_arg, help="with --self: bytes of memory (K/M/G)")
+    g.add_argument("--pid", type=int, help="a running process (ptrace attach, x86_64)")
+    g.add_argument("--range", dest="ranges", metavar="START:LEN", action="append",
+                   type=_range_arg, default=[], help="with --pid: a range to register (repeatable)")
+    g.add_argument("--all-anon", action="store_true",
+                   help="with --pid: every private anonymous mapping")
+    g.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                   help="start CMD and watch its anonymous memory")
+
+
+def build_parser():
+    """The argparse parser of the CLI (sub-commands info, selftest, watch, serve-file)."""
+    p = _Parser(prog="uffdtool", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="commands: info, selftest, watch, serve-file; "
+                       "'uffdtool COMMAND --help' for each.\n"
+                       "exit status: 0 ok, 1 a check or the target failed, 2 usage error, "
+                       "3 not permitted by the kernel/permissions.")
+    p.add_argument("--version", action="version", version="uffdtool " + __version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    pi = sub.add_parser("info", help="what this machine's userfaultfd allows",
+                        epilog=EPILOG_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pi.add_argument("--json", action="store_true", help="one JSON object")
+    pi.set_defaults(func=cmd_info)
+
+    ps = sub.add_parser("selftest", help="prove what this kernel's userfaultfd does",
+                        epilog=EPILOG_SELFTEST,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ps.add_argument("--json", action="store_true", help="JSON lines, one per check, then summary")
+    ps.add_argument("-k", dest="select", metavar="SUBSTRING", action="append",
+                    help="run only checks whose name contains SUBSTRING (repeatable)")
+    ps.add_argument("-v", "--verbose", action="store_true", help="details of each check")
+    ps.add_argument("--list", action="store_true", help="list the checks and exit")
+    ps.set_defaults(func=cmd_selftest)
+
+    pw = sub.add_parser("watch", help="log every fault and event of a range of memory",
+                        epilog=EPILOG_WATCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(pw)
+    _add_resolve(pw)
+    _add_target(pw)
+    pw.set_defaults(func=cmd_watch)
+
+    pf = sub.add_parser("serve-file", help="fill missing pages from a file or with zeros",
+                        epilog=EPILOG_SERVE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(pf)
+    _add_resolve(pf)
+    g = pf.add_argument_group("source (SOURCE)")
+    g.add_argument("--file", metavar="PATH", help="the page at region offset X comes from "
+                                                  "PATH at OFFSET+X")
+    g.add_argument("--offset", type=_size_arg, default=0, metavar="BYTES",
+                   help="with --file: where region offset 0 is in PATH (default 0)")
+    g.add_argument("--zero", action="store_true", help="fill with zero pages (UFFDIO_ZEROPAGE)")
+    g.add_argument("--prefetch", metavar="FILE",
+                   help="install the pages listed in FILE (a --record working set) early")
+    _add_target(pf)
+    pf.add_argument("--firecracker-socket", metavar="PATH",
+                    help="listen on PATH for Firecracker's UFFD handshake")
+    pf.set_defaults(func=cmd_serve_file)
+    return p
+
+
+EPILOG_SELFTEST = """examples:
+  sudo uffdtool selftest            every check, one line each, then 'N passed, N failed, N skipped'
+  sudo uffdtool selftest -k fork    only the checks whose name contains 'fork'
+  sudo uffdtool selftest --json     JSON lines
+"""
+
+EPILOG_WATCH = """examples:
+  sudo uffdtool watch --self --size 1M
+  sudo uffdtool watch --json -- python3 -c 'bytearray(10**7)'
+  sudo uffdtool watch --pid 1234 --all-anon --duration 10
+"""
+
+EPILOG_SERVE = """examples:
+  uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock
+  uffdtool serve-file --zero --firecracker-socket /tmp/uffd.sock --readahead 16
+  uffdtool serve-file --file dump.bin --self
+"""
+
+
+def cmd_info(args):
+    info = gather_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def cmd_selftest(args):
+    raise NotPermitted("selftest is not implemented yet")
+
+
+def cmd_watch(args):
+    raise NotPermitted("watch is not implemented yet")
+
+
+def cmd_serve_file(args):
+    raise NotPermitted("serve-file is not implemented yet")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    """Run the CLI; returns the exit status (CLI.md): never lets a traceback reach the user
+    for an expected failure."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return args.func(args)
+    except UffdToolError as e:
+        _complain(e)
+        return e.exit_code
+    except UffdError as e:
+        _complain(e)
+        return 3 if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) else 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _complain(e):
+    try:
+        sys.stderr.write("uffdtool: %s\n" % e)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
