@@ -48,11 +48,13 @@ import json
 import mmap
 import os
 import platform
+import re
 import select
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
 
 __all__ = [
@@ -80,9 +82,11 @@ ARCH = platform.machine()
 #: syscall numbers that os/ctypes do not wrap, per architecture (asm/unistd_64.h, asm-generic).
 SYSCALLS = {
     "x86_64": dict(userfaultfd=323, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
-                   memfd_create=319, mremap=25, madvise=28, gettid=186),
+                   memfd_create=319, mremap=25, madvise=28, gettid=186,
+                   kcmp=312, seccomp=317, prctl=157),
     "aarch64": dict(userfaultfd=282, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
-                    memfd_create=279, mremap=216, madvise=233, gettid=178),
+                    memfd_create=279, mremap=216, madvise=233, gettid=178,
+                    kcmp=272, seccomp=277, prctl=167),
 }
 
 _libc = None
@@ -1124,6 +1128,7 @@ class Handler:
         self.on_fork = None           # hook: callable(parent Served, child Served)
         self.on_gone = None           # hook: callable(Served) when a uffd's process is gone
         self.stopping = False
+        self._calls = []              # call_soon queue: (fn, args, kwargs), run by ``run``
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     # -- setup ----------------------------------------------------------------------------------
@@ -1179,7 +1184,8 @@ class Handler:
         elif type(ev) is Remove:
             self._remove(s, ev.start, ev.end)
             rec["policy"] = self.on_remove
-        self.log.emit(rec.pop("event"), ufd=s.uffd.fileno(), **rec)
+        rec.setdefault("ufd", s.uffd.fileno())      # a Fork record's ufd is the child's
+        self.log.emit(rec.pop("event"), **rec)
 
     def _remap(self, s, ev):
         moved = []
@@ -1222,7 +1228,13 @@ class Handler:
         st.add("faults_" + kind)
         pages = 0
         r = s.find(addr)
-        if r is None:
+        if r is None and kind == "missing":
+            # Registered memory the bookkeeping does not know: a VMA grown in place by mremap
+            # (no event) or past a REMAP's old length.  A wake alone would re-fault forever;
+            # give it what the kernel would (a zero page).  Unmapped: ENOENT -> "gone".
+            how, pages = self._fill(s, lambda d, n: self._zero_fill(s, d, n, None), addr, ps,
+                                    "zero")
+        elif r is None and kind != "wp":
             how = "wake"            # range no longer ours (unmapped/unregistered): just wake
             self._retry(s, s.uffd.wake, addr, ps)
         elif kind == "wp":
@@ -1353,6 +1365,9 @@ class Handler:
         next_tick = None if not tick_interval else time.monotonic() + tick_interval
         busy = True
         while not self.stopping:
+            while self._calls:
+                fn, a, kw = self._calls.pop(0)
+                fn(*a, **kw)
             for fd in list(self.served):
                 if fd not in polled:
                     poller.register(fd, select.POLLIN)
@@ -1406,6 +1421,16 @@ class Handler:
                         self.drop(s, "hangup")
         return "stopped"
 
+    def call_soon(self, fn, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` on the thread in ``run``, before it reads the next batch
+        (thread-safe; wakes a ``run`` waiting in poll).  For another thread (watch's tracer) to
+        add uffds or regions without racing the serving thread's bookkeeping."""
+        self._calls.append((fn, args, kwargs))
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
     def stop(self):
         """Ask ``run`` to return after the current batch (safe from a signal handler or another
         thread: it also wakes a ``run`` that is waiting in poll)."""
@@ -1443,14 +1468,1392 @@ def _merge_range(ranges, start, end):
 #  10. ptrace (x86_64)
 ###################################################################################################
 
-# (the ptrace machinery for --pid and -- CMD lives here)
+# The syscalls injected into / filtered for an x86_64 target (asm/unistd_64.h).  These are the
+# *target's* numbers, so they stay x86_64 even if the tool ever runs elsewhere.
+NR_close, NR_mmap, NR_brk, NR_mremap, NR_madvise, NR_getpid = 3, 9, 12, 25, 28, 39
+NR_userfaultfd = 323
+KCMP_VM = 1
+UFFD_TARGET_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK   #: flags of the uffd created in a target
+
+class PtraceError(OSError):
+    """A ptrace step (or a refusal to attach) failed; carries ``pid`` and the ``request`` name."""
+
+    def __init__(self, err, msg, pid=None, request=None):
+        super().__init__(err, msg)
+        self.pid, self.request = pid, request
+
+    def __str__(self):
+        return self.strerror
+
+
+PTRACE_TRACEME, PTRACE_PEEKDATA, PTRACE_CONT, PTRACE_KILL = 0, 2, 7, 8
+PTRACE_SINGLESTEP, PTRACE_DETACH, PTRACE_SYSCALL = 9, 17, 24
+PTRACE_SETOPTIONS, PTRACE_GETEVENTMSG = 0x4200, 0x4201
+PTRACE_GETSIGINFO, PTRACE_SETSIGINFO = 0x4202, 0x4203
+PTRACE_GETREGSET, PTRACE_SETREGSET = 0x4204, 0x4205
+PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_LISTEN = 0x4206, 0x4207, 0x4208
+PTRACE_GETSIGMASK, PTRACE_SETSIGMASK = 0x420a, 0x420b
+PTRACE_O_TRACESYSGOOD, PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK = 0x1, 0x2, 0x4
+PTRACE_O_TRACECLONE, PTRACE_O_TRACEEXEC, PTRACE_O_TRACESECCOMP = 0x8, 0x10, 0x80
+PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK, PTRACE_EVENT_CLONE = 1, 2, 3
+PTRACE_EVENT_EXEC, PTRACE_EVENT_SECCOMP, PTRACE_EVENT_STOP = 4, 7, 128
+NT_PRSTATUS = 1
+WALL = 0x40000000                     #: __WALL: also wait for non-leader threads
+RESTART_ERRNOS = (-512, -513, -514, -516)   #: -ERESTARTSYS/NOINTR/NOHAND/RESTART_RESTARTBLOCK
+_REQ_NAMES = {v: k for k, v in globals().items() if k.startswith("PTRACE_") and "_O_" not in k
+              and "_EVENT_" not in k}
+
+
+_ptrace_fn = None
+
+
+def ptrace(request, pid, addr=0, data=0):
+    """The one checked ptrace(2) call; returns the raw long, raises PtraceError.
+
+    Must be called from the thread that attached ``pid`` (the kernel checks the tracer task)."""
+    global _ptrace_fn
+    if _ptrace_fn is None:
+        f = libc().ptrace
+        f.restype = ctypes.c_long
+        f.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        _ptrace_fn = f
+    ctypes.set_errno(0)
+    r = _ptrace_fn(request, pid, addr, data)
+    if r == -1:
+        e = ctypes.get_errno()
+        if e:
+            name = _REQ_NAMES.get(request, hex(request))
+            raise PtraceError(e, "%s(%d): %s" % (name, pid, os.strerror(e)), pid, name)
+    return r
+
+
+class user_regs_struct(ctypes.Structure):
+    """x86_64 `struct user_regs_struct` (sys/user.h); also NT_PRSTATUS of GETREGSET."""
+    _fields_ = [(n, ctypes.c_ulonglong) for n in (
+        "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax "
+        "rip cs eflags rsp ss fs_base gs_base ds es fs gs").split()]
+
+
+class iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def signed(v):
+    """Unsigned 64-bit register value → signed (for -errno tests)."""
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def get_regs(tid):
+    """PTRACE_GETREGSET(NT_PRSTATUS); raises on a 32-bit tracee (short regset)."""
+    regs = user_regs_struct()
+    iov = iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
+    ptrace(PTRACE_GETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
+    if iov.iov_len != ctypes.sizeof(regs):
+        raise PtraceError(errno.ENOEXEC, "thread %d is not a 64-bit x86_64 thread" % tid, tid)
+    return regs
+
+
+def set_regs(tid, regs):
+    """PTRACE_SETREGSET(NT_PRSTATUS)."""
+    iov = iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
+    ptrace(PTRACE_SETREGSET, tid, NT_PRSTATUS, ctypes.addressof(iov))
+
+
+def copy_regs(regs):
+    """An independent copy of a regs struct."""
+    return user_regs_struct.from_buffer_copy(regs)
+
+
+def get_sigmask(tid):
+    """PTRACE_GETSIGMASK (exact even inside ppoll/sigsuspend, see ptrace.md)."""
+    m = ctypes.c_uint64()
+    ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(m))
+    return m.value
+
+
+def set_sigmask(tid, mask):
+    """PTRACE_SETSIGMASK."""
+    m = ctypes.c_uint64(mask)
+    ptrace(PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(m))
+
+
+def get_eventmsg(tid):
+    """PTRACE_GETEVENTMSG (new pid at fork/clone, former tid at exec)."""
+    m = ctypes.c_ulong()
+    ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(m))
+    return m.value
+
+
+def get_siginfo(tid):
+    """PTRACE_GETSIGINFO as raw 128 bytes (kept to re-deliver a parked signal)."""
+    buf = ctypes.create_string_buffer(128)
+    ptrace(PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buf))
+    return buf
+
+
+def wait_tid(tid, options=0):
+    """waitpid with __WALL (required for non-leader threads); returns (tid, status)."""
+    return os.waitpid(tid, options | WALL)
+
+
+def stop_event(status):
+    """(signal, ptrace event) of a stopped status."""
+    return os.WSTOPSIG(status), (status >> 16) & 0xff
+
+
+# -- /proc
+
+#                  start       end          perms             offset      dev          inode  path
+_MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][ps]) ([0-9a-f]+) "
+                      r"([0-9a-f]+:[0-9a-f]+) (\d+) *(.*)$")
+
+
+class Mapping(tuple):
+    """One /proc/PID/maps line: (start, end, perms, offset, dev, inode, path)."""
+    __slots__ = ()
+    start = property(lambda s: s[0])
+    end = property(lambda s: s[1])
+    perms = property(lambda s: s[2])
+    path = property(lambda s: s[6])
+
+    def is_private_anon(self):
+        """Private anonymous memory that MISSING/WP registration accepts and watching is useful for.
+
+        Included: anonymous private mmaps (also PROT_NONE reservations: thread stacks,
+        malloc arenas), `[heap]`, and `[anon:NAME]` (prctl PR_SET_VMA_ANON_NAME).
+        Excluded: `[stack]` (the kernel writes exec arguments and signal frames there; it is
+        growth-on-demand, not workload data; give it with --range if wanted), `[vdso]`,
+        `[vvar]`, `[vsyscall]`, shared mappings (also MAP_SHARED|MAP_ANONYMOUS, which is shmem,
+        e.g. Python's default `mmap.mmap(-1, n)`) and every file mapping.
+        """
+        if self[2][3] != "p" or self[5] != 0:
+            return False
+        p = self[6]
+        return p == "" or p == "[heap]" or p.startswith("[anon:")
+
+
+def parse_maps(text):
+    """Parse /proc/PID/maps text into Mapping tuples."""
+    out = []
+    for line in text.splitlines():
+        m = _MAPS_RE.match(line)
+        if m:
+            out.append(Mapping((int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5],
+                                int(m[6]), m[7])))
+    return out
+
+
+def read_maps(pid):
+    """Mappings of a process."""
+    with open("/proc/%d/maps" % pid) as f:
+        return parse_maps(f.read())
+
+
+def proc_status(pid):
+    """/proc/PID/status as a dict of stripped strings."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def elf_is_x86_64(pid):
+    """True if /proc/PID/exe is an ELFCLASS64 EM_X86_64 binary (rejects i386 and x32)."""
+    with open("/proc/%d/exe" % pid, "rb") as f:
+        h = f.read(20)
+    return len(h) == 20 and h[:4] == b"\x7fELF" and h[4] == 2 and struct.unpack_from("<H", h, 18)[0] == 62
+
+
+def same_mm(pid1, pid2):
+    """kcmp(KCMP_VM): do two tasks share one mm? (decides whether a clone needs its own uffd)"""
+    return syscall("kcmp", pid1, pid2, KCMP_VM, 0, 0) == 0
+
+
+def pidfd_getfd(pid, fd):
+    """Duplicate fd number `fd` of process pid into our table (kernel >= 5.6)."""
+    pidfd = syscall("pidfd_open", pid, 0)
+    try:
+        return syscall("pidfd_getfd", pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+
+
+# -- injection
+
+
+class InjectError(PtraceError):
+    """An injected syscall returned -errno inside the target."""
+
+
+def find_syscall_insn(pid, regs):
+    """Address of a `syscall` (0f 05) the tracee may execute (ptrace.md: rip-2 or [vdso])."""
+    with open("/proc/%d/mem" % pid, "rb", buffering=0) as mem:
+        if signed(regs.orig_rax) >= 0 and signed(regs.rax) in RESTART_ERRNOS:
+            try:
+                if os.pread(mem.fileno(), 2, regs.rip - 2) == b"\x0f\x05":
+                    return regs.rip - 2
+            except OSError:
+                pass
+        for m in read_maps(pid):
+            if m.path == "[vdso]":
+                i = os.pread(mem.fileno(), m.end - m.start, m.start).find(b"\x0f\x05")
+                if i >= 0:
+                    return m.start + i
+    raise PtraceError(errno.ENOEXEC, "no syscall instruction found in process %d" % pid, pid)
+
+
+class Injector:
+    """Run syscalls inside one stopped tracee thread; restores everything in `restore()`.
+
+    Usage (the thread must be in a ptrace-stop, attached by the calling thread):
+        inj = Injector(tid, pid); try: inj.syscall(NR_getpid) ... finally: inj.restore()
+    After restore() the tracee sits at a signal-delivery-stop (or the original stop) with its
+    original registers and mask; the caller resumes it with `inj.resume_signal` (DETACH/CONT).
+    """
+
+    def __init__(self, tid, pid=None):
+        self.tid, self.pid = tid, pid or tid
+        self.saved = get_regs(tid)
+        self.saved_mask = get_sigmask(tid)
+        set_sigmask(tid, ~0 & 0xFFFFFFFFFFFFFFFF)   # block all; SIGKILL/SIGSTOP cannot be
+        self.insn = None
+        self.parked = []           # (signo, siginfo) that slipped in; re-delivered on resume
+        self.injected = False
+
+    def syscall(self, nr, *args):
+        """Execute syscall nr(args) in the tracee; return the result, raise InjectError on -errno."""
+        if self.insn is None:
+            self.insn = find_syscall_insn(self.pid, self.saved)
+        r = copy_regs(self.saved)
+        r.rax, r.orig_rax, r.rip = nr, (1 << 64) - 1, self.insn
+        for name, a in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+            setattr(r, name, a & 0xFFFFFFFFFFFFFFFF)
+        set_regs(self.tid, r)
+        self.injected = True
+        while True:
+            ptrace(PTRACE_SINGLESTEP, self.tid, 0, 0)
+            _, status = wait_tid(self.tid)
+            if not os.WIFSTOPPED(status):
+                raise PtraceError(errno.ESRCH, "process %d died during injection" % self.pid, self.pid)
+            sig, ev = stop_event(status)
+            if sig != signal.SIGTRAP or ev:
+                if not ev:                         # a signal slipped in: park it
+                    self.parked.append((sig, get_siginfo(self.tid)))
+                continue
+            now = get_regs(self.tid)
+            if now.rip != self.insn + 2:
+                continue                           # rewound for a restart: step again
+            res = signed(now.rax)
+            if res in RESTART_ERRNOS:
+                continue                           # kernel re-executes it on the next step
+            if -4096 < res < 0:
+                raise InjectError(-res, "%s in process %d: %s" % (
+                    _NR_NAMES.get(nr, nr), self.pid, os.strerror(-res)), self.pid)
+            return res
+
+    def restore(self):
+        """Put back the saved registers and mask (at the current signal-delivery-stop)."""
+        if self.injected:
+            set_regs(self.tid, self.saved)
+        set_sigmask(self.tid, self.saved_mask)
+
+    @property
+    def resume_signal(self):
+        """Signal to pass when resuming (the first parked one; the rest are re-sent with tgkill)."""
+        for sig, _ in self.parked[1:]:
+            try:
+                os.kill(self.pid, sig)
+            except OSError:
+                pass
+        if self.parked:
+            ptrace(PTRACE_SETSIGINFO, self.tid, 0, ctypes.addressof(self.parked[0][1]))
+            return self.parked[0][0]
+        return 0
+
+
+_NR_NAMES = {NR_userfaultfd: "userfaultfd()", NR_close: "close()", NR_madvise: "madvise()",
+             NR_getpid: "getpid()", NR_mmap: "mmap()"}
+
+
+def check_attachable(pid):
+    """Refuse early (clear OSError) for targets we cannot or must not inject into."""
+    try:
+        st = proc_status(pid)
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, "no such process: %d" % pid) from None
+    if pid == os.getpid():
+        raise PtraceError(errno.EINVAL, "cannot attach to the tool itself (use --self)", pid)
+    if os.uname().machine != "x86_64":
+        raise PtraceError(errno.ENOSYS, "--pid needs x86_64 (this machine is %s)" % os.uname().machine, pid)
+    if st.get("State", "").startswith("Z"):
+        raise ProcessLookupError(errno.ESRCH, "process %d is a zombie" % pid)
+    if st.get("Seccomp", "0") != "0":
+        raise PtraceError(errno.EPERM, "process %d runs under seccomp (Seccomp: %s); an injected "
+                          "userfaultfd() could be denied or kill it, refusing" % (pid, st["Seccomp"]), pid)
+    if st.get("TracerPid", "0") != "0":
+        raise PtraceError(errno.EPERM, "process %d is already traced by pid %s" % (pid, st["TracerPid"]), pid)
+    try:
+        ok = elf_is_x86_64(pid)
+    except PermissionError:
+        raise PtraceError(errno.EPERM, "no permission to inspect process %d" % pid, pid) from None
+    except OSError:
+        ok = True            # kernel threads etc. fail later with a clear ptrace error
+    if not ok:
+        raise PtraceError(errno.ENOEXEC, "process %d is not a 64-bit x86_64 program" % pid, pid)
+
+
+def _seize_stop(tid):
+    """PTRACE_SEIZE + INTERRUPT, wait for the PTRACE_EVENT_STOP; pass on signals seen first."""
+    ptrace(PTRACE_SEIZE, tid, 0, 0)
+    ptrace(PTRACE_INTERRUPT, tid, 0, 0)
+    while True:
+        _, status = wait_tid(tid)
+        if not os.WIFSTOPPED(status):
+            raise ProcessLookupError(errno.ESRCH, "thread %d exited during attach" % tid)
+        sig, ev = stop_event(status)
+        if ev == PTRACE_EVENT_STOP:
+            return
+        ptrace(PTRACE_CONT, tid, 0, sig if not ev else 0)   # signal-delivery-stop: pass it on
+
+
+class Attachment:
+    """Stop a running process (all threads by default) for injection; undo in `detach()`.
+
+    `with Attachment(pid) as a: fd = a.inj.syscall(...)`; `a.stopped_seconds` afterwards.
+    Everything after the first stop is undone in a finally, also on KeyboardInterrupt.
+    """
+
+    def __init__(self, pid, all_threads=True):
+        self.pid, self.all_threads = pid, all_threads
+        self.tids, self.inj, self.t0, self.stopped_seconds = [], None, None, 0.0
+
+    def __enter__(self):
+        check_attachable(self.pid)
+        self.t0 = time.monotonic()
+        try:
+            try:
+                _seize_stop(self.pid)
+            except PtraceError as e:
+                if e.errno == errno.ESRCH:
+                    raise ProcessLookupError(errno.ESRCH, "no such process: %d" % self.pid) from None
+                if e.errno == errno.EPERM:
+                    raise PtraceError(errno.EPERM, "cannot ptrace process %d (already traced, other "
+                                      "user without CAP_SYS_PTRACE, or not dumpable)" % self.pid,
+                                      self.pid) from None
+                raise
+            self.tids.append(self.pid)
+            if self.all_threads:
+                self._stop_all_threads()
+            self.inj = Injector(self.pid)
+            if signed(self.inj.saved.cs) != 0x33:        # __USER_CS: 64-bit code segment
+                raise PtraceError(errno.ENOEXEC, "process %d runs 32-bit code" % self.pid, self.pid)
+            return self
+        except BaseException:
+            self.detach()
+            raise
+
+    def _stop_all_threads(self):
+        """Seize every thread, repeating until /proc/PID/task is stable (threads may spawn)."""
+        while True:
+            new = [int(t) for t in os.listdir("/proc/%d/task" % self.pid) if int(t) not in self.tids]
+            if not new:
+                return
+            for tid in new:
+                try:
+                    _seize_stop(tid)
+                    self.tids.append(tid)
+                except (PtraceError, ProcessLookupError):
+                    pass                              # the thread exited meanwhile
+
+    def detach(self):
+        """Restore regs/mask of the injected thread and detach every thread (never raises ESRCH)."""
+        sig = 0
+        if self.inj is not None:
+            try:
+                self.inj.restore()
+                sig = self.inj.resume_signal
+            except OSError:
+                pass
+        for tid in reversed(self.tids):
+            try:
+                ptrace(PTRACE_DETACH, tid, 0, sig if tid == self.pid else 0)
+            except OSError:
+                pass
+        self.tids = []
+        if self.t0 is not None:
+            self.stopped_seconds = time.monotonic() - self.t0
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_stopped=None):
+    """Create a uffd inside process pid and return (our fd, seconds the target was stopped).
+
+    The target's own copy is closed before detaching, so if the tool dies the uffd context is
+    released and faults fall back to normal handling (ptrace.md: "Closing the target's copy").
+    `while_stopped(attachment, fd)` runs before detaching (register, snapshot, madvise...).
+    """
+    with Attachment(pid, all_threads) as a:
+        if a.inj.syscall(NR_getpid) != pid:
+            raise PtraceError(errno.EIO, "injection probe failed in process %d" % pid, pid)
+        try:
+            tfd = a.inj.syscall(NR_userfaultfd, flags)
+        except InjectError as e:
+            if e.errno == errno.EPERM:
+                raise PtraceError(errno.EPERM, "userfaultfd() in process %d: EPERM (the target "
+                                  "lacks CAP_SYS_PTRACE and vm.unprivileged_userfaultfd=0; "
+                                  "sysctl -w vm.unprivileged_userfaultfd=1)" % pid, pid) from None
+            raise
+        try:
+            fd = pidfd_getfd(pid, tfd)
+        finally:
+            a.inj.syscall(NR_close, tfd)
+        try:
+            if while_stopped is not None:
+                while_stopped(a, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd, a.stopped_seconds
+
+
+# -- spawn
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_TYPE = 0x02, 0x20, 0x0F
+
+
+class sock_filter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class sock_fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(sock_filter))]
+
+
+def _bpf_watch_filter():
+    """BPF: SECCOMP_RET_TRACE for brk, mremap and private-anonymous mmap; allow the rest.
+
+    seccomp_data: nr@0, arch@4, args[i]@16+8i (low word first). Jumps are relative, forward.
+    """
+    LD, JEQ, AND, RET = 0x20, 0x15, 0x54, 0x06
+    prog = [
+        (LD, 0, 0, 4),                                    # 0 A = arch
+        (JEQ, 0, 7, AUDIT_ARCH_X86_64),                   # 1 other arch -> 9 allow
+        (LD, 0, 0, 0),                                    # 2 A = nr
+        (JEQ, 6, 0, NR_brk),                              # 3 -> 10 trace
+        (JEQ, 5, 0, NR_mremap),                           # 4 -> 10 trace
+        (JEQ, 0, 3, NR_mmap),                             # 5 not mmap -> 9 allow
+        (LD, 0, 0, 16 + 3 * 8),                           # 6 A = low word of flags
+        (AND, 0, 0, MAP_TYPE | MAP_ANONYMOUS),            # 7
+        (JEQ, 1, 0, MAP_PRIVATE | MAP_ANONYMOUS),         # 8 -> 10 trace
+        (RET, 0, 0, SECCOMP_RET_ALLOW),                   # 9
+        (RET, 0, 0, SECCOMP_RET_TRACE),                   # 10
+    ]
+    arr = (sock_filter * len(prog))(*[sock_filter(*i) for i in prog])
+    return sock_fprog(len(prog), arr), arr
+
+
+def _install_seccomp(fprog):
+    """seccomp(SET_MODE_FILTER); without CAP_SYS_ADMIN the kernel wants NO_NEW_PRIVS first."""
+    try:
+        syscall("seccomp", 1, 0, ctypes.addressof(fprog))     # SECCOMP_SET_MODE_FILTER
+    except OSError as e:
+        if e.errno != errno.EACCES:
+            raise
+        syscall("prctl", 38, 1, 0, 0, 0)                      # PR_SET_NO_NEW_PRIVS
+        syscall("seccomp", 1, 0, ctypes.addressof(fprog))
+
+
+SPAWN_OPTIONS = (PTRACE_O_EXITKILL | PTRACE_O_TRACESECCOMP | PTRACE_O_TRACEEXEC |
+                 PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE |
+                 PTRACE_O_TRACESYSGOOD)
+
+
+class SpawnError(OSError):
+    """CMD could not be started (not found, not executable); carries `cmd`."""
+
+
+def spawn_traced(argv):
+    """Fork CMD, PTRACE_SEIZE it with SPAWN_OPTIONS, then let it install the filter and exec.
+
+    SEIZE (not TRACEME) because PTRACE_LISTEN, needed to keep group-stops (SIGSTOP/SIGTSTP)
+    working, exists only for seized tracees, and auto-attached descendants inherit that.
+    Order matters: the filter is installed only after the tracer with TRACESECCOMP exists,
+    otherwise the child's own mmap/brk would fail with ENOSYS (seccomp(2), RET_TRACE).
+    The child only reads a pipe, calls seccomp via ctypes (prepared here) and execs.
+    Returns (pid, fd): fd is the read end of the CLOEXEC pipe on which a failed exec reports
+    ``Name:hex-errno:message`` (EOF when exec succeeded).
+    """
+    fprog, keep = _bpf_watch_filter()
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:                                          # child
+        try:
+            os.close(go_w)
+            os.close(err_r)
+            os.read(go_r, 1)
+            os.close(go_r)
+            for s in (signal.SIGPIPE, signal.SIGXFSZ):    # Python ignores these; exec keeps SIG_IGN
+                signal.signal(s, signal.SIG_DFL)
+            _install_seccomp(fprog)
+            os.execvp(argv[0], argv)
+        except BaseException as e:
+            try:
+                os.write(err_w, ("%s:%x:%s" % (type(e).__name__, getattr(e, "errno", 0) or 0,
+                                               getattr(e, "strerror", "") or e)).encode())
+            finally:
+                os._exit(127)
+    os.close(go_r)
+    os.close(err_w)
+    try:
+        ptrace(PTRACE_SEIZE, pid, 0, SPAWN_OPTIONS)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.close(go_w)
+        os.close(err_r)
+        os.waitpid(pid, 0)
+        raise
+    os.write(go_w, b"g")
+    os.close(go_w)
+    # The exec result arrives through err_r; while waiting, the child may stop on seccomp
+    # (Python's exec path mmaps). The caller's loop serves those; we only peek at err_r later.
+    return pid, err_r
+
+
+class SpawnTracer:
+    """The tracer loop for `watch -- CMD` (runs in the thread that called spawn_traced).
+
+    Callbacks (all called in this thread, while the reporting tracee is stopped):
+      on_exec(pid, fd)              a new program image runs in pid; fd = our copy of its uffd
+                                    (None if injection failed) - register its anon mappings now
+      on_map(pid, start, end)       [start, end) became private anonymous memory in pid's mm
+      on_fork(parent, child, same)  a new task; same=True if it shares the parent's mm
+      on_exit(pid, status)          a traced task is gone (status from waitpid)
+    `run()` returns CMD's exit status (128+signal if killed) once every tracee is gone.
+    """
+
+    def __init__(self, argv, on_exec, on_map, on_fork=None, on_exit=None, inject_flags=UFFD_TARGET_FLAGS):
+        self.argv = argv
+        self.on_exec, self.on_map = on_exec, on_map
+        self.on_fork, self.on_exit = on_fork or (lambda *a: None), on_exit or (lambda *a: None)
+        self.inject_flags = inject_flags
+        self.root = None
+        self.tasks = {}                 # tid -> tgid of every live tracee
+        self.pending = {}               # tid -> ("seccomp", nr, args) | ("exec",) awaiting exit-stop
+        self.brk = {}                   # tgid -> current brk
+        self.status = None
+        self.exec_error = None
+        self.inject_error = None
+        self.stopped_seconds = 0.0
+        self.held = set()               # new tasks stopped until their parent's event names them
+        self._err_r = None
+
+    def start(self):
+        """Fork and seize CMD; raises SpawnError/PtraceError."""
+        self.root, self._err_r = spawn_traced(self.argv)
+        self.tasks[self.root] = self.root
+        return self.root
+
+    def _check_exec_error(self):
+        """Read the child's CLOEXEC pipe: empty = exec succeeded."""
+        data = os.read(self._err_r, 4096)
+        os.close(self._err_r)
+        self._err_r = None
+        if data:
+            name, _, rest = data.decode(errors="replace").partition(":")
+            code, _, msg = rest.partition(":")
+            self.exec_error = SpawnError(int(code, 16) or errno.ENOENT,
+                                         "%s: %s" % (self.argv[0], msg))
+
+    def run(self):
+        """Serve ptrace stops until no tracee is left; return CMD's exit status."""
+        while True:
+            try:
+                tid, status = os.waitpid(-1, WALL)
+            except ChildProcessError:
+                break
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self._gone(tid, status)
+                continue
+            if not os.WIFSTOPPED(status):
+                continue
+            try:
+                self._stop(tid, status)
+            except ProcessLookupError:
+                pass
+            except PtraceError as e:
+                if e.errno != errno.ESRCH:          # tracee vanished (SIGKILL): its exit follows
+                    raise
+        if self._err_r is not None:
+            self._check_exec_error()
+        if self.exec_error is not None:
+            raise self.exec_error
+        return self.status
+
+    def _gone(self, tid, status):
+        tgid = self.tasks.pop(tid, tid)
+        self.pending.pop(tid, None)
+        if tid == self.root:
+            self.status = (os.WEXITSTATUS(status) if os.WIFEXITED(status)
+                           else 128 + os.WTERMSIG(status))
+        if tid == tgid:
+            self.brk.pop(tgid, None)
+        self.on_exit(tid, status)
+
+    def _stop(self, tid, status):
+        sig, ev = stop_event(status)
+        if tid not in self.tasks:
+            # A new task can report its first stop before its parent's FORK/CLONE event: keep it
+            # stopped until that event tells us which mm (and uffd) it belongs to.
+            if ev == PTRACE_EVENT_STOP:
+                self.held.add(tid)
+                return
+            self.tasks[tid] = _tgid_of(tid)
+        if sig == (signal.SIGTRAP | 0x80):     # syscall-exit-stop we asked for
+            self._syscall_exit(tid)
+            return
+        if ev == PTRACE_EVENT_SECCOMP:
+            r = get_regs(tid)
+            self.pending[tid] = ("seccomp", r.orig_rax, (r.rdi, r.rsi, r.rdx, r.r10, r.r8))
+            ptrace(PTRACE_SYSCALL, tid, 0, 0)
+        elif ev == PTRACE_EVENT_EXEC:
+            old = get_eventmsg(tid)
+            if old != tid:                      # a non-leader thread exec'd: it took the tgid
+                self.tasks.pop(old, None)
+            self.tasks[tid] = tid
+            self.pending[tid] = ("exec",)
+            ptrace(PTRACE_SYSCALL, tid, 0, 0)   # inject at execve's exit-stop, not here
+        elif ev in (PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK, PTRACE_EVENT_CLONE):
+            child = get_eventmsg(tid)
+            parent_tgid = self.tasks.get(tid, tid)
+            try:
+                same = same_mm(tid, child)
+            except OSError:
+                same = ev != PTRACE_EVENT_FORK
+            shares_tgid = ev == PTRACE_EVENT_CLONE and os.path.exists("/proc/%d/task/%d" % (parent_tgid, child))
+            self.tasks[child] = parent_tgid if shares_tgid else child
+            if not shares_tgid and parent_tgid in self.brk:
+                self.brk[child] = self.brk[parent_tgid]
+            self.on_fork(parent_tgid, child, same)
+            if child in self.held:
+                self.held.discard(child)
+                ptrace(PTRACE_CONT, child, 0, 0)
+            ptrace(PTRACE_CONT, tid, 0, 0)
+        elif ev == PTRACE_EVENT_STOP:
+            if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+                ptrace(PTRACE_LISTEN, tid, 0, 0)   # group-stop: stay stopped, report SIGCONT
+            else:
+                ptrace(PTRACE_CONT, tid, 0, 0)     # new-child or post-LISTEN stop
+        elif ev:
+            ptrace(PTRACE_CONT, tid, 0, 0)
+        else:                                       # signal-delivery-stop: deliver it
+            ptrace(PTRACE_CONT, tid, 0, sig)
+
+    def _syscall_exit(self, tid):
+        p = self.pending.pop(tid, None)
+        tgid = self.tasks.get(tid, tid)
+        if p is None:
+            ptrace(PTRACE_CONT, tid, 0, 0)
+            return
+        if p[0] == "exec":
+            if tid == self.root and self._err_r is not None:
+                os.close(self._err_r)           # exec worked (the pipe was CLOEXEC)
+                self._err_r = None
+            self._inject_at_exec(tid)
+            return
+        _, nr, args = p
+        r = get_regs(tid)
+        res = signed(r.rax)
+        page = PAGE_SIZE
+        if nr == NR_brk:
+            old = self.brk.get(tgid)
+            if old is None:
+                old = _start_brk(tgid)
+            if res > old:
+                self.on_map(tgid, (old + page - 1) & -page, (res + page - 1) & -page)
+            self.brk[tgid] = res
+        elif not -4096 < res < 0 and nr in (NR_mmap, NR_mremap):
+            length = args[1] if nr == NR_mmap else args[2]
+            self.on_map(tgid, res, res + ((length + page - 1) & -page))
+        ptrace(PTRACE_CONT, tid, 0, 0)
+
+    def _inject_at_exec(self, tid):
+        """At execve's syscall-exit-stop: create the uffd of the new image (ptrace.md, EXEC)."""
+        fd = None
+        t0 = time.monotonic()
+        inj = None
+        try:
+            inj = Injector(tid)
+            tfd = inj.syscall(NR_userfaultfd, self.inject_flags)
+            try:
+                fd = pidfd_getfd(tid, tfd)
+            finally:
+                inj.syscall(NR_close, tfd)
+        except OSError as e:
+            self.inject_error = e
+        finally:
+            sig = 0
+            if inj is not None:
+                inj.restore()
+                sig = inj.resume_signal
+            self.stopped_seconds += time.monotonic() - t0
+        self.brk[tid] = _start_brk(tid)
+        try:
+            self.on_exec(tid, fd)
+        finally:
+            ptrace(PTRACE_CONT, tid, 0, sig)
+
+    def kill_all(self, sig=signal.SIGKILL):
+        """Send sig to every live tracee (shutdown)."""
+        for tid in list(self.tasks):
+            try:
+                os.kill(tid, sig)
+            except OSError:
+                pass
+
+
+def _tgid_of(tid):
+    """The thread-group id of a task (/proc/TID/status), or tid itself if it is gone."""
+    try:
+        return int(proc_status(tid).get("Tgid", tid))
+    except (OSError, ValueError):
+        return tid
+
+
+def _start_brk(pid):
+    """Current program break of pid: end of [heap], else start_brk from /proc/PID/stat."""
+    for m in read_maps(pid):
+        if m.path == "[heap]":
+            return m.end
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[47 - 3])      # field 47 (1-based) is start_brk; fields[0] is field 3
+
+
+def present_pages(pid, start, end):
+    """Page addresses in [start, end) that are present or swapped (/proc/PID/pagemap bits 63/62).
+
+    Never-touched pages are skipped: reading them would only copy zeros.
+    """
+    page = PAGE_SIZE
+    out = []
+    with open("/proc/%d/pagemap" % pid, "rb", buffering=0) as f:
+        step = 4096 * page                               # 4096 entries (32 KiB) per read
+        for s in range(start, end, step):
+            n = (min(end, s + step) - s) // page
+            data = os.pread(f.fileno(), 8 * n, (s // page) * 8)
+            for i, (e,) in enumerate(struct.iter_unpack("<Q", data)):
+                if e >> 62:
+                    out.append(s + i * page)
+    return out
+
+
+
+def read_target_pages(pid, pages):
+    """process_vm_readv the given pages (batched into contiguous runs); returns {addr: bytes}.
+
+    Only call this on memory that is NOT registered yet (ptrace.md: the tracer must never
+    read a registered range of the target; it would block on its own fault).
+    """
+    page = PAGE_SIZE
+    lib = libc()
+    lib.process_vm_readv.restype = ctypes.c_ssize_t
+    out = {}
+    i = 0
+    while i < len(pages):
+        j = i + 1
+        while j < len(pages) and pages[j] == pages[j - 1] + page and j - i < 256:
+            j += 1
+        n = (j - i) * page
+        buf = ctypes.create_string_buffer(n)
+        local = iovec(ctypes.addressof(buf), n)
+        remote = iovec(pages[i], n)
+        got = lib.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, "process_vm_readv(%d): %s" % (pid, os.strerror(e)))
+        raw = buf.raw
+        for k in range(got // page):
+            out[pages[i + k]] = raw[k * page:(k + 1) * page]
+        i = j if got == n else i + max(1, got // page)
+    return out
 
 
 ###################################################################################################
 #  11. Targets
 ###################################################################################################
 
-# (self, child, pid and Firecracker targets live here)
+#: --events names -> the feature bit that makes the kernel send that non-cooperative event.
+WATCH_EVENTS = {"fork": UFFD_FEATURE_EVENT_FORK, "remap": UFFD_FEATURE_EVENT_REMAP,
+                "remove": UFFD_FEATURE_EVENT_REMOVE, "unmap": UFFD_FEATURE_EVENT_UNMAP}
+
+
+def parse_events(text):
+    """The --events set from ``'fork,remap'``, ``'all'`` or ``'none'``; ValueError if unknown."""
+    words = [w.strip().lower() for w in (text or "all").replace("|", ",").split(",") if w.strip()]
+    if words == ["all"]:
+        return set(WATCH_EVENTS)
+    if words == ["none"]:
+        return set()
+    bad = [w for w in words if w not in WATCH_EVENTS]
+    if bad:
+        raise ValueError("unknown event %r (known: %s, all, none)" % (bad[0], ",".join(WATCH_EVENTS)))
+    return set(words)
+
+
+def watch_features(events, mode, warn):
+    """Features a watch uffd asks for: THREAD_ID, the chosen events, PAGEFAULT_FLAG_WP for
+    ``mode == 'wp'``; limited to what the kernel offers.  EVENT_FORK is dropped, with a
+    warning, without CAP_SYS_PTRACE (UFFDIO_API would fail with EPERM, kernel.md §1.2)."""
+    probe = Userfaultfd()
+    try:
+        avail, _ = probe.api(0)
+    finally:
+        probe.close()
+    want = UFFD_FEATURE_THREAD_ID
+    for name in events:
+        want |= WATCH_EVENTS[name]
+    if mode == "wp":
+        if not int(avail) & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
+            raise NotPermitted("--mode wp: this kernel lacks UFFD_FEATURE_PAGEFAULT_FLAG_WP")
+        want |= UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    if want & UFFD_FEATURE_EVENT_FORK and not has_cap(CAP_SYS_PTRACE):
+        warn("fork events need CAP_SYS_PTRACE: watching without them (forked children run "
+             "unwatched)")
+        want &= ~UFFD_FEATURE_EVENT_FORK
+    if want & ~int(avail):
+        warn("this kernel does not offer %s" % Features(want & ~int(avail)))
+        want &= int(avail)
+    return Features(want)
+
+
+def register_mode(mode):
+    """UFFDIO_REGISTER mode of a watch: MISSING, plus WP for ``--mode wp``."""
+    return UFFDIO_REGISTER_MODE_MISSING | (UFFDIO_REGISTER_MODE_WP if mode == "wp" else 0)
+
+
+def arm(uffd, start, length, mode):
+    """Register ``[start, start+length)``; in wp mode also write-protect its present pages, so
+    the first write to each is reported (none ptes are caught by MISSING instead)."""
+    uffd.register(start, length, register_mode(mode))
+    if mode == "wp":
+        uffd.writeprotect(start, length, True)
+
+
+class SnapshotSource:
+    """Page source of ``watch --pid --dontneed``: the page at address A comes from a snapshot of
+    A taken before MADV_DONTNEED (regions carry ``offset = original address``, which stays
+    right after a REMAP); pages that were never present get zero pages.  ``drain`` puts every
+    page back that has not faulted yet, so detaching leaves the target's data complete."""
+    kind = "copy"
+    size = None
+
+    def __init__(self):
+        self.buf = None
+        self.index = {}                  # page address -> offset in buf
+
+    def load(self, pages):
+        """Keep ``{address: bytes}`` (one page each)."""
+        blob = b"".join(pages[a] for a in sorted(pages))
+        self.buf = ctypes.create_string_buffer(blob, max(1, len(blob)))
+        self.index = {a: i * PAGE_SIZE for i, a in enumerate(sorted(pages))}
+
+    def fill(self, uffd, dst, length, offset, hugetlb=False):
+        done = 0
+        base = ctypes.addressof(self.buf) if self.buf is not None else 0
+        while done < length:
+            src = self.index.get(offset + done)
+            try:
+                if src is None:
+                    uffd.zeropage(dst + done, PAGE_SIZE)
+                else:
+                    uffd.copy(dst + done, base + src, PAGE_SIZE)
+            except UffdError:
+                if done:
+                    return done          # stop at a present page; the faulting one is done
+                raise
+            done += PAGE_SIZE
+        return done
+
+    def drain(self, served):
+        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
+        n = 0
+        base = ctypes.addressof(self.buf) if self.buf is not None else 0
+        for r in list(served.regions):
+            for a in range(r.offset, r.offset + (r.end - r.start), PAGE_SIZE):
+                src = self.index.get(a)
+                dst = r.start + (a - r.offset)
+                if src is None or served.is_removed(dst):
+                    continue
+                try:
+                    served.uffd.copy(dst, base + src, PAGE_SIZE)
+                    n += 1
+                except UffdError as e:
+                    if e.errno in (errno.ESRCH, errno.ENOMEM):
+                        return n
+                    if e.errno != errno.EEXIST:
+                        raise
+        return n
+
+    def address(self, offset):
+        return None
+
+    def close(self):
+        self.buf, self.index = None, {}
+
+
+class WatchTarget:
+    """What ``watch`` registers.  The CLI calls ``start(handler)`` (register memory, add uffds
+    to the handler; returns fds whose readiness ends the watch), runs the handler, then always
+    ``finish(handler, reason)`` (undo everything; returns the exit status).
+
+    Raises from ``start``: UsageError (bad range, no such pid, CMD not found), NotPermitted
+    (ptrace or the kernel refuses), TargetError.  ``extra()`` adds fields to ``stats``."""
+    name = "?"
+    stopped_seconds = None
+
+    def start(self, handler):
+        raise NotImplementedError
+
+    def finish(self, handler, reason):
+        for s in list(handler.served.values()):
+            for r in list(s.regions):
+                try:
+                    s.uffd.unregister(r.start, r.end - r.start)
+                except UffdError:
+                    pass              # already gone (process exited, range unmapped)
+            handler.drop(s, "detached")
+        return 0
+
+    def extra(self):
+        out = {}
+        if self.stopped_seconds is not None:
+            out["target_stopped_s"] = round(self.stopped_seconds, 6)
+        return out
+
+
+# The --self workload's forked child is this x86_64 code, called through ctypes (which releases
+# the GIL): fork() with a raw syscall; the child writes byte dl to every page of [rdi, rdi+rsi)
+# and exit_group(0)s without ever returning to Python; the parent returns the child's pid.
+# (os.fork would hold the GIL while the kernel waits for the handler to read the FORK event:
+# deadlock.)
+_FORK_WRITER_X86_64 = bytes.fromhex(
+    "b839000000"        # mov eax, 57 (fork)
+    "0f05"              # syscall
+    "4885c0"            # test rax, rax
+    "751b"              # jnz parent
+    "8817"              # loop: mov [rdi], dl
+    "4881c700100000"    # add rdi, 4096
+    "4881ee00100000"    # sub rsi, 4096
+    "7fee"              # jg loop
+    "b8e7000000"        # mov eax, 231 (exit_group)
+    "31ff"              # xor edi, edi
+    "0f05"              # syscall
+    "c3")               # parent: ret
+
+
+def self_workload(area, size):
+    """The --self workload (runs in a thread; touches memory only via ctypes, which releases
+    the GIL while a fault blocks).  With n = size/page and q = n/4:
+
+      1. reads pages [0, q)                          -> missing read faults
+      2. writes a pattern to pages [q, 2q)           -> missing write faults
+      3. forks a child that writes pages [2q, 3q)    -> fork event, faults on the child's uffd
+      4. mremap grows the area to 2*size (a guard page forces a move) -> remap (+ unmap)
+      5. writes pages [n, n+q) of the grown part     -> faults at the new address
+      6. mremap MREMAP_FIXED onto another range      -> remap (+ unmap)
+      7. madvise(MADV_DONTNEED) pages [q, 2q)        -> remove; the next read sees zeros
+      8. munmap                                      -> unmap
+    Returns a dict of checks (pattern kept across both moves, zeros after DONTNEED).
+    """
+    ps = PAGE_SIZE
+    n = size // ps
+    q = max(1, n // 4)
+    one = ctypes.create_string_buffer(8)
+    checks = {}
+
+    def rd(addr):
+        ctypes.memmove(one, addr, 8)
+        return one.raw
+
+    def pattern(i):
+        return struct.pack("<Q", 0x5A5A000000000000 | i)
+
+    for i in range(q):
+        rd(area + i * ps)
+    for i in range(q, 2 * q):
+        ctypes.memmove(area + i * ps, pattern(i), 8)
+    if ARCH == "x86_64":
+        code = mmap_anon(ps, PROT_READ | PROT_WRITE | 4)      # PROT_EXEC
+        try:
+            ctypes.memmove(code, _FORK_WRITER_X86_64, len(_FORK_WRITER_X86_64))
+            fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long)(code)
+            pid = fn(area + 2 * q * ps, q * ps, 0x77)
+            if pid > 0:
+                _, st = os.waitpid(pid, 0)
+                checks["child_exit"] = os.waitstatus_to_exitcode(st)
+        finally:
+            munmap(code, ps)
+    new = mremap(area, size, 2 * size, MREMAP_MAYMOVE)
+    checks["grow_moved"] = new != area
+    for i in range(n, n + q):
+        ctypes.memmove(new + i * ps, pattern(i), 8)
+    fixed = mmap_anon(2 * size)
+    moved = mremap(new, 2 * size, 2 * size, MREMAP_MAYMOVE | MREMAP_FIXED, fixed)
+    checks["pattern_kept"] = all(rd(moved + i * ps) == pattern(i) for i in range(q, 2 * q))
+    checks["parent_untouched_by_child"] = rd(moved + 2 * q * ps) == bytes(8)
+    madvise(moved + q * ps, q * ps, MADV_DONTNEED)
+    checks["zero_after_dontneed"] = rd(moved + q * ps) == bytes(8)
+    munmap(moved, 2 * size)
+    checks["addresses"] = {"area": area, "grown": new, "fixed": moved}
+    return checks
+
+
+class SelfTarget(WatchTarget):
+    """``--self``: a range of the tool's own memory and the built-in workload (a thread)."""
+    name = "self"
+
+    def __init__(self, size, mode, features):
+        self.size = max(8 * PAGE_SIZE, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        self.mode, self.features = mode, features
+        self.result, self.error = None, None
+        self.guard = None
+
+    def start(self, handler):
+        uffd = Userfaultfd()
+        uffd.api(self.features)
+        self.area = mmap_anon(self.size)
+        try:   # a PROT_NONE page right after the area makes the workload's mremap grow move it
+            self.guard = mmap_anon(PAGE_SIZE, PROT_NONE, MAP_PRIVATE | MAP_FIXED_NOREPLACE,
+                                   addr=self.area + self.size)
+        except OSError:
+            self.guard = None
+        arm(uffd, self.area, self.size, self.mode)
+        handler.add(uffd, [(self.area, self.size)], pid=os.getpid(), label="self")
+        self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._run, name="uffdtool-workload", daemon=True)
+        self.thread.start()
+        return [self.done_r]
+
+    def _run(self):
+        try:
+            self.result = self_workload(self.area, self.size)
+        except BaseException as e:           # reported by finish()
+            self.error = e
+        finally:
+            os.write(self.done_w, b"x")
+
+    def finish(self, handler, reason):
+        status = super().finish(handler, reason)     # closing the uffd wakes a blocked workload
+        self.thread.join(5)
+        if self.guard is not None:
+            munmap(self.guard, PAGE_SIZE)
+        for fd in (self.done_r, self.done_w):
+            os.close(fd)
+        if reason == "done" and (self.error is not None or not self.result or not all(
+                v for k, v in self.result.items() if k not in ("addresses", "child_exit")) or
+                self.result.get("child_exit", 0) != 0):
+            handler.log.emit("error", message="workload failed: %s" % (self.error or self.result))
+            return 1
+        return status
+
+    def extra(self):
+        return {"workload": self.result} if self.result else {}
+
+
+def _check_ranges(pid, ranges, maps):
+    """Validate --range pairs against the target's maps: page-aligned start, inside private
+    anonymous mappings.  Returns [(start, length)] (length rounded up to pages)."""
+    out = []
+    for start, length in ranges:
+        if start % PAGE_SIZE or length <= 0:
+            raise UsageError("range 0x%x:%d: START must be page-aligned and LEN > 0"
+                             % (start, length))
+        length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        a = start
+        while a < start + length:
+            m = next((m for m in maps if m.start <= a < m.end), None)
+            if m is None:
+                raise UsageError("range 0x%x:%d: 0x%x is not mapped in process %d"
+                                 % (start, length, a, pid))
+            if not m.is_private_anon():
+                raise UsageError("range 0x%x:%d: 0x%x is not private anonymous memory (%s %s)"
+                                 % (start, length, a, m.perms, m.path or "anonymous shared"))
+            a = m.end
+        out.append((start, length))
+    return out
+
+
+class PidTarget(WatchTarget):
+    """``--pid PID``: inject ``userfaultfd()`` with ptrace (x86_64), register ranges or every
+    private anonymous mapping, detach, serve.  Non-destructive unless ``dontneed``: then the
+    present pages are snapshotted, dropped with an injected MADV_DONTNEED (all threads stopped)
+    and served back from the snapshot; ``finish`` drains every page not faulted yet."""
+    name = "pid"
+
+    def __init__(self, pid, ranges, all_anon, mode, features, dontneed=False, warn=None):
+        self.pid, self.ranges, self.all_anon = pid, ranges, all_anon
+        self.mode, self.features, self.dontneed = mode, features, dontneed
+        self.warn = warn or (lambda msg: None)
+        self.pidfd = -1
+        self.snapshot_pages = 0
+        self.drained = 0
+
+    def start(self, handler):
+        pid = self.pid
+        try:
+            self.pidfd = syscall("pidfd_open", pid, 0)
+            maps = read_maps(pid)
+        except (OSError, ValueError):
+            raise UsageError("no such process: %d" % pid)
+        if self.all_anon:
+            regions = [(m.start, m.end - m.start) for m in maps if m.is_private_anon()]
+            if not regions:
+                raise UsageError("process %d has no private anonymous memory" % pid)
+        else:
+            regions = _check_ranges(pid, self.ranges, maps)
+        box = {}
+
+        def while_stopped(att, fd):
+            uffd = Userfaultfd.adopt(fd)
+            box["uffd"] = uffd
+            uffd.api(self.features)
+            if self.dontneed:
+                snap = {}
+                for start, length in regions:
+                    snap.update(read_target_pages(pid, present_pages(pid, start, start + length)))
+                handler.source.load(snap)
+                self.snapshot_pages = len(snap)
+                for start, length in regions:
+                    att.inj.syscall(NR_madvise, start, length, MADV_DONTNEED)
+            for start, length in regions:
+                arm(uffd, start, length, self.mode)
+
+        try:
+            fd, self.stopped_seconds = inject_userfaultfd(pid, while_stopped=while_stopped)
+        except ProcessLookupError as e:
+            raise UsageError(str(e.strerror or e))
+        except PtraceError as e:
+            if "uffd" in box:
+                box["uffd"].close()
+            if e.errno == errno.EINVAL:
+                raise UsageError(str(e))
+            raise (NotPermitted if e.errno in (errno.EPERM, errno.EACCES, errno.ENOEXEC,
+                                               errno.ENOSYS) else TargetError)(str(e))
+        except UffdError as e:
+            if "uffd" in box:
+                box["uffd"].close()
+            raise TargetError("process %d: %s" % (pid, e))
+        handler.add(box["uffd"], [(s, n, s if self.dontneed else None) for s, n in regions],
+                    pid=pid, label="pid")
+        return [self.pidfd]
+
+    def finish(self, handler, reason):
+        if self.dontneed:
+            for s in list(handler.served.values()):
+                self.drained += handler.source.drain(s)
+        status = super().finish(handler, reason)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        return status
+
+    def extra(self):
+        out = super().extra()
+        if self.dontneed:
+            out.update(snapshot_pages=self.snapshot_pages, drained_pages=self.drained)
+        return out
+
+
+class SpawnTarget(WatchTarget):
+    """``-- CMD``: start CMD under ptrace, inject a uffd at every exec, register its private
+    anonymous memory and every new mmap/brk/mremap result, follow forks.
+
+    Threads: the tracer (SpawnTracer) runs in its own thread, because ptrace requests must come
+    from the attaching thread and ``waitpid`` blocks; the handler runs in the main thread.  They
+    never wait on each other: a tracee blocked on a fault is not in a ptrace-stop, so only the
+    handler serves it; a tracee in a ptrace-stop faults on nothing, and the tracer only does
+    ptrace, /proc reads and UFFDIO_REGISTER (which act on the target mm, not on faulting
+    memory).  The tracer's one wait on the handler (for the FORK event's uffd, which the kernel
+    delivers before the parent's PTRACE_EVENT_FORK stop) is bounded.  Handler-side bookkeeping
+    (regions, drops) is passed through ``Handler.call_soon`` so only one thread changes it."""
+    name = "cmd"
+
+    def __init__(self, argv, mode, features, warn=None):
+        self.argv, self.mode, self.features = argv, mode, features
+        self._warn = warn or (lambda msg: None)
+        self.uffd_of = {}       # tgid -> Userfaultfd of its mm (shared by vfork children/threads)
+        self.owner = {}         # uffd fd -> tgid that owns the uffd
+        self.forks = {}         # parent uffd fd -> [child Served] from FORK events, FIFO
+        self.status, self.error = None, None
+        self.tracer = None
+
+    def warn(self, msg):
+        """Warn from the tracer thread (the message is written by the handler thread)."""
+        self.handler.call_soon(self._warn, msg)
+
+    def start(self, handler):
+        self.handler = handler
+        self.cv = threading.Condition()
+        handler.on_fork = self._uffd_fork
+        self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._trace, args=(started,), name="uffdtool-tracer",
+                                       daemon=True)
+        self.thread.start()
+        started.wait()
+        if self.error is not None and self.tracer.root is None:
+            self.thread.join()
+            raise self.error
+        return [self.done_r]
+
+    def _trace(self, started):
+        self.tracer = SpawnTracer(self.argv, self._exec, self._map, self._fork, self._exit)
+        try:
+            try:
+                self.tracer.start()
+            finally:
+                started.set()
+            self.status = self.tracer.run()
+        except SpawnError as e:
+            self.error = UsageError("cannot run %s" % e.strerror)
+        except PtraceError as e:
+            self.error = NotPermitted(str(e))
+        except BaseException as e:           # reported by the main thread
+            self.error = TargetError("tracer: %r" % (e,))
+            self.tracer.kill_all()
+        finally:
+            self.stopped_seconds = self.tracer.stopped_seconds
+            os.write(self.done_w, b"x")
+
+    # -- tracer-thread callbacks ------------------------------------------------------------
+    def _exec(self, pid, fd):
+        old = self.uffd_of.pop(pid, None)
+        if old is not None and self.owner.get(old.fileno()) == pid:
+            self._drop(old)
+        if fd is None:
+            self.warn("process %d: could not inject userfaultfd (%s): not watched"
+                      % (pid, self.tracer.inject_error))
+            return
+        uffd = Userfaultfd.adopt(fd)
+        try:
+            uffd.api(self.features)
+            regions = []
+            for m in read_maps(pid):
+                if m.is_private_anon():
+                    try:
+                        arm(uffd, m.start, m.end - m.start, self.mode)
+                        regions.append((m.start, m.end - m.start))
+                    except UffdError:
+                        pass
+        except (UffdError, OSError) as e:
+            uffd.close()
+            self.warn("process %d: %s: not watched" % (pid, e))
+            return
+        self.uffd_of[pid] = uffd
+        self.owner[uffd.fileno()] = pid
+        self.handler.call_soon(self.handler.add, uffd, regions, pid, "cmd")
+        self.handler.call_soon(self.handler.log.emit, "exec", pid=pid, ufd=uffd.fileno(),
+                               regions=len(regions))
+
+    def _map(self, tgid, start, end):
+        uffd = self.uffd_of.get(tgid)
+        if uffd is None or uffd.closed or end <= start:
+            return
+        try:
+            arm(uffd, start, end - start, self.mode)
+        except UffdError:
+            return          # not registrable (e.g. an mremap of file memory): not ours
+        self.handler.call_soon(self._add_region, uffd.fileno(), start, end)
+
+    def _add_region(self, fd, start, end):
+        s = self.handler.served.get(fd)
+        if s is not None:
+            s.cut(start, end)
+            s.regions.append(Region(start, end))
+            s.reindex()
+
+    def _fork(self, parent, child, same):
+        puffd = self.uffd_of.get(parent)
+        if same or puffd is None:
+            if puffd is not None:
+                self.uffd_of[child] = puffd
+            return
+        if not self.features & UFFD_FEATURE_EVENT_FORK:
+            return
+        ps = self.handler.served.get(puffd.fileno())
+        if ps is None or not ps.regions:
+            return                  # nothing registered: the kernel sends no FORK event
+        with self.cv:
+            self.cv.wait_for(lambda: self.forks.get(puffd.fileno()), timeout=2.0)
+            q = self.forks.get(puffd.fileno())
+            cs = q.pop(0) if q else None
+        if cs is None:
+            self.warn("fork of %d: no FORK event arrived; child %d is not watched" % (parent, child))
+            return
+        self.uffd_of[child] = cs.uffd
+        self.owner[cs.uffd.fileno()] = child
+        self.handler.call_soon(setattr, cs, "pid", child)
+
+    def _exit(self, tid, status):
+        uffd = self.uffd_of.pop(tid, None)
+        if uffd is not None and self.owner.get(uffd.fileno()) == tid:
+            self._drop(uffd)
+
+    def _drop(self, uffd):
+        self.owner.pop(uffd.fileno(), None)
+
+        def drop():
+            s = self.handler.served.get(uffd.fileno())
+            if s is not None and s.uffd is uffd:
+                self.handler.drop(s, "exited")
+        self.handler.call_soon(drop)
+
+    # -- handler-thread hook ----------------------------------------------------------------
+    def _uffd_fork(self, parent, child):
+        with self.cv:
+            self.forks.setdefault(parent.uffd.fileno(), []).append(child)
+            self.cv.notify_all()
+
+    def finish(self, handler, reason):
+        """Wait for CMD and its descendants; on interrupt/duration give them a moment, then
+        SIGTERM, then SIGKILL.  Returns CMD's exit status (128+signal if killed)."""
+        if self.thread.is_alive():
+            steps = ([(1.0, None)] if reason == "interrupted" else []) + [
+                (2.0, signal.SIGTERM), (5.0, signal.SIGKILL)]
+            for wait, sig in steps:
+                if sig is not None and self.tracer is not None:
+                    if sig == signal.SIGTERM:
+                        try:
+                            os.kill(self.tracer.root, sig)
+                        except OSError:
+                            pass
+                    else:
+                        self.tracer.kill_all(sig)
+                if handler.run(watch_fds=[self.done_r], timeout=wait) == self.done_r:
+                    break
+            self.thread.join(5)
+        super().finish(handler, reason)
+        for u in list(self.uffd_of.values()):
+            u.close()
+        for fd in (self.done_r, self.done_w):
+            os.close(fd)
+        if self.error is not None:
+            raise self.error
+        return self.status if self.status is not None else 1
+
+    def extra(self):
+        out = super().extra()
+        out["exit_status"] = self.status
+        return out
 
 
 ###################################################################################################
@@ -1748,6 +3151,21 @@ def build_parser():
     _add_common(pw)
     _add_resolve(pw)
     _add_target(pw)
+    g = pw.add_argument_group("watch")
+    g.add_argument("--mode", choices=("missing", "wp"), default="missing",
+                   help="missing: pages never touched (default); wp: also the first write to "
+                        "pages already present (write-protect, non-destructive)")
+    g.add_argument("--events", metavar="LIST", default="all",
+                   help="non-cooperative events to request: all (default: all the kernel "
+                        "grants), none, or a list of fork,remap,remove,unmap; fork needs "
+                        "CAP_SYS_PTRACE")
+    g.add_argument("--duration", metavar="SECS", type=_seconds,
+                   help="stop (detach, or end CMD) after SECS")
+    g.add_argument("--dontneed", action="store_true",
+                   help="DESTRUCTIVE, with --pid: snapshot the present pages, drop them with "
+                        "MADV_DONTNEED (all threads stopped) so every page faults again, serve "
+                        "them back from the snapshot and put back every page not faulted at "
+                        "detach.  If uffdtool is SIGKILLed meanwhile the target reads zeros.")
     pw.set_defaults(func=cmd_watch)
 
     pf = sub.add_parser("serve-file", help="fill missing pages from a file or with zeros",
@@ -1801,8 +3219,97 @@ def cmd_selftest(args):
     raise NotPermitted("selftest is not implemented yet")
 
 
+def _watch_target(args, features, warn):
+    """The WatchTarget the watch arguments name (UsageError for a bad combination)."""
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    chosen = [n for n, on in (("--self", args.self_), ("--pid", args.pid is not None),
+                              ("-- CMD", bool(cmd))) if on]
+    if len(chosen) != 1:
+        raise UsageError("watch needs exactly one target: --self, --pid PID or -- CMD"
+                         + (" (got %s)" % " and ".join(chosen) if chosen else ""))
+    if args.size is not None and not args.self_:
+        raise UsageError("--size goes with --self")
+    if (args.ranges or args.all_anon) and args.pid is None:
+        raise UsageError("--range/--all-anon go with --pid")
+    if args.dontneed and args.pid is None:
+        raise UsageError("--dontneed goes with --pid")
+    if args.self_:
+        return SelfTarget(args.size or (1 << 20), args.mode, features)
+    if args.pid is not None:
+        if bool(args.ranges) == bool(args.all_anon):
+            raise UsageError("--pid needs either --range START:LEN (repeatable) or --all-anon")
+        if args.pid <= 0:
+            raise UsageError("no such process: %d" % args.pid)
+        return PidTarget(args.pid, args.ranges, args.all_anon, args.mode, features,
+                         args.dontneed, warn)
+    return SpawnTarget(cmd, args.mode, features, warn)
+
+
 def cmd_watch(args):
-    raise NotPermitted("watch is not implemented yet")
+    """``uffdtool watch``: register a target's memory, resolve and log every fault and event.
+
+    Ends when the target is done (workload finished, CMD and descendants exited, --pid target
+    exited), after --duration, or on SIGINT/SIGTERM; then detaches (ranges unregistered, uffds
+    closed) and writes the final ``stats`` record.  The exit status is CMD's for ``-- CMD``."""
+    try:
+        events = parse_events(args.events)
+    except ValueError as e:
+        raise UsageError("--events: %s" % e)
+    if args.pid is not None and ARCH != "x86_64":
+        raise NotPermitted("--pid needs x86_64 (this machine is %s)" % ARCH)
+    log = EventLog(args.log or ("-" if args.json else None),
+                   human=None if args.quiet else sys.stderr, human_faults=True)
+    handler = None
+    try:
+        def warn(msg):
+            log.emit("warning", message=msg)
+        features = watch_features(events, args.mode, warn)
+        target = _watch_target(args, features, warn)
+        stats = Stats()
+        record = [] if args.record else None
+        if args.record:
+            try:
+                open(args.record, "a").close()
+            except OSError as e:
+                raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
+        handler = Handler(SnapshotSource() if args.dontneed else ZeroSource(), log, stats,
+                          readahead=args.readahead, on_remove=args.on_remove, record=record)
+        log.emit("start", target=target.name, mode=args.mode, features=features.names(),
+                 readahead=args.readahead, pid=args.pid, cmd=args.cmd or None)
+        reason, status = "done", 0
+        fds = target.start(handler)
+        try:
+            log.emit("ready", ufds=sorted(handler.served), pid=args.pid,
+                     regions=sum(len(s.regions) for s in handler.served.values()),
+                     **target.extra())
+
+            def tick():
+                log.emit("stats", **stats.record(**target.extra()))
+            r = handler.run(watch_fds=fds, timeout=args.duration, tick=tick,
+                            tick_interval=args.stats_interval)
+            reason = "duration" if r == "timeout" else "done"
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        finally:
+            # No second interruption while detaching: a half-done detach is the one thing
+            # that could leave the target stopped or (with --dontneed) short of pages.
+            old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
+            try:
+                status = target.finish(handler, reason)
+            finally:
+                if record is not None:
+                    write_working_set(args.record, record, PAGE_SIZE, key="address")
+                log.emit("stats", **stats.record(reason=reason, **target.extra()))
+                log.emit("exit", status=status, reason=reason)
+                signal.signal(signal.SIGINT, old[0])
+                signal.signal(signal.SIGTERM, old[1])
+        return status
+    finally:
+        if handler is not None:
+            handler.close()
+        log.close()
 
 
 def cmd_serve_file(args):
