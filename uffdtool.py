@@ -1412,6 +1412,10 @@ class Handler:
                 return "timeout"
             for fd, ev in poller.poll(wait_ms):
                 if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)     # drain, or poll spins from now on
+                    except OSError:
+                        pass
                     continue
                 if fd in extra:
                     return fd
