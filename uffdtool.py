@@ -2856,7 +2856,8 @@ class SpawnTarget(WatchTarget):
 
     def extra(self):
         out = super().extra()
-        out["exit_status"] = self.status
+        if self.status is not None:
+            out["exit_status"] = self.status
         return out
 
 
@@ -3197,10 +3198,29 @@ EPILOG_SELFTEST = """examples:
   sudo uffdtool selftest --json     JSON lines
 """
 
-EPILOG_WATCH = """examples:
+EPILOG_WATCH = """targets:
+  --self      registers SIZE (default 1M) of the tool's own memory and runs a built-in workload
+              in a thread (memory touched through ctypes only): reads the first quarter, writes
+              the second, forks a child that writes the third (its faults arrive on the FORK
+              event's uffd), grows the area with mremap (a guard page forces a move), writes the
+              grown part, moves it with MREMAP_FIXED, MADV_DONTNEEDs the second quarter and
+              munmaps it all: every event type in one run.  'stats' reports its checks.
+  -- CMD      runs CMD under ptrace (x86_64) and registers its private anonymous memory at
+              each exec and at each mmap/brk/mremap; follows forks; exits with CMD's status.
+              On SIGINT/SIGTERM CMD gets 1 s to end, then SIGTERM, then SIGKILL.  If uffdtool
+              itself is SIGKILLed the kernel kills CMD too (PTRACE_O_EXITKILL).
+  --pid PID   injects userfaultfd() into a running x86_64 process (stopped ~1 ms), registers
+              --range START:LEN or --all-anon ([heap], anonymous mmaps; not [stack]), detaches
+              and serves.  Non-destructive: MISSING sees untouched pages, --mode wp also the
+              first write to present pages.  SIGINT/SIGTERM/--duration/target exit: ranges
+              unregistered, uffd closed, target running with its data.  --dontneed is the one
+              destructive option (see above).
+
+examples:
   sudo uffdtool watch --self --size 1M
   sudo uffdtool watch --json -- python3 -c 'bytearray(10**7)'
   sudo uffdtool watch --pid 1234 --all-anon --duration 10
+  sudo uffdtool watch --pid 1234 --range 0x7f0000000000:64K --mode wp --record ws.txt
 """
 
 EPILOG_SERVE = """examples:
