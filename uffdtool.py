@@ -2437,6 +2437,9 @@ class WatchTarget:
             handler.drop(s, "detached")
         return 0
 
+    def abort(self):
+        """Release what a failed ``start`` left (the handler closes the uffds)."""
+
     def extra(self):
         out = {}
         if self.stopped_seconds is not None:
@@ -2665,10 +2668,13 @@ class PidTarget(WatchTarget):
             for s in list(handler.served.values()):
                 self.drained += handler.source.drain(s)
         status = super().finish(handler, reason)
+        self.abort()
+        return status
+
+    def abort(self):
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        return status
 
     def extra(self):
         out = super().extra()
@@ -3302,9 +3308,10 @@ def cmd_watch(args):
                           readahead=args.readahead, on_remove=args.on_remove, record=record)
         log.emit("start", target=target.name, mode=args.mode, features=features.names(),
                  readahead=args.readahead, pid=args.pid, cmd=args.cmd or None)
-        reason, status = "done", 0
-        fds = target.start(handler)
+        reason, status, started = "done", None, False
         try:
+            fds = target.start(handler)
+            started = True
             log.emit("ready", ufds=sorted(handler.served), pid=args.pid,
                      regions=sum(len(s.regions) for s in handler.served.values()),
                      **target.extra())
@@ -3316,12 +3323,19 @@ def cmd_watch(args):
             reason = "duration" if r == "timeout" else "done"
         except KeyboardInterrupt:
             reason = "interrupted"
+        except BaseException:
+            reason = "error"
+            raise
         finally:
             # No second interruption while detaching: a half-done detach is the one thing
             # that could leave the target stopped or (with --dontneed) short of pages.
             old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
             try:
-                status = target.finish(handler, reason)
+                if started:
+                    status = target.finish(handler, reason)
+                else:
+                    target.abort()
+                    status = 130 if reason == "interrupted" else None
             finally:
                 if record is not None:
                     write_working_set(args.record, record, PAGE_SIZE, key="address")
