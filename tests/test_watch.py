@@ -217,6 +217,19 @@ def test_self_human_lines_and_record(tmp_path):
     assert pages[1] - pages[0] == PS                   # first-fault order: the read sweep
 
 
+def test_self_events_choice():
+    r = run_tool("watch", "--self", "--size", "64K", "--json", "--quiet", "--events",
+                 "remap,unmap", timeout=30)
+    assert r.returncode == 0, r.stderr
+    recs = records(r.stdout)
+    assert by_event(recs, "start")[0]["features"] == ["EVENT_REMAP", "EVENT_UNMAP", "THREAD_ID"]
+    names = {x["event"] for x in recs}
+    assert "remap" in names and "unmap" in names and not names & {"fork", "remove"}
+    r = run_tool("watch", "--self", "--json", "--quiet", "--events", "none", timeout=30)
+    assert r.returncode == 0
+    assert not {x["event"] for x in records(r.stdout)} & {"fork", "remap", "remove", "unmap"}
+
+
 def test_self_readahead_fills_several_pages():
     r = run_tool("watch", "--self", "--size", "256K", "--readahead", "4", "--json", "--quiet",
                  timeout=30)
@@ -355,10 +368,11 @@ def test_pid_attach_detach_checksums(target, mode):
 def test_pid_dontneed_restores_every_page(target):
     want = expected_sum(0)
     w, log = start_watch("--pid", target.pid, "--all-anon", "--dontneed")
-    recs, err = stop_watch(w, log)                    # detach before anything faulted
+    recs, err = stop_watch(w, log, signal.SIGTERM)    # detach before anything faulted
     assert w.returncode == 0, err
     stats = by_event(recs, "stats")[-1]
     assert stats["snapshot_pages"] >= 32 and stats["drained_pages"] >= 32
+    assert stats["reason"] == "interrupted"
     assert target.cmd("sum") == want
     want = expected_sum(1)
     w, log = start_watch("--pid", target.pid, "--range", "0x%x:256K" % target.addr,
