@@ -28,7 +28,7 @@ Library example::
     with uffdtool.Userfaultfd() as uffd:
         uffd.api(uffdtool.Features.THREAD_ID)
         area = uffdtool.mmap_anon(4 * uffdtool.PAGE_SIZE)
-        print(uffd.register(area, 4 * uffdtool.PAGE_SIZE))   # Ioctls(WAKE|COPY|ZEROPAGE|...)
+        print(uffd.register(area, 4 * uffdtool.PAGE_SIZE))   # WAKE|COPY|ZEROPAGE|MOVE|POISON
         # ... another process/thread touches the area; then:
         for ev in uffd.read_events():
             if isinstance(ev, uffdtool.PageFault):
