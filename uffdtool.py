@@ -2111,6 +2111,18 @@ class SpawnTracer:
         if tid == tgid:
             self.brk.pop(tgid, None)
         self.on_exit(tid, status)
+        for h in list(self.held):               # its parent died before reporting the fork
+            try:
+                parent = int(proc_status(h).get("PPid", 0))
+            except (OSError, ValueError):
+                parent = 0
+            if parent not in self.tasks:
+                self.held.discard(h)
+                self.tasks[h] = _tgid_of(h)
+                try:
+                    ptrace(PTRACE_CONT, h, 0, 0)
+                except OSError:
+                    pass
 
     def _stop(self, tid, status):
         sig, ev = stop_event(status)
@@ -2630,7 +2642,7 @@ class PidTarget(WatchTarget):
         box = {}
 
         def while_stopped(att, fd):
-            uffd = Userfaultfd.adopt(fd)
+            uffd = Userfaultfd.adopt(os.dup(fd))     # ours; inject_userfaultfd closes fd
             box["uffd"] = uffd
             uffd.api(self.features)
             if self.dontneed:
@@ -2655,10 +2667,11 @@ class PidTarget(WatchTarget):
                 raise UsageError(str(e))
             raise (NotPermitted if e.errno in (errno.EPERM, errno.EACCES, errno.ENOEXEC,
                                                errno.ENOSYS) else TargetError)(str(e))
-        except UffdError as e:
+        except OSError as e:                     # UffdError, process_vm_readv, /proc
             if "uffd" in box:
                 box["uffd"].close()
             raise TargetError("process %d: %s" % (pid, e))
+        os.close(fd)
         handler.add(box["uffd"], [(s, n, s if self.dontneed else None) for s, n in regions],
                     pid=pid, label="pid")
         return [self.pidfd]
@@ -3304,8 +3317,8 @@ def cmd_watch(args):
         events = parse_events(args.events)
     except ValueError as e:
         raise UsageError("--events: %s" % e)
-    if args.pid is not None and ARCH != "x86_64":
-        raise NotPermitted("--pid needs x86_64 (this machine is %s)" % ARCH)
+    if (args.pid is not None or args.cmd) and ARCH != "x86_64":
+        raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
     log = EventLog(args.log or ("-" if args.json else None),
                    human=None if args.quiet else sys.stderr, human_faults=True)
     handler = None
