@@ -2837,6 +2837,8 @@ class SpawnTarget(WatchTarget):
         def drop():
             s = self.handler.served.get(uffd.fileno())
             if s is not None and s.uffd is uffd:
+                with self.cv:                 # its fd number may be reused: no stale FIFO
+                    self.forks.pop(uffd.fileno(), None)
                 self.handler.drop(s, "exited")
         self.handler.call_soon(drop)
 
