@@ -66,6 +66,9 @@ __all__ = [
     # serving
     "EventLog", "Stats", "ZeroSource", "FileSource", "Handler",
     "read_working_set", "write_working_set",
+    # watch: ptrace (x86_64) and targets
+    "PtraceError", "Attachment", "inject_userfaultfd", "read_maps", "SpawnTracer",
+    "SnapshotSource",
     # memory helpers
     "mmap_anon", "munmap", "mremap", "madvise",
     "parse_size", "parse_range", "main",
@@ -1472,12 +1475,21 @@ def _merge_range(ranges, start, end):
 #  10. ptrace (x86_64)
 ###################################################################################################
 
+# Getting a uffd into another process (technique and verified pitfalls: reference/ptrace.md):
+#   --pid:  Attachment (seize + interrupt every thread) -> Injector.syscall(userfaultfd) at a
+#           `syscall` insn (rip-2 or [vdso]) -> pidfd_getfd -> close() in the target -> restore
+#           regs/mask at the final SIGTRAP signal-delivery-stop -> detach, all in try/finally.
+#   -- CMD: spawn_traced (fork, PTRACE_SEIZE, seccomp RET_TRACE for mmap/brk/mremap, exec) and
+#           SpawnTracer (inject at each execve exit-stop, report new private-anonymous memory).
+# The uffd ioctls then run in the tool on the stolen fd: they act on the uffd's own mm.
+
 # The syscalls injected into / filtered for an x86_64 target (asm/unistd_64.h).  These are the
 # *target's* numbers, so they stay x86_64 even if the tool ever runs elsewhere.
 NR_close, NR_mmap, NR_brk, NR_mremap, NR_madvise, NR_getpid = 3, 9, 12, 25, 28, 39
 NR_userfaultfd = 323
 KCMP_VM = 1
 UFFD_TARGET_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK   #: flags of the uffd created in a target
+
 
 class PtraceError(OSError):
     """A ptrace step (or a refusal to attach) failed; carries ``pid`` and the ``request`` name."""
