@@ -1648,6 +1648,10 @@ class Mapping(tuple):
         p = self[6]
         return p == "" or p == "[heap]" or p.startswith("[anon:")
 
+    def is_anon_private_or_stack(self):
+        """is_private_anon() or the main thread's ``[stack]``: what ``--range`` accepts."""
+        return self.is_private_anon() or (self[2][3] == "p" and self[6] == "[stack]")
+
 
 def parse_maps(text):
     """Parse /proc/PID/maps text into Mapping tuples."""
@@ -2615,7 +2619,7 @@ def _check_ranges(pid, ranges, maps):
             if m is None:
                 raise UsageError("range 0x%x:%d: 0x%x is not mapped in process %d"
                                  % (start, length, a, pid))
-            if not m.is_private_anon():
+            if not m.is_anon_private_or_stack():
                 raise UsageError("range 0x%x:%d: 0x%x is not private anonymous memory (%s %s)"
                                  % (start, length, a, m.perms, m.path or "anonymous shared"))
             a = m.end
@@ -2643,7 +2647,10 @@ class PidTarget(WatchTarget):
         try:
             self.pidfd = syscall("pidfd_open", pid, 0)
             maps = read_maps(pid)
-        except (OSError, ValueError):
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise NotPermitted("process %d: cannot read its memory map (%s): needs "
+                                   "CAP_SYS_PTRACE over it" % (pid, os.strerror(e.errno)))
             raise UsageError("no such process: %d" % pid)
         if self.all_anon:
             regions = [(m.start, m.end - m.start) for m in maps if m.is_private_anon()]
