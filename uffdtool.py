@@ -3357,6 +3357,10 @@ def cmd_watch(args):
                 raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
         handler = Handler(SnapshotSource() if args.dontneed else ZeroSource(), log, stats,
                           readahead=args.readahead, on_remove=args.on_remove, record=record)
+        # watch always takes the general serving path (if the Handler has a specialised
+        # single-uffd loop, as serve-file may add): -- CMD adds uffds and regions from the
+        # tracer thread through call_soon, and SnapshotSource fills page by page.
+        handler.fast = False
         log.emit("start", target=target.name, mode=args.mode, features=features.names(),
                  readahead=args.readahead, pid=args.pid, cmd=args.cmd or None)
         reason, status, started = "done", None, False
