@@ -2762,19 +2762,29 @@ class SpawnTarget(WatchTarget):
         try:
             try:
                 self.tracer.start()
+            except BaseException as e:
+                self.error = self._error(e)
+                return
             finally:
-                started.set()
+                started.set()                 # after self.error is set: start() checks it
             self.status = self.tracer.run()
-        except SpawnError as e:
-            self.error = UsageError("cannot run %s" % e.strerror)
-        except PtraceError as e:
-            self.error = NotPermitted(str(e))
-        except BaseException as e:           # reported by the main thread
-            self.error = TargetError("tracer: %r" % (e,))
+        except BaseException as e:            # reported by the main thread (finish)
+            self.error = self._error(e)
             self.tracer.kill_all()
         finally:
             self.stopped_seconds = self.tracer.stopped_seconds
             os.write(self.done_w, b"x")
+
+    @staticmethod
+    def _error(e):
+        """The CLI error for an exception in the tracer thread."""
+        if isinstance(e, SpawnError):
+            return UsageError("cannot run %s" % e.strerror)
+        if isinstance(e, PtraceError):
+            return NotPermitted(str(e))
+        if isinstance(e, UffdToolError):
+            return e
+        return TargetError("tracer: %r" % (e,))
 
     # -- tracer-thread callbacks ------------------------------------------------------------
     def _exec(self, pid, fd):
