@@ -50,6 +50,7 @@ import os
 import platform
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -2743,6 +2744,11 @@ class SpawnTarget(WatchTarget):
         self.handler.call_soon(self._warn, msg)
 
     def start(self, handler):
+        exe = self.argv[0]
+        found = shutil.which(exe) if "/" not in exe else (
+            exe if os.path.isfile(exe) and os.access(exe, os.X_OK) else None)
+        if found is None:           # the child's exec would fail the same way: say so early
+            raise UsageError("cannot run %s: %s" % (exe, "not found or not executable"))
         self.handler = handler
         self.cv = threading.Condition()
         handler.on_fork = self._uffd_fork
