@@ -1775,6 +1775,25 @@ class Injector:
                     _NR_NAMES.get(nr, nr), self.pid, os.strerror(-res)), self.pid)
             return res
 
+    def userfaultfd(self, flags=UFFD_TARGET_FLAGS):
+        """Create a uffd in the tracee, take our copy (pidfd_getfd), close the tracee's.
+
+        With the tracee's copy closed, a tool crash releases the uffd and faults fall back to
+        normal handling (ptrace.md: "Closing the target's copy")."""
+        try:
+            tfd = self.syscall(NR_userfaultfd, flags)
+        except InjectError as e:
+            if e.errno == errno.EPERM:
+                raise PtraceError(errno.EPERM, "userfaultfd() in process %d: EPERM (the target "
+                                  "lacks CAP_SYS_PTRACE and vm.unprivileged_userfaultfd=0; "
+                                  "sysctl -w vm.unprivileged_userfaultfd=1)" % self.pid,
+                                  self.pid) from None
+            raise
+        try:
+            return pidfd_getfd(self.pid, tfd)
+        finally:
+            self.syscall(NR_close, tfd)
+
     def restore(self):
         """Put back the saved registers and mask (at the current signal-delivery-stop)."""
         if self.injected:
@@ -1921,18 +1940,7 @@ def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_sto
     with Attachment(pid, all_threads) as a:
         if a.inj.syscall(NR_getpid) != pid:
             raise PtraceError(errno.EIO, "injection probe failed in process %d" % pid, pid)
-        try:
-            tfd = a.inj.syscall(NR_userfaultfd, flags)
-        except InjectError as e:
-            if e.errno == errno.EPERM:
-                raise PtraceError(errno.EPERM, "userfaultfd() in process %d: EPERM (the target "
-                                  "lacks CAP_SYS_PTRACE and vm.unprivileged_userfaultfd=0; "
-                                  "sysctl -w vm.unprivileged_userfaultfd=1)" % pid, pid) from None
-            raise
-        try:
-            fd = pidfd_getfd(pid, tfd)
-        finally:
-            a.inj.syscall(NR_close, tfd)
+        fd = a.inj.userfaultfd(flags)
         try:
             if while_stopped is not None:
                 while_stopped(a, fd)
@@ -2225,11 +2233,7 @@ class SpawnTracer:
         inj = None
         try:
             inj = Injector(tid)
-            tfd = inj.syscall(NR_userfaultfd, self.inject_flags)
-            try:
-                fd = pidfd_getfd(tid, tfd)
-            finally:
-                inj.syscall(NR_close, tfd)
+            fd = inj.userfaultfd(self.inject_flags)
         except OSError as e:
             self.inject_error = e
         finally:

@@ -1,4 +1,5 @@
 """The ptrace (x86_64) section on its own: /proc parsing, injection, restart semantics."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,6 +36,18 @@ def test_bpf_filter_shape():
             assert pc + 1 + max(ins.jt, ins.jf) < len(arr)
 
 
+@contextlib.contextmanager
+def child(code):
+    """A Python child with pipes on stdin/stdout; killed and reaped whatever happens."""
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
 SLEEPER = ("import sys, time\n"
            "print('go', flush=True); sys.stdin.readline()\n"
            "t = time.monotonic(); time.sleep(0.6); print(round(time.monotonic() - t, 1), flush=True)\n"
@@ -44,9 +57,7 @@ SLEEPER = ("import sys, time\n"
 def test_injection_keeps_syscalls_restartable():
     """Injected while in read() and then in nanosleep(): read restarts, the sleep keeps its
     remaining time (restart_block), nothing leaks -ERESTART* to the program."""
-    p = subprocess.Popen([sys.executable, "-c", SLEEPER], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    try:
+    with child(SLEEPER) as p:
         assert p.stdout.readline() == "go\n"
         time.sleep(0.1)                                   # now blocked in read(stdin)
         fd, secs = U.inject_userfaultfd(p.pid)
@@ -61,9 +72,6 @@ def test_injection_keeps_syscalls_restartable():
         assert p.stdout.readline().strip() == "0.6"
         out, _ = p.communicate("bye\n", timeout=10)
         assert out.strip() == "bye"
-    finally:
-        p.kill()
-        p.wait()
 
 
 def test_all_threads_stopped_and_released():
@@ -73,9 +81,7 @@ def test_all_threads_stopped_and_released():
             "    while True: n[0] += 1\n"
             "for _ in range(3): threading.Thread(target=spin, daemon=True).start()\n"
             "print('go', flush=True); sys.stdin.readline(); print(n[0] > 0, flush=True)\n")
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    try:
+    with child(code) as p:
         p.stdout.readline()
         with U.Attachment(p.pid) as a:
             assert len(a.tids) == 4
@@ -85,9 +91,6 @@ def test_all_threads_stopped_and_released():
         assert all(U.proc_status(t)["TracerPid"] == "0" for t in a.tids)
         out, _ = p.communicate("\n", timeout=10)
         assert out.strip() == "True"
-    finally:
-        p.kill()
-        p.wait()
 
 
 def test_refusals():
