@@ -2639,10 +2639,9 @@ class PidTarget(WatchTarget):
     and served back from the snapshot; ``finish`` drains every page not faulted yet."""
     name = "pid"
 
-    def __init__(self, pid, ranges, all_anon, mode, features, dontneed=False, warn=None):
+    def __init__(self, pid, ranges, all_anon, mode, features, dontneed=False):
         self.pid, self.ranges, self.all_anon = pid, ranges, all_anon
         self.mode, self.features, self.dontneed = mode, features, dontneed
-        self.warn = warn or (lambda msg: None)
         self.pidfd = -1
         self.snapshot_pages = 0
         self.drained = 0
@@ -3344,7 +3343,7 @@ def _watch_target(args, features, warn):
         if args.pid <= 0:
             raise UsageError("no such process: %d" % args.pid)
         return PidTarget(args.pid, args.ranges, args.all_anon, args.mode, features,
-                         args.dontneed, warn)
+                         args.dontneed)
     return SpawnTarget(cmd, args.mode, features, warn)
 
 
