@@ -3392,9 +3392,27 @@ def cmd_watch(args):
 
             def tick():
                 log.emit("stats", **stats.record(**target.extra()))
-            r = handler.run(watch_fds=fds, timeout=args.duration, tick=tick,
-                            tick_interval=args.stats_interval)
-            reason = "duration" if r == "timeout" else "done"
+
+            # While serving, SIGINT/SIGTERM end the loop after the current batch instead of
+            # raising in the middle of it (a fault resolved but not yet logged, an ioctl
+            # sequence cut short).  Before and after, KeyboardInterrupt does the cleanup.
+            signals = []
+
+            def on_signal(signum, frame):
+                signals.append(signum)
+                handler.stop()
+            old = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+            for sig, h in zip((signal.SIGINT, signal.SIGTERM), old):
+                if h is not signal.SIG_IGN:   # e.g. SIGINT of a background job stays ignored
+                    signal.signal(sig, on_signal)
+            try:
+                r = handler.run(watch_fds=fds, timeout=args.duration, tick=tick,
+                                tick_interval=args.stats_interval)
+            finally:
+                signal.signal(signal.SIGINT, old[0])
+                signal.signal(signal.SIGTERM, old[1])
+            handler.stopping = False          # finish() may serve a while longer
+            reason = "interrupted" if signals else "duration" if r == "timeout" else "done"
         except KeyboardInterrupt:
             reason = "interrupted"
         except BaseException:

@@ -355,8 +355,9 @@ def test_pid_attach_detach_checksums(target, mode):
     if mode == "missing":                               # the 32 pages never touched before
         assert {f["address"] for f in faults} == {target.addr + i * PS for i in range(32, 64)}
     else:                                               # + first writes to the 16 present ones
-        assert sum("wp" in f["flags"] for f in faults) == 16
-        assert len(faults) == 48
+        seen = [((f["address"] - target.addr) // PS, f["flags"], f["resolved"]) for f in faults]
+        assert sum("wp" in f["flags"] for f in faults) == 16, (seen, by_event(recs, "stats"))
+        assert len(faults) == 48, seen
     stats = by_event(recs, "stats")[-1]
     assert 0 < stats["target_stopped_s"] < 1
     target.assert_running_untraced()
