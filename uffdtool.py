@@ -1299,15 +1299,22 @@ class Handler:
                     if not self._drain_events(s, attempt):
                         return "gone", 0
                     if s.uffd.closed or s.find(addr) is None:
-                        return "gone", 0
+                        return self._give_up(s, addr)
                     st.add("retries")
                     continue
                 if e.errno in (errno.ESRCH, errno.ENOMEM):
                     self.drop(s, "exited")
                     return "gone", 0
+                if e.errno == errno.ENOENT and length > ps:
+                    # A readahead fill must lie in one VMA; a region split by mprotect (glibc
+                    # arenas, thread stacks) makes a longer one ENOENT.  Fill just the faulting
+                    # page, or its thread is never woken.
+                    length = ps
+                    st.add("readahead_clipped")
+                    continue
                 if e.errno == errno.ENOENT:        # the range went away under us
                     self._drain_events(s, attempt)
-                    return "gone", 0
+                    return self._give_up(s, addr)
                 raise
             pages = done // ps
             st.add("pages_" + how, pages)
@@ -1316,6 +1323,18 @@ class Handler:
                 st.add("partial")
             return how, pages
         raise UffdError(errno.EAGAIN, "fill retries exhausted", addr, length)
+
+    def _give_up(self, s, addr):
+        """Stop filling ``addr`` but wake its thread: it retries the access, which faults again
+        if the page is still registered (a region the bookkeeping does not know yet, e.g. one
+        just mapped at a recycled address) and otherwise takes its normal course.  Without the
+        wake it would wait forever."""
+        if not s.uffd.closed:
+            try:
+                s.uffd.wake(addr, self.page_size)
+            except UffdError:
+                pass
+        return "gone", 0
 
     def _retry(self, s, op, *args):
         """Run a non-fill ioctl (wake, writeprotect), retrying EAGAIN after reading events."""
