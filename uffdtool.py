@@ -1349,6 +1349,8 @@ class Handler:
                 if e.errno in (errno.ESRCH, errno.ENOMEM):
                     return self.drop(s, "exited")
                 if e.errno in (errno.ENOENT, errno.EINVAL) and s.find(args[0]) is None:
+                    if op != s.uffd.wake:         # e.g. WP on a range gone meanwhile
+                        self._give_up(s, args[0])
                     return None
                 raise
 
