@@ -877,6 +877,15 @@ class Stats:
     def add(self, key, n=1):
         self.count[key] = self.count.get(key, 0) + n
 
+    def latencies(self, samples):
+        """Add many samples (µs) at once (the fast serving loop keeps its own buffer)."""
+        if len(self.lat) + len(samples) < self._max and self._keep_every == 1:
+            self._seen += len(samples)
+            self.lat.extend(samples)
+        else:
+            for us in samples:
+                self.latency(us)
+
     def latency(self, us):
         self._seen += 1
         if self._seen % self._keep_every:
@@ -1031,6 +1040,93 @@ def read_working_set(path):
     return meta.get("key", "offset"), page_size, pages
 
 
+#: largest fill issued by a prefetch step (one ioctl; demand faults are served between steps)
+PREFETCH_RUN = 2 << 20
+
+
+def coalesce_pages(offsets, rec_page_size, page_size, max_run=PREFETCH_RUN):
+    """Sorted, disjoint ``[start, end)`` runs covering the pages at ``offsets`` (each
+    ``rec_page_size`` long), aligned to ``page_size``; adjacent pages merge, runs are cut at
+    ``max_run`` bytes (at least one page)."""
+    max_run = max(page_size, max_run - max_run % page_size)
+    spans = sorted(set((o - o % page_size, o + rec_page_size) for o in offsets if o >= 0))
+    merged = []
+    for a, b in spans:
+        b = -(-b // page_size) * page_size
+        if merged and a <= merged[-1][1]:
+            if b > merged[-1][1]:
+                merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    runs = []
+    for a, b in merged:
+        while a < b:
+            runs.append((a, min(b, a + max_run)))
+            a += max_run
+    return runs
+
+
+def split_runs(runs, bounds):
+    """Cut ``[start, end)`` runs at every offset in ``bounds`` (the region boundaries)."""
+    bounds = sorted(set(bounds))
+    out = []
+    for a, b in runs:
+        i = bisect.bisect_right(bounds, a)
+        while i < len(bounds) and bounds[i] < b:
+            out.append((a, bounds[i]))
+            a = bounds[i]
+            i += 1
+        out.append((a, b))
+    return out
+
+
+class Prefetcher:
+    """Installs a recorded working set (source offsets) in large runs while the Handler idles.
+
+    ``runs``: sorted ``[start, end)`` source-offset runs (``coalesce_pages``).  ``step()`` fills
+    one run (one ioctl of at most PREFETCH_RUN bytes, skipping pages that are already present)
+    and returns True while work remains; the Handler calls it only when no message is pending,
+    so demand faults always come first.  ``claim(off, limit)`` lets a demand fault inside a
+    pending run take the rest of that run at once (from the faulting page to the run's end),
+    so a toucher that outruns the background steps still gets large fills."""
+
+    def __init__(self, runs):
+        self.runs = list(runs)                 # pending, sorted by start
+        self.starts = [a for a, b in self.runs]
+        self.pages = 0
+        self.bytes = 0
+
+    def __bool__(self):
+        return bool(self.runs)
+
+    def claim(self, off, limit):
+        """If ``off`` lies in a pending run: remove ``[off, min(run end, off+limit))`` from it and
+        return that end; else None."""
+        i = bisect.bisect_right(self.starts, off) - 1
+        if i < 0:
+            return None
+        a, b = self.runs[i]
+        if off >= b:
+            return None
+        e = min(b, off + limit)
+        keep = [(x, y) for x, y in ((a, off), (e, b)) if y > x]
+        self.runs[i:i + 1] = keep
+        self.starts[i:i + 1] = [x for x, y in keep]
+        return e
+
+    def pop(self):
+        """The next pending run, removed from the list (None when done)."""
+        if not self.runs:
+            return None
+        self.starts.pop(0)
+        return self.runs.pop(0)
+
+    def push_front(self, run):
+        """Put back (the rest of) a run that could not be completed now."""
+        self.runs.insert(0, run)
+        self.starts.insert(0, run[0])
+
+
 ###################################################################################################
 #  9. Handler loop
 ###################################################################################################
@@ -1091,6 +1187,37 @@ class Served:
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
 
+class _Clock:
+    """Deadline and periodic tick of ``Handler.run``."""
+
+    def __init__(self, timeout, tick, interval):
+        now = time.monotonic()
+        self.deadline = None if timeout is None else now + timeout
+        self.tick = tick if interval else None
+        self.interval = interval
+        self.next_tick = now + interval if self.tick else None
+        self.active = self.deadline is not None or self.tick is not None
+
+    def check(self):
+        """Run a due tick; return 'timeout' when the deadline has passed, else None."""
+        if not self.active:
+            return None
+        now = time.monotonic()
+        if self.next_tick is not None and now >= self.next_tick:
+            self.tick()
+            self.next_tick = now + self.interval
+        if self.deadline is not None and now >= self.deadline:
+            return "timeout"
+        return None
+
+    def wait_ms(self):
+        """poll() timeout until the next tick or the deadline (None: wait forever)."""
+        limits = [t for t in (self.deadline, self.next_tick) if t is not None]
+        if not limits:
+            return None
+        return max(0, int((min(limits) - time.monotonic()) * 1000) + 1)
+
+
 class Handler:
     """Serves page faults and events on one or more uffds until told to stop.
 
@@ -1106,10 +1233,17 @@ class Handler:
     with a bounded backoff (no fault is ever dropped); ESRCH/ENOMEM -> that process is gone.
     FORK adopts the new uffd with a copy of the parent's regions; REMAP moves regions; UNMAP
     forgets them; REMOVE applies ``on_remove``.
+
+    ``prefetch``: a Prefetcher (source-offset runs) installed while no message is pending.
+    ``fast``: with one uffd, no per-fault log and a file/zero source, ``run`` uses a specialised
+    loop (one ``os.read`` of one message, a preallocated ioctl argument, no allocation per
+    fault); anything unusual (another event, an error, WP/MINOR, a removed page, a pending
+    prefetch) goes through the same general code as the slow path, so the policies and the
+    stats are the same.
     """
 
     def __init__(self, source=None, log=None, stats=None, readahead=1, on_remove="unregister",
-                 page_size=PAGE_SIZE, record=None, hugetlb=False):
+                 page_size=PAGE_SIZE, record=None, hugetlb=False, prefetch=None, fast=True):
         self.source = source or ZeroSource()
         self.log = log or EventLog(None, human=None)
         self.stats = stats or Stats()
@@ -1118,6 +1252,8 @@ class Handler:
         self.page_size = page_size
         self.hugetlb = hugetlb
         self.record = record
+        self.prefetch = prefetch
+        self.fast = fast
         self._recorded = set()
         self._zeros = None
         self.served = {}              # fd -> Served
@@ -1240,6 +1376,12 @@ class Handler:
                 fill = self._source_fill
                 how = self.source.kind
             length = min(self.readahead * ps, r.end - addr)
+            if off is not None and self.prefetch:
+                # a recorded page: take the rest of its prefetch run now (demand first)
+                e = self.prefetch.claim(off, min(PREFETCH_RUN, r.end - addr))
+                if e is not None and e - off > length:
+                    length = e - off
+                    how = "prefetch"
             if off is not None and self.source.size is not None:
                 length = min(length, max(ps, self.source.size - off))
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
@@ -1257,6 +1399,69 @@ class Handler:
             if key not in self._recorded:
                 self._recorded.add(key)
                 self.record.append(key)
+
+    # -- prefetch -------------------------------------------------------------------------------
+    def prefetch_step(self):
+        """Install one pending prefetch run (at most PREFETCH_RUN bytes, one ioctl).  Returns True
+        while runs remain.  Pages already present are skipped; EAGAIN (an event is pending)
+        puts the run back so that the loop reads the event first.  Runs never cross a region's
+        source range (``split_runs``)."""
+        pf = self.prefetch
+        run = pf.pop() if pf else None
+        if run is None:
+            return False
+        a, b = run
+        ps = self.page_size
+        st = self.stats
+        for s in list(self.served.values()):
+            for r in s.regions:
+                if r.offset is None or not r.offset <= a < r.offset + (r.end - r.start):
+                    continue
+                b = min(b, r.offset + (r.end - r.start))
+                dst = r.start + (a - r.offset)
+                n = b - a
+                for x, y in s.removed:            # never put file data over a removed page
+                    if x <= dst < y:
+                        skip = min(y - dst, n)
+                        st.add("prefetch_skipped", skip // ps)
+                        self._prefetch_rest(a + skip, b)
+                        return True
+                    if dst < x < dst + n:
+                        n = x - dst
+                try:
+                    done = self.source.fill(s.uffd, dst, n, a, self.hugetlb)
+                except UffdError as err:
+                    if err.errno == errno.EEXIST:
+                        st.add("prefetch_present")
+                        self._prefetch_rest(a + ps, b)
+                        return True
+                    if err.errno == errno.EAGAIN:
+                        st.add("eagain")
+                        self._prefetch_rest(a, b)
+                        return True
+                    if err.errno in (errno.ESRCH, errno.ENOMEM):
+                        self.drop(s, "exited")
+                        return bool(pf)
+                    if err.errno in (errno.ENOENT, errno.EINVAL):
+                        st.add("prefetch_skipped", n // ps)
+                        self._prefetch_rest(a + n, b)
+                        return bool(pf)
+                    raise
+                st.add("prefetch_pages", done // ps)
+                st.add("prefetch_bytes", done)
+                st.add("prefetch_ioctls")
+                if done < n:                      # stopped at a present page: skip it
+                    st.add("prefetch_present")
+                    self._prefetch_rest(a + done + ps, b)
+                else:
+                    self._prefetch_rest(a + n, b)
+                return True
+        st.add("prefetch_skipped", (b - a) // ps)    # no region holds it (any more)
+        return bool(pf)
+
+    def _prefetch_rest(self, a, b):
+        if a < b:
+            self.prefetch.push_front((a, b))
 
     def _source_fill(self, s, dst, length, off):
         return self.source.fill(s.uffd, dst, length, off, self.hugetlb)
@@ -1337,20 +1542,29 @@ class Handler:
         """Serve until every uffd is gone, ``stop()`` was called, a ``watch_fds`` fd becomes
         readable or hangs up (returns that fd), or ``timeout`` seconds pass (returns 'timeout').
 
-        ``idle()`` is called whenever no message is pending (prefetch work: it returns True while
-        it has more to do, and must do little per call).  ``tick()`` runs every
-        ``tick_interval`` seconds (periodic stats).  Returns 'done', 'stopped', 'timeout' or the
-        fd that fired."""
+        ``idle()`` is called whenever no message is pending (background work: it returns True
+        while it has more to do, and must do little per call); a pending ``prefetch`` goes
+        first.  ``tick()`` runs every ``tick_interval`` seconds (periodic stats).  Returns
+        'done', 'stopped', 'timeout' or the fd that fired."""
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         polled = set()
-        extra = {}
+        extra = set()
         for fd in watch_fds:
             fd = fd if isinstance(fd, int) else fd.fileno()
-            extra[fd] = True
+            extra.add(fd)
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        next_tick = None if not tick_interval else time.monotonic() + tick_interval
+        clock = _Clock(timeout, tick, tick_interval)
+        user_idle = [idle]
+
+        def idle_step():
+            if self.prefetch:
+                return self.prefetch_step() or user_idle[0] is not None
+            if user_idle[0] is not None:
+                if user_idle[0]():
+                    return True
+                user_idle[0] = None
+            return False
         busy = True
         while not self.stopping:
             for fd in list(self.served):
@@ -1361,10 +1575,15 @@ class Handler:
                 if fd not in self.served:
                     poller.unregister(fd)
                     polled.discard(fd)
-            if not self.served and not extra:
+            if not self.served and (not extra or not watch_fds):
                 return "done"
-            if not self.served and not watch_fds:
-                return "done"
+            if self._fast_ok():
+                s = next(iter(self.served.values()))
+                res = self._run_fast(s, poller, extra, clock, idle_step, busy)
+                if res is not None:
+                    return res
+                busy = bool(self.prefetch) or user_idle[0] is not None
+                continue
             # Read first: on a shared CPU the next fault is usually queued already.
             got = False
             for s in list(self.served.values()):
@@ -1378,23 +1597,16 @@ class Handler:
                     self.handle(s, evs)
             if got:
                 continue
-            if idle is not None and busy:
-                busy = idle()
+            wait_ms = None
+            if busy:
+                busy = idle_step()
                 if busy:
                     wait_ms = 0
-                else:
-                    wait_ms = None
-            else:
-                wait_ms = None
-            now = time.monotonic()
-            if next_tick is not None and now >= next_tick:
-                tick()
-                next_tick = now + tick_interval
-            limits = [t for t in (deadline, next_tick) if t is not None]
-            if limits and wait_ms is None:
-                wait_ms = max(0, int((min(limits) - now) * 1000) + 1)
-            if deadline is not None and now >= deadline:
-                return "timeout"
+            res = clock.check()
+            if res:
+                return res
+            if wait_ms is None:
+                wait_ms = clock.wait_ms()
             for fd, ev in poller.poll(wait_ms):
                 if fd == self._wake_r:
                     continue
@@ -1405,6 +1617,172 @@ class Handler:
                     if s is not None:
                         self.drop(s, "hangup")
         return "stopped"
+
+    def _fast_ok(self):
+        return (self.fast and len(self.served) == 1 and not self.log.wants_faults
+                and self.source.kind in ("copy", "zero")
+                and not (self.hugetlb and self.source.kind == "zero"))
+
+    def _run_fast(self, s, poller, extra, clock, idle_step, busy):
+        """The hot loop for one uffd (see the class doc).  Serves until something needs the
+        general loop (returns None) or ``run`` must return (returns its result).
+
+        Per fault: one ``os.read`` of 32 bytes (read first, poll only when the queue is empty:
+        reference/serving-costs.md), one ``unpack_from``, one ``pack_into`` into a preallocated
+        ioctl argument and one ``fcntl.ioctl(fd, req, buf, True)``; counters are locals, flushed
+        into ``self.stats`` when the loop leaves or ticks."""
+        st = self.stats
+        uffd = s.uffd
+        fd = uffd.fileno()
+        ps = self.page_size
+        mask = ~(ps - 1)
+        src = self.source
+        zero = src.kind == "zero"
+        ra = self.readahead * ps
+        if zero:
+            arg, req, res_off = bytearray(32), UFFDIO_ZEROPAGE, 24     # uffdio_zeropage
+            put = struct.Struct("=QQ").pack_into                        # range.start, range.len
+            base, limit = 0, None
+        else:
+            arg, req, res_off = bytearray(40), UFFDIO_COPY, 32          # uffdio_copy
+            put = struct.Struct("=QQQ").pack_into                       # dst, src, len
+            base, limit = src.base, src.size
+        how = src.kind
+        read = os.read
+        unpack = UFFD_MSG.unpack_from
+        ioctl = fcntl.ioctl
+        perf = time.perf_counter
+        lat = array.array("d")
+        lat_append = lat.append
+        rec = self.record
+        recorded = self._recorded
+        poll = poller.poll
+        wake_r = self._wake_r
+        POLLIN = select.POLLIN
+        timed = clock.active
+        PF, SPECIAL = UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR
+        faults = nbytes = partial = eagain = 0
+        lo = hi = roff = 0
+        slow = bool(s.removed) or bool(self.prefetch)
+
+        def flush():
+            nonlocal faults, nbytes, partial, eagain
+            if faults:
+                st.add("faults_missing", faults)
+                st.add("pages_" + how, nbytes // ps)
+                st.add("bytes_" + how, nbytes)
+            if partial:
+                st.add("partial", partial)
+            if eagain:
+                st.add("eagain", eagain)
+            if lat:
+                st.latencies([x * 1e6 for x in lat])
+                del lat[:]
+            faults = nbytes = partial = eagain = 0
+
+        def general(msg):
+            """Hand one message to the general code; False if the fast loop must stop."""
+            flush()
+            self.handle(s, decode_msgs(msg))
+            return fd in self.served and len(self.served) == 1
+
+        try:
+            while True:
+                try:
+                    msg = read(fd, 32)
+                except BlockingIOError:
+                    # the queue is empty: background work, then wait
+                    if self.stopping:
+                        return "stopped"
+                    if busy:
+                        flush()
+                        busy = idle_step()
+                        slow = bool(s.removed) or bool(self.prefetch)
+                        if fd not in self.served or len(self.served) != 1:
+                            return None
+                        if busy:
+                            continue
+                    wait_ms = None
+                    if timed:
+                        flush()
+                        res = clock.check()
+                        if res:
+                            return res
+                        wait_ms = clock.wait_ms()
+                    for pfd, ev in poll(wait_ms):
+                        if pfd == fd:
+                            if not ev & POLLIN:
+                                flush()
+                                self.drop(s, "hangup")
+                                return None
+                        elif pfd in extra:
+                            return pfd
+                        elif pfd != wake_r:
+                            return None               # a newly added uffd: general loop
+                    continue
+                except OSError as e:
+                    flush()
+                    self.drop(s, "read: %s" % os.strerror(e.errno))
+                    return None
+                ev, flags, addr, ptid = unpack(msg)
+                if ev != PF or flags & SPECIAL or slow:
+                    if not general(msg):
+                        return None
+                    lo = hi = 0
+                    slow = bool(s.removed) or bool(self.prefetch)
+                    continue
+                t0 = perf()
+                addr &= mask
+                if not lo <= addr < hi:
+                    r = s.find(addr)
+                    if r is None or r.offset is None:
+                        if not general(msg):
+                            return None
+                        continue
+                    lo, hi, roff = r.start, r.end, r.offset
+                n = hi - addr
+                if n > ra:
+                    n = ra
+                off = roff + addr - lo
+                if zero:
+                    put(arg, 0, addr, n)
+                else:
+                    if off + n > limit:
+                        n = max(ps, limit - off)
+                    put(arg, 0, addr, base + off, n)
+                try:
+                    ioctl(fd, req, arg, True)
+                except OSError as e:
+                    done = int.from_bytes(arg[res_off:res_off + 8], "little", signed=True)
+                    if e.errno == errno.EAGAIN and done > 0:
+                        n = done
+                        partial += 1
+                    else:
+                        if e.errno == errno.EAGAIN:
+                            eagain += 1
+                            flush()
+                            self._drain_events(s, 0)
+                            st.add("retries")
+                        if not general(msg):
+                            return None
+                        lo = hi = 0
+                        slow = bool(s.removed) or bool(self.prefetch)
+                        continue
+                lat_append(perf() - t0)
+                faults += 1
+                nbytes += n
+                if rec is not None and off not in recorded:
+                    recorded.add(off)
+                    rec.append(off)
+                if timed and not faults & 1023:
+                    flush()
+                    res = clock.check()
+                    if res:
+                        return res
+                    if self.stopping:
+                        return "stopped"
+        finally:
+            flush()
 
     def stop(self):
         """Ask ``run`` to return after the current batch (safe from a signal handler or another
@@ -1451,6 +1829,381 @@ def _merge_range(ranges, start, end):
 ###################################################################################################
 
 # (self, child, pid and Firecracker targets live here)
+
+
+# -- the target interface (serve-file) ------------------------------------------------------------
+
+class ServeTarget:
+    """Whose memory serve-file fills: the result of ``open_serve_target``.
+
+    ``uffds``: list of ``(Userfaultfd, [Region], pid, label)`` to hand to ``Handler.add``;
+    ``page_size`` (and ``hugetlb``); ``watch_fds``: fds whose readiness means "stop serving"
+    (a peer's socket hang-up, a pidfd, a workload's done pipe); ``peer_pid``: whom
+    ``--kill-peer-on-error`` kills.  ``start()`` runs once the Handler is set up;
+    ``fired(fd)`` is told which watch fd fired and returns a reason to stop (or None to keep
+    serving); ``finish()`` returns extra fields for the final record; ``close()`` releases
+    everything (idempotent)."""
+    page_size = PAGE_SIZE
+    hugetlb = False
+    peer_pid = None
+
+    def __init__(self):
+        self.uffds = []
+        self.watch_fds = []
+
+    def start(self):
+        pass
+
+    def fired(self, fd):
+        return "hangup"
+
+    def finish(self):
+        return {}
+
+    def close(self):
+        for u, _, _, _ in self.uffds:
+            u.close()
+        self.uffds = []
+
+
+# -- Firecracker (reference/peers.md section 1) ---------------------------------------------------
+
+#: handshake receive buffer and fd limit (Firecracker sends ~110 bytes per region and 1 fd)
+FC_HANDSHAKE_MAX = 64 << 10
+FC_MAX_FDS = 4
+FC_EMPTY_RETRIES, FC_EMPTY_WAIT = 5, 0.1      # the pre-v1.12 empty-message race: retry briefly
+
+
+class HandshakeError(TargetError):
+    """The peer's UFFD handshake is malformed (exit 1)."""
+
+
+def listen_unix(path, log=None):
+    """Bind and listen on a Unix stream socket at ``path``: a stale socket file is replaced;
+    anything else that exists there, or a missing directory, is a UsageError."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError("cannot listen on %s: directory %s does not exist" % (path, d))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if (st.st_mode & 0o170000) != 0o140000:
+            raise UsageError("cannot listen on %s: it exists and is not a socket" % path)
+        os.unlink(path)                       # stale socket of an earlier handler
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(1)
+    except OSError as e:
+        sock.close()
+        raise UsageError("cannot listen on %s: %s" % (path, e.strerror))
+    return sock
+
+
+def peer_pid_of(conn):
+    """The pid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+    try:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", cred)[0]
+        return pid or None
+    except OSError:
+        return None
+
+
+def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT):
+    """Receive the JSON bytes and fds of a Firecracker handshake: returns (data, [fds]).
+
+    One ``recvmsg`` of up to 64 KiB with up to 4 fds usually has it all; if no fd came yet or
+    the JSON is incomplete it keeps reading for up to ``timeout`` seconds (Firecracker's own
+    handlers retry 5 x 100 ms).  Raises HandshakeError (closing any fds) when the peer closes
+    first or the message is too large."""
+    data, fds = b"", []
+    deadline = time.monotonic() + timeout
+    cmsg_len = socket.CMSG_SPACE(FC_MAX_FDS * 4)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            r, _, _ = select.select([conn], [], [], max(0.0, left)) if (data or fds) else \
+                select.select([conn], [], [], None)
+            if not r:
+                break
+            msg, anc, flags, _ = conn.recvmsg(FC_HANDSHAKE_MAX + 1 - len(data), cmsg_len)
+            for level, typ, payload in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    n = len(payload) - len(payload) % 4
+                    fds.extend(array.array("i", payload[:n]))
+            if flags & socket.MSG_CTRUNC:
+                raise HandshakeError("handshake carried more than %d fds (expected 1)"
+                                     % FC_MAX_FDS)
+            if not msg and not anc:
+                if not data and not fds:
+                    raise HandshakeError("the peer closed the connection without sending the "
+                                         "handshake")
+                break
+            data += msg
+            if len(data) > FC_HANDSHAKE_MAX:
+                raise HandshakeError("handshake message larger than %d bytes"
+                                     % FC_HANDSHAKE_MAX)
+            if fds and _json_complete(data):
+                break
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return data, fds
+
+
+def _json_complete(data):
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_handshake(data):
+    """Validate the JSON of a Firecracker handshake: returns (page_size, [region dicts]).
+
+    Each region has int ``base_host_virt_addr``, ``size``, ``offset``; the page size is
+    ``page_size``, else ``page_size_kib`` (which holds bytes, despite its name), else 4096.
+    Raises HandshakeError with the reason."""
+    if not data:
+        raise HandshakeError("empty handshake message")
+    try:
+        regions = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HandshakeError("handshake is not JSON (%s): %r" % (e, data[:60]))
+    if not isinstance(regions, list) or not regions:
+        raise HandshakeError("handshake must be a non-empty JSON array of regions, got %s"
+                             % type(regions).__name__)
+    page_sizes = set()
+    out = []
+    for i, r in enumerate(regions):
+        if not isinstance(r, dict):
+            raise HandshakeError("handshake region %d is not an object" % i)
+        reg = {}
+        for k in ("base_host_virt_addr", "size", "offset"):
+            v = r.get(k)
+            if type(v) is not int or v < 0:
+                raise HandshakeError("handshake region %d: %s must be a non-negative integer, "
+                                     "got %r" % (i, k, v))
+            reg[k] = v
+        ps = r.get("page_size", r.get("page_size_kib", 4096))
+        if type(ps) is not int or ps < 4096 or ps & (ps - 1):
+            raise HandshakeError("handshake region %d: page size %r is not a power of two "
+                                 ">= 4096" % (i, ps))
+        page_sizes.add(ps)
+        out.append(reg)
+    if len(page_sizes) != 1:
+        raise HandshakeError("handshake regions have different page sizes: %s"
+                             % sorted(page_sizes))
+    ps = page_sizes.pop()
+    for i, r in enumerate(out):
+        if r["size"] == 0 or r["size"] % ps or r["base_host_virt_addr"] % ps:
+            raise HandshakeError("handshake region %d: base 0x%x / size %d not aligned to the "
+                                 "page size %d" % (i, r["base_host_virt_addr"], r["size"], ps))
+    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"]) for r in out)
+    for (a, b), (c, d) in zip(spans, spans[1:]):
+        if c < b:
+            raise HandshakeError("handshake regions overlap at 0x%x" % c)
+    return ps, out
+
+
+def _is_userfaultfd(fd):
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
+    except OSError:
+        return True                           # no /proc: trust the peer
+
+
+class FirecrackerTarget(ServeTarget):
+    """Listen on a Unix socket, accept Firecracker (or anything speaking its UFFD handshake),
+    receive the regions and the uffd.  ``listen()`` then ``accept(timeout)``."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.sock = None
+        self.conn = None
+        self.pidfd = -1
+        self.regions_json = []
+
+    def listen(self):
+        self.sock = listen_unix(self.path)
+
+    def accept(self, timeout=None, source_size=None):
+        """Wait for the peer (TargetError after ``timeout`` s), receive and validate its
+        handshake; ``source_size``: bytes the source has (a shorter one is a UsageError)."""
+        r, _, _ = select.select([self.sock], [], [], timeout)
+        if not r:
+            raise TargetError("no connection on %s within %g s" % (self.path, timeout))
+        self.conn, _ = self.sock.accept()
+        self.conn.setblocking(True)
+        self.peer_pid = peer_pid_of(self.conn)
+        data, fds = receive_handshake(self.conn)
+        try:
+            if len(fds) != 1:
+                raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
+                                     % len(fds))
+            if not _is_userfaultfd(fds[0]):
+                raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
+            ps, regions = parse_handshake(data)
+            if source_size is not None:
+                need = max(r["offset"] + r["size"] for r in regions)
+                if need > source_size:
+                    raise UsageError(
+                        "source too short: the regions need %d bytes (offset+size up to 0x%x), "
+                        "the file has %d from --offset" % (need, need, source_size))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.page_size = ps
+        self.hugetlb = ps != PAGE_SIZE
+        self.regions_json = regions
+        uffd = Userfaultfd.adopt(fds[0])
+        regs = [Region(r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"],
+                       r["offset"]) for r in regions]
+        self.uffds = [(uffd, regs, self.peer_pid, "firecracker")]
+        self.watch_fds = [self.conn.fileno()]
+        if self.peer_pid:
+            try:
+                self.pidfd = os.pidfd_open(self.peer_pid)
+                self.watch_fds.append(self.pidfd)
+            except (AttributeError, OSError):
+                self.pidfd = -1
+        return regions
+
+    def fired(self, fd):
+        if fd == self.pidfd:
+            return "peer exited"
+        try:
+            data = self.conn.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return "peer socket: %s" % e.strerror
+        return None if data else "peer closed the socket"
+
+    def close(self):
+        super().close()
+        for obj in (self.conn, self.sock):
+            if obj is not None:
+                obj.close()
+        self.conn = self.sock = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        try:
+            if self.path and (os.lstat(self.path).st_mode & 0o170000) == 0o140000:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove ----------------
+
+class SelfServeTarget(ServeTarget):
+    """A fresh anonymous mapping of this process, registered MISSING on a new uffd.  A worker
+    thread reads it with ``ctypes.memmove`` (which runs without the GIL, so the handler in the
+    main thread can serve it: reference/peers.md section 4), then its bytes are compared with
+    the source.  The done-pipe is the watch fd."""
+
+    def __init__(self, size, chunk=1 << 20):
+        super().__init__()
+        self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        self.chunk = chunk
+        self.uffd = Userfaultfd()
+        self.uffd.api(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID)
+        self.addr = mmap_anon(self.size)
+        try:
+            madvise(self.addr, self.size, MADV_NOHUGEPAGE)
+        except OSError:
+            pass
+        self.uffd.register(self.addr, self.size)
+        self.uffds = [(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(),
+                       "self")]
+        self.copy = bytearray(self.size)
+        self._r, self._w = os.pipe2(os.O_CLOEXEC)
+        self.watch_fds = [self._r]
+        self.elapsed = None
+        self.error = None
+        self._thread = None
+
+    def start(self):
+        import threading
+        self._thread = threading.Thread(target=self._touch, name="uffdtool-self", daemon=True)
+        self._thread.start()
+
+    def _touch(self):
+        try:
+            dst = (ctypes.c_char * self.size).from_buffer(self.copy)
+            base = ctypes.addressof(dst)
+            t = time.perf_counter()
+            for off in range(0, self.size, self.chunk):
+                ctypes.memmove(base + off, self.addr + off, min(self.chunk, self.size - off))
+            self.elapsed = time.perf_counter() - t
+            del dst
+        except BaseException as e:            # reported by finish()
+            self.error = e
+        os.write(self._w, b"x")
+
+    def fired(self, fd):
+        return "workload done"
+
+    def verify(self, source):
+        """Compare every byte with what the source should have put there: (ok, first bad)."""
+        if source.kind == "zero":
+            want = None
+        else:
+            n = min(self.size, source.size)
+            want = (ctypes.c_char * n).from_address(source.address(0))
+        view = memoryview(self.copy)
+        step = 1 << 20
+        for off in range(0, self.size, step):
+            end = min(self.size, off + step)
+            got = view[off:end]
+            if want is None or off >= len(want):
+                exp = bytes(end - off)
+            else:
+                exp = bytes(want[off:min(end, len(want))])
+                exp += bytes(end - off - len(exp))
+            if got != exp:
+                bad = next(i for i in range(end - off) if got[i] != exp[i])
+                return False, off + bad
+        return True, None
+
+    def close(self):
+        if self._thread is not None:
+            self._thread.join(5)
+        super().close()
+        if self.addr:
+            munmap(self.addr, self.size)
+            self.addr = 0
+        for fd in (self._r, self._w):
+            if fd >= 0:
+                os.close(fd)
+        self._r = self._w = -1
+
+
+def open_serve_target(args, log, source):
+    """The ServeTarget for serve-file's TARGET flags (one small interface: the Firecracker
+    socket and --self live here; --pid / -- CMD are wired to watch's attach/spawn machinery).
+    Firecracker: returns after ``listen()`` (the caller writes ``ready`` and then calls
+    ``accept``)."""
+    if args.firecracker_socket:
+        t = FirecrackerTarget(args.firecracker_socket)
+        t.listen()
+        return t
+    if args.self_:
+        return SelfServeTarget(args.size or (64 << 20))
+    if args.pid is not None or args.cmd:
+        raise UsageError("serve-file --pid / -- CMD: not available in this build yet "
+                         "(use --firecracker-socket or --self)")
+    raise UsageError("serve-file needs a TARGET: --firecracker-socket PATH, --self, "
+                     "--pid PID --range START:LEN, or -- CMD")
 
 
 ###################################################################################################
@@ -1765,6 +2518,12 @@ def build_parser():
     _add_target(pf)
     pf.add_argument("--firecracker-socket", metavar="PATH",
                     help="listen on PATH for Firecracker's UFFD handshake")
+    pf.add_argument("--accept-timeout", metavar="SECS", type=_seconds,
+                    help="with --firecracker-socket: give up (exit 1) if no peer connects "
+                         "within SECS (default: wait forever)")
+    pf.add_argument("--kill-peer-on-error", action="store_true",
+                    help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
+                         "cannot hang or read zeros where file data belongs")
     pf.set_defaults(func=cmd_serve_file)
     return p
 
@@ -1805,8 +2564,150 @@ def cmd_watch(args):
     raise NotPermitted("watch is not implemented yet")
 
 
+def _make_log(args, human_faults):
+    dest = "-" if args.json else args.log
+    return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
+
+
+#: counters every serve-file stats record has, even when zero
+SERVE_COUNTERS = ("faults_missing", "pages_copy", "bytes_copy", "pages_zero", "bytes_zero",
+                  "eexist", "eagain", "retries", "partial", "prefetch_pages")
+
+
+def _serve_stats(stats, **extra):
+    rec = stats.record(**extra)
+    for k in SERVE_COUNTERS:
+        rec.setdefault(k, 0)
+    rec["faults"] = sum(v for k, v in rec.items() if k.startswith("faults_"))
+    return rec
+
+
+def _json_only(log, event, **fields):
+    """A record for the JSON log only (the human line is the CLI's own message)."""
+    human, log.human = log.human, None
+    try:
+        log.emit(event, **fields)
+    finally:
+        log.human = human
+
+
 def cmd_serve_file(args):
-    raise NotPermitted("serve-file is not implemented yet")
+    """serve-file: fill missing pages of the TARGET from --file (or with --zero)."""
+    if bool(args.file) == bool(args.zero):
+        raise UsageError("serve-file needs exactly one source: --file PATH or --zero")
+    if args.offset and not args.file:
+        raise UsageError("--offset needs --file")
+    targets = [bool(args.firecracker_socket), bool(args.self_),
+               args.pid is not None or bool(args.cmd)]
+    if sum(targets) > 1:
+        raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
+    if args.cmd and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
+    ws = None
+    if args.prefetch:
+        ws = read_working_set(args.prefetch)
+        if ws[0] != "offset":
+            raise UsageError("%s records addresses (key=%s); serve-file needs a working set of "
+                             "source offsets (record it with serve-file --record)"
+                             % (args.prefetch, ws[0]))
+    log = _make_log(args, human_faults=args.verbose)
+    stats = Stats()
+    source = FileSource(args.file, args.offset) if args.file else ZeroSource()
+    target = handler = None
+    record = [] if args.record else None
+    status, reason = 0, None
+    try:
+        target = open_serve_target(args, log, source)
+        log.emit("start", command="serve-file", source=args.file or "zero",
+                 offset=args.offset, readahead=args.readahead, on_remove=args.on_remove)
+        if isinstance(target, FirecrackerTarget):
+            log.emit("ready", socket=target.path)
+            regions = target.accept(args.accept_timeout, source.size)
+            log.emit("handshake", pid=target.peer_pid, page_size=target.page_size,
+                     regions=len(regions), bytes=sum(r["size"] for r in regions),
+                     layout=[{"base": r["base_host_virt_addr"], "size": r["size"],
+                              "offset": r["offset"]} for r in regions])
+        else:
+            log.emit("ready", target="self", size=target.size)
+        prefetch = None
+        if ws is not None:
+            bounds = [r.offset for _, regs, _, _ in target.uffds for r in regs] + [
+                r.offset + r.end - r.start for _, regs, _, _ in target.uffds for r in regs]
+            runs = split_runs(coalesce_pages(ws[2], ws[1], target.page_size), bounds)
+            prefetch = Prefetcher(runs)
+            stats.add("prefetch_listed", sum(b - a for a, b in runs) // target.page_size)
+        handler = Handler(source, log, stats, readahead=args.readahead, on_remove=args.on_remove,
+                          page_size=target.page_size, record=record, hugetlb=target.hugetlb,
+                          prefetch=prefetch)
+        for uffd, regs, pid, label in target.uffds:
+            handler.add(uffd, regs, pid, label)
+        tick = (lambda: log.emit("stats", **_serve_stats(stats))) if args.stats_interval else None
+        target.start()
+        while True:
+            res = handler.run(target.watch_fds, tick=tick, tick_interval=args.stats_interval)
+            if not isinstance(res, int):
+                reason = {"done": "target gone"}.get(res, res)
+                break
+            reason = target.fired(res)
+            if reason:
+                break
+    except BaseException as e:
+        failed = not isinstance(e, (KeyboardInterrupt, SystemExit))
+        if isinstance(e, KeyboardInterrupt):
+            reason = "interrupted"
+        elif isinstance(e, (UffdError, OSError)) and handler is not None:
+            e = TargetError("serving failed: %s" % (e.strerror or e))
+            reason = str(e)
+        else:
+            reason = str(e) or type(e).__name__
+        if failed:
+            _json_only(log, "error", message=reason)
+        if failed and args.kill_peer_on_error and target is not None and target.peer_pid:
+            try:
+                os.kill(target.peer_pid, signal.SIGKILL)
+                log.emit("killed_peer", pid=target.peer_pid)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, UffdError):
+            e = TargetError(str(e))
+        raise e
+    finally:
+        extra = {}
+        if isinstance(target, SelfServeTarget) and reason == "workload done":
+            status = _finish_self(args, target, source, stats, log)
+        if record is not None and handler is not None:
+            write_working_set(args.record, record, handler.page_size, key="offset")
+            extra["recorded_pages"] = len(record)
+        if handler is not None or target is not None:
+            log.emit("stats", **_serve_stats(stats, **extra))
+        log.emit("exit", reason=reason, status=status)
+        if handler is not None:
+            handler.close()
+        if target is not None:
+            target.close()
+        source.close()
+        log.close()
+    return status
+
+
+def _finish_self(args, target, source, stats, log):
+    """--self: verify every byte the worker read and print the throughput."""
+    if target.error is not None:
+        log.emit("verify", ok=False, error=str(target.error))
+        return 1
+    ok, bad = target.verify(source)
+    mib = target.size / (1 << 20)
+    rate = mib / target.elapsed if target.elapsed else 0.0
+    log.emit("verify", ok=ok, bytes=target.size, first_bad=bad,
+             seconds=round(target.elapsed, 6), mib_s=round(rate, 1))
+    if not args.quiet:
+        sys.stderr.write("self: %.1f MiB served from %s in %.3f s: %.0f MiB/s, %d faults, "
+                         "readahead %d: %s\n" % (
+                             mib, args.file or "zero pages", target.elapsed, rate,
+                             sum(v for k, v in stats.count.items() if k.startswith("faults_")),
+                             args.readahead,
+                             "every byte verified" if ok else "MISMATCH at offset %d" % bad))
+    return 0 if ok else 1
 
 
 def _raise_interrupt(signum, frame):
