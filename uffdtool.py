@@ -1661,12 +1661,14 @@ class Handler:
         POLLIN = select.POLLIN
         timed = clock.active
         PF, SPECIAL = UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR
-        faults = nbytes = partial = eagain = 0
+        faults = nbytes = partial = eagain = waits = 0
         lo = hi = roff = 0
         slow = bool(s.removed) or bool(self.prefetch)
 
         def flush():
-            nonlocal faults, nbytes, partial, eagain
+            nonlocal faults, nbytes, partial, eagain, waits
+            if waits:
+                st.add("waits", waits)
             if faults:
                 st.add("faults_missing", faults)
                 st.add("pages_" + how, nbytes // ps)
@@ -1678,7 +1680,7 @@ class Handler:
             if lat:
                 st.latencies([x * 1e6 for x in lat])
                 del lat[:]
-            faults = nbytes = partial = eagain = 0
+            faults = nbytes = partial = eagain = waits = 0
 
         def general(msg):
             """Hand one message to the general code; False if the fast loop must stop."""
@@ -1709,6 +1711,7 @@ class Handler:
                         if res:
                             return res
                         wait_ms = clock.wait_ms()
+                    waits += 1
                     for pfd, ev in poll(wait_ms):
                         if pfd == fd:
                             if not ev & POLLIN:
