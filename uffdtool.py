@@ -1019,6 +1019,8 @@ def read_working_set(path):
             lines = f.read().split("\n")
     except OSError as e:
         raise UsageError("cannot read working set %s: %s" % (path, e.strerror))
+    except UnicodeDecodeError:
+        raise UsageError("%s is not a uffdtool working-set file (binary data)" % path)
     head = lines[0].split()
     if not lines[0].startswith(WORKING_SET_MAGIC):
         raise UsageError("%s is not a uffdtool working-set file (no '%s' header)"
@@ -1381,7 +1383,7 @@ class Handler:
                 e = self.prefetch.claim(off, min(PREFETCH_RUN, r.end - addr))
                 if e is not None and e - off > length:
                     length = e - off
-                    how = "prefetch"
+                    st.add("prefetch_claimed")
             if off is not None and self.source.size is not None:
                 length = min(length, max(ps, self.source.size - off))
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
@@ -2114,7 +2116,7 @@ class SelfServeTarget(ServeTarget):
     main thread can serve it: reference/peers.md section 4), then its bytes are compared with
     the source.  The done-pipe is the watch fd."""
 
-    def __init__(self, size, chunk=1 << 20):
+    def __init__(self, size, chunk=256 << 10):
         super().__init__()
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
         self.chunk = chunk
@@ -2656,8 +2658,9 @@ def cmd_serve_file(args):
                 break
     except BaseException as e:
         failed = not isinstance(e, (KeyboardInterrupt, SystemExit))
+        status = getattr(e, "exit_code", 1)
         if isinstance(e, KeyboardInterrupt):
-            reason = "interrupted"
+            reason, status = "interrupted", 130
         elif isinstance(e, (UffdError, OSError)) and handler is not None:
             e = TargetError("serving failed: %s" % (e.strerror or e))
             reason = str(e)
@@ -2673,6 +2676,8 @@ def cmd_serve_file(args):
                 pass
         if isinstance(e, OSError) and not isinstance(e, UffdError):
             e = TargetError(str(e))
+        if isinstance(e, UffdError):
+            status = 3 if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) else 1
         raise e
     finally:
         extra = {}
@@ -2683,7 +2688,10 @@ def cmd_serve_file(args):
             extra["recorded_pages"] = len(record)
         if handler is not None or target is not None:
             log.emit("stats", **_serve_stats(stats, **extra))
-        log.emit("exit", reason=reason, status=status)
+        if status and reason != "interrupted":
+            _json_only(log, "exit", reason=reason, status=status)    # the CLI prints why
+        else:
+            log.emit("exit", reason=reason, status=status)
         if handler is not None:
             handler.close()
         if target is not None:
