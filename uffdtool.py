@@ -48,6 +48,7 @@ import json
 import mmap
 import os
 import platform
+import resource
 import select
 import signal
 import socket
@@ -2627,7 +2628,7 @@ def cmd_serve_file(args):
     log = _make_log(args, human_faults=args.verbose)
     stats = Stats()
     source = FileSource(args.file, args.offset) if args.file else ZeroSource()
-    target = handler = None
+    target = handler = cpu0 = None
     record = [] if args.record else None
     status, reason = 0, None
     try:
@@ -2656,6 +2657,7 @@ def cmd_serve_file(args):
         for uffd, regs, pid, label in target.uffds:
             handler.add(uffd, regs, pid, label)
         tick = (lambda: log.emit("stats", **_serve_stats(stats))) if args.stats_interval else None
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         target.start()
         while True:
             res = handler.run(target.watch_fds, tick=tick, tick_interval=args.stats_interval)
@@ -2690,6 +2692,10 @@ def cmd_serve_file(args):
         raise e
     finally:
         extra = {}
+        if cpu0 is not None:                  # CPU time of the serving phase (this process)
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            extra["cpu_user_s"] = round(cpu1.ru_utime - cpu0.ru_utime, 6)
+            extra["cpu_sys_s"] = round(cpu1.ru_stime - cpu0.ru_stime, 6)
         if isinstance(target, SelfServeTarget) and reason == "workload done":
             status = _finish_self(args, target, source, stats, log)
         if record is not None and handler is not None:
