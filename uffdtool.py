@@ -1191,6 +1191,8 @@ class Served:
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
 
+_PF_HEAD = struct.Struct("<B7xQQ")     # the first 24 bytes of a uffd_msg: event, flags, address
+
 #: the fast loop times 1 fault in this many (a power of two); the general path times every fault
 FAST_LATENCY_EVERY = 8
 
@@ -1672,7 +1674,7 @@ class Handler:
             ones = b"\x01" * (ra >> shift)
             find = hint.find
         read = os.read
-        unpack = UFFD_MSG.unpack_from
+        unpack = _PF_HEAD.unpack_from                  # event, flags, address
         ioctl = fcntl.ioctl
         perf = time.perf_counter
         lat = array.array("d")
@@ -1751,7 +1753,7 @@ class Handler:
                     flush()
                     self.drop(s, "read: %s" % os.strerror(e.errno))
                     return None
-                ev, flags, addr, ptid = unpack(msg)
+                ev, flags, addr = unpack(msg)
                 if ev != PF or flags & SPECIAL or slow:
                     if not general(msg):
                         return None
@@ -1812,13 +1814,14 @@ class Handler:
                 if rec is not None and off not in recorded:
                     recorded.add(off)
                     rec.append(off)
-                if timed and not faults & 1023:
-                    flush()
-                    res = clock.check()
-                    if res:
-                        return res
+                if not faults & 1023:              # a long burst: stop() and ticks still work
                     if self.stopping:
                         return "stopped"
+                    if timed:
+                        flush()
+                        res = clock.check()
+                        if res:
+                            return res
         finally:
             flush()
 
