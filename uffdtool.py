@@ -848,7 +848,9 @@ def _fmt_value(k, v):
             "address", "start", "end", "from", "to", "base", "dst"):
         return "%s=0x%x" % (k, v)
     if isinstance(v, list):
-        return "%s=%s" % (k, ",".join(map(str, v)) or "-")
+        return "%s=%s" % (k, ",".join(
+            "{%s}" % " ".join(_fmt_value(a, b) for a, b in x.items()) if isinstance(x, dict)
+            else str(x) for x in v) or "-")
     if isinstance(v, dict):
         return "%s={%s}" % (k, " ".join(_fmt_value(a, b) for a, b in v.items()))
     return "%s=%s" % (k, v)
