@@ -1635,9 +1635,9 @@ SELFTEST_CHECKS = {}
 
 
 def selftest_check(name, doc=None, hugepages=0):
-    """Decorator: register ``func`` as check ``name`` (doc: the first docstring line)."""
+    """Decorator: register ``func`` as check ``name`` (doc: the docstring's first paragraph)."""
     def deco(func):
-        d = doc or (func.__doc__ or "").strip().split("\n")[0]
+        d = doc or " ".join((func.__doc__ or "").strip().split("\n\n")[0].split())
         SELFTEST_CHECKS[name] = Check(name, func, d, hugepages)
         return func
     return deco
@@ -1695,18 +1695,38 @@ def _pagemap(addr, pid="self"):
         return struct.unpack("<Q", f.read(8))[0]
 
 
+_NOT_PERMITTED = ("not permitted to open a userfaultfd (needs root/CAP_SYS_PTRACE, "
+                  "vm.unprivileged_userfaultfd=1 or access to %s)" % USERFAULTFD_DEV)
+
+
+def _open_uffd(user_mode_only=None):
+    """A new Userfaultfd.  ``user_mode_only=None``: a full one if allowed, else (unprivileged)
+    one with UFFD_USER_MODE_ONLY, which behaves the same for user-mode accesses.  CheckSkip
+    when neither can be opened."""
+    try:
+        return Userfaultfd(user_mode_only=bool(user_mode_only))
+    except UffdError as e:
+        if e.errno not in (errno.EPERM, errno.EACCES):
+            raise
+        if user_mode_only is None:
+            return _open_uffd(True)
+        raise CheckSkip(_NOT_PERMITTED + (" with UFFD_USER_MODE_ONLY" if user_mode_only
+                                          else " without UFFD_USER_MODE_ONLY"))
+
+
 def _available():
     """The features UFFDIO_API offers here (a throw-away fd)."""
-    with Userfaultfd() as u:
+    with _open_uffd() as u:
         return u.api(0)[0]
 
 
-def _uffd(features=0, **kw):
-    """An API'd Userfaultfd with ``features``; CheckSkip when the kernel lacks one."""
+def _uffd(features=0, user_mode_only=None):
+    """An API'd Userfaultfd with ``features``; CheckSkip when the kernel lacks one or it is
+    not permitted here."""
     missing = Features(int(features) & ~int(_available()))
     if missing:
         raise CheckSkip("kernel lacks %s" % missing)
-    u = Userfaultfd(**kw)
+    u = _open_uffd(user_mode_only)
     try:
         u.api(features)
     except UffdError as e:
@@ -1755,23 +1775,33 @@ class hugepages_reserved:
     """Context manager: make sure ``n`` free 2 MiB huge pages exist, by raising
     vm.nr_hugepages (root only), and put the previous value back on exit, also on failure.
 
-    ``ok`` tells whether they are there; ``reason`` says why not."""
+    ``ok`` tells whether they are there; ``reason`` says why not.  While it changes the pool it
+    holds an flock on the sysctl file, so that concurrent selftests do not restore each
+    other's values."""
 
     def __init__(self, n=SELFTEST_HUGEPAGES):
-        self.n, self.ok, self.reason, self._old = n, False, None, None
+        self.n, self.ok, self.reason, self._old, self._lock = n, False, None, None, -1
 
     def __enter__(self):
         free = free_hugepages()
         if free >= self.n:
             self.ok = True
             return self
-        old = _int_or_none(read_sysfs(_NR_HUGEPAGES))
-        if old is None:
-            self.reason = "no hugetlb pool (%s unreadable)" % _NR_HUGEPAGES
-            return self
         if os.geteuid() != 0:
             self.reason = "%d free 2 MiB huge pages, need %d (run as root to reserve them)" % (
                 free, self.n)
+            return self
+        try:
+            self._lock = os.open(_NR_HUGEPAGES, os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+        except OSError as e:
+            self.reason = "no hugetlb pool (%s: %s)" % (_NR_HUGEPAGES, e.strerror)
+            return self
+        free = free_hugepages()                 # again, under the lock
+        old = _int_or_none(read_sysfs(_NR_HUGEPAGES))
+        if free >= self.n or old is None:
+            self.ok = free >= self.n
+            self.reason = None if self.ok else "%s unreadable" % _NR_HUGEPAGES
             return self
         try:
             with open(_NR_HUGEPAGES, "w") as f:
@@ -1794,6 +1824,9 @@ class hugepages_reserved:
             except OSError:
                 pass
             self._old = None
+        if self._lock >= 0:
+            os.close(self._lock)                # releases the flock
+            self._lock = -1
 
 
 def _need_hugepages(n):
@@ -1827,7 +1860,8 @@ class _Peer:
             except BaseException as e:
                 code = 1
                 try:
-                    self.send(error="%s: %s" % (type(e).__name__, e))
+                    result, reason = _classify(e)
+                    self.send(error=reason, skip=result == "SKIP")
                 except BaseException:
                     pass
             os._exit(code)
@@ -1854,6 +1888,8 @@ class _Peer:
         if "error" in msg:
             for fd in fds:
                 os.close(fd)
+            if msg.get("skip"):
+                raise CheckSkip(msg["error"])
             raise CheckFail("child: %s" % msg["error"])
         return msg, fds
 
@@ -2001,9 +2037,11 @@ def _check_open(route):
     try:
         u = Userfaultfd(route=route)
     except UffdError as e:
-        if e.errno in (errno.EPERM, errno.EACCES):
-            raise CheckSkip(str(e))
-        raise
+        if e.errno not in (errno.EPERM, errno.EACCES):
+            raise
+        if route == "dev":
+            raise CheckSkip("no read+write access to %s" % USERFAULTFD_DEV)
+        u = Userfaultfd(route=route, user_mode_only=True)     # allowed to everyone
     with u:
         _expect(u.route == route, "opened via %s, not %s", u.route, route)
         _expect(fcntl.fcntl(u.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK, "fd is not O_NONBLOCK")
@@ -2033,7 +2071,7 @@ def check_api():
     an unknown feature bit or API version EINVAL, ioctls before API EINVAL, unknown bits kept."""
     area = mmap_anon(PAGE_SIZE)
     try:
-        with Userfaultfd() as u:
+        with _open_uffd() as u:
             e = _raises(errno.EINVAL, u.register, area, PAGE_SIZE)      # before UFFDIO_API
             _expect(e.op == "UFFDIO_REGISTER", "error names %s", e.op)
             _raises(errno.EINVAL, u.read_events)
@@ -2045,9 +2083,9 @@ def check_api():
             _expect(int(ioctls) == int(UFFD_API_IOCTLS), "API ioctls %s", ioctls)
             _raises(errno.EINVAL, u.api, 0)                              # only once per fd
             _expect(u.features == want, "a failed second API changed the features")
-        with Userfaultfd() as u:
+        with _open_uffd() as u:
             _raises(errno.EINVAL, u.api, 1 << 63)                        # unknown feature bit
-        with Userfaultfd() as u:                                         # api != 0xAA
+        with _open_uffd() as u:                                          # api != 0xAA
             arg = uffdio_api(UFFD_API + 1, 0, 0)
             _raises(errno.EINVAL, u._ioctl, UFFDIO_API, arg, "UFFDIO_API")
             _expect(arg.api == 0 and arg.features == 0, "failed API did not zero the struct")
@@ -2240,6 +2278,7 @@ def _minor_continue(kind):
         ioctls = u.register(addr, length, UFFDIO_REGISTER_MODE_MINOR)
         peer.send(fds=[u.fileno(), fd], addr=addr, ps=ps, ioctls=int(ioctls))
         peer.send(d=_digest(_peek(addr, ps)))   # minor fault
+        peer.recv()                             # stay alive for the EEXIST probe
 
     with _Peer(body) as peer:
         msg, fds = peer.recv()
@@ -2258,8 +2297,9 @@ def _minor_continue(kind):
             _expect(_peek(mine, 16) == _pattern(1, 16), "page cache holds other data")
             _poke(mine, _pattern(2, ps))            # edit, then map it for the child
             _expect(u.continue_(addr, ps) == ps, "CONTINUE incomplete")
-            _raises(errno.EEXIST, u.continue_, addr, ps)
             msg, _ = peer.recv()
+            _raises(errno.EEXIST, u.continue_, addr, ps)
+            peer.send(bye=1)
             peer.wait()
         finally:
             if mine:
@@ -2863,7 +2903,7 @@ def check_user_mode_only():
     EFAULT; without the flag the same access is a fault the handler serves."""
     def body(peer):
         u1 = _uffd(user_mode_only=True)
-        u2 = _uffd()
+        u2 = _uffd(user_mode_only=False)
         a1, a2 = mmap_anon(PAGE_SIZE), mmap_anon(PAGE_SIZE)
         u1.register(a1, PAGE_SIZE)
         u2.register(a2, PAGE_SIZE)
@@ -2905,18 +2945,22 @@ def select_checks(patterns=None):
 def call_check(check):
     """Run one check in this process: ('PASS'|'FAIL'|'SKIP', reason or detail)."""
     try:
-        detail = check.func()
-        return "PASS", detail
-    except CheckSkip as e:
-        return "SKIP", str(e)
-    except CheckFail as e:
-        return "FAIL", str(e)
-    except UffdError as e:
-        if e.errno in (errno.EPERM, errno.EACCES) and e.op == "open userfaultfd":
-            return "SKIP", str(e)
-        return "FAIL", "%s" % e
+        return "PASS", check.func()
     except Exception as e:
-        return "FAIL", "%s: %s" % (type(e).__name__, e)
+        return _classify(e)
+
+
+def _classify(e):
+    """('SKIP'|'FAIL', reason) for an exception a check raised."""
+    if isinstance(e, CheckSkip):
+        return "SKIP", str(e)
+    if isinstance(e, CheckFail):
+        return "FAIL", str(e)
+    if isinstance(e, UffdError):
+        if e.errno in (errno.EPERM, errno.EACCES) and e.op == "open userfaultfd":
+            return "SKIP", _NOT_PERMITTED
+        return "FAIL", str(e)
+    return "FAIL", "%s: %s" % (type(e).__name__, e)
 
 
 def run_check(check, timeout=CHECK_TIMEOUT):
