@@ -1793,10 +1793,21 @@ class hugepages_reserved:
             return self
         try:
             self._lock = os.open(_NR_HUGEPAGES, os.O_RDONLY | os.O_CLOEXEC)
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
         except OSError as e:
             self.reason = "no hugetlb pool (%s: %s)" % (_NR_HUGEPAGES, e.strerror)
             return self
+        deadline = time.monotonic() + 10
+        while True:                             # bounded: never hang on another holder
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._lock)
+                    self._lock = -1
+                    self.reason = "another process is changing vm.nr_hugepages"
+                    return self
+                time.sleep(0.01)
         free = free_hugepages()                 # again, under the lock
         old = _int_or_none(read_sysfs(_NR_HUGEPAGES))
         if free >= self.n or old is None:
