@@ -1179,7 +1179,8 @@ class Handler:
         elif type(ev) is Remove:
             self._remove(s, ev.start, ev.end)
             rec["policy"] = self.on_remove
-        self.log.emit(rec.pop("event"), ufd=s.uffd.fileno(), **rec)
+        rec.setdefault("ufd", s.uffd.fileno())      # a Fork record's ufd is the child's
+        self.log.emit(rec.pop("event"), **rec)
 
     def _remap(self, s, ev):
         moved = []
@@ -2943,6 +2944,61 @@ def check_user_mode_only():
     _expect(m["n"] == PAGE_SIZE and m["d"] == _digest(_pattern(1, PAGE_SIZE)),
             "write() after the served kernel fault")
     return "EFAULT with the flag; a served fault without it"
+
+
+@selftest_check("handler-events")
+def check_handler_events():
+    """The Handler loop (what watch and serve-file run) serves a child's MISSING faults with
+    zero pages and its FORK (adopting the new uffd), REMAP, REMOVE and UNMAP events."""
+    feats = (UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE |
+             UFFD_FEATURE_EVENT_UNMAP)
+    _available_or_skip(feats)
+
+    def body(peer):
+        ps = PAGE_SIZE
+        u = _uffd(feats)
+        addr = mmap_anon(5 * ps)
+        u.register(addr, 4 * ps)                    # page 4 is not: the grow has to move
+        peer.send(fds=[u.fileno()], addr=addr)
+        ok = [_peek(addr, ps) == bytes(ps)]         # fault, zero page
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if _peek(addr + ps, ps) == bytes(ps) else 2   # on the FORK uffd
+            finally:
+                os._exit(code)
+        ok.append(os.waitpid(pid, 0)[1] == 0)
+        new = mremap(addr, 4 * ps, 8 * ps, MREMAP_MAYMOVE)
+        ok.append(_peek(new + 2 * ps, ps) == bytes(ps))     # fault at the new address
+        madvise(new, ps, MADV_DONTNEED)                      # REMOVE: Handler unregisters it
+        ok.append(_peek(new, ps) == bytes(ps))               # a normal fault now
+        munmap(new + 3 * ps, ps)                             # UNMAP
+        peer.send(ok=ok, new=new)
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        addr, ps = msg["addr"], PAGE_SIZE
+        h = Handler(ZeroSource(), on_remove="unregister")
+        try:
+            s = h.add(Userfaultfd.adopt(fds[0], feats), [(addr, 4 * ps)], pid=peer.pid)
+            r = h.run(watch_fds=[peer.sock], timeout=max(0.1, peer.deadline - time.monotonic()))
+            _expect(r == peer.sock.fileno(), "Handler.run returned %r", r)
+            m, _ = peer.recv()
+            peer.wait()
+            count = dict(h.stats.count)
+            regions = [(g.start - m["new"], g.end - m["new"]) for g in s.regions]
+        finally:
+            h.close()
+    _expect(m["ok"] == [True] * 4, "child saw %s (zero page, forked child, after remap, "
+            "after remove)", m["ok"])
+    want = {"faults_missing": 3, "events_fork": 1, "events_remap": 1, "events_remove": 1,
+            "events_unmap": 2}
+    got = {k: count.get(k, 0) for k in want}
+    _expect(got == want, "Handler counted %s, want %s", got, want)
+    _expect(regions == [(ps, 3 * ps), (4 * ps, 8 * ps)] or regions == [(ps, 3 * ps)],
+            "Handler's regions after remap/remove/unmap: %s", regions)
+    return " ".join("%s=%d" % kv for kv in sorted(got.items()))
 
 
 # -- running checks -----------------------------------------------------------------------------
