@@ -28,7 +28,7 @@ Library example::
     with uffdtool.Userfaultfd() as uffd:
         uffd.api(uffdtool.Features.THREAD_ID)
         area = uffdtool.mmap_anon(4 * uffdtool.PAGE_SIZE)
-        print(uffd.register(area, 4 * uffdtool.PAGE_SIZE))   # Ioctls(WAKE|COPY|ZEROPAGE|...)
+        print(uffd.register(area, 4 * uffdtool.PAGE_SIZE))   # WAKE|COPY|ZEROPAGE|MOVE|POISON
         # ... another process/thread touches the area; then:
         for ev in uffd.read_events():
             if isinstance(ev, uffdtool.PageFault):
@@ -465,8 +465,8 @@ class UffdError(OSError):
     Attributes: ``errno``, ``op`` (e.g. ``'UFFDIO_COPY'``), ``addr``/``length`` where known, and
     ``done``: bytes the kernel completed before the error (0 when nothing was done)."""
 
-    def __init__(self, err, op, addr=None, length=None, done=0, hint=None):
-        msg = "%s: %s" % (op, os.strerror(err))
+    def __init__(self, err, op, addr=None, length=None, done=0, hint=None, detail=None):
+        msg = "%s: %s" % (op, detail or os.strerror(err))
         if addr is not None:
             msg += " at 0x%x+0x%x" % (addr, length or 0)
         if hint:
@@ -538,10 +538,10 @@ class Userfaultfd:
                 errors.append((USERFAULTFD_DEV, e.errno))
         if route not in (None, "syscall", "dev"):
             raise ValueError("route must be None, 'syscall' or 'dev'")
-        what, err = errors[-1] if len(errors) == 1 else errors[0]
+        err = errors[0][1]
         detail = "; ".join("%s: %s" % (w, os.strerror(e)) for w, e in errors)
-        raise UffdError(err, "open userfaultfd", hint="%s; %s" % (
-            detail, OPEN_HINTS.get(err, "see 'uffdtool info'")))
+        raise UffdError(err, "cannot open a userfaultfd", detail=detail,
+                        hint=OPEN_HINTS.get(err, "see 'uffdtool info'"))
 
     @classmethod
     def adopt(cls, fd, features=0):
@@ -1518,7 +1518,9 @@ def gather_info():
                        "unknown_features": feats.unknown,
                        "missing_features": Features(UFFD_API_FEATURES & ~int(feats)).names(),
                        "ioctls": ioctls.names(), "ioctls_mask": int(ioctls)}
-                api["register_ioctls"] = _register_probe(uffd)
+            api["register_ioctls"] = _register_probe(feats, **kw)
+            if not info["cap_sys_ptrace"]:
+                api["notes"] = ["EVENT_FORK is offered but needs CAP_SYS_PTRACE to be enabled"]
             break
         except UffdError as e:
             api = {"ok": False, "error": str(e)}
@@ -1533,26 +1535,38 @@ def _int_or_none(text):
         return None
 
 
-def _register_probe(uffd):
-    """Which ioctls a MISSING registration allows on anon and shmem memory (names)."""
+def _register_probe(available, **open_kw):
+    """Which ioctls a registration allows per memory type, in the widest mode that works here
+    (anon: MISSING|WP, shmem: MISSING|WP|MINOR): {kind: {'mode': [...], 'ioctls': [...]}}."""
     out = {}
-    size = PAGE_SIZE
-    for kind in ("anon", "shmem"):
+    want = int(available) & (UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM |
+                             UFFD_FEATURE_MINOR_SHMEM)
+    M, W, m = (UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP,
+               UFFDIO_REGISTER_MODE_MINOR)
+    modes = {"anon": (M | W, M), "shmem": (M | W | m, M | W, M)}
+    for kind, tries in modes.items():
         fd = -1
         try:
-            if kind == "shmem":
-                fd = os.memfd_create("uffdtool-info", os.MFD_CLOEXEC)
-                os.ftruncate(fd, size)
-                addr = mmap_anon(size, flags=MAP_SHARED, fd=fd)
-            else:
-                addr = mmap_anon(size)
-            try:
-                out[kind] = uffd.register(addr, size).names()
-                uffd.unregister(addr, size)
-            except UffdError as e:
-                out[kind] = "error: %s" % e
-            finally:
-                munmap(addr, size)
+            with Userfaultfd(**open_kw) as uffd:
+                uffd.api(want)
+                if kind == "shmem":
+                    fd = os.memfd_create("uffdtool-info", os.MFD_CLOEXEC)
+                    os.ftruncate(fd, PAGE_SIZE)
+                    addr = mmap_anon(PAGE_SIZE, flags=MAP_SHARED, fd=fd)
+                else:
+                    addr = mmap_anon(PAGE_SIZE)
+                try:
+                    for mode in tries:
+                        try:
+                            ioctls = uffd.register(addr, PAGE_SIZE, mode)
+                        except UffdError as e:
+                            out[kind] = "error: %s" % e
+                            continue
+                        out[kind] = {"mode": [n.lower() for n in RegisterMode(mode).names()],
+                                     "ioctls": ioctls.names()}
+                        break
+                finally:
+                    munmap(addr, PAGE_SIZE)
         except OSError as e:
             out[kind] = "error: %s" % e
         finally:
@@ -1584,8 +1598,11 @@ def format_info(info):
     if api["missing_features"]:
         L.append("missing         %s" % " ".join(api["missing_features"]))
     L.append("ioctls          %s" % " ".join(api["ioctls"]))
-    for kind, names in api.get("register_ioctls", {}).items():
-        L.append("register %-6s %s" % (kind, names if isinstance(names, str) else " ".join(names)))
+    for note in api.get("notes", []):
+        L.append("note            %s" % note)
+    for kind, r in api.get("register_ioctls", {}).items():
+        L.append("register %-6s %s" % (kind, r if isinstance(r, str) else "%s -> %s" % (
+            "|".join(r["mode"]), " ".join(r["ioctls"]))))
     return "\n".join(L)
 
 
