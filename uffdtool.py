@@ -2079,7 +2079,9 @@ def _check_open(route):
         _expect(Ioctls.API in ioctls and Ioctls.REGISTER in ioctls, "API ioctls %s", ioctls)
         fdinfo = read_sysfs("/proc/self/fdinfo/%d" % u.fileno(), "")
         _expect("API:" in fdinfo, "/proc/self/fdinfo shows no API line")
-        return "fd %d, features %s" % (u.fileno(), feats)
+        return "fd %d%s, features %s" % (
+            u.fileno(), " (UFFD_USER_MODE_ONLY: not privileged)" if u.route != route or
+            not has_cap(CAP_SYS_PTRACE) and route == "syscall" else "", feats)
 
 
 @selftest_check("open-syscall")
@@ -2197,7 +2199,8 @@ def _register_memory_checks():
         what = {"anon": "anonymous", "shmem": "shmem (memfd)", "hugetlb": "hugetlb 2 MiB"}[kind]
         selftest_check("%s-missing-copy" % kind,
                        "MISSING read and write faults on %s memory served by UFFDIO_COPY, "
-                       "data verified" % what, hp)(lambda kind=kind: _fault_read_write(kind, "copy"))
+                       "data verified" % what, hp)(
+            lambda kind=kind: _fault_read_write(kind, "copy"))
         if kind != "hugetlb":
             selftest_check("%s-missing-zeropage" % kind,
                            "MISSING read and write faults on %s memory served by "
