@@ -222,7 +222,37 @@ def test_cli_info_json_lists_all_features():
     info = json.loads(r.stdout)
     assert len(info["api"]["features"]) == 17
     assert info["api"]["features"][0] == "PAGEFAULT_FLAG_WP"
-    assert "COPY" in info["api"]["register_ioctls"]["anon"]
+    assert "COPY" in info["api"]["register_ioctls"]["anon"]["ioctls"]
+    assert "CONTINUE" in info["api"]["register_ioctls"]["shmem"]["ioctls"]
     assert info["open"]["dev"]["ok"] and info["open"]["syscall"]["ok"]
     r = run_tool("info")
     assert r.returncode == 0 and "features (17)" in r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_unprivileged_open_error_and_info():
+    """As 'nobody' with vm.unprivileged_userfaultfd=0: a clear EPERM hint, info still works."""
+    if open("/proc/sys/vm/unprivileged_userfaultfd").read().strip() != "0":
+        pytest.skip("vm.unprivileged_userfaultfd is not 0 here")
+    code = ("import uffdtool as u\n"
+            "try:\n    u.Userfaultfd(route='syscall')\n"
+            "except u.UffdError as e:\n    print(e.errno, e)\n"
+            "u.Userfaultfd(user_mode_only=True).close(); print('umo ok')\n")
+    import shutil
+    import subprocess
+    from conftest import ROOT, TOOL
+    py = shutil.which("python3", path="/usr/bin:/bin")     # root's pyenv is not readable by nobody
+    if not py:
+        pytest.skip("no system python3 that an unprivileged user can run")
+    r = subprocess.run([py, "-c", code], cwd=ROOT, user=65534, capture_output=True,
+                       text=True, timeout=30, env={"PYTHONPATH": ROOT, "PATH": os.environ["PATH"]})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("%d " % errno.EPERM)
+    assert "vm.unprivileged_userfaultfd" in r.stdout and "CAP_SYS_PTRACE" in r.stdout
+    assert "umo ok" in r.stdout
+    r = subprocess.run([py, TOOL, "info", "--json"], user=65534, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert not info["open"]["syscall"]["ok"] and info["open"]["syscall_user_mode_only"]["ok"]
+    assert "user mode only" in info["api"]["route"] and len(info["api"]["features"]) == 17
