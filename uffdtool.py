@@ -810,11 +810,13 @@ class EventLog:
             self.out = dest
         self.human = human
         self.human_faults = human_faults
+        self.json_faults = True       # False: pagefault records stay out of the JSON log too
 
     @property
     def wants_faults(self):
         """Whether per-fault records are written anywhere (the hot path skips them if not)."""
-        return self.out is not None or (self.human is not None and self.human_faults)
+        return (self.out is not None and self.json_faults) or (
+            self.human is not None and self.human_faults)
 
     def now(self):
         return time.monotonic() - self.t0
@@ -823,7 +825,7 @@ class EventLog:
         """Write one record; returns it."""
         rec = {"t": round(self.now(), 6), "event": event}
         rec.update(fields)
-        if self.out is not None:
+        if self.out is not None and (event != "pagefault" or self.json_faults):
             try:
                 self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 self.out.flush()
@@ -4088,6 +4090,9 @@ def build_parser():
     _add_target(pf)
     pf.add_argument("--firecracker-socket", metavar="PATH",
                     help="listen on PATH for Firecracker's UFFD handshake")
+    pf.add_argument("--no-fault-log", action="store_true",
+                    help="with --log/--json: no per-fault pagefault records (the other records "
+                         "and stats stay; keeps the fast serving loop)")
     pf.add_argument("--accept-timeout", metavar="SECS", type=_seconds,
                     help="with --firecracker-socket: give up (exit 1) if no peer connects "
                          "within SECS (default: wait forever)")
@@ -4212,6 +4217,7 @@ def cmd_serve_file(args):
                              "source offsets (record it with serve-file --record)"
                              % (args.prefetch, ws[0]))
     log = _make_log(args, human_faults=args.verbose)
+    log.json_faults = not args.no_fault_log
     stats = Stats()
     source = FileSource(args.file, args.offset) if args.file else ZeroSource()
     target = handler = cpu0 = None
