@@ -156,7 +156,7 @@ def test_readahead_clamped_to_region_and_partial(tmp_path, src, tools, fault_log
     assert st["pages_copy"] == 64
     # the general loop lets the kernel stop at page 20 (EAGAIN + progress: a partial fill);
     # the fast loop knows page 20 is there and asks for pages 10-19 only
-    assert st["partial"] == (1 if fault_log else 0)
+    assert (st["partial"] >= 1) if fault_log else (st["partial"] == 0)
 
 
 @pytest.mark.parametrize("fault_log", [False, True], ids=["fast-loop", "general-loop"])
