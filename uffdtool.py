@@ -1958,13 +1958,14 @@ def peer_pid_of(conn):
         return None
 
 
-def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT):
+def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT, first_timeout=None):
     """Receive the JSON bytes and fds of a Firecracker handshake: returns (data, [fds]).
 
     One ``recvmsg`` of up to 64 KiB with up to 4 fds usually has it all; if no fd came yet or
     the JSON is incomplete it keeps reading for up to ``timeout`` seconds (Firecracker's own
     handlers retry 5 x 100 ms).  Raises HandshakeError (closing any fds) when the peer closes
-    first or the message is too large."""
+    first, sends nothing within ``first_timeout`` seconds (None: wait), or the message is too
+    large."""
     data, fds = b"", []
     deadline = time.monotonic() + timeout
     cmsg_len = socket.CMSG_SPACE(FC_MAX_FDS * 4)
@@ -1972,8 +1973,10 @@ def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT):
         while True:
             left = deadline - time.monotonic()
             r, _, _ = select.select([conn], [], [], max(0.0, left)) if (data or fds) else \
-                select.select([conn], [], [], None)
+                select.select([conn], [], [], first_timeout)
             if not r:
+                if not data and not fds:
+                    raise HandshakeError("the peer sent no handshake within %g s" % first_timeout)
                 break
             msg, anc, flags, _ = conn.recvmsg(FC_HANDSHAKE_MAX + 1 - len(data), cmsg_len)
             for level, typ, payload in anc:
@@ -2088,7 +2091,7 @@ class FirecrackerTarget(ServeTarget):
         self.conn, _ = self.sock.accept()
         self.conn.setblocking(True)
         self.peer_pid = peer_pid_of(self.conn)
-        data, fds = receive_handshake(self.conn)
+        data, fds = receive_handshake(self.conn, first_timeout=timeout)
         try:
             if len(fds) != 1:
                 raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"

@@ -559,3 +559,14 @@ def test_accept_timeout(tmp_path):
     r = run_tool("serve-file", "--zero", "--firecracker-socket", tmp_path / "s",
                  "--accept-timeout", "0.2", "--quiet")
     assert r.returncode == 1 and "no connection" in r.stderr
+
+
+def test_silent_peer_times_out(tmp_path, tools):
+    t = start(tools, tmp_path, "--zero", "--accept-timeout", "0.3")
+    c = FcClient([PS])
+    try:
+        c.connect(t.sock)
+        assert t.finish() == 1
+    finally:
+        c.close()
+    assert "no handshake within" in t.stderr and "Traceback" not in t.stderr
