@@ -1692,16 +1692,17 @@ class Handler:
         timed = clock.active
         PF, SPECIAL = UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR
         LAT_MASK = FAST_LATENCY_EVERY - 1
-        faults = nbytes = partial = eagain = waits = 0
+        faults = nbytes = partial = eagain = waits = 0      # faults: never reset (sampling)
+        flushed = 0                                          # faults already in st
         lo = hi = roff = 0
         slow = bool(s.removed) or bool(self.prefetch)
 
         def flush():
-            nonlocal faults, nbytes, partial, eagain, waits
+            nonlocal flushed, nbytes, partial, eagain, waits
             if waits:
                 st.add("waits", waits)
-            if faults:
-                st.add("faults_missing", faults)
+            if faults > flushed:
+                st.add("faults_missing", faults - flushed)
                 st.add("pages_" + how, nbytes // ps)
                 st.add("bytes_" + how, nbytes)
             if partial:
@@ -1711,7 +1712,8 @@ class Handler:
             if lat:
                 st.latencies([x * 1e6 for x in lat])
                 del lat[:]
-            faults = nbytes = partial = eagain = waits = 0
+            flushed = faults
+            nbytes = partial = eagain = waits = 0
 
         def general(msg):
             """Hand one message to the general code; False if the fast loop must stop."""
