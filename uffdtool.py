@@ -49,6 +49,7 @@ import mmap
 import os
 import platform
 import re
+import resource
 import select
 import shutil
 import signal
@@ -817,11 +818,13 @@ class EventLog:
             self.out = dest
         self.human = human
         self.human_faults = human_faults
+        self.json_faults = True       # False: pagefault records stay out of the JSON log too
 
     @property
     def wants_faults(self):
         """Whether per-fault records are written anywhere (the hot path skips them if not)."""
-        return self.out is not None or (self.human is not None and self.human_faults)
+        return (self.out is not None and self.json_faults) or (
+            self.human is not None and self.human_faults)
 
     def now(self):
         return time.monotonic() - self.t0
@@ -830,7 +833,7 @@ class EventLog:
         """Write one record; returns it."""
         rec = {"t": round(self.now(), 6), "event": event}
         rec.update(fields)
-        if self.out is not None:
+        if self.out is not None and (event != "pagefault" or self.json_faults):
             try:
                 self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 self.out.flush()
@@ -855,7 +858,9 @@ def _fmt_value(k, v):
             "address", "start", "end", "from", "to", "base", "dst"):
         return "%s=0x%x" % (k, v)
     if isinstance(v, list):
-        return "%s=%s" % (k, ",".join(map(str, v)) or "-")
+        return "%s=%s" % (k, ",".join(
+            "{%s}" % " ".join(_fmt_value(a, b) for a, b in x.items()) if isinstance(x, dict)
+            else str(x) for x in v) or "-")
     if isinstance(v, dict):
         return "%s={%s}" % (k, " ".join(_fmt_value(a, b) for a, b in v.items()))
     return "%s=%s" % (k, v)
@@ -885,6 +890,15 @@ class Stats:
     def add(self, key, n=1):
         self.count[key] = self.count.get(key, 0) + n
 
+    def latencies(self, samples):
+        """Add many samples (µs) at once (the fast serving loop keeps its own buffer)."""
+        if len(self.lat) + len(samples) < self._max and self._keep_every == 1:
+            self._seen += len(samples)
+            self.lat.extend(samples)
+        else:
+            for us in samples:
+                self.latency(us)
+
     def latency(self, us):
         self._seen += 1
         if self._seen % self._keep_every:
@@ -902,7 +916,8 @@ class Stats:
 
         def pick(q):
             return round(float(s[min(len(s) - 1, int(q * len(s)))]), 1)
-        return {"p50": pick(0.50), "p99": pick(0.99), "max": round(float(s[-1]), 1)}
+        return {"p50": pick(0.50), "p99": pick(0.99), "max": round(float(s[-1]), 1),
+                "samples": len(s)}
 
     def record(self, **extra):
         """The fields of a ``stats`` record."""
@@ -1018,6 +1033,8 @@ def read_working_set(path):
             lines = f.read().split("\n")
     except OSError as e:
         raise UsageError("cannot read working set %s: %s" % (path, e.strerror))
+    except UnicodeDecodeError:
+        raise UsageError("%s is not a uffdtool working-set file (binary data)" % path)
     head = lines[0].split()
     if not lines[0].startswith(WORKING_SET_MAGIC):
         raise UsageError("%s is not a uffdtool working-set file (no '%s' header)"
@@ -1037,6 +1054,93 @@ def read_working_set(path):
     except ValueError:
         raise UsageError("%s: bad page_size in header" % path)
     return meta.get("key", "offset"), page_size, pages
+
+
+#: largest fill issued by a prefetch step (one ioctl; demand faults are served between steps)
+PREFETCH_RUN = 2 << 20
+
+
+def coalesce_pages(offsets, rec_page_size, page_size, max_run=PREFETCH_RUN):
+    """Sorted, disjoint ``[start, end)`` runs covering the pages at ``offsets`` (each
+    ``rec_page_size`` long), aligned to ``page_size``; adjacent pages merge, runs are cut at
+    ``max_run`` bytes (at least one page)."""
+    max_run = max(page_size, max_run - max_run % page_size)
+    spans = sorted(set((o - o % page_size, o + rec_page_size) for o in offsets if o >= 0))
+    merged = []
+    for a, b in spans:
+        b = -(-b // page_size) * page_size
+        if merged and a <= merged[-1][1]:
+            if b > merged[-1][1]:
+                merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    runs = []
+    for a, b in merged:
+        while a < b:
+            runs.append((a, min(b, a + max_run)))
+            a += max_run
+    return runs
+
+
+def split_runs(runs, bounds):
+    """Cut ``[start, end)`` runs at every offset in ``bounds`` (the region boundaries)."""
+    bounds = sorted(set(bounds))
+    out = []
+    for a, b in runs:
+        i = bisect.bisect_right(bounds, a)
+        while i < len(bounds) and bounds[i] < b:
+            out.append((a, bounds[i]))
+            a = bounds[i]
+            i += 1
+        out.append((a, b))
+    return out
+
+
+class Prefetcher:
+    """Installs a recorded working set (source offsets) in large runs while the Handler idles.
+
+    ``runs``: sorted ``[start, end)`` source-offset runs (``coalesce_pages``).  ``step()`` fills
+    one run (one ioctl of at most PREFETCH_RUN bytes, skipping pages that are already present)
+    and returns True while work remains; the Handler calls it only when no message is pending,
+    so demand faults always come first.  ``claim(off, limit)`` lets a demand fault inside a
+    pending run take the rest of that run at once (from the faulting page to the run's end),
+    so a toucher that outruns the background steps still gets large fills."""
+
+    def __init__(self, runs):
+        self.runs = list(runs)                 # pending, sorted by start
+        self.starts = [a for a, b in self.runs]
+        self.pages = 0
+        self.bytes = 0
+
+    def __bool__(self):
+        return bool(self.runs)
+
+    def claim(self, off, limit):
+        """If ``off`` lies in a pending run: remove ``[off, min(run end, off+limit))`` from it and
+        return that end; else None."""
+        i = bisect.bisect_right(self.starts, off) - 1
+        if i < 0:
+            return None
+        a, b = self.runs[i]
+        if off >= b:
+            return None
+        e = min(b, off + limit)
+        keep = [(x, y) for x, y in ((a, off), (e, b)) if y > x]
+        self.runs[i:i + 1] = keep
+        self.starts[i:i + 1] = [x for x, y in keep]
+        return e
+
+    def pop(self):
+        """The next pending run, removed from the list (None when done)."""
+        if not self.runs:
+            return None
+        self.starts.pop(0)
+        return self.runs.pop(0)
+
+    def push_front(self, run):
+        """Put back (the rest of) a run that could not be completed now."""
+        self.runs.insert(0, run)
+        self.starts.insert(0, run[0])
 
 
 ###################################################################################################
@@ -1099,6 +1203,43 @@ class Served:
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
 
+_PF_HEAD = struct.Struct("<B7xQQ")     # the first 24 bytes of a uffd_msg: event, flags, address
+
+#: the fast loop times 1 fault in this many (a power of two); the general path times every fault
+FAST_LATENCY_EVERY = 8
+
+
+class _Clock:
+    """Deadline and periodic tick of ``Handler.run``."""
+
+    def __init__(self, timeout, tick, interval):
+        now = time.monotonic()
+        self.deadline = None if timeout is None else now + timeout
+        self.tick = tick if interval else None
+        self.interval = interval
+        self.next_tick = now + interval if self.tick else None
+        self.active = self.deadline is not None or self.tick is not None
+
+    def check(self):
+        """Run a due tick; return 'timeout' when the deadline has passed, else None."""
+        if not self.active:
+            return None
+        now = time.monotonic()
+        if self.next_tick is not None and now >= self.next_tick:
+            self.tick()
+            self.next_tick = now + self.interval
+        if self.deadline is not None and now >= self.deadline:
+            return "timeout"
+        return None
+
+    def wait_ms(self):
+        """poll() timeout until the next tick or the deadline (None: wait forever)."""
+        limits = [t for t in (self.deadline, self.next_tick) if t is not None]
+        if not limits:
+            return None
+        return max(0, int((min(limits) - time.monotonic()) * 1000) + 1)
+
+
 class Handler:
     """Serves page faults and events on one or more uffds until told to stop.
 
@@ -1114,10 +1255,17 @@ class Handler:
     with a bounded backoff (no fault is ever dropped); ESRCH/ENOMEM -> that process is gone.
     FORK adopts the new uffd with a copy of the parent's regions; REMAP moves regions; UNMAP
     forgets them; REMOVE applies ``on_remove``.
+
+    ``prefetch``: a Prefetcher (source-offset runs) installed while no message is pending.
+    ``fast``: with one uffd, no per-fault log and a file/zero source, ``run`` uses a specialised
+    loop (one ``os.read`` of one message, a preallocated ioctl argument, no allocation per
+    fault); anything unusual (another event, an error, WP/MINOR, a removed page, a pending
+    prefetch) goes through the same general code as the slow path, so the policies and the
+    stats are the same.
     """
 
     def __init__(self, source=None, log=None, stats=None, readahead=1, on_remove="unregister",
-                 page_size=PAGE_SIZE, record=None, hugetlb=False):
+                 page_size=PAGE_SIZE, record=None, hugetlb=False, prefetch=None, fast=True):
         self.source = source or ZeroSource()
         self.log = log or EventLog(None, human=None)
         self.stats = stats or Stats()
@@ -1126,6 +1274,9 @@ class Handler:
         self.page_size = page_size
         self.hugetlb = hugetlb
         self.record = record
+        self.prefetch = prefetch
+        self.fast = fast
+        self._present = None          # fast loop's readahead hint (bytearray by source page)
         self._recorded = set()
         self._zeros = None
         self.served = {}              # fd -> Served
@@ -1256,6 +1407,12 @@ class Handler:
                 fill = self._source_fill
                 how = self.source.kind
             length = min(self.readahead * ps, r.end - addr)
+            if off is not None and self.prefetch:
+                # a recorded page: take the rest of its prefetch run now (demand first)
+                e = self.prefetch.claim(off, min(PREFETCH_RUN, r.end - addr))
+                if e is not None and e - off > length:
+                    length = e - off
+                    st.add("prefetch_claimed")
             if off is not None and self.source.size is not None:
                 length = min(length, max(ps, self.source.size - off))
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
@@ -1273,6 +1430,69 @@ class Handler:
             if key not in self._recorded:
                 self._recorded.add(key)
                 self.record.append(key)
+
+    # -- prefetch -------------------------------------------------------------------------------
+    def prefetch_step(self):
+        """Install one pending prefetch run (at most PREFETCH_RUN bytes, one ioctl).  Returns True
+        while runs remain.  Pages already present are skipped; EAGAIN (an event is pending)
+        puts the run back so that the loop reads the event first.  Runs never cross a region's
+        source range (``split_runs``)."""
+        pf = self.prefetch
+        run = pf.pop() if pf else None
+        if run is None:
+            return False
+        a, b = run
+        ps = self.page_size
+        st = self.stats
+        for s in list(self.served.values()):
+            for r in s.regions:
+                if r.offset is None or not r.offset <= a < r.offset + (r.end - r.start):
+                    continue
+                b = min(b, r.offset + (r.end - r.start))
+                dst = r.start + (a - r.offset)
+                n = b - a
+                for x, y in s.removed:            # never put file data over a removed page
+                    if x <= dst < y:
+                        skip = min(y - dst, n)
+                        st.add("prefetch_skipped", skip // ps)
+                        self._prefetch_rest(a + skip, b)
+                        return True
+                    if dst < x < dst + n:
+                        n = x - dst
+                try:
+                    done = self.source.fill(s.uffd, dst, n, a, self.hugetlb)
+                except UffdError as err:
+                    if err.errno == errno.EEXIST:
+                        st.add("prefetch_present")
+                        self._prefetch_rest(a + ps, b)
+                        return True
+                    if err.errno == errno.EAGAIN:
+                        st.add("eagain")
+                        self._prefetch_rest(a, b)
+                        return True
+                    if err.errno in (errno.ESRCH, errno.ENOMEM):
+                        self.drop(s, "exited")
+                        return bool(pf)
+                    if err.errno in (errno.ENOENT, errno.EINVAL):
+                        st.add("prefetch_skipped", n // ps)
+                        self._prefetch_rest(a + n, b)
+                        return bool(pf)
+                    raise
+                st.add("prefetch_pages", done // ps)
+                st.add("prefetch_bytes", done)
+                st.add("prefetch_ioctls")
+                if done < n:                      # stopped at a present page: skip it
+                    st.add("prefetch_present")
+                    self._prefetch_rest(a + done + ps, b)
+                else:
+                    self._prefetch_rest(a + n, b)
+                return True
+        st.add("prefetch_skipped", (b - a) // ps)    # no region holds it (any more)
+        return bool(pf)
+
+    def _prefetch_rest(self, a, b):
+        if a < b:
+            self.prefetch.push_front((a, b))
 
     def _source_fill(self, s, dst, length, off):
         return self.source.fill(s.uffd, dst, length, off, self.hugetlb)
@@ -1374,20 +1594,29 @@ class Handler:
         """Serve until every uffd is gone, ``stop()`` was called, a ``watch_fds`` fd becomes
         readable or hangs up (returns that fd), or ``timeout`` seconds pass (returns 'timeout').
 
-        ``idle()`` is called whenever no message is pending (prefetch work: it returns True while
-        it has more to do, and must do little per call).  ``tick()`` runs every
-        ``tick_interval`` seconds (periodic stats).  Returns 'done', 'stopped', 'timeout' or the
-        fd that fired."""
+        ``idle()`` is called whenever no message is pending (background work: it returns True
+        while it has more to do, and must do little per call); a pending ``prefetch`` goes
+        first.  ``tick()`` runs every ``tick_interval`` seconds (periodic stats).  Returns
+        'done', 'stopped', 'timeout' or the fd that fired."""
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         polled = set()
-        extra = {}
+        extra = set()
         for fd in watch_fds:
             fd = fd if isinstance(fd, int) else fd.fileno()
-            extra[fd] = True
+            extra.add(fd)
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        next_tick = None if not tick_interval else time.monotonic() + tick_interval
+        clock = _Clock(timeout, tick, tick_interval)
+        user_idle = [idle]
+
+        def idle_step():
+            if self.prefetch:
+                return self.prefetch_step() or user_idle[0] is not None
+            if user_idle[0] is not None:
+                if user_idle[0]():
+                    return True
+                user_idle[0] = None
+            return False
         busy = True
         while not self.stopping:
             while self._calls:
@@ -1401,10 +1630,15 @@ class Handler:
                 if fd not in self.served:
                     poller.unregister(fd)
                     polled.discard(fd)
-            if not self.served and not extra:
+            if not self.served and (not extra or not watch_fds):
                 return "done"
-            if not self.served and not watch_fds:
-                return "done"
+            if self._fast_ok():
+                s = next(iter(self.served.values()))
+                res = self._run_fast(s, poller, extra, clock, idle_step, busy)
+                if res is not None:
+                    return res
+                busy = bool(self.prefetch) or user_idle[0] is not None
+                continue
             # Read first: on a shared CPU the next fault is usually queued already.
             got = False
             for s in list(self.served.values()):
@@ -1418,23 +1652,16 @@ class Handler:
                     self.handle(s, evs)
             if got:
                 continue
-            if idle is not None and busy:
-                busy = idle()
+            wait_ms = None
+            if busy:
+                busy = idle_step()
                 if busy:
                     wait_ms = 0
-                else:
-                    wait_ms = None
-            else:
-                wait_ms = None
-            now = time.monotonic()
-            if next_tick is not None and now >= next_tick:
-                tick()
-                next_tick = now + tick_interval
-            limits = [t for t in (deadline, next_tick) if t is not None]
-            if limits and wait_ms is None:
-                wait_ms = max(0, int((min(limits) - now) * 1000) + 1)
-            if deadline is not None and now >= deadline:
-                return "timeout"
+            res = clock.check()
+            if res:
+                return res
+            if wait_ms is None:
+                wait_ms = clock.wait_ms()
             for fd, ev in poller.poll(wait_ms):
                 if fd == self._wake_r:
                     try:
@@ -1459,6 +1686,204 @@ class Handler:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
+
+    def _fast_ok(self):
+        return (self.fast and len(self.served) == 1 and not self.log.wants_faults
+                and self.source.kind in ("copy", "zero")
+                and not (self.hugetlb and self.source.kind == "zero"))
+
+    def _run_fast(self, s, poller, extra, clock, idle_step, busy):
+        """The hot loop for one uffd (see the class doc).  Serves until something needs the
+        general loop (returns None) or ``run`` must return (returns its result).
+
+        Per fault: one ``os.read`` of 32 bytes (read first, poll only when the queue is empty:
+        reference/serving-costs.md), one ``unpack_from``, one ``pack_into`` into a preallocated
+        ioctl argument and one ``fcntl.ioctl(fd, req, buf, True)``; counters are locals, flushed
+        into ``self.stats`` when the loop leaves or ticks."""
+        st = self.stats
+        uffd = s.uffd
+        fd = uffd.fileno()
+        ps = self.page_size
+        mask = ~(ps - 1)
+        src = self.source
+        zero = src.kind == "zero"
+        ra = self.readahead * ps
+        if zero:
+            arg, req, res_off = bytearray(32), UFFDIO_ZEROPAGE, 24     # uffdio_zeropage
+            put = struct.Struct("=QQ").pack_into                        # range.start, range.len
+            base, limit = 0, None
+        else:
+            arg, req, res_off = bytearray(40), UFFDIO_COPY, 32          # uffdio_copy
+            put = struct.Struct("=QQQ").pack_into                       # dst, src, len
+            base, limit = src.base, src.size
+        how = src.kind
+        # Readahead hint: pages this loop has filled, by source page.  A fill is cut short before
+        # a page we know is present, so that the kernel need not stop there (a partial fill is
+        # EAGAIN, and an exception costs Python ~1 µs).  Only a hint: a stale bit just shortens a
+        # readahead (the faulting page itself is always filled); a missing bit costs a partial.
+        shift = ps.bit_length() - 1
+        hint = None
+        if ra > ps:
+            top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
+                      default=0)
+            if self._present is None or len(self._present) < top >> shift:
+                self._present = bytearray(top >> shift)
+            hint = self._present
+            ones = b"\x01" * (ra >> shift)
+            find = hint.find
+        read = os.read
+        unpack = _PF_HEAD.unpack_from                  # event, flags, address
+        ioctl = fcntl.ioctl
+        perf = time.perf_counter
+        lat = array.array("d")
+        lat_append = lat.append
+        rec = self.record
+        recorded = self._recorded
+        poll = poller.poll
+        wake_r = self._wake_r
+        POLLIN = select.POLLIN
+        timed = clock.active
+        PF, SPECIAL = UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR
+        LAT_MASK = FAST_LATENCY_EVERY - 1
+        faults = nbytes = partial = eagain = waits = 0      # faults: never reset (sampling)
+        flushed = 0                                          # faults already in st
+        lo = hi = roff = 0
+        slow = bool(s.removed) or bool(self.prefetch)
+
+        def flush():
+            nonlocal flushed, nbytes, partial, eagain, waits
+            if waits:
+                st.add("waits", waits)
+            if faults > flushed:
+                st.add("faults_missing", faults - flushed)
+                st.add("pages_" + how, nbytes // ps)
+                st.add("bytes_" + how, nbytes)
+            if partial:
+                st.add("partial", partial)
+            if eagain:
+                st.add("eagain", eagain)
+            if lat:
+                st.latencies([x * 1e6 for x in lat])
+                del lat[:]
+            flushed = faults
+            nbytes = partial = eagain = waits = 0
+
+        def general(msg):
+            """Hand one message to the general code; False if the fast loop must stop."""
+            flush()
+            self.handle(s, decode_msgs(msg))
+            return fd in self.served and len(self.served) == 1
+
+        try:
+            while True:
+                try:
+                    msg = read(fd, 32)
+                except BlockingIOError:
+                    # the queue is empty: background work, then wait
+                    if self.stopping:
+                        return "stopped"
+                    if busy:
+                        flush()
+                        busy = idle_step()
+                        slow = bool(s.removed) or bool(self.prefetch)
+                        if fd not in self.served or len(self.served) != 1:
+                            return None
+                        if busy:
+                            continue
+                    wait_ms = None
+                    if timed:
+                        flush()
+                        res = clock.check()
+                        if res:
+                            return res
+                        wait_ms = clock.wait_ms()
+                    waits += 1
+                    for pfd, ev in poll(wait_ms):
+                        if pfd == fd:
+                            if not ev & POLLIN:
+                                flush()
+                                self.drop(s, "hangup")
+                                return None
+                        elif pfd in extra:
+                            return pfd
+                        elif pfd != wake_r:
+                            return None               # a newly added uffd: general loop
+                    continue
+                except OSError as e:
+                    flush()
+                    self.drop(s, "read: %s" % os.strerror(e.errno))
+                    return None
+                ev, flags, addr = unpack(msg)
+                if ev != PF or flags & SPECIAL or slow:
+                    if not general(msg):
+                        return None
+                    lo = hi = 0
+                    slow = bool(s.removed) or bool(self.prefetch)
+                    continue
+                addr &= mask
+                if not lo <= addr < hi:
+                    r = s.find(addr)
+                    if r is None or r.offset is None:
+                        if not general(msg):
+                            return None
+                        continue
+                    lo, hi, roff = r.start, r.end, r.offset
+                n = hi - addr
+                if n > ra:
+                    n = ra
+                off = roff + addr - lo
+                if hint is not None:
+                    i = off >> shift
+                    k = find(1, i + 1, i + (n >> shift))
+                    if k >= 0:
+                        n = (k - i) << shift
+                if zero:
+                    put(arg, 0, addr, n)
+                else:
+                    if off + n > limit:
+                        n = max(ps, limit - off)
+                    put(arg, 0, addr, base + off, n)
+                sample = not faults & LAT_MASK      # latency of 1 fault in 8 (saves ~0.1 µs)
+                if sample:
+                    t0 = perf()
+                try:
+                    ioctl(fd, req, arg, True)
+                except OSError as e:
+                    done = int.from_bytes(arg[res_off:res_off + 8], "little", signed=True)
+                    if e.errno == errno.EAGAIN and done > 0:
+                        n = done
+                        partial += 1
+                    else:
+                        if e.errno == errno.EAGAIN:
+                            eagain += 1
+                            flush()
+                            self._drain_events(s, 0)
+                            st.add("retries")
+                        if not general(msg):
+                            return None
+                        lo = hi = 0
+                        slow = bool(s.removed) or bool(self.prefetch)
+                        continue
+                if sample:
+                    lat_append(perf() - t0)
+                if hint is not None:
+                    i = off >> shift
+                    hint[i:i + (n >> shift)] = ones[:n >> shift]
+                faults += 1
+                nbytes += n
+                if rec is not None and off not in recorded:
+                    recorded.add(off)
+                    rec.append(off)
+                if not faults & 1023:              # a long burst: stop() and ticks still work
+                    if self.stopping:
+                        return "stopped"
+                    if timed:
+                        flush()
+                        res = clock.check()
+                        if res:
+                            return res
+        finally:
+            flush()
 
     def stop(self):
         """Ask ``run`` to return after the current batch (safe from a signal handler or another
@@ -2941,6 +3366,384 @@ class SpawnTarget(WatchTarget):
         return out
 
 
+# -- the target interface (serve-file) ------------------------------------------------------------
+
+class ServeTarget:
+    """Whose memory serve-file fills: the result of ``open_serve_target``.
+
+    ``uffds``: list of ``(Userfaultfd, [Region], pid, label)`` to hand to ``Handler.add``;
+    ``page_size`` (and ``hugetlb``); ``watch_fds``: fds whose readiness means "stop serving"
+    (a peer's socket hang-up, a pidfd, a workload's done pipe); ``peer_pid``: whom
+    ``--kill-peer-on-error`` kills.  ``start()`` runs once the Handler is set up;
+    ``fired(fd)`` is told which watch fd fired and returns a reason to stop (or None to keep
+    serving); ``finish()`` returns extra fields for the final record; ``close()`` releases
+    everything (idempotent)."""
+    page_size = PAGE_SIZE
+    hugetlb = False
+    peer_pid = None
+
+    def __init__(self):
+        self.uffds = []
+        self.watch_fds = []
+
+    def start(self):
+        pass
+
+    def fired(self, fd):
+        return "hangup"
+
+    def finish(self):
+        return {}
+
+    def close(self):
+        for u, _, _, _ in self.uffds:
+            u.close()
+        self.uffds = []
+
+
+# -- Firecracker (reference/peers.md section 1) ---------------------------------------------------
+
+#: handshake receive buffer and fd limit (Firecracker sends ~110 bytes per region and 1 fd)
+FC_HANDSHAKE_MAX = 64 << 10
+FC_MAX_FDS = 4
+FC_EMPTY_RETRIES, FC_EMPTY_WAIT = 5, 0.1      # the pre-v1.12 empty-message race: retry briefly
+
+
+class HandshakeError(TargetError):
+    """The peer's UFFD handshake is malformed (exit 1)."""
+
+
+def listen_unix(path, log=None):
+    """Bind and listen on a Unix stream socket at ``path``: a stale socket file is replaced;
+    anything else that exists there, or a missing directory, is a UsageError."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError("cannot listen on %s: directory %s does not exist" % (path, d))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if (st.st_mode & 0o170000) != 0o140000:
+            raise UsageError("cannot listen on %s: it exists and is not a socket" % path)
+        os.unlink(path)                       # stale socket of an earlier handler
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(1)
+    except OSError as e:
+        sock.close()
+        raise UsageError("cannot listen on %s: %s" % (path, e.strerror))
+    return sock
+
+
+def peer_pid_of(conn):
+    """The pid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+    try:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", cred)[0]
+        return pid or None
+    except OSError:
+        return None
+
+
+def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT, first_timeout=None):
+    """Receive the JSON bytes and fds of a Firecracker handshake: returns (data, [fds]).
+
+    One ``recvmsg`` of up to 64 KiB with up to 4 fds usually has it all; if no fd came yet or
+    the JSON is incomplete it keeps reading for up to ``timeout`` seconds (Firecracker's own
+    handlers retry 5 x 100 ms).  Raises HandshakeError (closing any fds) when the peer closes
+    first, sends nothing within ``first_timeout`` seconds (None: wait), or the message is too
+    large."""
+    data, fds = b"", []
+    deadline = time.monotonic() + timeout
+    cmsg_len = socket.CMSG_SPACE(FC_MAX_FDS * 4)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            r, _, _ = select.select([conn], [], [], max(0.0, left)) if (data or fds) else \
+                select.select([conn], [], [], first_timeout)
+            if not r:
+                if not data and not fds:
+                    raise HandshakeError("the peer sent no handshake within %g s" % first_timeout)
+                break
+            msg, anc, flags, _ = conn.recvmsg(FC_HANDSHAKE_MAX + 1 - len(data), cmsg_len)
+            for level, typ, payload in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    n = len(payload) - len(payload) % 4
+                    fds.extend(array.array("i", payload[:n]))
+            if flags & socket.MSG_CTRUNC:
+                raise HandshakeError("handshake carried more than %d fds (expected 1)"
+                                     % FC_MAX_FDS)
+            if not msg and not anc:
+                if not data and not fds:
+                    raise HandshakeError("the peer closed the connection without sending the "
+                                         "handshake")
+                break
+            data += msg
+            if len(data) > FC_HANDSHAKE_MAX:
+                raise HandshakeError("handshake message larger than %d bytes"
+                                     % FC_HANDSHAKE_MAX)
+            if fds and _json_complete(data):
+                break
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return data, fds
+
+
+def _json_complete(data):
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_handshake(data):
+    """Validate the JSON of a Firecracker handshake: returns (page_size, [region dicts]).
+
+    Each region has int ``base_host_virt_addr``, ``size``, ``offset``; the page size is
+    ``page_size``, else ``page_size_kib`` (which holds bytes, despite its name), else 4096.
+    Raises HandshakeError with the reason."""
+    if not data:
+        raise HandshakeError("empty handshake message")
+    try:
+        regions = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HandshakeError("handshake is not JSON (%s): %r" % (e, data[:60]))
+    if not isinstance(regions, list) or not regions:
+        raise HandshakeError("handshake must be a non-empty JSON array of regions, got %s"
+                             % type(regions).__name__)
+    page_sizes = set()
+    out = []
+    for i, r in enumerate(regions):
+        if not isinstance(r, dict):
+            raise HandshakeError("handshake region %d is not an object" % i)
+        reg = {}
+        for k in ("base_host_virt_addr", "size", "offset"):
+            v = r.get(k)
+            if type(v) is not int or v < 0:
+                raise HandshakeError("handshake region %d: %s must be a non-negative integer, "
+                                     "got %r" % (i, k, v))
+            reg[k] = v
+        ps = r.get("page_size", r.get("page_size_kib", 4096))
+        if type(ps) is not int or ps < 4096 or ps & (ps - 1):
+            raise HandshakeError("handshake region %d: page size %r is not a power of two "
+                                 ">= 4096" % (i, ps))
+        page_sizes.add(ps)
+        out.append(reg)
+    if len(page_sizes) != 1:
+        raise HandshakeError("handshake regions have different page sizes: %s"
+                             % sorted(page_sizes))
+    ps = page_sizes.pop()
+    for i, r in enumerate(out):
+        if r["size"] == 0 or r["size"] % ps or r["base_host_virt_addr"] % ps:
+            raise HandshakeError("handshake region %d: base 0x%x / size %d not aligned to the "
+                                 "page size %d" % (i, r["base_host_virt_addr"], r["size"], ps))
+    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"]) for r in out)
+    for (a, b), (c, d) in zip(spans, spans[1:]):
+        if c < b:
+            raise HandshakeError("handshake regions overlap at 0x%x" % c)
+    return ps, out
+
+
+def _is_userfaultfd(fd):
+    try:
+        return os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
+    except OSError:
+        return True                           # no /proc: trust the peer
+
+
+class FirecrackerTarget(ServeTarget):
+    """Listen on a Unix socket, accept Firecracker (or anything speaking its UFFD handshake),
+    receive the regions and the uffd.  ``listen()`` then ``accept(timeout)``."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.sock = None
+        self.conn = None
+        self.pidfd = -1
+        self.regions_json = []
+
+    def listen(self):
+        self.sock = listen_unix(self.path)
+
+    def accept(self, timeout=None, source_size=None):
+        """Wait for the peer (TargetError after ``timeout`` s), receive and validate its
+        handshake; ``source_size``: bytes the source has (a shorter one is a UsageError)."""
+        r, _, _ = select.select([self.sock], [], [], timeout)
+        if not r:
+            raise TargetError("no connection on %s within %g s" % (self.path, timeout))
+        self.conn, _ = self.sock.accept()
+        self.conn.setblocking(True)
+        self.peer_pid = peer_pid_of(self.conn)
+        data, fds = receive_handshake(self.conn, first_timeout=timeout)
+        try:
+            if len(fds) != 1:
+                raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
+                                     % len(fds))
+            if not _is_userfaultfd(fds[0]):
+                raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
+            ps, regions = parse_handshake(data)
+            if source_size is not None:
+                need = max(r["offset"] + r["size"] for r in regions)
+                if need > source_size:
+                    raise UsageError(
+                        "source too short: the regions need %d bytes (offset+size up to 0x%x), "
+                        "the file has %d from --offset" % (need, need, source_size))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.page_size = ps
+        self.hugetlb = ps != PAGE_SIZE
+        self.regions_json = regions
+        uffd = Userfaultfd.adopt(fds[0])
+        regs = [Region(r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"],
+                       r["offset"]) for r in regions]
+        self.uffds = [(uffd, regs, self.peer_pid, "firecracker")]
+        self.watch_fds = [self.conn.fileno()]
+        if self.peer_pid:
+            try:
+                self.pidfd = os.pidfd_open(self.peer_pid)
+                self.watch_fds.append(self.pidfd)
+            except (AttributeError, OSError):
+                self.pidfd = -1
+        return regions
+
+    def fired(self, fd):
+        if fd == self.pidfd:
+            return "peer exited"
+        try:
+            data = self.conn.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return "peer socket: %s" % e.strerror
+        return None if data else "peer closed the socket"
+
+    def close(self):
+        super().close()
+        for obj in (self.conn, self.sock):
+            if obj is not None:
+                obj.close()
+        self.conn = self.sock = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        try:
+            if self.path and (os.lstat(self.path).st_mode & 0o170000) == 0o140000:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove ----------------
+
+class SelfServeTarget(ServeTarget):
+    """A fresh anonymous mapping of this process, registered MISSING on a new uffd.  A worker
+    thread reads it with ``ctypes.memmove`` (which runs without the GIL, so the handler in the
+    main thread can serve it: reference/peers.md section 4), then its bytes are compared with
+    the source.  The done-pipe is the watch fd."""
+
+    def __init__(self, size, chunk=256 << 10):
+        super().__init__()
+        self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        self.chunk = chunk
+        self.uffd = Userfaultfd()
+        self.uffd.api(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID)
+        self.addr = mmap_anon(self.size)
+        try:
+            madvise(self.addr, self.size, MADV_NOHUGEPAGE)
+        except OSError:
+            pass
+        self.uffd.register(self.addr, self.size)
+        self.uffds = [(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(),
+                       "self")]
+        self.copy = bytearray(self.size)
+        self._r, self._w = os.pipe2(os.O_CLOEXEC)
+        self.watch_fds = [self._r]
+        self.elapsed = None
+        self.error = None
+        self._thread = None
+
+    def start(self):
+        import threading
+        self._thread = threading.Thread(target=self._touch, name="uffdtool-self", daemon=True)
+        self._thread.start()
+
+    def _touch(self):
+        try:
+            dst = (ctypes.c_char * self.size).from_buffer(self.copy)
+            base = ctypes.addressof(dst)
+            t = time.perf_counter()
+            for off in range(0, self.size, self.chunk):
+                ctypes.memmove(base + off, self.addr + off, min(self.chunk, self.size - off))
+            self.elapsed = time.perf_counter() - t
+            del dst
+        except BaseException as e:            # reported by finish()
+            self.error = e
+        os.write(self._w, b"x")
+
+    def fired(self, fd):
+        return "workload done"
+
+    def verify(self, source):
+        """Compare every byte with what the source should have put there: (ok, first bad)."""
+        if source.kind == "zero":
+            want = None
+        else:
+            n = min(self.size, source.size)
+            want = (ctypes.c_char * n).from_address(source.address(0))
+        view = memoryview(self.copy)
+        step = 1 << 20
+        for off in range(0, self.size, step):
+            end = min(self.size, off + step)
+            got = view[off:end]
+            if want is None or off >= len(want):
+                exp = bytes(end - off)
+            else:
+                exp = bytes(want[off:min(end, len(want))])
+                exp += bytes(end - off - len(exp))
+            if got != exp:
+                bad = next(i for i in range(end - off) if got[i] != exp[i])
+                return False, off + bad
+        return True, None
+
+    def close(self):
+        if self._thread is not None:
+            self._thread.join(5)
+        super().close()
+        if self.addr:
+            munmap(self.addr, self.size)
+            self.addr = 0
+        for fd in (self._r, self._w):
+            if fd >= 0:
+                os.close(fd)
+        self._r = self._w = -1
+
+
+def open_serve_target(args, log, source):
+    """The ServeTarget for serve-file's TARGET flags (one small interface: the Firecracker
+    socket and --self live here; --pid / -- CMD are wired to watch's attach/spawn machinery).
+    Firecracker: returns after ``listen()`` (the caller writes ``ready`` and then calls
+    ``accept``)."""
+    if args.firecracker_socket:
+        t = FirecrackerTarget(args.firecracker_socket)
+        t.listen()
+        return t
+    if args.self_:
+        return SelfServeTarget(args.size or (64 << 20))
+    if args.pid is not None or args.cmd:
+        raise UsageError("serve-file --pid / -- CMD: not available in this build yet "
+                         "(use --firecracker-socket or --self)")
+    raise UsageError("serve-file needs a TARGET: --firecracker-socket PATH, --self, "
+                     "--pid PID --range START:LEN, or -- CMD")
+
+
 ###################################################################################################
 #  12. info
 ###################################################################################################
@@ -3097,7 +3900,1516 @@ def format_info(info):
 #  13. selftest
 ###################################################################################################
 
-# (the registry of checks lives here)
+# A registry of checks (name -> Check), modelled on the kernel's uffd-unit-tests and CRIU's
+# uffd-events test (kernel.md §3.1).  A check is a function of no arguments: it returns a detail
+# string (or None) on success, raises CheckSkip when this machine cannot run it, and anything
+# else is a failure.  The GIL trap (kernel.md §2.7, DEVELOPERS.md): memory is always faulted by a
+# *forked child* (``_Peer``) or, inside such a child, by a thread that touches it only through
+# ``ctypes.memmove`` (which releases the GIL); whoever forks/mremaps/madvises/munmaps a
+# registered range is never the process that reads that uffd.  Every wait has a deadline, and
+# ``run_check`` runs each check in its own process group, killed when it overruns.
+
+HPAGE_SIZE = 2 << 20                    #: the huge page size the hugetlb checks use
+SELFTEST_HUGEPAGES = 8                  #: huge pages the hugetlb checks need, in total
+CHECK_TIMEOUT = 6.0                     #: seconds a check may take before it is a FAIL
+_PEER_TIMEOUT = 4.0                     #: seconds a peer child may take (< CHECK_TIMEOUT)
+_NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+_FREE_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+PM_UFFD_WP = 1 << 57                    #: /proc/PID/pagemap: the pte is uffd-write-protected
+
+
+class CheckSkip(UffdToolError):
+    """A check cannot run here (not root, old kernel, no huge pages); the message says why."""
+
+
+class CheckFail(UffdToolError):
+    """A check saw the kernel do something else than expected."""
+
+
+class Check:
+    """One registered selftest check: ``name``, ``func`` (no arguments), ``doc`` (one line),
+    ``hugepages`` (how many free 2 MiB pages it needs)."""
+    __slots__ = ("name", "func", "doc", "hugepages")
+
+    def __init__(self, name, func, doc, hugepages=0):
+        self.name, self.func, self.doc, self.hugepages = name, func, doc, hugepages
+
+    def __repr__(self):
+        return "<Check %s>" % self.name
+
+
+#: every check, in the order they run (name -> Check)
+SELFTEST_CHECKS = {}
+
+
+def selftest_check(name, doc=None, hugepages=0):
+    """Decorator: register ``func`` as check ``name`` (doc: the docstring's first paragraph)."""
+    def deco(func):
+        d = doc or " ".join((func.__doc__ or "").strip().split("\n\n")[0].split())
+        SELFTEST_CHECKS[name] = Check(name, func, d, hugepages)
+        return func
+    return deco
+
+
+def _expect(cond, what, *args):
+    if not cond:
+        raise CheckFail(what % args if args else what)
+
+
+def _raises(err, func, *args, **kw):
+    """Call ``func``; it must fail with errno ``err``.  Returns the exception."""
+    try:
+        r = func(*args, **kw)
+    except OSError as e:
+        if e.errno != err:
+            raise CheckFail("%s: expected %s, got %s" % (
+                getattr(func, "__name__", func), errno.errorcode[err],
+                errno.errorcode.get(e.errno, e.errno)))
+        return e
+    raise CheckFail("%s: expected %s, it returned %r" % (
+        getattr(func, "__name__", func), errno.errorcode[err], r))
+
+
+def _pattern(seed, n):
+    """``n`` bytes that differ for each seed (data verification)."""
+    unit = b"<uffdtool %06d>" % seed
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+def _src(data):
+    """A ctypes buffer holding ``data`` (keep it alive while its address is used)."""
+    return ctypes.create_string_buffer(bytes(data), len(data))
+
+
+def _peek(addr, n):
+    """Read ``n`` bytes at ``addr`` (holds the GIL: only where no handler thread is ours)."""
+    return ctypes.string_at(addr, n)
+
+
+def _poke(addr, data):
+    """Write ``data`` at ``addr`` (ctypes.memmove: releases the GIL while it faults)."""
+    ctypes.memmove(addr, bytes(data), len(data))
+
+
+def _view(addr, n):
+    """A writable buffer over memory at ``addr`` (for syscalls that read or write it)."""
+    return (ctypes.c_char * n).from_address(addr)
+
+
+def _pagemap(addr, pid="self"):
+    """The /proc/PID/pagemap entry (u64) of the page holding ``addr``."""
+    with open("/proc/%s/pagemap" % pid, "rb") as f:
+        f.seek(addr // PAGE_SIZE * 8)
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+_NOT_PERMITTED = ("not permitted to open a userfaultfd (needs root/CAP_SYS_PTRACE, "
+                  "vm.unprivileged_userfaultfd=1 or access to %s)" % USERFAULTFD_DEV)
+
+
+def _open_uffd(user_mode_only=None):
+    """A new Userfaultfd.  ``user_mode_only=None``: a full one if allowed, else (unprivileged)
+    one with UFFD_USER_MODE_ONLY, which behaves the same for user-mode accesses.  CheckSkip
+    when neither can be opened."""
+    try:
+        return Userfaultfd(user_mode_only=bool(user_mode_only))
+    except UffdError as e:
+        if e.errno not in (errno.EPERM, errno.EACCES):
+            raise
+        if user_mode_only is None:
+            return _open_uffd(True)
+        raise CheckSkip(_NOT_PERMITTED + (" with UFFD_USER_MODE_ONLY" if user_mode_only
+                                          else " without UFFD_USER_MODE_ONLY"))
+
+
+def _available():
+    """The features UFFDIO_API offers here (a throw-away fd)."""
+    with _open_uffd() as u:
+        return u.api(0)[0]
+
+
+def _uffd(features=0, user_mode_only=None):
+    """An API'd Userfaultfd with ``features``; CheckSkip when the kernel lacks one or it is
+    not permitted here."""
+    missing = Features(int(features) & ~int(_available()))
+    if missing:
+        raise CheckSkip("kernel lacks %s" % missing)
+    u = _open_uffd(user_mode_only)
+    try:
+        u.api(features)
+    except UffdError as e:
+        u.close()
+        if e.errno == errno.EPERM:
+            raise CheckSkip("%s (needs CAP_SYS_PTRACE)" % e)
+        raise
+    return u
+
+
+def _mem(kind, npages):
+    """Map ``npages`` of memory ``kind`` ('anon', 'shmem' = memfd, 'hugetlb' = 2 MiB memfd).
+
+    Returns (addr, length, page size, memfd or -1); the memfd is the caller's to close."""
+    if kind == "anon":
+        return mmap_anon(npages * PAGE_SIZE), npages * PAGE_SIZE, PAGE_SIZE, -1
+    ps = HPAGE_SIZE if kind == "hugetlb" else PAGE_SIZE
+    flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB | os.MFD_HUGE_2MB if kind == "hugetlb" else 0)
+    fd = os.memfd_create("uffdtool-selftest", flags)
+    try:
+        os.ftruncate(fd, npages * ps)
+        return mmap_anon(npages * ps, flags=MAP_SHARED, fd=fd), npages * ps, ps, fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+#: the features a memory kind needs for each register mode (kernel.md §1.8)
+_MEM_FEATURES = {
+    ("anon", "missing"): 0, ("anon", "wp"): UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    ("shmem", "missing"): UFFD_FEATURE_MISSING_SHMEM,
+    ("shmem", "wp"): UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    ("shmem", "minor"): UFFD_FEATURE_MINOR_SHMEM,
+    ("hugetlb", "missing"): UFFD_FEATURE_MISSING_HUGETLBFS,
+    ("hugetlb", "wp"): UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    ("hugetlb", "minor"): UFFD_FEATURE_MINOR_HUGETLBFS,
+}
+
+
+def free_hugepages():
+    """Free 2 MiB huge pages right now (0 when the pool does not exist)."""
+    return _int_or_none(read_sysfs(_FREE_HUGEPAGES, "0")) or 0
+
+
+class hugepages_reserved:
+    """Context manager: make sure ``n`` free 2 MiB huge pages exist, by raising
+    vm.nr_hugepages (root only), and put the previous value back on exit, also on failure.
+
+    ``ok`` tells whether they are there; ``reason`` says why not.  While it changes the pool it
+    holds an flock on the sysctl file, so that concurrent selftests do not restore each
+    other's values."""
+
+    def __init__(self, n=SELFTEST_HUGEPAGES):
+        self.n, self.ok, self.reason, self._old, self._lock = n, False, None, None, -1
+
+    def __enter__(self):
+        free = free_hugepages()
+        if free >= self.n:
+            self.ok = True
+            return self
+        if os.geteuid() != 0:
+            self.reason = "%d free 2 MiB huge pages, need %d (run as root to reserve them)" % (
+                free, self.n)
+            return self
+        try:
+            self._lock = os.open(_NR_HUGEPAGES, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            self.reason = "no hugetlb pool (%s: %s)" % (_NR_HUGEPAGES, e.strerror)
+            return self
+        deadline = time.monotonic() + 10
+        while True:                             # bounded: never hang on another holder
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self._lock)
+                    self._lock = -1
+                    self.reason = "another process is changing vm.nr_hugepages"
+                    return self
+                time.sleep(0.01)
+        free = free_hugepages()                 # again, under the lock
+        old = _int_or_none(read_sysfs(_NR_HUGEPAGES))
+        if free >= self.n or old is None:
+            self.ok = free >= self.n
+            self.reason = None if self.ok else "%s unreadable" % _NR_HUGEPAGES
+            return self
+        try:
+            with open(_NR_HUGEPAGES, "w") as f:
+                f.write(str(old + self.n - free))
+            self._old = old
+        except OSError as e:
+            self.reason = "cannot raise vm.nr_hugepages: %s" % e.strerror
+            return self
+        free = free_hugepages()
+        self.ok = free >= self.n
+        if not self.ok:
+            self.reason = "could reserve only %d of %d 2 MiB huge pages" % (free, self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            try:
+                with open(_NR_HUGEPAGES, "w") as f:
+                    f.write(str(self._old))
+            except OSError:
+                pass
+            self._old = None
+        if self._lock >= 0:
+            os.close(self._lock)                # releases the flock
+            self._lock = -1
+
+
+def _need_hugepages(n):
+    free = free_hugepages()
+    if free < n:
+        raise CheckSkip("%d free 2 MiB huge pages, need %d (as root the selftest reserves them "
+                        "through vm.nr_hugepages)" % (free, n))
+
+
+class _Peer:
+    """A forked child running ``body(peer)``, talking to us over a SOCK_SEQPACKET socketpair.
+
+    Messages are JSON objects, optionally with fds (SCM_RIGHTS).  In the child, an exception is
+    sent back as ``{"error": ...}`` and the child ``_exit``s; in the parent every wait has the
+    deadline ``timeout`` seconds from the start, and ``close()`` kills and reaps the child."""
+
+    def __init__(self, body, timeout=_PEER_TIMEOUT):
+        self.deadline = time.monotonic() + timeout
+        self.status = None
+        self.sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:                                    # the child
+            code = 0
+            try:
+                self.sock.close()
+                self.sock, self.pid = child_sock, os.getpid()
+                _quiet_child()
+                body(self)
+            except BaseException as e:
+                code = 1
+                try:
+                    result, reason = _classify(e)
+                    self.send(error=reason, skip=result == "SKIP")
+                except BaseException:
+                    pass
+            os._exit(code)
+        child_sock.close()
+        self.pid = pid
+
+    # -- both sides -----------------------------------------------------------------------------
+    def send(self, fds=(), **msg):
+        data = json.dumps(msg).encode()
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.send(data)
+
+    def recv(self, timeout=None):
+        """The next message and its fds: (dict, [fd, ...]).  CheckFail on timeout, on a child
+        that exited without a word, or on an error the child reported."""
+        if not self._wait_readable(self.sock, timeout):
+            raise CheckFail("timed out waiting for the child")
+        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 8, socket.MSG_CMSG_CLOEXEC)
+        if not data:
+            raise CheckFail("child exited without reporting (%s)" % self.wait())
+        msg = json.loads(data)
+        if "error" in msg:
+            for fd in fds:
+                os.close(fd)
+            if msg.get("skip"):
+                raise CheckSkip(msg["error"])
+            raise CheckFail("child: %s" % msg["error"])
+        return msg, fds
+
+    def _remaining_ms(self):
+        return max(0, int((self.deadline - time.monotonic()) * 1000))
+
+    def _wait_readable(self, fd, timeout=None):
+        p = select.poll()
+        p.register(fd, select.POLLIN | select.POLLHUP)
+        ms = self._remaining_ms() if timeout is None else int(timeout * 1000)
+        return bool(p.poll(ms))
+
+    # -- parent side ----------------------------------------------------------------------------
+    def serve(self, served):
+        """Read and handle uffd messages (``served``, a _Served) until the child sends a
+        message; returns it (dict, fds)."""
+        while True:
+            p = select.poll()
+            for u in served.uffds:
+                if not u.closed:
+                    p.register(u.fileno(), select.POLLIN)
+            p.register(self.sock, select.POLLIN | select.POLLHUP)
+            ready = p.poll(self._remaining_ms())
+            if not ready:
+                raise CheckFail("timed out (%d uffd messages so far: %s)" % (
+                    len(served.events), ", ".join(type(e).__name__ for _, e in served.events)))
+            served.drain()
+            if any(fd == self.sock.fileno() for fd, _ in ready):
+                return self.recv()
+
+    def wait(self):
+        """Reap the child (kill it at the deadline); returns 'exit N' or 'signal NAME'."""
+        if self.status is None:
+            while True:
+                pid, st = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.status = st
+                    break
+                if time.monotonic() > self.deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    raise CheckFail("child did not finish in time (killed)")
+                time.sleep(0.002)
+        return _status_text(self.status)
+
+    def close(self):
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                self.status = os.waitpid(self.pid, 0)[1]
+            except ChildProcessError:
+                self.status = -1
+            except ProcessLookupError:
+                pass
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _status_text(st):
+    if st is None:
+        return "running"
+    if os.WIFSIGNALED(st):
+        return "signal " + signal.Signals(os.WTERMSIG(st)).name
+    return "exit %d" % os.waitstatus_to_exitcode(st)
+
+
+def _quiet_child():
+    """In a forked child: default SIGBUS/SIGSEGV (no faulthandler dump), no core files."""
+    import resource                   # only here: forked checks that expect SIGBUS
+    for sig in (signal.SIGBUS, signal.SIGSEGV):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):
+        pass
+
+
+class _Served:
+    """Parent side of a check: the uffds, every message read (uffd, event), and a fault policy.
+
+    ``how``: 'copy' (the n-th fault gets ``_pattern(n)``), 'zero', 'wp' (unprotect), 'none'
+    (leave the fault pending).  FORK events adopt the child's uffd into ``uffds``."""
+
+    def __init__(self, uffds, how="copy", ps=PAGE_SIZE):
+        self.uffds = list(uffds)
+        self.how, self.ps = how, ps
+        self.events = []
+        self.faults = []               # (uffd, PageFault)
+        self._bufs = []
+
+    def drain(self):
+        for u in list(self.uffds):
+            if not u.closed:
+                for ev in u.read_events():
+                    self.handle(u, ev)
+
+    def handle(self, u, ev):
+        self.events.append((u, ev))
+        if type(ev) is Fork:
+            self.uffds.append(Userfaultfd.adopt(ev.ufd, u.features))
+        elif type(ev) is PageFault:
+            self.faults.append((u, ev))
+            self.resolve(u, ev)
+
+    def resolve(self, u, ev):
+        page = ev.address & ~(self.ps - 1)
+        for _ in range(200):
+            try:
+                if self.how == "copy":
+                    buf = _src(_pattern(len(self.faults), self.ps))
+                    self._bufs.append(buf)
+                    u.copy(page, ctypes.addressof(buf), self.ps)
+                elif self.how == "zero":
+                    u.zeropage(page, self.ps)
+                elif self.how == "wp":
+                    u.writeprotect(page, self.ps, False)
+                return
+            except UffdError as e:
+                if e.errno == errno.EEXIST:
+                    return u.wake(page, self.ps)
+                if e.errno != errno.EAGAIN:
+                    raise
+                for ev2 in u.read_events():            # an event is pending: read it first
+                    self.handle(u, ev2)
+        raise CheckFail("fill kept failing with EAGAIN")
+
+    def of(self, cls):
+        return [e for _, e in self.events if type(e) is cls]
+
+    def close(self):
+        for u in self.uffds:
+            u.close()
+
+
+# -- opening and the API handshake ---------------------------------------------------------------
+
+def _check_open(route):
+    if route == "dev" and not os.path.exists(USERFAULTFD_DEV):
+        raise CheckSkip("%s does not exist (kernel < 6.1)" % USERFAULTFD_DEV)
+    try:
+        u = Userfaultfd(route=route)
+    except UffdError as e:
+        if e.errno not in (errno.EPERM, errno.EACCES):
+            raise
+        if route == "dev":
+            raise CheckSkip("no read+write access to %s" % USERFAULTFD_DEV)
+        u = Userfaultfd(route=route, user_mode_only=True)     # allowed to everyone
+    with u:
+        _expect(u.route == route, "opened via %s, not %s", u.route, route)
+        _expect(fcntl.fcntl(u.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK, "fd is not O_NONBLOCK")
+        _expect(fcntl.fcntl(u.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC, "fd is not CLOEXEC")
+        feats, ioctls = u.api(0)
+        _expect(Ioctls.API in ioctls and Ioctls.REGISTER in ioctls, "API ioctls %s", ioctls)
+        fdinfo = read_sysfs("/proc/self/fdinfo/%d" % u.fileno(), "")
+        _expect("API:" in fdinfo, "/proc/self/fdinfo shows no API line")
+        return "fd %d%s, features %s" % (
+            u.fileno(), " (UFFD_USER_MODE_ONLY: not privileged)" if u.route != route or
+            not has_cap(CAP_SYS_PTRACE) and route == "syscall" else "", feats)
+
+
+@selftest_check("open-syscall")
+def check_open_syscall():
+    """userfaultfd(2) opens a uffd (O_CLOEXEC|O_NONBLOCK) and UFFDIO_API works on it."""
+    return _check_open("syscall")
+
+
+@selftest_check("open-dev")
+def check_open_dev():
+    """/dev/userfaultfd + USERFAULTFD_IOC_NEW opens a uffd and UFFDIO_API works on it."""
+    return _check_open("dev")
+
+
+@selftest_check("api-negotiation")
+def check_api():
+    """UFFDIO_API: granted features within the available ones, a second API call EINVAL,
+    an unknown feature bit or API version EINVAL, ioctls before API EINVAL, unknown bits kept."""
+    area = mmap_anon(PAGE_SIZE)
+    try:
+        with _open_uffd() as u:
+            e = _raises(errno.EINVAL, u.register, area, PAGE_SIZE)      # before UFFDIO_API
+            _expect(e.op == "UFFDIO_REGISTER", "error names %s", e.op)
+            _raises(errno.EINVAL, u.read_events)
+            want = Features.THREAD_ID | Features.EVENT_REMAP | Features.MISSING_SHMEM
+            avail, ioctls = u.api(want)
+            _expect(int(u.features) & ~int(avail) == 0, "granted %s not within available %s",
+                    u.features, avail)
+            _expect(u.features == want, "granted %s, asked %s", u.features, want)
+            _expect(int(ioctls) == int(UFFD_API_IOCTLS), "API ioctls %s", ioctls)
+            _raises(errno.EINVAL, u.api, 0)                              # only once per fd
+            _expect(u.features == want, "a failed second API changed the features")
+        with _open_uffd() as u:
+            _raises(errno.EINVAL, u.api, 1 << 63)                        # unknown feature bit
+        with _open_uffd() as u:                                          # api != 0xAA
+            arg = uffdio_api(UFFD_API + 1, 0, 0)
+            _raises(errno.EINVAL, u._ioctl, UFFDIO_API, arg, "UFFDIO_API")
+            _expect(arg.api == 0 and arg.features == 0, "failed API did not zero the struct")
+            u.api(0)                                                     # still usable
+        newer = Features(int(avail) | 1 << 17 | 1 << 40)                # a newer kernel's mask
+        _expect(newer.unknown == (1 << 17 | 1 << 40), "unknown bits lost: %s", newer)
+        _expect(newer.names()[-1] == hex(1 << 17 | 1 << 40), "unknown bits not a number: %s",
+                newer)
+        _expect(Ioctls(int(ioctls) | 1 << 20).unknown == 1 << 20, "unknown ioctl bit lost")
+        return "available %s (%d named)" % (avail, len(avail.names()))
+    finally:
+        munmap(area, PAGE_SIZE)
+
+
+# -- MISSING faults, COPY, ZEROPAGE on each memory type --------------------------------------------
+
+def _fault_read_write(kind, how):
+    """Child faults a read on page 0 and a write on page 1 of ``kind`` memory; the parent
+    serves both with ``how`` ('copy' or 'zero') and checks flags, addresses and data."""
+    feats = _MEM_FEATURES[(kind, "missing")]
+    if kind == "hugetlb":
+        _need_hugepages(2)
+    _available_or_skip(feats)
+    stamp = b"written by the child"
+
+    def body(peer):
+        u = _uffd(feats)
+        addr, length, ps, fd = _mem(kind, 2)
+        ioctls = u.register(addr, length)
+        peer.send(fds=[u.fileno()], addr=addr, ps=ps, ioctls=int(ioctls))
+        d0 = _peek(addr, ps)                      # read fault
+        _poke(addr + ps, stamp)                   # write fault
+        d1 = _peek(addr + ps, ps)
+        peer.send(d0=_digest(d0), d1=_digest(d1))
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        addr, ps, ioctls = msg["addr"], msg["ps"], Ioctls(msg["ioctls"])
+        want = Ioctls.WAKE | Ioctls.COPY | (Ioctls.ZEROPAGE if kind != "hugetlb" else 0)
+        _expect(want in ioctls, "register returned %s, lacks %s", ioctls, want)
+        if kind == "hugetlb":
+            _expect(Ioctls.ZEROPAGE not in ioctls, "hugetlb range offers ZEROPAGE")
+        served = _Served([Userfaultfd.adopt(fds[0], feats)], how, ps)
+        try:
+            msg, _ = peer.serve(served)
+            _expect(peer.wait() == "exit 0", "child %s", peer.wait())
+        finally:
+            served.close()
+    f = [ev for _, ev in served.faults]
+    _expect(len(f) == 2, "expected 2 faults, got %r", f)
+    _expect(f[0].address == addr and not f[0].write and f[0].kind == "missing",
+            "first fault %r is not a read of page 0", f[0])
+    _expect(f[1].address == addr + ps and f[1].write and f[1].kind == "missing",
+            "second fault %r is not a write of page 1", f[1])
+    if how == "copy":
+        want0, want1 = _pattern(1, ps), stamp + _pattern(2, ps)[len(stamp):]
+    else:
+        want0, want1 = bytes(ps), stamp + bytes(ps - len(stamp))
+    _expect(msg["d0"] == _digest(want0), "page 0 (read fault) holds other data")
+    _expect(msg["d1"] == _digest(want1), "page 1 (write fault) holds other data")
+    return "faults %s, ioctls %s" % (" ".join("0x%x:%s" % (e.address, e.flags) for e in f),
+                                     ioctls)
+
+
+def _digest(data):
+    """A short fingerprint of ``data``: CRC-32 and length (children report these)."""
+    import binascii                   # only here: fingerprints for data verification
+    return "%08x:%d" % (binascii.crc32(data), len(data))
+
+
+def _available_or_skip(features):
+    missing = Features(int(features) & ~int(_available()))
+    if missing:
+        raise CheckSkip("kernel lacks %s" % missing)
+
+
+def _register_memory_checks():
+    for kind in ("anon", "shmem", "hugetlb"):
+        hp = 2 if kind == "hugetlb" else 0
+        what = {"anon": "anonymous", "shmem": "shmem (memfd)", "hugetlb": "hugetlb 2 MiB"}[kind]
+        selftest_check("%s-missing-copy" % kind,
+                       "MISSING read and write faults on %s memory served by UFFDIO_COPY, "
+                       "data verified" % what, hp)(
+            lambda kind=kind: _fault_read_write(kind, "copy"))
+        if kind != "hugetlb":
+            selftest_check("%s-missing-zeropage" % kind,
+                           "MISSING read and write faults on %s memory served by "
+                           "UFFDIO_ZEROPAGE, data verified" % what)(
+                lambda kind=kind: _fault_read_write(kind, "zero"))
+        else:
+            selftest_check("hugetlb-zeropage-einval",
+                           "hugetlb ranges do not offer ZEROPAGE; UFFDIO_ZEROPAGE is EINVAL",
+                           1)(check_hugetlb_zeropage)
+        selftest_check("%s-wp" % kind,
+                       "WP faults on %s memory (flags wp|write), UFFDIO_WRITEPROTECT protect "
+                       "and unprotect" % what, 1 if hp else 0)(lambda kind=kind: _wp_faults(kind))
+        if kind != "anon":
+            selftest_check("%s-minor-continue" % kind,
+                           "MINOR faults on %s mapped twice, served by UFFDIO_CONTINUE after "
+                           "editing the page through the other mapping" % what,
+                           1 if hp else 0)(lambda kind=kind: _minor_continue(kind))
+
+
+def check_hugetlb_zeropage():
+    """hugetlb ranges do not offer ZEROPAGE; UFFDIO_ZEROPAGE is EINVAL."""
+    _need_hugepages(1)
+    addr, length, ps, fd = _mem("hugetlb", 1)
+    try:
+        with _uffd(UFFD_FEATURE_MISSING_HUGETLBFS) as u:
+            ioctls = u.register(addr, length)
+            _expect(Ioctls.ZEROPAGE not in ioctls and Ioctls.COPY in ioctls,
+                    "hugetlb register returned %s", ioctls)
+            _raises(errno.EINVAL, u.zeropage, addr, length)
+            _raises(errno.EINVAL, u.copy, addr, addr, PAGE_SIZE)    # not huge-page sized
+            u.unregister(addr, length)
+        return "ioctls %s" % ioctls
+    finally:
+        munmap(addr, length)
+        os.close(fd)
+
+
+def _wp_faults(kind):
+    """WP faults (flags wp|write) on ``kind`` memory, protect/unprotect by the parent."""
+    feats = _MEM_FEATURES[(kind, "wp")] | _MEM_FEATURES[(kind, "missing")]
+    if kind == "hugetlb":
+        _need_hugepages(1)
+    _available_or_skip(feats)
+
+    def body(peer):
+        u = _uffd(feats)
+        addr, length, ps, fd = _mem(kind, 1)
+        _poke(addr, _pattern(1, ps))            # present before registering
+        ioctls = u.register(addr, length, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP)
+        peer.send(fds=[u.fileno()], addr=addr, ps=ps, ioctls=int(ioctls))
+        peer.recv()                             # parent protected the page
+        peer.send(read=_digest(_peek(addr, ps)))    # a read does not fault
+        peer.recv()
+        _poke(addr + 8, b"WP")                  # a write faults (wp|write)
+        peer.send(wrote=1)
+        peer.recv()                             # protected and unprotected again
+        _poke(addr + 16, b"again")              # no fault now
+        peer.send(d=_digest(_peek(addr, ps)))
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        addr, ps, ioctls = msg["addr"], msg["ps"], Ioctls(msg["ioctls"])
+        _expect(Ioctls.WRITEPROTECT in ioctls, "register returned %s", ioctls)
+        served = _Served([Userfaultfd.adopt(fds[0], feats)], "wp", ps)
+        u = served.uffds[0]
+        try:
+            u.writeprotect(addr, ps, True)
+            peer.send(go=1)
+            msg, _ = peer.serve(served)
+            _expect(not served.faults, "a read of a write-protected page faulted: %r",
+                    served.faults)
+            _expect(msg["read"] == _digest(_pattern(1, ps)),
+                    "a read of a write-protected page saw other data")
+            peer.send(go=2)
+            msg, _ = peer.serve(served)
+            _expect(len(served.faults) == 1, "faults after the write: %r", served.faults)
+            u.writeprotect(addr, ps, True)
+            u.writeprotect(addr, ps, False)
+            _raises(errno.EINVAL, u.writeprotect, addr, ps, True, True)   # WP|DONTWAKE
+            peer.send(go=3)
+            msg, _ = peer.serve(served)
+            peer.wait()
+        finally:
+            served.close()
+    f = [ev for _, ev in served.faults]
+    _expect(len(f) == 1, "expected one WP fault, got %r", f)
+    _expect(f[0].kind == "wp" and f[0].write and f[0].address == addr, "fault %r", f[0])
+    p = bytearray(_pattern(1, ps))
+    p[8:10], p[16:21] = b"WP", b"again"
+    _expect(msg["d"] == _digest(bytes(p)), "page holds other data after the WP faults")
+    return "fault 0x%x flags %s" % (f[0].address, FaultFlags(f[0].flags))
+
+
+def _minor_continue(kind):
+    """MINOR fault on the registered alias of a memfd; the parent edits the page through its
+    own mapping of the memfd, then UFFDIO_CONTINUE maps it; CONTINUE again: EEXIST."""
+    feats = _MEM_FEATURES[(kind, "minor")]
+    if kind == "hugetlb":
+        _need_hugepages(1)
+    _available_or_skip(feats)
+
+    def body(peer):
+        u = _uffd(feats)
+        alias, length, ps, fd = _mem(kind, 1)
+        _poke(alias, _pattern(1, ps))           # in the page cache now
+        addr = mmap_anon(length, flags=MAP_SHARED, fd=fd)
+        ioctls = u.register(addr, length, UFFDIO_REGISTER_MODE_MINOR)
+        peer.send(fds=[u.fileno(), fd], addr=addr, ps=ps, ioctls=int(ioctls))
+        peer.send(d=_digest(_peek(addr, ps)))   # minor fault
+        peer.recv()                             # stay alive for the EEXIST probe
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        addr, ps, ioctls = msg["addr"], msg["ps"], Ioctls(msg["ioctls"])
+        served = _Served([Userfaultfd.adopt(fds[0], feats)], "none", ps)
+        mine = 0
+        try:
+            _expect(Ioctls.CONTINUE in ioctls, "register returned %s", ioctls)
+            u = served.uffds[0]
+            _expect(peer._wait_readable(u.fileno()), "no minor fault arrived")
+            served.drain()
+            f = [ev for _, ev in served.faults]
+            _expect(len(f) == 1 and f[0].kind == "minor" and f[0].address == addr and
+                    not f[0].write, "faults %r", f)
+            mine = mmap_anon(ps, flags=MAP_SHARED, fd=fds[1])
+            _expect(_peek(mine, 16) == _pattern(1, 16), "page cache holds other data")
+            _poke(mine, _pattern(2, ps))            # edit, then map it for the child
+            _expect(u.continue_(addr, ps) == ps, "CONTINUE incomplete")
+            msg, _ = peer.recv()
+            _raises(errno.EEXIST, u.continue_, addr, ps)
+            peer.send(bye=1)
+            peer.wait()
+        finally:
+            if mine:
+                munmap(mine, ps)
+            os.close(fds[1])
+            served.close()
+    _expect(msg["d"] == _digest(_pattern(2, ps)), "child read other data after CONTINUE")
+    return "minor fault 0x%x, ioctls %s" % (addr, ioctls)
+
+
+_register_memory_checks()
+
+
+@selftest_check("copy-eexist")
+def check_copy_eexist():
+    """UFFDIO_COPY/ZEROPAGE/POISON onto a present page: EEXIST (nothing done); WAKE after it;
+    COPY outside a registered range: ENOENT."""
+    ps = PAGE_SIZE
+    area = mmap_anon(3 * ps)
+    src = _src(_pattern(7, ps))
+    try:
+        with _uffd(UFFD_FEATURE_POISON) as u:
+            u.register(area, 2 * ps)
+            _expect(u.copy(area, ctypes.addressof(src), ps) == ps, "first COPY incomplete")
+            e = _raises(errno.EEXIST, u.copy, area, ctypes.addressof(src), ps)
+            _expect(e.done == 0, "EEXIST with progress %d", e.done)
+            _raises(errno.EEXIST, u.zeropage, area, ps)
+            _raises(errno.EEXIST, u.poison, area, ps)
+            u.wake(area, ps)                          # nothing waits: still 0
+            _raises(errno.ENOENT, u.copy, area + 2 * ps, ctypes.addressof(src), ps)
+            _raises(errno.EINVAL, u.copy, area + 1, ctypes.addressof(src), ps)   # unaligned
+            u.unregister(area, 2 * ps)
+            _expect(_peek(area, ps) == src.raw, "copied page holds other data")
+        return None
+    finally:
+        munmap(area, 3 * ps)
+
+
+@selftest_check("copy-partial")
+def check_copy_partial():
+    """A COPY/ZEROPAGE that meets a present page stops there: -1/EAGAIN with the bytes done in
+    the result field; the binding returns that progress; the retry reports the real error."""
+    ps = PAGE_SIZE
+    area = mmap_anon(8 * ps)
+    src = _src(_pattern(3, 4 * ps))
+    try:
+        _poke(area + 2 * ps, b"present")              # populate pages 2 and 6 before registering
+        _poke(area + 6 * ps, b"present")
+        with _uffd() as u:
+            u.register(area, 8 * ps)
+            arg = uffdio_copy(area, ctypes.addressof(src), 4 * ps, 0, 0)
+            _raises(errno.EAGAIN, u._ioctl, UFFDIO_COPY, arg, "UFFDIO_COPY")
+            _expect(arg.copy == 2 * ps, "raw COPY progress %d, want %d", arg.copy, 2 * ps)
+        # the same through the binding on a fresh registration
+        munmap(area, 8 * ps)
+        area = mmap_anon(8 * ps)
+        _poke(area + 2 * ps, b"present")
+        _poke(area + 6 * ps, b"present")
+        with _uffd() as u:
+            u.register(area, 8 * ps)
+            done = u.copy(area, ctypes.addressof(src), 4 * ps)
+            _expect(done == 2 * ps, "COPY progress %d, want %d", done, 2 * ps)
+            e = _raises(errno.EEXIST, u.copy, area + done, ctypes.addressof(src) + done, 2 * ps)
+            _expect(e.done == 0, "retry reports progress %d", e.done)
+            _expect(u.copy(area + 3 * ps, ctypes.addressof(src) + 3 * ps, ps) == ps, "page 3")
+            zdone = u.zeropage(area + 4 * ps, 4 * ps)
+            _expect(zdone == 2 * ps, "ZEROPAGE progress %d, want %d", zdone, 2 * ps)
+            u.unregister(area, 8 * ps)
+        want = src.raw[:2 * ps] + b"present" + bytes(ps - 7) + src.raw[3 * ps:]
+        _expect(_peek(area, 4 * ps) == want, "pages 0-3 hold other data")
+        _expect(_peek(area + 4 * ps, 2 * ps) == bytes(2 * ps), "pages 4-5 not zero")
+        return "COPY 4 pages -> %d bytes, ZEROPAGE 4 pages -> %d bytes" % (done, zdone)
+    finally:
+        munmap(area, 8 * ps)
+
+
+@selftest_check("wake")
+def check_wake():
+    """A fault served with COPY_MODE_DONTWAKE stays blocked until UFFDIO_WAKE."""
+    def body(peer):
+        u = _uffd()
+        addr = mmap_anon(PAGE_SIZE)
+        u.register(addr, PAGE_SIZE)
+        peer.send(fds=[u.fileno()], addr=addr)
+        peer.send(d=_digest(_peek(addr, PAGE_SIZE)))
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        served = _Served([Userfaultfd.adopt(fds[0])], "none")
+        try:
+            u = served.uffds[0]
+            _expect(peer._wait_readable(u.fileno()), "no fault arrived")
+            served.drain()
+            _expect(len(served.faults) == 1, "faults: %r", served.faults)
+            src = _src(_pattern(5, PAGE_SIZE))
+            n = u.copy(msg["addr"], ctypes.addressof(src), PAGE_SIZE, UFFDIO_COPY_MODE_DONTWAKE)
+            _expect(n == PAGE_SIZE, "COPY did %d", n)
+            _expect(not peer._wait_readable(peer.sock, 0.2),
+                    "the child went on without UFFDIO_WAKE")
+            u.wake(msg["addr"], PAGE_SIZE)
+            msg, _ = peer.recv()
+            _expect(msg["d"] == _digest(src.raw), "woken child read other data")
+            peer.wait()
+        finally:
+            served.close()
+    return "blocked 200 ms after COPY(DONTWAKE), released by WAKE"
+
+
+@selftest_check("poison")
+def check_poison():
+    """UFFDIO_POISON: a syscall reading the page gets EFAULT, an access gets SIGBUS."""
+    def body(peer):
+        u = _uffd(UFFD_FEATURE_POISON)
+        addr = mmap_anon(2 * PAGE_SIZE)
+        ioctls = u.register(addr, 2 * PAGE_SIZE)
+        peer.send(fds=[u.fileno()], addr=addr, ioctls=int(ioctls))
+        peer.recv()
+        r, w = os.pipe()
+        try:
+            os.write(w, _view(addr, PAGE_SIZE))
+            peer.send(write="no error")
+        except OSError as e:
+            peer.send(write=errno.errorcode.get(e.errno, str(e.errno)))
+        peer.send(d1=_digest(_peek(addr + PAGE_SIZE, PAGE_SIZE)))
+        _peek(addr, 1)                          # SIGBUS
+        peer.send(error="no SIGBUS on the poisoned page")
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        addr = msg["addr"]
+        served = _Served([Userfaultfd.adopt(fds[0], UFFD_FEATURE_POISON)], "copy")
+        try:
+            _expect(Ioctls.POISON in Ioctls(msg["ioctls"]), "register returned %s",
+                    Ioctls(msg["ioctls"]))
+            u = served.uffds[0]
+            _expect(u.poison(addr, PAGE_SIZE) == PAGE_SIZE, "POISON incomplete")
+            _raises(errno.EEXIST, u.poison, addr, PAGE_SIZE)
+            src = _src(_pattern(9, PAGE_SIZE))
+            u.copy(addr + PAGE_SIZE, ctypes.addressof(src), PAGE_SIZE)
+            peer.send(go=1)
+            m1, _ = peer.serve(served)
+            m2, _ = peer.serve(served)
+            status = peer.wait()
+        finally:
+            served.close()
+    _expect(m1["write"] == "EFAULT", "write() from the poisoned page: %s", m1["write"])
+    _expect(m2["d1"] == _digest(src.raw), "the copied page holds other data")
+    _expect(status == "signal SIGBUS", "child touching the poisoned page: %s", status)
+    _expect(not served.faults, "poisoned page raised uffd messages")
+    return "write() -> EFAULT, access -> SIGBUS"
+
+
+@selftest_check("move")
+def check_move():
+    """UFFDIO_MOVE resolves a MISSING fault (thread faulting via memmove, same process):
+    data moved, source emptied; EEXIST onto a present page; ENOENT/ALLOW_SRC_HOLES on holes."""
+    _available_or_skip(UFFD_FEATURE_MOVE)
+
+    def body(peer):
+        import threading                # only here: the faulting thread of the MOVE check
+        ps = PAGE_SIZE
+        u = _uffd(UFFD_FEATURE_MOVE)
+        src = mmap_anon(4 * ps)
+        dst = mmap_anon(4 * ps)
+        _poke(src, _pattern(4, ps))
+        _poke(src + ps, _pattern(5, ps))
+        u.register(dst, 4 * ps)
+        buf = ctypes.create_string_buffer(ps)
+        t = threading.Thread(target=ctypes.memmove, args=(buf, dst, ps), daemon=True)
+        t.start()                       # faults on dst; memmove releases the GIL
+        p = select.poll()
+        p.register(u.fileno(), select.POLLIN)
+        _expect(p.poll(2000), "no fault from the thread")
+        evs = u.read_events()
+        _expect(len(evs) == 1 and evs[0].address == dst, "events %r", evs)
+        _expect(u.move(dst, src, ps) == ps, "MOVE incomplete")
+        t.join(2)
+        _expect(not t.is_alive(), "the faulting thread is still blocked")
+        out = {"moved": buf.raw == _pattern(4, ps), "src_empty": _peek(src, ps) == bytes(ps)}
+        try:
+            u.move(dst, src + ps, ps)
+            out["eexist"] = "no error"
+        except UffdError as e:
+            out["eexist"] = errno.errorcode[e.errno]
+        try:
+            u.move(dst + ps, src + 2 * ps, ps)      # src page 2 was never touched: a hole
+            out["hole"] = "no error"
+        except UffdError as e:
+            out["hole"] = errno.errorcode[e.errno]
+        out["holes_ok"] = u.move(dst + ps, src + ps, 3 * ps,
+                                 UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES) == 3 * ps
+        u.unregister(dst, 4 * ps)
+        out["moved2"] = _peek(dst + ps, ps) == _pattern(5, ps)
+        peer.send(**out)
+
+    with _Peer(body) as peer:
+        msg, _ = peer.recv()
+        peer.wait()
+    _expect(msg["moved"], "the faulting thread read other data after MOVE")
+    _expect(msg["src_empty"], "the source page still has data after MOVE")
+    _expect(msg["eexist"] == "EEXIST", "MOVE onto a present page: %s", msg["eexist"])
+    _expect(msg["hole"] == "ENOENT", "MOVE from a hole: %s", msg["hole"])
+    _expect(msg["holes_ok"] and msg["moved2"], "MOVE with ALLOW_SRC_HOLES failed")
+    return None
+
+
+# -- non-cooperative events ---------------------------------------------------------------------
+
+def _event_peer(features, script, kind="anon", npages=4, how="copy", reg_pages=None):
+    """Run ``script(peer, addr, ps)`` in a child that owns a uffd with ``features`` and
+    ``npages`` registered pages of ``kind``, while we read its messages and serve its faults
+    (how=...).  Returns (served, [messages]) once the child has exited."""
+    _available_or_skip(features)
+    feats_mem = _MEM_FEATURES[(kind, "missing")]
+
+    def body(peer):
+        u = _uffd(features | feats_mem)
+        addr, length, ps, fd = _mem(kind, npages)
+        u.register(addr, length if reg_pages is None else reg_pages * ps)
+        peer.send(fds=[u.fileno()], addr=addr, ps=ps)
+        script(peer, addr, ps)
+        peer.send(done=1)
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        served = _Served([Userfaultfd.adopt(fds[0], features | feats_mem)], how, msg["ps"])
+        msgs = [msg]
+        try:
+            while True:
+                m, _ = peer.serve(served)
+                msgs.append(m)
+                if m.get("done"):
+                    break
+            status = peer.wait()
+            _expect(status == "exit 0", "child: %s", status)
+        finally:
+            served.close()
+    return served, msgs
+
+
+@selftest_check("event-fork")
+def check_event_fork():
+    """EVENT_FORK: the fork blocks until read; the child's faults arrive on the new uffd and
+    are served through it (data verified)."""
+    def script(peer, addr, ps):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                peer.send(grandchild=_digest(_peek(addr, ps)))
+                code = 0
+            finally:
+                os._exit(code)
+        _, st = os.waitpid(pid, 0)
+        peer.send(fork_status=st)
+
+    served, msgs = _event_peer(UFFD_FEATURE_EVENT_FORK, script)
+    addr = msgs[0]["addr"]
+    forks = served.of(Fork)
+    _expect(len(forks) == 1, "FORK events: %r", forks)
+    _expect(len(served.uffds) == 2, "the FORK uffd was not adopted")
+    _expect([u for u, _ in served.faults] == [served.uffds[1]],
+            "the child's fault did not arrive (only) on the FORK uffd")
+    _expect(served.faults[0][1].address == addr, "fault at 0x%x", served.faults[0][1].address)
+    m = {k: v for d in msgs for k, v in d.items()}
+    _expect(m.get("grandchild") == _digest(_pattern(1, PAGE_SIZE)),
+            "the forked child read other data")
+    _expect(m.get("fork_status") == 0, "the forked child failed")
+    return "ufd %d" % forks[0].ufd
+
+
+def _check_remap(fixed):
+    def script(peer, addr, ps):
+        # page 2 is mapped but not registered: a separate VMA, so the grow has to move
+        d0 = _digest(_peek(addr, ps))                         # fault 1, served pattern 1
+        if fixed:
+            target = mmap_anon(2 * ps)                        # not registered: no UNMAP for it
+            new = mremap(addr, 2 * ps, 2 * ps, MREMAP_MAYMOVE | MREMAP_FIXED, target)
+            _expect(new == target, "MREMAP_FIXED went to 0x%x" % new)
+        else:
+            new = mremap(addr, 2 * ps, 4 * ps, MREMAP_MAYMOVE)
+        d0b = _digest(_peek(new, ps))                         # moved with the mapping
+        d1 = _digest(_peek(new + ps, ps))                     # fault 2 at the new address
+        peer.send(new=new, d0=d0, d0b=d0b, d1=d1)
+
+    served, msgs = _event_peer(UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_UNMAP, script,
+                               npages=3, reg_pages=2)
+    addr, ps = msgs[0]["addr"], PAGE_SIZE
+    m = msgs[1]
+    new = m["new"]
+    _expect(new != addr, "mremap did not move")
+    names = [type(e).__name__ for _, e in served.events]
+    remaps, unmaps = served.of(Remap), served.of(Unmap)
+    _expect(remaps == [Remap(addr, new, 2 * ps)], "REMAP events %r (events %s)", remaps, names)
+    _expect(unmaps == [Unmap(addr, addr + 2 * ps)], "expected the UNMAP of the old range after "
+            "REMAP, got %r (events %s)", unmaps, names)
+    _expect(names == ["PageFault", "Remap", "Unmap", "PageFault"], "event order %s", names)
+    f = [e for _, e in served.faults]
+    _expect(f[0].address == addr and f[1].address == new + ps, "faults %r", f)
+    _expect(m["d0"] == m["d0b"] == _digest(_pattern(1, ps)), "page 0 did not move with data")
+    _expect(m["d1"] == _digest(_pattern(2, ps)), "fault at the new address served other data")
+    return "0x%x -> 0x%x, then %r" % (addr, new, unmaps[0])
+
+
+@selftest_check("event-remap-grow")
+def check_event_remap_grow():
+    """EVENT_REMAP on an mremap that grows and moves; the old range's UNMAP follows; the
+    registration and the data moved (faults at the new address)."""
+    return _check_remap(False)
+
+
+@selftest_check("event-remap-fixed")
+def check_event_remap_fixed():
+    """EVENT_REMAP on mremap(MREMAP_FIXED) onto another mapping; UNMAP of the old range."""
+    return _check_remap(True)
+
+
+def _check_remove(kind, advice):
+    def script(peer, addr, ps):
+        d0 = _digest(_peek(addr, ps))             # fault 1: pattern 1
+        madvise(addr, 2 * ps, advice)             # blocks until the REMOVE is read
+        d0b = _digest(_peek(addr, ps))            # gone: fault 2, pattern 2
+        peer.send(d0=d0, d0b=d0b)
+
+    served, msgs = _event_peer(UFFD_FEATURE_EVENT_REMOVE, script, kind)
+    addr, ps = msgs[0]["addr"], PAGE_SIZE
+    removes = served.of(Remove)
+    _expect(removes == [Remove(addr, addr + 2 * ps)], "REMOVE events %r", removes)
+    f = [e for _, e in served.faults]
+    _expect(len(f) == 2 and f[0].address == f[1].address == addr,
+            "expected a fault before and after the REMOVE, got %r", f)
+    _expect(msgs[1]["d0"] == _digest(_pattern(1, ps)), "first fault served other data")
+    _expect(msgs[1]["d0b"] == _digest(_pattern(2, ps)), "page was not removed")
+    return repr(removes[0])
+
+
+@selftest_check("event-remove-dontneed")
+def check_event_remove_dontneed():
+    """EVENT_REMOVE on MADV_DONTNEED of anonymous memory; the range stays registered."""
+    return _check_remove("anon", MADV_DONTNEED)
+
+
+@selftest_check("event-remove-shmem")
+def check_event_remove_shmem():
+    """EVENT_REMOVE on MADV_REMOVE of shmem (memfd); the range stays registered."""
+    return _check_remove("shmem", MADV_REMOVE)
+
+
+@selftest_check("event-unmap")
+def check_event_unmap():
+    """EVENT_UNMAP on munmap of part of a registered range; the rest still faults."""
+    def script(peer, addr, ps):
+        munmap(addr + ps, 2 * ps)
+        peer.send(d=_digest(_peek(addr + 3 * ps, ps)))
+
+    served, msgs = _event_peer(UFFD_FEATURE_EVENT_UNMAP, script)
+    addr, ps = msgs[0]["addr"], PAGE_SIZE
+    unmaps = served.of(Unmap)
+    _expect(unmaps == [Unmap(addr + ps, addr + 3 * ps)], "UNMAP events %r", unmaps)
+    _expect(msgs[1]["d"] == _digest(_pattern(1, ps)), "remaining page served other data")
+    return repr(unmaps[0])
+
+
+@selftest_check("eagain-remove-unread")
+def check_eagain():
+    """While a REMOVE event is unread (its madvise blocked), COPY/ZEROPAGE/POISON fail with
+    EAGAIN and -EAGAIN in the result field, WRITEPROTECT with EAGAIN; after reading it they work."""
+    feats = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_POISON | UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    _available_or_skip(feats)
+
+    def body(peer):
+        u = _uffd(feats)
+        ps = PAGE_SIZE
+        addr = mmap_anon(4 * ps)
+        u.register(addr, 4 * ps, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP)
+        peer.send(fds=[u.fileno()], addr=addr)
+        peer.recv()
+        madvise(addr + 3 * ps, ps, MADV_DONTNEED)
+        peer.send(d=_digest(_peek(addr, ps)))
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        addr, ps = msg["addr"], PAGE_SIZE
+        u = Userfaultfd.adopt(fds[0], feats)
+        try:
+            peer.send(go=1)
+            _expect(peer._wait_readable(u.fileno()), "no REMOVE event arrived")
+            src = _src(_pattern(6, ps))
+            got = {}
+            for op, req, arg, field in (
+                    ("COPY", UFFDIO_COPY, uffdio_copy(addr, ctypes.addressof(src), ps, 0, 0),
+                     "copy"),
+                    ("ZEROPAGE", UFFDIO_ZEROPAGE, uffdio_zeropage(uffdio_range(addr, ps), 0, 0),
+                     "zeropage"),
+                    ("POISON", UFFDIO_POISON, uffdio_poison(uffdio_range(addr, ps), 0, 0),
+                     "updated")):
+                _raises(errno.EAGAIN, u._ioctl, req, arg, "UFFDIO_" + op)
+                got[op] = getattr(arg, field)
+                _expect(got[op] == -errno.EAGAIN, "%s result field %d, want -EAGAIN",
+                        op, got[op])
+            _raises(errno.EAGAIN, u.writeprotect, addr, ps, True)
+            e = _raises(errno.EAGAIN, u.copy, addr, ctypes.addressof(src), ps)   # the binding
+            _expect(e.done == 0, "binding reports progress %d", e.done)
+            evs = u.read_events()
+            _expect(evs == [Remove(addr + 3 * ps, addr + 4 * ps)], "events %r", evs)
+            # the madvise caller clears mmap_changing once it is woken: retry until then
+            for _ in range(2000):
+                try:
+                    done = u.copy(addr, ctypes.addressof(src), ps)
+                    break
+                except UffdError as e:
+                    if e.errno != errno.EAGAIN:
+                        raise
+                    time.sleep(0.001)
+            else:
+                raise CheckFail("COPY still EAGAIN 2 s after the REMOVE was read")
+            _expect(done == ps, "COPY after the read did %d", done)
+            msg, _ = peer.recv()
+            peer.wait()
+        finally:
+            u.close()
+    _expect(msg["d"] == _digest(src.raw), "page holds other data")
+    return "result fields %s" % ", ".join("%s=%d" % kv for kv in got.items())
+
+
+# -- feature bits -----------------------------------------------------------------------------
+
+@selftest_check("thread-id")
+def check_thread_id():
+    """THREAD_ID: pagefault.feat.ptid is the faulting thread's TID (a second thread's, not the
+    process's); without the feature it is 0."""
+    def body(peer):
+        import threading                # only here: the faulting threads of this check
+        ps = PAGE_SIZE
+        u1 = _uffd(UFFD_FEATURE_THREAD_ID)
+        u2 = _uffd()
+        a1, a2 = mmap_anon(ps), mmap_anon(ps)
+        u1.register(a1, ps)
+        u2.register(a2, ps)
+        peer.send(fds=[u1.fileno(), u2.fileno()], a1=a1, a2=a2)
+        tids = []
+        buf = ctypes.create_string_buffer(ps)
+
+        def touch(addr):
+            tids.append(threading.get_native_id())
+            ctypes.memmove(buf, addr, ps)           # faults without holding the GIL
+        for addr in (a1, a2):
+            t = threading.Thread(target=touch, args=(addr,), daemon=True)
+            t.start()
+            t.join(3)
+            _expect(not t.is_alive(), "a faulting thread is still blocked")
+        peer.send(tids=tids, pid=os.getpid())
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        served = _Served([Userfaultfd.adopt(fds[0], UFFD_FEATURE_THREAD_ID),
+                          Userfaultfd.adopt(fds[1])], "copy")
+        try:
+            m, _ = peer.serve(served)
+            peer.wait()
+        finally:
+            served.close()
+    _expect(len(served.faults) == 2, "faults %r", served.faults)
+    f1, f2 = served.faults[0][1], served.faults[1][1]
+    _expect(f1.ptid == m["tids"][0] and f1.ptid != m["pid"],
+            "ptid %d, faulting thread %d (process %d)", f1.ptid, m["tids"][0], m["pid"])
+    _expect(f2.ptid == 0, "ptid %d without THREAD_ID", f2.ptid)
+    return "ptid %d == thread id (process %d)" % (f1.ptid, m["pid"])
+
+
+@selftest_check("sigbus-mode")
+def check_sigbus():
+    """SIGBUS feature: a missing fault sends SIGBUS to the faulting thread and no message."""
+    def body(peer):
+        u = _uffd(UFFD_FEATURE_SIGBUS)
+        addr = mmap_anon(PAGE_SIZE)
+        u.register(addr, PAGE_SIZE)
+        peer.send(fds=[u.fileno()], addr=addr)
+        peer.recv()
+        _peek(addr, 1)
+        peer.send(error="no SIGBUS")
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        with Userfaultfd.adopt(fds[0], UFFD_FEATURE_SIGBUS) as u:
+            peer.send(go=1)
+            status = peer.wait()
+            evs = u.read_events()
+    _expect(status == "signal SIGBUS", "child: %s", status)
+    _expect(evs == [], "messages with SIGBUS mode: %r", evs)
+    return "child got SIGBUS, no message"
+
+
+@selftest_check("exact-address")
+def check_exact_address():
+    """EXACT_ADDRESS: pagefault.address is the exact faulting address; without it, page-aligned."""
+    off = 0x123
+
+    def body(peer):
+        u1 = _uffd(UFFD_FEATURE_EXACT_ADDRESS)
+        u2 = _uffd()
+        a1, a2 = mmap_anon(PAGE_SIZE), mmap_anon(PAGE_SIZE)
+        u1.register(a1, PAGE_SIZE)
+        u2.register(a2, PAGE_SIZE)
+        peer.send(fds=[u1.fileno(), u2.fileno()], a1=a1, a2=a2)
+        _peek(a1 + off, 1)
+        _peek(a2 + off, 1)
+        peer.send(done=1)
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        served = _Served([Userfaultfd.adopt(fds[0], UFFD_FEATURE_EXACT_ADDRESS),
+                          Userfaultfd.adopt(fds[1])], "copy")
+        try:
+            peer.serve(served)
+            peer.wait()
+        finally:
+            served.close()
+    f = [ev.address for _, ev in served.faults]
+    _expect(f == [msg["a1"] + off, msg["a2"]], "fault addresses %s, want %s",
+            [hex(a) for a in f], [hex(msg["a1"] + off), hex(msg["a2"])])
+    return "0x%x with, 0x%x without" % tuple(f)
+
+
+@selftest_check("wp-unpopulated")
+def check_wp_unpopulated():
+    """WP_UNPOPULATED: write-protecting never-touched anonymous pages (markers) makes the first
+    write a WP fault; without the feature that write does not fault."""
+    feats = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED
+    _available_or_skip(feats)
+
+    def body(peer):
+        ps = PAGE_SIZE
+        u1 = _uffd(feats)
+        u2 = _uffd(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        a1, a2 = mmap_anon(2 * ps), mmap_anon(ps)
+        u1.register(a1, 2 * ps, UFFDIO_REGISTER_MODE_WP)
+        u2.register(a2, ps, UFFDIO_REGISTER_MODE_WP)
+        u1.writeprotect(a1, 2 * ps, True)
+        u2.writeprotect(a2, ps, True)
+        wp = bool(_pagemap(a1) & PM_UFFD_WP)
+        peer.send(fds=[u1.fileno(), u2.fileno()], a1=a1, a2=a2, marker=wp)
+        _poke(a2, b"no fault")                      # old behaviour: none pte not protected
+        _poke(a1, b"WP fault")                      # marker: WP fault, parent unprotects
+        zero = _peek(a1 + ps, ps) == bytes(ps)      # a read over a marker: zero page, no fault
+        peer.send(zero=zero, d=_digest(_peek(a1, 8)))
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        served = _Served([Userfaultfd.adopt(fds[0], feats),
+                          Userfaultfd.adopt(fds[1], UFFD_FEATURE_PAGEFAULT_FLAG_WP)], "wp")
+        try:
+            m, _ = peer.serve(served)
+            peer.wait()
+        finally:
+            served.close()
+    _expect(msg["marker"], "pagemap shows no uffd-wp bit on the protected none pte")
+    f = [(u is served.uffds[0], ev) for u, ev in served.faults]
+    _expect(len(f) == 1 and f[0][0], "faults %r: want one, on the WP_UNPOPULATED uffd", f)
+    ev = f[0][1]
+    _expect(ev.kind == "wp" and ev.write and ev.address == msg["a1"], "fault %r", ev)
+    _expect(m["zero"] and m["d"] == _digest(b"WP fault"), "data after the WP fault")
+    return "fault 0x%x flags %s" % (ev.address, FaultFlags(ev.flags))
+
+
+@selftest_check("wp-async")
+def check_wp_async():
+    """WP_ASYNC: the kernel resolves WP faults itself (no message, the write goes on) and
+    clears the uffd-wp bit (pagemap bit 57) of the written page only."""
+    feats = UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_ASYNC
+    _available_or_skip(feats)
+
+    def body(peer):
+        ps = PAGE_SIZE
+        u = _uffd(feats)
+        addr = mmap_anon(3 * ps)
+        _poke(addr, b"populated")
+        u.register(addr, 3 * ps, UFFDIO_REGISTER_MODE_WP)
+        u.writeprotect(addr, 3 * ps, True)
+        before = [bool(_pagemap(addr + i * ps) & PM_UFFD_WP) for i in range(3)]
+        _poke(addr, b"written")                     # present page: async WP fault
+        _poke(addr + ps, b"written")                # none pte with marker
+        after = [bool(_pagemap(addr + i * ps) & PM_UFFD_WP) for i in range(3)]
+        data = _peek(addr, 9)
+        peer.send(before=before, after=after, msgs=len(u.read_events()), data=data.hex())
+
+    with _Peer(body) as peer:
+        m, _ = peer.recv()
+        peer.wait()
+    _expect(m["before"] == [True] * 3, "uffd-wp bits after protecting: %s", m["before"])
+    _expect(m["after"] == [False, False, True], "uffd-wp bits after writing pages 0-1: %s",
+            m["after"])
+    _expect(m["msgs"] == 0, "%d messages in async mode", m["msgs"])
+    _expect(bytes.fromhex(m["data"]) == b"writtened", "data %r", m["data"])
+    return "pagemap bit 57: %s -> %s" % (m["before"], m["after"])
+
+
+@selftest_check("user-mode-only")
+def check_user_mode_only():
+    """UFFD_USER_MODE_ONLY: a kernel access (write() from a registered missing page) fails with
+    EFAULT; without the flag the same access is a fault the handler serves."""
+    def body(peer):
+        u1 = _uffd(user_mode_only=True)
+        u2 = _uffd(user_mode_only=False)
+        a1, a2 = mmap_anon(PAGE_SIZE), mmap_anon(PAGE_SIZE)
+        u1.register(a1, PAGE_SIZE)
+        u2.register(a2, PAGE_SIZE)
+        peer.send(fds=[u2.fileno()], a2=a2)
+        r, w = os.pipe()
+        try:
+            os.write(w, _view(a1, PAGE_SIZE))
+            res = "no error"
+        except OSError as e:
+            res = errno.errorcode.get(e.errno, str(e.errno))
+        n = os.write(w, _view(a2, PAGE_SIZE))          # a kernel-mode fault we serve
+        peer.send(user_mode_only=res, n=n, d=_digest(os.read(r, PAGE_SIZE)))
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        served = _Served([Userfaultfd.adopt(fds[0])], "copy")
+        try:
+            m, _ = peer.serve(served)
+            peer.wait()
+        finally:
+            served.close()
+    _expect(m["user_mode_only"] == "EFAULT", "write() from a USER_MODE_ONLY range: %s",
+            m["user_mode_only"])
+    f = [ev for _, ev in served.faults]
+    _expect(len(f) == 1 and f[0].address == msg["a2"], "kernel-mode faults %r", f)
+    _expect(m["n"] == PAGE_SIZE and m["d"] == _digest(_pattern(1, PAGE_SIZE)),
+            "write() after the served kernel fault")
+    return "EFAULT with the flag; a served fault without it"
+
+
+@selftest_check("handler-events")
+def check_handler_events():
+    """The Handler loop (what watch and serve-file run) serves a child's MISSING faults with
+    zero pages and its FORK (adopting the new uffd), REMAP, REMOVE and UNMAP events."""
+    feats = (UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE |
+             UFFD_FEATURE_EVENT_UNMAP)
+    _available_or_skip(feats)
+
+    def body(peer):
+        ps = PAGE_SIZE
+        u = _uffd(feats)
+        addr = mmap_anon(5 * ps)
+        u.register(addr, 4 * ps)                    # page 4 is not: the grow has to move
+        peer.send(fds=[u.fileno()], addr=addr)
+        ok = [_peek(addr, ps) == bytes(ps)]         # fault, zero page
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if _peek(addr + ps, ps) == bytes(ps) else 2   # on the FORK uffd
+            finally:
+                os._exit(code)
+        ok.append(os.waitpid(pid, 0)[1] == 0)
+        new = mremap(addr, 4 * ps, 8 * ps, MREMAP_MAYMOVE)
+        ok.append(_peek(new + 2 * ps, ps) == bytes(ps))     # fault at the new address
+        madvise(new, ps, MADV_DONTNEED)                      # REMOVE: Handler unregisters it
+        ok.append(_peek(new, ps) == bytes(ps))               # a normal fault now
+        munmap(new + 3 * ps, ps)                             # UNMAP
+        peer.send(ok=ok, new=new)
+
+    with _Peer(body) as peer:
+        msg, fds = peer.recv()
+        addr, ps = msg["addr"], PAGE_SIZE
+        h = Handler(ZeroSource(), on_remove="unregister")
+        try:
+            s = h.add(Userfaultfd.adopt(fds[0], feats), [(addr, 4 * ps)], pid=peer.pid)
+            r = h.run(watch_fds=[peer.sock], timeout=max(0.1, peer.deadline - time.monotonic()))
+            _expect(r == peer.sock.fileno(), "Handler.run returned %r", r)
+            m, _ = peer.recv()
+            peer.wait()
+            count = dict(h.stats.count)
+            regions = [(g.start - m["new"], g.end - m["new"]) for g in s.regions]
+        finally:
+            h.close()
+    _expect(m["ok"] == [True] * 4, "child saw %s (zero page, forked child, after remap, "
+            "after remove)", m["ok"])
+    want = {"faults_missing": 3, "events_fork": 1, "events_remap": 1, "events_remove": 1,
+            "events_unmap": 2}
+    got = {k: count.get(k, 0) for k in want}
+    _expect(got == want, "Handler counted %s, want %s", got, want)
+    _expect(regions == [(ps, 3 * ps), (4 * ps, 8 * ps)] or regions == [(ps, 3 * ps)],
+            "Handler's regions after remap/remove/unmap: %s", regions)
+    return " ".join("%s=%d" % kv for kv in sorted(got.items()))
+
+
+# -- running checks -----------------------------------------------------------------------------
+
+def select_checks(patterns=None):
+    """The Checks whose name contains any of ``patterns`` (all when none), registry order."""
+    return [c for c in SELFTEST_CHECKS.values()
+            if not patterns or any(p in c.name for p in patterns)]
+
+
+def call_check(check):
+    """Run one check in this process: ('PASS'|'FAIL'|'SKIP', reason or detail)."""
+    try:
+        return "PASS", check.func()
+    except Exception as e:
+        return _classify(e)
+
+
+def _classify(e):
+    """('SKIP'|'FAIL', reason) for an exception a check raised."""
+    if isinstance(e, CheckSkip):
+        return "SKIP", str(e)
+    if isinstance(e, CheckFail):
+        return "FAIL", str(e)
+    if isinstance(e, UffdError):
+        if e.errno in (errno.EPERM, errno.EACCES) and e.op == "open userfaultfd":
+            return "SKIP", _NOT_PERMITTED
+        return "FAIL", str(e)
+    return "FAIL", "%s: %s" % (type(e).__name__, e)
+
+
+def run_check(check, timeout=CHECK_TIMEOUT):
+    """Run one check in a forked child (its own process group) with a deadline.
+
+    A check that overruns is killed with all its children and reported as a FAIL.
+    Returns (result, reason or detail, milliseconds)."""
+    t0 = time.monotonic()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setpgid(0, 0)
+            res = call_check(check)
+            os.write(w, json.dumps(res).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass                          # the child did it first, or already exited
+        p = select.poll()
+        p.register(r, select.POLLIN | select.POLLHUP)
+        data = b""
+        while True:
+            left = t0 + timeout - time.monotonic()
+            if left <= 0 or not p.poll(int(left * 1000) + 1):
+                res = ("FAIL", "timed out after %.1f s (killed)" % timeout)
+                break
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                try:
+                    res = tuple(json.loads(data))
+                except ValueError:
+                    res = None
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # whatever the check left behind
+        except OSError:
+            pass
+        _, st = os.waitpid(pid, 0)
+    if res is None:
+        res = ("FAIL", "the check process died (%s)" % _status_text(st))
+    return res[0], res[1], (time.monotonic() - t0) * 1000
+
+
+def run_selftest(checks, timeout=CHECK_TIMEOUT):
+    """Run ``checks`` (Check objects) one by one, each forked with a deadline; yields
+    (check, result, reason/detail, ms).  Reserves the huge pages the hugetlb checks need (as
+    root) and gives them back afterwards, also on failure or interruption."""
+    need = max([c.hugepages for c in checks] + [0])
+    reserve = hugepages_reserved(SELFTEST_HUGEPAGES) if need else None
+    if reserve is not None:
+        reserve.__enter__()
+    try:
+        for c in checks:
+            if c.hugepages and not reserve.ok:
+                yield c, "SKIP", reserve.reason, 0.0
+                continue
+            result, reason, ms = run_check(c, timeout)
+            yield c, result, reason, ms
+    finally:
+        if reserve is not None:
+            reserve.__exit__(None, None, None)
 
 
 ###################################################################################################
@@ -3285,6 +5597,15 @@ def build_parser():
     _add_target(pf)
     pf.add_argument("--firecracker-socket", metavar="PATH",
                     help="listen on PATH for Firecracker's UFFD handshake")
+    pf.add_argument("--no-fault-log", action="store_true",
+                    help="with --log/--json: no per-fault pagefault records (the other records "
+                         "and stats stay; keeps the fast serving loop)")
+    pf.add_argument("--accept-timeout", metavar="SECS", type=_seconds,
+                    help="with --firecracker-socket: give up (exit 1) if no peer connects "
+                         "within SECS (default: wait forever)")
+    pf.add_argument("--kill-peer-on-error", action="store_true",
+                    help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
+                         "cannot hang or read zeros where file data belongs")
     pf.set_defaults(func=cmd_serve_file)
     return p
 
@@ -3337,7 +5658,38 @@ def cmd_info(args):
 
 
 def cmd_selftest(args):
-    raise NotPermitted("selftest is not implemented yet")
+    checks = select_checks(args.select)
+    if args.select and not checks:
+        raise UsageError("no check matches -k %s (see 'uffdtool selftest --list')"
+                         % " -k ".join(args.select))
+    if args.list:
+        for c in checks:
+            print("%-24s %s%s" % (c.name, c.doc, " [hugetlb]" if c.hugepages else ""))
+        return 0
+    t0 = time.monotonic()
+    counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
+    for c, result, reason, ms in run_selftest(checks):
+        counts[result] += 1
+        if args.json:
+            rec = {"t": round(time.monotonic() - t0, 6), "event": "check", "name": c.name,
+                   "result": result, "reason": None if result == "PASS" else reason,
+                   "ms": round(ms, 1)}
+            if args.verbose and result == "PASS" and reason:
+                rec["detail"] = reason
+            print(json.dumps(rec), flush=True)
+        elif result == "PASS":
+            print("PASS %s" % c.name + ("  (%s, %.0f ms)" % (reason, ms) if args.verbose and
+                                        reason else ""), flush=True)
+        else:
+            print("%s %s: %s" % (result, c.name, reason), flush=True)
+    if args.json:
+        print(json.dumps({"t": round(time.monotonic() - t0, 6), "event": "summary",
+                          "passed": counts["PASS"], "failed": counts["FAIL"],
+                          "skipped": counts["SKIP"]}), flush=True)
+    else:
+        print("%d passed, %d failed, %d skipped" % (counts["PASS"], counts["FAIL"],
+                                                    counts["SKIP"]), flush=True)
+    return 1 if counts["FAIL"] else 0
 
 
 def _watch_target(args, features, warn):
@@ -3463,8 +5815,162 @@ def cmd_watch(args):
         log.close()
 
 
+def _make_log(args, human_faults):
+    dest = "-" if args.json else args.log
+    return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
+
+
+#: counters every serve-file stats record has, even when zero
+SERVE_COUNTERS = ("faults_missing", "pages_copy", "bytes_copy", "pages_zero", "bytes_zero",
+                  "eexist", "eagain", "retries", "partial", "prefetch_pages")
+
+
+def _serve_stats(stats, **extra):
+    rec = stats.record(**extra)
+    for k in SERVE_COUNTERS:
+        rec.setdefault(k, 0)
+    rec["faults"] = sum(v for k, v in rec.items() if k.startswith("faults_"))
+    return rec
+
+
+def _json_only(log, event, **fields):
+    """A record for the JSON log only (the human line is the CLI's own message)."""
+    human, log.human = log.human, None
+    try:
+        log.emit(event, **fields)
+    finally:
+        log.human = human
+
+
 def cmd_serve_file(args):
-    raise NotPermitted("serve-file is not implemented yet")
+    """serve-file: fill missing pages of the TARGET from --file (or with --zero)."""
+    if bool(args.file) == bool(args.zero):
+        raise UsageError("serve-file needs exactly one source: --file PATH or --zero")
+    if args.offset and not args.file:
+        raise UsageError("--offset needs --file")
+    targets = [bool(args.firecracker_socket), bool(args.self_),
+               args.pid is not None or bool(args.cmd)]
+    if sum(targets) > 1:
+        raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
+    if args.cmd and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
+    ws = None
+    if args.prefetch:
+        ws = read_working_set(args.prefetch)
+        if ws[0] != "offset":
+            raise UsageError("%s records addresses (key=%s); serve-file needs a working set of "
+                             "source offsets (record it with serve-file --record)"
+                             % (args.prefetch, ws[0]))
+    log = _make_log(args, human_faults=args.verbose)
+    log.json_faults = not args.no_fault_log
+    stats = Stats()
+    source = FileSource(args.file, args.offset) if args.file else ZeroSource()
+    target = handler = cpu0 = None
+    record = [] if args.record else None
+    status, reason = 0, None
+    try:
+        target = open_serve_target(args, log, source)
+        log.emit("start", command="serve-file", source=args.file or "zero",
+                 offset=args.offset, readahead=args.readahead, on_remove=args.on_remove)
+        if isinstance(target, FirecrackerTarget):
+            log.emit("ready", socket=target.path)
+            regions = target.accept(args.accept_timeout, source.size)
+            log.emit("handshake", pid=target.peer_pid, page_size=target.page_size,
+                     regions=len(regions), bytes=sum(r["size"] for r in regions),
+                     layout=[{"base": r["base_host_virt_addr"], "size": r["size"],
+                              "offset": r["offset"]} for r in regions])
+        else:
+            log.emit("ready", target="self", size=target.size)
+        prefetch = None
+        if ws is not None:
+            bounds = [r.offset for _, regs, _, _ in target.uffds for r in regs] + [
+                r.offset + r.end - r.start for _, regs, _, _ in target.uffds for r in regs]
+            runs = split_runs(coalesce_pages(ws[2], ws[1], target.page_size), bounds)
+            prefetch = Prefetcher(runs)
+            stats.add("prefetch_listed", sum(b - a for a, b in runs) // target.page_size)
+        handler = Handler(source, log, stats, readahead=args.readahead, on_remove=args.on_remove,
+                          page_size=target.page_size, record=record, hugetlb=target.hugetlb,
+                          prefetch=prefetch)
+        for uffd, regs, pid, label in target.uffds:
+            handler.add(uffd, regs, pid, label)
+        tick = (lambda: log.emit("stats", **_serve_stats(stats))) if args.stats_interval else None
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        target.start()
+        while True:
+            res = handler.run(target.watch_fds, tick=tick, tick_interval=args.stats_interval)
+            if not isinstance(res, int):
+                reason = {"done": "target gone"}.get(res, res)
+                break
+            reason = target.fired(res)
+            if reason:
+                break
+    except BaseException as e:
+        failed = not isinstance(e, (KeyboardInterrupt, SystemExit))
+        status = getattr(e, "exit_code", 1)
+        if isinstance(e, KeyboardInterrupt):
+            reason, status = "interrupted", 130
+        elif isinstance(e, (UffdError, OSError)) and handler is not None:
+            e = TargetError("serving failed: %s" % (e.strerror or e))
+            reason = str(e)
+        else:
+            reason = str(e) or type(e).__name__
+        if failed:
+            _json_only(log, "error", message=reason)
+        if failed and args.kill_peer_on_error and target is not None and target.peer_pid:
+            try:
+                os.kill(target.peer_pid, signal.SIGKILL)
+                log.emit("killed_peer", pid=target.peer_pid)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, UffdError):
+            e = TargetError(str(e))
+        if isinstance(e, UffdError):
+            status = 3 if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) else 1
+        raise e
+    finally:
+        extra = {}
+        if cpu0 is not None:                  # CPU time of the serving phase (this process)
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            extra["cpu_user_s"] = round(cpu1.ru_utime - cpu0.ru_utime, 6)
+            extra["cpu_sys_s"] = round(cpu1.ru_stime - cpu0.ru_stime, 6)
+        if isinstance(target, SelfServeTarget) and reason == "workload done":
+            status = _finish_self(args, target, source, stats, log)
+        if record is not None and handler is not None:
+            write_working_set(args.record, record, handler.page_size, key="offset")
+            extra["recorded_pages"] = len(record)
+        if handler is not None or target is not None:
+            log.emit("stats", **_serve_stats(stats, **extra))
+        if status and reason != "interrupted":
+            _json_only(log, "exit", reason=reason, status=status)    # the CLI prints why
+        else:
+            log.emit("exit", reason=reason, status=status)
+        if handler is not None:
+            handler.close()
+        if target is not None:
+            target.close()
+        source.close()
+        log.close()
+    return status
+
+
+def _finish_self(args, target, source, stats, log):
+    """--self: verify every byte the worker read and print the throughput."""
+    if target.error is not None:
+        log.emit("verify", ok=False, error=str(target.error))
+        return 1
+    ok, bad = target.verify(source)
+    mib = target.size / (1 << 20)
+    rate = mib / target.elapsed if target.elapsed else 0.0
+    log.emit("verify", ok=ok, bytes=target.size, first_bad=bad,
+             seconds=round(target.elapsed, 6), mib_s=round(rate, 1))
+    if not args.quiet:
+        sys.stderr.write("self: %.1f MiB served from %s in %.3f s: %.0f MiB/s, %d faults, "
+                         "readahead %d: %s\n" % (
+                             mib, args.file or "zero pages", target.elapsed, rate,
+                             sum(v for k, v in stats.count.items() if k.startswith("faults_")),
+                             args.readahead,
+                             "every byte verified" if ok else "MISMATCH at offset %d" % bad))
+    return 0 if ok else 1
 
 
 def _raise_interrupt(signum, frame):
