@@ -1,6 +1,7 @@
 """uffdtool watch against real processes and the real kernel (root, x86_64 for --pid/-- CMD)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,6 +229,18 @@ def test_self_events_choice():
     r = run_tool("watch", "--self", "--json", "--quiet", "--events", "none", timeout=30)
     assert r.returncode == 0
     assert not {x["event"] for x in records(r.stdout)} & {"fork", "remap", "remove", "unmap"}
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux)")
+def test_fork_events_need_cap_sys_ptrace_and_say_so():
+    r = subprocess.run(["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace",
+                        sys.executable, TOOL, "watch", "--self", "--size", "64K", "--json",
+                        "--quiet"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    recs = records(r.stdout)
+    assert "CAP_SYS_PTRACE" in by_event(recs, "warning")[0]["message"]
+    assert "EVENT_FORK" not in by_event(recs, "start")[0]["features"]
+    assert not by_event(recs, "fork") and by_event(recs, "remap")
 
 
 def test_self_readahead_fills_several_pages():
