@@ -256,3 +256,28 @@ def test_unprivileged_open_error_and_info():
     info = json.loads(r.stdout)
     assert not info["open"]["syscall"]["ok"] and info["open"]["syscall_user_mode_only"]["ok"]
     assert "user mode only" in info["api"]["route"] and len(info["api"]["features"]) == 17
+
+
+@needs_uffd
+@pytest.mark.parametrize("spin", [0.0, 50e-6])
+def test_handler_spin_serves_and_sleeps(armed, spin):
+    """With and without the busy-poll window, faults are served; an idle handler still sleeps
+    (a stop() from another thread ends run() promptly in both cases)."""
+    uffd, area, _ = armed
+    h = u.Handler(u.ZeroSource(), spin=spin)
+    h.add(uffd, [(area, 8 * PS)])
+    got = {}
+
+    def touch():
+        got["data"] = _read(area, 8 * PS)
+        threading.Timer(0.2, h.stop).start()
+    t = threading.Thread(target=touch)
+    t.start()
+    import resource
+    c0 = resource.getrusage(resource.RUSAGE_SELF)
+    assert h.run(timeout=10) == "stopped"
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    t.join(5)
+    assert got["data"] == b"\0" * 8 * PS and h.stats.count["faults_missing"] == 8
+    # idle for ~0.2 s: a bounded spin, not a busy loop for the whole time
+    assert (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime) < 0.15
