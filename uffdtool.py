@@ -1547,24 +1547,26 @@ class Handler:
             return how, pages
         raise UffdError(errno.EAGAIN, "fill retries exhausted", addr, length)
 
-    def drain(self, s):
+    def drain(self, s, holes=None):
         """Install every page of ``s``'s source-backed regions that has not been filled yet
         (runs of up to PREFETCH_RUN bytes per ioctl; EEXIST: the page is already there), so
         that unregistering leaves no zero page where source data belongs.  Pages past the end
-        of the source and removed pages (on-remove=zero) are left alone.  Returns the pages
-        installed.  A zero source has nothing to install (after unregistering, the kernel maps
+        of the source and removed pages (on-remove=zero) are left alone.  ``holes(start,
+        end)``, if given, narrows ``[start, end)`` to the runs that may be missing (a hint, e.g.
+        from /proc/PID/pagemap: one ioctl per run instead of one EEXIST per present page).
+        Returns the pages installed.  A zero source has nothing to install (after unregistering, the kernel maps
         the same zero pages)."""
         installed = 0
         if self.source.kind == "zero":
             return 0
         for _ in range(10):             # again from the start if events changed the regions
-            n, changed = self._drain_regions(s)
+            n, changed = self._drain_regions(s, holes)
             installed += n
             if not changed:
                 break
         return installed
 
-    def _drain_regions(self, s):
+    def _drain_regions(self, s, holes):
         ps = self.page_size
         size = self.source.size
         installed = attempt = 0
@@ -1573,43 +1575,56 @@ class Handler:
                 continue
             end = r.end if size is None else min(r.end, r.start + max(0, size - r.offset))
             end = -(-end // ps) * ps if end > r.start else r.start
-            a = r.start
-            while a < end:
-                if s.uffd.closed:
-                    return installed, False
-                n = min(end - a, PREFETCH_RUN)
-                for x, y in s.removed:
-                    if x <= a < y:
-                        n, a = 0, min(y, end)
-                        break
-                    if a < x < a + n:
-                        n = x - a
-                if not n:
-                    continue
-                try:
-                    done = self.source.fill(s.uffd, a, n, r.offset + (a - r.start), self.hugetlb)
-                except UffdError as e:
-                    if e.errno == errno.EEXIST:
-                        a += ps
-                        continue
-                    if e.errno == errno.EAGAIN and attempt < 1000:
-                        self.stats.add("eagain")
-                        attempt += 1
-                        if not self._drain_events(s, attempt):
-                            return installed, False
-                        if s.find(a) is not r:
-                            return installed, True
-                        continue
-                    if e.errno in (errno.ESRCH, errno.ENOMEM):
-                        self.drop(s, "exited")
-                        return installed, False
-                    if e.errno in (errno.ENOENT, errno.EINVAL, errno.EAGAIN):
-                        a += n                      # not mapped (any more): nothing to keep
-                        continue
-                    raise
-                installed += done // ps
-                a += done
+            runs = [(r.start, end)] if holes is None or end <= r.start else holes(r.start, end)
+            for a, end in runs:
+                n, changed = self._drain_run(s, r, a, end, attempt)
+                installed += n
+                if changed is not False:
+                    return installed, changed
         return installed, False
+
+    def _drain_run(self, s, r, a, end, attempt):
+        """Install the missing pages of ``[a, end)`` in region ``r``: (pages, changed) where
+        changed is None to go on, True when events changed the regions, False when ``s`` is
+        gone."""
+        ps = self.page_size
+        installed = 0
+        while a < end:
+            if s.uffd.closed:
+                return installed, False
+            n = min(end - a, PREFETCH_RUN)
+            for x, y in s.removed:
+                if x <= a < y:
+                    n, a = 0, min(y, end)
+                    break
+                if a < x < a + n:
+                    n = x - a
+            if not n:
+                continue
+            try:
+                done = self.source.fill(s.uffd, a, n, r.offset + (a - r.start), self.hugetlb)
+            except UffdError as e:
+                if e.errno == errno.EEXIST:
+                    a += ps
+                    continue
+                if e.errno == errno.EAGAIN and attempt < 1000:
+                    self.stats.add("eagain")
+                    attempt += 1
+                    if not self._drain_events(s, attempt):
+                        return installed, False
+                    if s.find(a) is not r:
+                        return installed, True
+                    continue
+                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                    self.drop(s, "exited")
+                    return installed, False
+                if e.errno in (errno.ENOENT, errno.EINVAL, errno.EAGAIN):
+                    a += n                      # not mapped (any more): nothing to keep
+                    continue
+                raise
+            installed += done // ps
+            a += done
+        return installed, None
 
     def _give_up(self, s, addr):
         """Stop filling ``addr`` but wake its thread: it retries the access, which faults again
@@ -2810,6 +2825,21 @@ def present_pages(pid, start, end):
     return out
 
 
+def missing_runs(pid, start, end):
+    """The runs ``[(a, b)]`` of [start, end) that are neither present nor swapped in pid
+    (complement of ``present_pages``); safe on registered memory (pagemap never faults).  On
+    error the whole range (the caller copes with EEXIST)."""
+    try:
+        present = present_pages(pid, start, end)
+    except OSError:
+        return [(start, end)]
+    out, a = [], start
+    for p in present + [end]:
+        if p > a:
+            out.append((a, p))
+        a = p + PAGE_SIZE
+    return out
+
 
 def read_target_pages(pid, pages):
     """process_vm_readv the given pages (batched into contiguous runs); returns {addr: bytes}.
@@ -3232,7 +3262,8 @@ class PidTarget(WatchTarget):
     def finish(self, handler, reason):
         if self.snapshot or self.offsets is not None:
             for s in list(handler.served.values()):     # no zero page where data belongs
-                self.drained += (handler.source.drain(s) if self.snapshot else handler.drain(s))
+                self.drained += (handler.source.drain(s) if self.snapshot else
+                                 handler.drain(s, lambda a, b: missing_runs(self.pid, a, b)))
         status = super().finish(handler, reason)
         self.abort()
         return status
