@@ -1554,8 +1554,8 @@ class Handler:
         of the source and removed pages (on-remove=zero) are left alone.  ``holes(start,
         end)``, if given, narrows ``[start, end)`` to the runs that may be missing (a hint, e.g.
         from /proc/PID/pagemap: one ioctl per run instead of one EEXIST per present page).
-        Returns the pages installed.  A zero source has nothing to install (after unregistering, the kernel maps
-        the same zero pages)."""
+        Returns the pages installed.  A zero source has nothing to install (after
+        unregistering, the kernel maps the same zero pages)."""
         installed = 0
         if self.source.kind == "zero":
             return 0
