@@ -1,6 +1,7 @@
 """serve-file --pid PID --range START:LEN and serve-file -- CMD against real processes and the
 real kernel (root, x86_64): the target's memory must end up holding the file's bytes."""
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -143,7 +144,6 @@ def stop(p, sig=signal.SIGINT):
     if sig is not None:
         p.send_signal(sig)
     out, err = p.communicate(timeout=15)
-    import json
     with open(p.log.name) as f:
         recs = [json.loads(line) for line in f if line.startswith("{")]
     return recs, err
