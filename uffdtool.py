@@ -1422,7 +1422,10 @@ class Handler:
                     length = e - off
                     st.add("prefetch_claimed")
             if off is not None and self.source.size is not None:
-                length = min(length, max(ps, self.source.size - off))
+                if off >= self.source.size:         # past the end of the file: zeros
+                    off, how, fill = None, "zero", self._zero_fill
+                else:
+                    length = min(length, -(-(self.source.size - off) // ps) * ps)
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
@@ -1551,6 +1554,85 @@ class Handler:
                 st.add("partial")
             return how, pages
         raise UffdError(errno.EAGAIN, "fill retries exhausted", addr, length)
+
+    def drain(self, s, holes=None):
+        """Install every page of ``s``'s source-backed regions that has not been filled yet
+        (runs of up to PREFETCH_RUN bytes per ioctl; EEXIST: the page is already there), so
+        that unregistering leaves no zero page where source data belongs.  Pages past the end
+        of the source and removed pages (on-remove=zero) are left alone.  ``holes(start,
+        end)``, if given, narrows ``[start, end)`` to the runs that may be missing (a hint, e.g.
+        from /proc/PID/pagemap: one ioctl per run instead of one EEXIST per present page).
+        Returns the pages installed.  A zero source has nothing to install (after
+        unregistering, the kernel maps the same zero pages)."""
+        installed = 0
+        if self.source.kind == "zero":
+            return 0
+        for _ in range(10):             # again from the start if events changed the regions
+            n, changed = self._drain_regions(s, holes)
+            installed += n
+            if not changed:
+                break
+        return installed
+
+    def _drain_regions(self, s, holes):
+        ps = self.page_size
+        size = self.source.size
+        installed = attempt = 0
+        for r in list(s.regions):
+            if r.offset is None:
+                continue
+            end = r.end if size is None else min(r.end, r.start + max(0, size - r.offset))
+            end = -(-end // ps) * ps if end > r.start else r.start
+            runs = [(r.start, end)] if holes is None or end <= r.start else holes(r.start, end)
+            for a, end in runs:
+                n, changed = self._drain_run(s, r, a, end, attempt)
+                installed += n
+                if changed is not False:
+                    return installed, changed
+        return installed, False
+
+    def _drain_run(self, s, r, a, end, attempt):
+        """Install the missing pages of ``[a, end)`` in region ``r``: (pages, changed) where
+        changed is None to go on, True when events changed the regions, False when ``s`` is
+        gone."""
+        ps = self.page_size
+        installed = 0
+        while a < end:
+            if s.uffd.closed:
+                return installed, False
+            n = min(end - a, PREFETCH_RUN)
+            for x, y in s.removed:
+                if x <= a < y:
+                    n, a = 0, min(y, end)
+                    break
+                if a < x < a + n:
+                    n = x - a
+            if not n:
+                continue
+            try:
+                done = self.source.fill(s.uffd, a, n, r.offset + (a - r.start), self.hugetlb)
+            except UffdError as e:
+                if e.errno == errno.EEXIST:
+                    a += ps
+                    continue
+                if e.errno == errno.EAGAIN and attempt < 1000:
+                    self.stats.add("eagain")
+                    attempt += 1
+                    if not self._drain_events(s, attempt):
+                        return installed, False
+                    if s.find(a) is not r:
+                        return installed, True
+                    continue
+                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                    self.drop(s, "exited")
+                    return installed, False
+                if e.errno in (errno.ENOENT, errno.EINVAL, errno.EAGAIN):
+                    a += n                      # not mapped (any more): nothing to keep
+                    continue
+                raise
+            installed += done // ps
+            a += done
+        return installed, None
 
     def _give_up(self, s, addr):
         """Stop filling ``addr`` but wake its thread: it retries the access, which faults again
@@ -1866,7 +1948,11 @@ class Handler:
                     put(arg, 0, addr, n)
                 else:
                     if off + n > limit:
-                        n = max(ps, limit - off)
+                        if off >= limit:            # past the end of the file: zero-fill
+                            if not general(msg):
+                                return None
+                            continue
+                        n = -(-(limit - off) // ps) * ps
                     put(arg, 0, addr, base + off, n)
                 sample = not faults & LAT_MASK      # latency of 1 fault in 8 (saves ~0.1 µs)
                 if sample:
@@ -2764,6 +2850,21 @@ def present_pages(pid, start, end):
     return out
 
 
+def missing_runs(pid, start, end):
+    """The runs ``[(a, b)]`` of [start, end) that are neither present nor swapped in pid
+    (complement of ``present_pages``); safe on registered memory (pagemap never faults).  On
+    error the whole range (the caller copes with EEXIST)."""
+    try:
+        present = present_pages(pid, start, end)
+    except OSError:
+        return [(start, end)]
+    out, a = [], start
+    for p in present + [end]:
+        if p > a:
+            out.append((a, p))
+        a = p + PAGE_SIZE
+    return out
+
 
 def read_target_pages(pid, pages):
     """process_vm_readv the given pages (batched into contiguous runs); returns {addr: bytes}.
@@ -3107,12 +3208,20 @@ class PidTarget(WatchTarget):
     """``--pid PID``: inject ``userfaultfd()`` with ptrace (x86_64), register ranges or every
     private anonymous mapping, detach, serve.  Non-destructive unless ``dontneed``: then the
     present pages are snapshotted, dropped with an injected MADV_DONTNEED (all threads stopped)
-    and served back from the snapshot; ``finish`` drains every page not faulted yet."""
+    and served back from the snapshot; ``finish`` drains every page not faulted yet.
+
+    ``snapshot=False`` (serve-file): the handler's source is a file (or zeros), not a snapshot;
+    ``offsets`` gives each range's source offset, ``dontneed`` drops the present pages without
+    a snapshot, and ``finish`` installs every source page not faulted yet (``Handler.drain``)
+    before unregistering."""
     name = "pid"
 
-    def __init__(self, pid, ranges, all_anon, mode, features, dontneed=False):
+    def __init__(self, pid, ranges, all_anon, mode, features, dontneed=False, offsets=None,
+                 snapshot=True):
         self.pid, self.ranges, self.all_anon = pid, ranges, all_anon
         self.mode, self.features, self.dontneed = mode, features, dontneed
+        self.offsets = offsets
+        self.snapshot = dontneed and snapshot
         self.pidfd = -1
         self.snapshot_pages = 0
         self.drained = 0
@@ -3139,12 +3248,13 @@ class PidTarget(WatchTarget):
             uffd = Userfaultfd.adopt(os.dup(fd))     # ours; inject_userfaultfd closes fd
             box["uffd"] = uffd
             uffd.api(self.features)
-            if self.dontneed:
+            if self.snapshot:
                 snap = {}
                 for start, length in regions:
                     snap.update(read_target_pages(pid, present_pages(pid, start, start + length)))
                 handler.source.load(snap)
                 self.snapshot_pages = len(snap)
+            if self.dontneed:
                 for start, length in regions:
                     att.inj.syscall(NR_madvise, start, length, MADV_DONTNEED)
             for start, length in regions:
@@ -3166,14 +3276,19 @@ class PidTarget(WatchTarget):
                 box["uffd"].close()
             raise TargetError("process %d: %s" % (pid, e))
         os.close(fd)
-        handler.add(box["uffd"], [(s, n, s if self.dontneed else None) for s, n in regions],
+        if self.offsets is not None:
+            offs = self.offsets
+        else:
+            offs = [s if self.snapshot else None for s, _ in regions]
+        handler.add(box["uffd"], [(s, n, o) for (s, n), o in zip(regions, offs)],
                     pid=pid, label="pid")
         return [self.pidfd]
 
     def finish(self, handler, reason):
-        if self.dontneed:
-            for s in list(handler.served.values()):
-                self.drained += handler.source.drain(s)
+        if self.snapshot or self.offsets is not None:
+            for s in list(handler.served.values()):     # no zero page where data belongs
+                self.drained += (handler.source.drain(s) if self.snapshot else
+                                 handler.drain(s, lambda a, b: missing_runs(self.pid, a, b)))
         status = super().finish(handler, reason)
         self.abort()
         return status
@@ -3185,8 +3300,10 @@ class PidTarget(WatchTarget):
 
     def extra(self):
         out = super().extra()
-        if self.dontneed:
+        if self.snapshot:
             out.update(snapshot_pages=self.snapshot_pages, drained_pages=self.drained)
+        elif self.offsets is not None:
+            out.update(drained_pages=self.drained)
         return out
 
 
@@ -3201,11 +3318,15 @@ class SpawnTarget(WatchTarget):
     ptrace, /proc reads and UFFDIO_REGISTER (which act on the target mm, not on faulting
     memory).  The tracer's one wait on the handler (for the FORK event's uffd, which the kernel
     delivers before the parent's PTRACE_EVENT_FORK stop) is bounded.  Handler-side bookkeeping
-    (regions, drops) is passed through ``Handler.call_soon`` so only one thread changes it."""
+    (regions, drops) is passed through ``Handler.call_soon`` so only one thread changes it.
+
+    ``source_offset`` (serve-file): the source offset where every registered mapping starts
+    (None: no source, zero pages)."""
     name = "cmd"
 
-    def __init__(self, argv, mode, features, warn=None):
+    def __init__(self, argv, mode, features, warn=None, source_offset=None):
         self.argv, self.mode, self.features = argv, mode, features
+        self.source_offset = source_offset
         self._warn = warn or (lambda msg: None)
         self.uffd_of = {}       # tgid -> Userfaultfd of its mm (shared by vfork children/threads)
         self.owner = {}         # uffd fd -> tgid that owns the uffd
@@ -3283,7 +3404,7 @@ class SpawnTarget(WatchTarget):
                 if m.is_private_anon():
                     try:
                         arm(uffd, m.start, m.end - m.start, self.mode)
-                        regions.append((m.start, m.end - m.start))
+                        regions.append((m.start, m.end - m.start, self.source_offset))
                     except UffdError:
                         pass
         except (UffdError, OSError) as e:
@@ -3310,7 +3431,7 @@ class SpawnTarget(WatchTarget):
         s = self.handler.served.get(fd)
         if s is not None:
             s.cut(start, end)
-            s.regions.append(Region(start, end))
+            s.regions.append(Region(start, end, self.source_offset))
             s.reindex()
 
     def _fork(self, parent, child, same):
@@ -3399,17 +3520,25 @@ class ServeTarget:
     ``uffds``: list of ``(Userfaultfd, [Region], pid, label)`` to hand to ``Handler.add``;
     ``page_size`` (and ``hugetlb``); ``watch_fds``: fds whose readiness means "stop serving"
     (a peer's socket hang-up, a pidfd, a workload's done pipe); ``peer_pid``: whom
-    ``--kill-peer-on-error`` kills.  ``start()`` runs once the Handler is set up;
-    ``fired(fd)`` is told which watch fd fired and returns a reason to stop (or None to keep
-    serving); ``finish()`` returns extra fields for the final record; ``close()`` releases
-    everything (idempotent)."""
+    ``--kill-peer-on-error`` kills.  ``attach(handler)`` hands the uffds to the Handler;
+    ``start()`` runs once the Handler is set up; ``fired(fd)`` is told which watch fd fired
+    and returns a reason to stop (or None to keep serving); ``detach(handler, reason)`` runs
+    after serving if ``attach`` succeeded (returns an exit status, or None: keep the CLI's);
+    ``abort()`` if it failed; ``extra()`` returns extra fields for the final record;
+    ``close()`` releases everything (idempotent).  ``fast``: the Handler may use its
+    single-uffd loop."""
     page_size = PAGE_SIZE
     hugetlb = False
     peer_pid = None
+    fast = True
 
     def __init__(self):
         self.uffds = []
         self.watch_fds = []
+
+    def attach(self, handler):
+        for uffd, regs, pid, label in self.uffds:
+            handler.add(uffd, regs, pid, label)
 
     def start(self):
         pass
@@ -3417,7 +3546,13 @@ class ServeTarget:
     def fired(self, fd):
         return "hangup"
 
-    def finish(self):
+    def detach(self, handler, reason):
+        return None
+
+    def abort(self):
+        pass
+
+    def extra(self):
         return {}
 
     def close(self):
@@ -3751,9 +3886,89 @@ class SelfServeTarget(ServeTarget):
         self._r = self._w = -1
 
 
+# -- serve-file --pid / -- CMD: watch's attach and spawn machinery, served from the source -------
+
+class AttachedServeTarget(ServeTarget):
+    """serve-file driving a WatchTarget (a PidTarget or SpawnTarget built for a source): its
+    ``start`` registers the memory and adds the uffds to the Handler, its ``finish`` detaches
+    (PidTarget: after installing every source page not faulted yet) or ends CMD and returns
+    the exit status (CMD's, as in watch)."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+        self.name = target.name
+        # -- CMD adds uffds and regions from the tracer thread through call_soon, which only
+        # the general serving loop runs.
+        self.fast = not isinstance(target, SpawnTarget)
+
+    def attach(self, handler):
+        self.watch_fds = list(self.target.start(handler))
+
+    def fired(self, fd):
+        return "target exited" if self.name == "pid" else "command exited"
+
+    def detach(self, handler, reason):
+        return self.target.finish(handler, reason)
+
+    def abort(self):
+        self.target.abort()
+
+    def extra(self):
+        return self.target.extra()
+
+
+def _serve_attach_target(args, log, source):
+    """serve-file --pid PID --range START:LEN [...] / -- CMD (UsageError for bad input)."""
+    cmd = list(args.cmd or [])
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if args.pid is not None and cmd:
+        raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
+    if args.size is not None:
+        raise UsageError("--size goes with --self")
+    if (args.ranges or args.all_anon) and args.pid is None:
+        raise UsageError("--range/--all-anon go with --pid")
+    if args.dontneed and args.pid is None:
+        raise UsageError("--dontneed goes with --pid")
+    if ARCH != "x86_64":
+        raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
+    if args.pid is not None:
+        if args.all_anon and source.kind != "zero":
+            raise UsageError("--all-anon with --file: the mappings have no file offsets; give "
+                             "--range START:LEN (cumulative offsets) or use --zero")
+        if bool(args.ranges) == bool(args.all_anon):
+            raise UsageError("--pid needs --range START:LEN (repeatable), or --all-anon with "
+                             "--zero")
+        if args.pid <= 0:
+            raise UsageError("no such process: %d" % args.pid)
+        offsets = None
+        if args.ranges:             # cumulative, in the order given, LEN rounded up to pages
+            offsets, off = [], 0
+            for _, length in args.ranges:
+                offsets.append(off)
+                off += -(-length // PAGE_SIZE) * PAGE_SIZE
+            need = offsets[-1] + args.ranges[-1][1]
+            if source.size is not None and need > source.size:
+                raise UsageError("%s is too short for the ranges: they need %d bytes from "
+                                 "--offset %d, the file has %d" % (args.file, need, args.offset,
+                                                                   source.size))
+    elif args.prefetch:
+        raise UsageError("--prefetch needs fixed regions: not with -- CMD")
+
+    def warn(msg):
+        log.emit("warning", message=msg)
+    features = watch_features(set(WATCH_EVENTS), "missing", warn)
+    if args.pid is not None:
+        return AttachedServeTarget(PidTarget(args.pid, args.ranges, args.all_anon, "missing",
+                                             features, args.dontneed, offsets, snapshot=False))
+    return AttachedServeTarget(SpawnTarget(cmd, "missing", features, warn,
+                                           source_offset=None if source.kind == "zero" else 0))
+
+
 def open_serve_target(args, log, source):
     """The ServeTarget for serve-file's TARGET flags (one small interface: the Firecracker
-    socket and --self live here; --pid / -- CMD are wired to watch's attach/spawn machinery).
+    socket, --self, and --pid / -- CMD through watch's attach/spawn machinery).
     Firecracker: returns after ``listen()`` (the caller writes ``ready`` and then calls
     ``accept``)."""
     if args.firecracker_socket:
@@ -3763,8 +3978,7 @@ def open_serve_target(args, log, source):
     if args.self_:
         return SelfServeTarget(args.size or (64 << 20))
     if args.pid is not None or args.cmd:
-        raise UsageError("serve-file --pid / -- CMD: not available in this build yet "
-                         "(use --firecracker-socket or --self)")
+        return _serve_attach_target(args, log, source)
     raise UsageError("serve-file needs a TARGET: --firecracker-socket PATH, --self, "
                      "--pid PID --range START:LEN, or -- CMD")
 
@@ -5633,6 +5847,12 @@ def build_parser():
     pf.add_argument("--accept-timeout", metavar="SECS", type=_seconds,
                     help="with --firecracker-socket: give up (exit 1) if no peer connects "
                          "within SECS (default: wait forever)")
+    pf.add_argument("--dontneed", action="store_true",
+                    help="DESTRUCTIVE, with --pid --range: drop the present pages of the ranges "
+                         "(MADV_DONTNEED injected, all threads stopped) so that they fault and "
+                         "get the file's data: restores the ranges from the file")
+    pf.add_argument("--duration", metavar="SECS", type=_seconds,
+                    help="stop after SECS (--pid: detach, -- CMD: end CMD)")
     pf.add_argument("--kill-peer-on-error", action="store_true",
                     help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
                          "cannot hang or read zeros where file data belongs")
@@ -5671,10 +5891,26 @@ examples:
   sudo uffdtool watch --pid 1234 --range 0x7f0000000000:64K --mode wp --record ws.txt
 """
 
-EPILOG_SERVE = """examples:
+EPILOG_SERVE = """targets:
+  --pid PID --range START:LEN [...]
+              injects userfaultfd() into a running x86_64 process (as watch does) and serves
+              the ranges from the file: range 1 from OFFSET, range 2 right after it (LEN rounded
+              up to pages), and so on; the file must be that long.  MISSING only sees pages the
+              target never touched: --dontneed (DESTRUCTIVE) drops the present ones first, so
+              the whole ranges are restored from the file.  On SIGINT/SIGTERM/--duration/target
+              exit every page not faulted yet is installed from the file, then the ranges are
+              unregistered (never zeros where file data belongs); exit 0.  --all-anon only
+              with --zero (mappings have no file offsets).
+  -- CMD      runs CMD under ptrace (x86_64) as watch does; EVERY new private anonymous mapping
+              of CMD (its heap and malloc arenas too) starts at file offset OFFSET; pages past
+              the end of the file get zeros.  Exits with CMD's status.
+
+examples:
   uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock
   uffdtool serve-file --zero --firecracker-socket /tmp/uffd.sock --readahead 16
   uffdtool serve-file --file dump.bin --self
+  sudo uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
+  sudo uffdtool serve-file --file img.bin --offset 4M -- ./app
 """
 
 
@@ -5797,24 +6033,9 @@ def cmd_watch(args):
             def tick():
                 log.emit("stats", **stats.record(**target.extra()))
 
-            # While serving, SIGINT/SIGTERM end the loop after the current batch instead of
-            # raising in the middle of it (a fault resolved but not yet logged, an ioctl
-            # sequence cut short).  Before and after, KeyboardInterrupt does the cleanup.
-            signals = []
-
-            def on_signal(signum, frame):
-                signals.append(signum)
-                handler.stop()
-            old = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-            for sig, h in zip((signal.SIGINT, signal.SIGTERM), old):
-                if h is not signal.SIG_IGN:   # e.g. SIGINT of a background job stays ignored
-                    signal.signal(sig, on_signal)
-            try:
+            with _StopOnSignal(handler) as signals:
                 r = handler.run(watch_fds=fds, timeout=args.duration, tick=tick,
                                 tick_interval=args.stats_interval)
-            finally:
-                signal.signal(signal.SIGINT, old[0])
-                signal.signal(signal.SIGTERM, old[1])
             handler.stopping = False          # finish() may serve a while longer
             reason = "interrupted" if signals else "duration" if r == "timeout" else "done"
         except KeyboardInterrupt:
@@ -5844,6 +6065,32 @@ def cmd_watch(args):
         if handler is not None:
             handler.close()
         log.close()
+
+
+class _StopOnSignal(list):
+    """While serving, SIGINT/SIGTERM end ``handler.run`` after the current batch instead of
+    raising in the middle of it (a fault resolved but not yet logged, an ioctl sequence cut
+    short).  Before and after, KeyboardInterrupt does the cleanup.  The list holds the signals
+    received."""
+
+    def __init__(self, handler):
+        super().__init__()
+        self.handler = handler
+
+    def _on_signal(self, signum, frame):
+        self.append(signum)
+        self.handler.stop()
+
+    def __enter__(self):
+        self.old = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+        for sig, h in zip((signal.SIGINT, signal.SIGTERM), self.old):
+            if h is not signal.SIG_IGN:   # e.g. SIGINT of a background job stays ignored
+                signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.old[0])
+        signal.signal(signal.SIGTERM, self.old[1])
 
 
 def _make_log(args, human_faults):
@@ -5885,6 +6132,8 @@ def cmd_serve_file(args):
         raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
     if args.cmd and args.cmd[0] == "--":
         args.cmd = args.cmd[1:]
+    if args.dontneed and args.pid is None:
+        raise UsageError("--dontneed goes with --pid")
     ws = None
     if args.prefetch:
         ws = read_working_set(args.prefetch)
@@ -5897,12 +6146,18 @@ def cmd_serve_file(args):
     stats = Stats()
     source = FileSource(args.file, args.offset) if args.file else ZeroSource()
     target = handler = cpu0 = None
+    attached = attaching = errored = False
     record = [] if args.record else None
-    status, reason = 0, None
+    status, reason, wreason = 0, None, "error"
     try:
         target = open_serve_target(args, log, source)
-        log.emit("start", command="serve-file", source=args.file or "zero",
-                 offset=args.offset, readahead=args.readahead, on_remove=args.on_remove)
+        attaching = isinstance(target, AttachedServeTarget)
+
+        def emit_start():
+            log.emit("start", command="serve-file", source=args.file or "zero",
+                     offset=args.offset, readahead=args.readahead, on_remove=args.on_remove)
+        if not attaching:       # --pid / -- CMD: once attached (bad input stays one line)
+            emit_start()
         if isinstance(target, FirecrackerTarget):
             log.emit("ready", socket=target.path)
             regions = target.accept(args.accept_timeout, source.size)
@@ -5910,44 +6165,60 @@ def cmd_serve_file(args):
                      regions=len(regions), bytes=sum(r["size"] for r in regions),
                      layout=[{"base": r["base_host_virt_addr"], "size": r["size"],
                               "offset": r["offset"]} for r in regions])
-        else:
-            log.emit("ready", target="self", size=target.size)
-        prefetch = None
-        if ws is not None:
-            bounds = [r.offset for _, regs, _, _ in target.uffds for r in regs] + [
-                r.offset + r.end - r.start for _, regs, _, _ in target.uffds for r in regs]
-            runs = split_runs(coalesce_pages(ws[2], ws[1], target.page_size), bounds)
-            prefetch = Prefetcher(runs)
-            stats.add("prefetch_listed", sum(b - a for a, b in runs) // target.page_size)
         handler = Handler(source, log, stats, readahead=args.readahead, on_remove=args.on_remove,
                           page_size=target.page_size, record=record, hugetlb=target.hugetlb,
-                          prefetch=prefetch, spin=max(0.0, args.spin) / 1e6)
-        for uffd, regs, pid, label in target.uffds:
-            handler.add(uffd, regs, pid, label)
+                          spin=max(0.0, args.spin) / 1e6)
+        handler.fast = target.fast
+        target.attach(handler)
+        attached = True
+        if isinstance(target, SelfServeTarget):
+            log.emit("ready", target="self", size=target.size)
+        elif attaching:
+            emit_start()
+            regs = [r for s in handler.served.values() for r in s.regions]
+            who = {"pid": args.pid} if target.name == "pid" else {"cmd": args.cmd}
+            log.emit("ready", target=target.name, regions=len(regs),
+                     bytes=sum(r.end - r.start for r in regs), **who)
+        if ws is not None:
+            regs = [r for s in handler.served.values() for r in s.regions if r.offset is not None]
+            bounds = [r.offset for r in regs] + [r.offset + r.end - r.start for r in regs]
+            runs = split_runs(coalesce_pages(ws[2], ws[1], target.page_size), bounds)
+            handler.prefetch = Prefetcher(runs)
+            stats.add("prefetch_listed", sum(b - a for a, b in runs) // target.page_size)
         tick = (lambda: log.emit("stats", **_serve_stats(stats))) if args.stats_interval else None
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         target.start()
-        while True:
-            res = handler.run(target.watch_fds, tick=tick, tick_interval=args.stats_interval)
-            if not isinstance(res, int):
-                reason = {"done": "target gone"}.get(res, res)
-                break
-            reason = target.fired(res)
-            if reason:
-                break
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        with _StopOnSignal(handler) as signals:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                res = handler.run(target.watch_fds, timeout=left, tick=tick,
+                                  tick_interval=args.stats_interval)
+                if not isinstance(res, int):
+                    reason = {"done": "target gone", "timeout": "duration"}.get(res, res)
+                    break
+                reason = target.fired(res)
+                if reason:
+                    break
+        handler.stopping = False              # detach may serve a while longer
+        wreason = "duration" if res == "timeout" else "done"
+        if signals:
+            reason = wreason = "interrupted"
+            status = 130
     except BaseException as e:
-        failed = not isinstance(e, (KeyboardInterrupt, SystemExit))
+        errored = not isinstance(e, (KeyboardInterrupt, SystemExit))
         status = getattr(e, "exit_code", 1)
         if isinstance(e, KeyboardInterrupt):
             reason, status = "interrupted", 130
+            wreason = reason
         elif isinstance(e, (UffdError, OSError)) and handler is not None:
             e = TargetError("serving failed: %s" % (e.strerror or e))
             reason = str(e)
         else:
             reason = str(e) or type(e).__name__
-        if failed:
+        if errored:
             _json_only(log, "error", message=reason)
-        if failed and args.kill_peer_on_error and target is not None and target.peer_pid:
+        if errored and args.kill_peer_on_error and target is not None and target.peer_pid:
             try:
                 os.kill(target.peer_pid, signal.SIGKILL)
                 log.emit("killed_peer", pid=target.peer_pid)
@@ -5959,6 +6230,28 @@ def cmd_serve_file(args):
             status = 3 if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) else 1
         raise e
     finally:
+        # No second interruption while detaching: a half-done detach is the one thing that
+        # could leave the target stopped or short of its file data.
+        old = [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)]
+        late = None                           # an error of the detach itself
+        from_target = False
+        try:
+            if attached:
+                try:
+                    st = target.detach(handler, wreason)
+                except BaseException as e:
+                    late = e if isinstance(e, UffdToolError) else TargetError(
+                        "detach failed: %s" % e)
+                    status = late.exit_code
+                    _json_only(log, "error", message=str(late))
+                else:
+                    if st is not None and not errored:
+                        status, from_target = st, True
+            elif target is not None:
+                target.abort()
+        finally:
+            signal.signal(signal.SIGINT, old[0])
+            signal.signal(signal.SIGTERM, old[1])
         extra = {}
         if cpu0 is not None:                  # CPU time of the serving phase (this process)
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -5969,9 +6262,11 @@ def cmd_serve_file(args):
         if record is not None and handler is not None:
             write_working_set(args.record, record, handler.page_size, key="offset")
             extra["recorded_pages"] = len(record)
-        if handler is not None or target is not None:
+        if target is not None:
+            extra.update(target.extra())
+        if attached or (target is not None and not attaching):   # not after bad --pid input
             log.emit("stats", **_serve_stats(stats, **extra))
-        if status and reason != "interrupted":
+        if status and reason != "interrupted" and not from_target:
             _json_only(log, "exit", reason=reason, status=status)    # the CLI prints why
         else:
             log.emit("exit", reason=reason, status=status)
@@ -5981,6 +6276,8 @@ def cmd_serve_file(args):
             target.close()
         source.close()
         log.close()
+        if late is not None and not errored:
+            raise late
     return status
 
 

@@ -543,7 +543,8 @@ def test_unreadable_file(tmp_path, src):
     (["--firecracker-socket", "{sock}"], "exactly one source"),
     (["--zero", "--file", "{file}", "--firecracker-socket", "{sock}"], "exactly one source"),
     (["--zero"], "needs a TARGET"),
-    (["--zero", "--pid", "1", "--range", "0x1000:4K"], "not available"),
+    (["--zero", "--pid", "4000000", "--range", "0x1000:4K"], "no such process"),
+    (["--file", "{file}", "--pid", "1", "--all-anon"], "--all-anon with --file"),
     (["--zero", "--self", "--firecracker-socket", "{sock}"], "one TARGET"),
     (["--zero", "--firecracker-socket", "{sock}", "--prefetch", "{file}"], "working-set"),
 ])

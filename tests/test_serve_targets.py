@@ -1,0 +1,285 @@
+"""serve-file --pid PID --range START:LEN and serve-file -- CMD against real processes and the
+real kernel (root, x86_64): the target's memory must end up holding the file's bytes."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import TOOL, needs_root, needs_uffd, run_tool, uffdtool
+
+PS = uffdtool.PAGE_SIZE
+pytestmark = [needs_uffd, needs_root,
+              pytest.mark.skipif(uffdtool.ARCH != "x86_64", reason="ptrace is x86_64 only")]
+
+# A --pid target: maps N pages (argv[1]) of private anonymous memory, prints the address, then
+# obeys stdin: 'fill I K B' memsets pages [I, I+K) to byte B; 'pages I K' prints the md5 of
+# each page of [I, I+K) (reading them: that is what faults).
+TARGET = r"""
+import ctypes, hashlib, sys
+PS = 4096
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+n = int(sys.argv[1])
+a = libc.mmap(None, n * PS, 3, 0x22, -1, 0)
+print("0x%x" % a, flush=True)
+for line in sys.stdin:
+    w = line.split()
+    if w[0] == "fill":
+        i, k, b = int(w[1]), int(w[2]), int(w[3])
+        ctypes.memset(a + i * PS, b, k * PS)
+        print("ok", flush=True)
+    elif w[0] == "pages":
+        i, k = int(w[1]), int(w[2])
+        print(" ".join(hashlib.md5(ctypes.string_at(a + j * PS, PS)).hexdigest()
+                       for j in range(i, i + k)), flush=True)
+"""
+
+# A -- CMD program: maps N pages, reads them all, prints the md5.
+PROG = r"""
+import ctypes, hashlib, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+n = int(sys.argv[1])
+a = libc.mmap(None, n * 4096, 3, 0x22, -1, 0)
+print(hashlib.md5(ctypes.string_at(a, n * 4096)).hexdigest(), flush=True)
+"""
+
+
+def md5(b):
+    return hashlib.md5(b).hexdigest()
+
+
+def page_sums(data):
+    return [md5(data[i:i + PS]) for i in range(0, len(data), PS)]
+
+
+ZERO = md5(bytes(PS))
+
+
+class Target:
+    def __init__(self, npages=32):
+        self.p = subprocess.Popen([sys.executable, "-c", TARGET, str(npages)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addr = int(self.p.stdout.readline(), 16)
+        self.pid = self.p.pid
+
+    def cmd(self, c):
+        self.p.stdin.write(c + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().split()
+
+    def pages(self, i, k):
+        return self.cmd("pages %d %d" % (i, k))
+
+    def rng(self, page, npages):
+        return "0x%x:%d" % (self.addr + page * PS, npages * PS)
+
+    def assert_running_untraced(self):
+        st = dict(line.split(":", 1) for line in open("/proc/%d/status" % self.pid))
+        assert st["State"].split()[0] in ("S", "R") and st["TracerPid"].strip() == "0"
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(5)
+
+
+@pytest.fixture
+def target():
+    t = Target()
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def src(tmp_path):
+    data = os.urandom(64 * PS)
+    path = tmp_path / "dump.bin"
+    path.write_bytes(data)
+    return str(path), data
+
+
+_tools = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_tools():
+    yield
+    while _tools:
+        p = _tools.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
+def start(*args):
+    """serve-file --log TMP --quiet ARGS, once its 'ready' record is written."""
+    log = tempfile.NamedTemporaryFile("r", prefix="uffdtool-serve-", suffix=".json")
+    p = subprocess.Popen([sys.executable, TOOL, "serve-file", "--log", log.name, "--quiet"] +
+                         [str(a) for a in args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.log = log
+    _tools.append(p)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and p.poll() is None:
+        with open(log.name) as f:
+            if '"event":"ready"' in f.read():
+                return p
+        time.sleep(0.02)
+    p.kill()
+    raise AssertionError("no ready record: %s" % (p.communicate(timeout=5),))
+
+
+def stop(p, sig=signal.SIGINT):
+    if sig is not None:
+        p.send_signal(sig)
+    out, err = p.communicate(timeout=15)
+    with open(p.log.name) as f:
+        recs = [json.loads(line) for line in f if line.startswith("{")]
+    return recs, err
+
+
+def final_stats(recs):
+    return [r for r in recs if r["event"] == "stats"][-1]
+
+
+# ------------------------------------------------------------------------------------- --pid
+
+def test_pid_ranges_serve_the_file_with_cumulative_offsets(target, src):
+    path, data = src
+    off = 2 * PS
+    ws = path + ".ws"
+    assert target.cmd("fill 17 1 7") == ["ok"]          # present: MISSING never sees it
+    # pages [8, 10) <- file offset OFF+0, pages [16, 20) <- OFF+2 pages, [24, 28) <- OFF+6 pages
+    p = start("--file", path, "--offset", off, "--pid", target.pid,
+              "--range", target.rng(8, 2), "--range", target.rng(16, 4),
+              "--range", target.rng(24, 4), "--record", ws)
+    want = page_sums(data[off:off + 10 * PS])
+    assert target.pages(8, 2) == want[0:2]
+    assert target.pages(16, 4) == want[2:3] + [md5(b"\x07" * PS)] + want[4:6]
+    assert target.pages(24, 2) == want[6:8]
+    assert target.pages(10, 6) == [ZERO] * 6            # not registered: untouched zeros
+    recs, err = stop(p)
+    assert p.returncode == 0, err
+    st = final_stats(recs)
+    assert st["faults"] == 7 and st["pages_copy"] == 7
+    assert st["drained_pages"] == 2                     # pages 26, 27: never read
+    assert target.pages(26, 2) == want[8:10]
+    with open(ws) as f:                              # source offsets, first-fault order
+        assert "key=offset" in f.readline()
+        assert [int(x, 16) // PS for x in f.read().split()] == [0, 1, 2, 4, 5, 6, 7]
+    assert recs[-1]["event"] == "exit" and recs[-1]["reason"] == "interrupted"
+    target.assert_running_untraced()
+
+
+def test_pid_dontneed_restores_a_filled_range(target, src):
+    path, data = src
+    assert target.cmd("fill 0 16 7") == ["ok"]          # present, other data
+    p = start("--file", path, "--pid", target.pid, "--range", target.rng(0, 16),
+              "--dontneed", "--readahead", "4", "--no-fault-log")    # the fast loop
+    want = page_sums(data[:16 * PS])
+    assert target.pages(0, 5) == want[:5]
+    recs, err = stop(p, signal.SIGTERM)
+    assert p.returncode == 0, err
+    assert target.pages(0, 16) == want                  # page by page, after detach
+    assert final_stats(recs)["drained_pages"] >= 8
+    target.assert_running_untraced()
+
+
+@pytest.mark.parametrize("how", ["sigint", "duration"])
+def test_pid_detach_drains_every_page(target, src, how):
+    path, data = src
+    assert target.cmd("fill 4 4 9") == ["ok"]
+    args = ["--file", path, "--pid", target.pid, "--range", target.rng(0, 32), "--dontneed"]
+    if how == "duration":
+        p = start(*args, "--duration", "0.3")
+        recs, err = stop(p, None)
+    else:
+        p = start(*args)
+        recs, err = stop(p)
+    assert p.returncode == 0, err
+    st = final_stats(recs)
+    assert st["faults"] == 0 and st["drained_pages"] == 32
+    assert recs[-1]["reason"] == ("duration" if how == "duration" else "interrupted")
+    assert target.pages(0, 32) == page_sums(data[:32 * PS])   # read only after the tool exited
+    target.assert_running_untraced()
+
+
+def test_pid_target_exits(target, src):
+    path, _ = src
+    p = start("--file", path, "--pid", target.pid, "--range", target.rng(0, 4))
+    target.p.kill()
+    target.p.wait(5)
+    recs, err = stop(p, None)
+    assert p.returncode == 0, err
+    assert recs[-1]["reason"] == "target exited"
+
+
+# ------------------------------------------------------------------------------------ -- CMD
+
+def test_cmd_mappings_start_at_offset(tmp_path):
+    # Every anonymous mapping of CMD (Python's heap and arenas too) starts at file offset
+    # OFFSET: zeros there keep the interpreter's own memory as the kernel would give it; the
+    # program's 5 MiB mapping gets the zeros, then the data, then zeros past the end of file.
+    data = os.urandom(48 * PS)
+    head = 8 * PS
+    path = tmp_path / "img.bin"
+    path.write_bytes(os.urandom(head) + bytes(4 << 20) + data)
+    npages = (5 << 20) // PS
+    log = tmp_path / "log.json"
+    r = run_tool("serve-file", "--file", path, "--offset", head, "--log", log, "--no-fault-log",
+                 "--", sys.executable, "-c", PROG, npages, timeout=30)
+    assert r.returncode == 0, r.stderr
+    want = md5((bytes(4 << 20) + data + bytes(5 << 20))[:npages * PS])
+    assert r.stdout.split() == [want]
+    st = [line for line in log.read_text().splitlines() if '"event":"stats"' in line][-1]
+    assert '"exit_status":0' in st and '"pages_zero":' in st
+    assert "Traceback" not in r.stderr
+
+
+def test_cmd_exit_status_and_zero(tmp_path):
+    r = run_tool("serve-file", "--zero", "-q", "--", sys.executable, "-c",
+                 PROG + "sys.exit(7)\n", 16, timeout=30)
+    assert r.returncode == 7, r.stderr
+    assert r.stdout.strip() == md5(bytes(16 * PS))
+
+
+# --------------------------------------------------------------------------------- bad input
+
+def _bad(*args, code, match):
+    r = run_tool("serve-file", "-q", *args, timeout=20)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert match in r.stderr, r.stderr
+
+
+def test_bad_inputs(target, src):
+    path, _ = src                                        # 64 pages
+    _bad("--file", path, "--pid", target.pid, "--range", target.rng(0, 32),
+         "--range", target.rng(0, 33), code=2, match="too short")
+    _bad("--file", path, "--offset", 60 * PS, "--pid", target.pid, "--range",
+         target.rng(0, 8), code=2, match="the file has %d" % (4 * PS))
+    _bad("--file", path, "--pid", target.pid, "--all-anon", code=2, match="--all-anon with --file")
+    _bad("--file", path, "--pid", "4000000", "--range", "0x1000:4K", code=2,
+         match="no such process")
+    _bad("--file", path, "--pid", target.pid, code=2, match="--range")
+    _bad("--file", path, "--dontneed", "--", "true", code=2, match="--dontneed goes with --pid")
+    _bad("--file", path, "--pid", target.pid, "--range", "0x1000:4K", code=2,
+         match="not mapped")
+    _bad("--file", path, "--", "/nonexistent/cmd", code=2, match="cannot run")
+    target.assert_running_untraced()
+    # --all-anon is fine with --zero (nothing to offset): serve, detach, exit 0
+    p = start("--zero", "--pid", target.pid, "--all-anon")
+    recs, err = stop(p)
+    assert p.returncode == 0, err
+    target.assert_running_untraced()
