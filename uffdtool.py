@@ -1159,6 +1159,23 @@ class Region:
         return "Region(0x%x-0x%x off=%s)" % (self.start, self.end, self.offset)
 
 
+def file_regions(start, end, file_ranges):
+    """``[start, end)`` as Regions: the parts inside a ``(lo, hi, offset)`` of ``file_ranges``
+    (sorted, disjoint) take their source offsets from it, the rest has none (zero-filled)."""
+    out, at = [], start
+    for lo, hi, off in file_ranges:
+        a, b = max(lo, at), min(hi, end)
+        if a >= b:
+            continue
+        if at < a:
+            out.append(Region(at, a))
+        out.append(Region(a, b, off + (a - lo)))
+        at = b
+    if at < end:
+        out.append(Region(at, end))
+    return out
+
+
 class Served:
     """The state kept per uffd: the fd, its regions (sorted), pages removed (on-remove=zero)."""
 
@@ -3320,13 +3337,13 @@ class SpawnTarget(WatchTarget):
     delivers before the parent's PTRACE_EVENT_FORK stop) is bounded.  Handler-side bookkeeping
     (regions, drops) is passed through ``Handler.call_soon`` so only one thread changes it.
 
-    ``source_offset`` (serve-file): the source offset where every registered mapping starts
-    (None: no source, zero pages)."""
+    ``file_ranges`` (serve-file): sorted ``(start, end, source offset)`` address ranges whose
+    pages come from the source; every other page is zero-filled."""
     name = "cmd"
 
-    def __init__(self, argv, mode, features, warn=None, source_offset=None):
+    def __init__(self, argv, mode, features, warn=None, file_ranges=()):
         self.argv, self.mode, self.features = argv, mode, features
-        self.source_offset = source_offset
+        self.file_ranges = sorted(file_ranges)
         self._warn = warn or (lambda msg: None)
         self.uffd_of = {}       # tgid -> Userfaultfd of its mm (shared by vfork children/threads)
         self.owner = {}         # uffd fd -> tgid that owns the uffd
@@ -3404,7 +3421,7 @@ class SpawnTarget(WatchTarget):
                 if m.is_private_anon():
                     try:
                         arm(uffd, m.start, m.end - m.start, self.mode)
-                        regions.append((m.start, m.end - m.start, self.source_offset))
+                        regions.extend(file_regions(m.start, m.end, self.file_ranges))
                     except UffdError:
                         pass
         except (UffdError, OSError) as e:
@@ -3431,7 +3448,7 @@ class SpawnTarget(WatchTarget):
         s = self.handler.served.get(fd)
         if s is not None:
             s.cut(start, end)
-            s.regions.append(Region(start, end, self.source_offset))
+            s.regions.extend(file_regions(start, end, self.file_ranges))
             s.reindex()
 
     def _fork(self, parent, child, same):
@@ -3918,8 +3935,23 @@ class AttachedServeTarget(ServeTarget):
         return self.target.extra()
 
 
+def _range_offsets(args, source):
+    """Source offsets of ``--range`` arguments: cumulative in the order given, each LEN rounded
+    up to whole pages (like Firecracker's regions).  UsageError if the file is too short."""
+    offsets, off = [], 0
+    for _, length in args.ranges:
+        offsets.append(off)
+        off += -(-length // PAGE_SIZE) * PAGE_SIZE
+    need = offsets[-1] + args.ranges[-1][1]
+    if source.size is not None and need > source.size:
+        raise UsageError("%s is too short for the ranges: they need %d bytes from --offset %d, "
+                         "the file has %d" % (args.file, need, args.offset, source.size))
+    return offsets
+
+
 def _serve_attach_target(args, log, source):
-    """serve-file --pid PID --range START:LEN [...] / -- CMD (UsageError for bad input)."""
+    """serve-file --pid PID --range START:LEN [...] / [--range ...] -- CMD (UsageError for bad
+    input)."""
     cmd = list(args.cmd or [])
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -3927,12 +3959,13 @@ def _serve_attach_target(args, log, source):
         raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
     if args.size is not None:
         raise UsageError("--size goes with --self")
-    if (args.ranges or args.all_anon) and args.pid is None:
-        raise UsageError("--range/--all-anon go with --pid")
+    if args.all_anon and args.pid is None:
+        raise UsageError("--all-anon goes with --pid")
     if args.dontneed and args.pid is None:
         raise UsageError("--dontneed goes with --pid")
     if ARCH != "x86_64":
         raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
+    offsets = _range_offsets(args, source) if args.ranges else None
     if args.pid is not None:
         if args.all_anon and source.kind != "zero":
             raise UsageError("--all-anon with --file: the mappings have no file offsets; give "
@@ -3942,19 +3975,13 @@ def _serve_attach_target(args, log, source):
                              "--zero")
         if args.pid <= 0:
             raise UsageError("no such process: %d" % args.pid)
-        offsets = None
-        if args.ranges:             # cumulative, in the order given, LEN rounded up to pages
-            offsets, off = [], 0
-            for _, length in args.ranges:
-                offsets.append(off)
-                off += -(-length // PAGE_SIZE) * PAGE_SIZE
-            need = offsets[-1] + args.ranges[-1][1]
-            if source.size is not None and need > source.size:
-                raise UsageError("%s is too short for the ranges: they need %d bytes from "
-                                 "--offset %d, the file has %d" % (args.file, need, args.offset,
-                                                                   source.size))
-    elif args.prefetch:
-        raise UsageError("--prefetch needs fixed regions: not with -- CMD")
+    else:
+        if args.prefetch:
+            raise UsageError("--prefetch needs fixed regions: not with -- CMD")
+        if source.kind != "zero" and not args.ranges:
+            raise UsageError("-- CMD with --file needs --range START:LEN (repeatable): the "
+                             "addresses whose pages come from the file (CMD's other memory "
+                             "gets zero pages, as the kernel would give)")
 
     def warn(msg):
         log.emit("warning", message=msg)
@@ -3962,8 +3989,8 @@ def _serve_attach_target(args, log, source):
     if args.pid is not None:
         return AttachedServeTarget(PidTarget(args.pid, args.ranges, args.all_anon, "missing",
                                              features, args.dontneed, offsets, snapshot=False))
-    return AttachedServeTarget(SpawnTarget(cmd, "missing", features, warn,
-                                           source_offset=None if source.kind == "zero" else 0))
+    file_ranges = [(a, a + n, off) for (a, n), off in zip(args.ranges, offsets or [])]
+    return AttachedServeTarget(SpawnTarget(cmd, "missing", features, warn, file_ranges))
 
 
 def open_serve_target(args, log, source):
@@ -5901,16 +5928,18 @@ EPILOG_SERVE = """targets:
               exit every page not faulted yet is installed from the file, then the ranges are
               unregistered (never zeros where file data belongs); exit 0.  --all-anon only
               with --zero (mappings have no file offsets).
-  -- CMD      runs CMD under ptrace (x86_64) as watch does; EVERY new private anonymous mapping
-              of CMD (its heap and malloc arenas too) starts at file offset OFFSET; pages past
-              the end of the file get zeros.  Exits with CMD's status.
+  --range START:LEN [...] -- CMD
+              runs CMD under ptrace (x86_64) as watch does; pages of its private anonymous
+              memory inside the ranges come from the file (cumulative offsets from OFFSET, as
+              for --pid), every other page is a zero page, as the kernel would give.  --range
+              is required with --file.  Exits with CMD's status.
 
 examples:
   uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock
   uffdtool serve-file --zero --firecracker-socket /tmp/uffd.sock --readahead 16
   uffdtool serve-file --file dump.bin --self
   sudo uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
-  sudo uffdtool serve-file --file img.bin --offset 4M -- ./app
+  sudo uffdtool serve-file --file img.bin --range 0x600000000000:1M -- ./app
 """
 
 

@@ -50,9 +50,12 @@ libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                       ctypes.c_int, ctypes.c_long]
 n = int(sys.argv[1])
-a = libc.mmap(None, n * 4096, 3, 0x22, -1, 0)
+at = int(sys.argv[2], 0) if len(sys.argv) > 2 else 0      # MAP_FIXED_NOREPLACE there
+a = libc.mmap(at or None, n * 4096, 3, 0x22 | (0x100000 if at else 0), -1, 0)
+assert not at or a == at, "mmap at 0x%x gave %r" % (at, a)
 print(hashlib.md5(ctypes.string_at(a, n * 4096)).hexdigest(), flush=True)
 """
+CMD_AT = 0x5a5a00000000          # where PROG maps its pages in the --range test
 
 
 def md5(b):
@@ -227,23 +230,26 @@ def test_pid_target_exits(target, src):
 
 # ------------------------------------------------------------------------------------ -- CMD
 
-def test_cmd_mappings_start_at_offset(tmp_path):
-    # Every anonymous mapping of CMD (Python's heap and arenas too) starts at file offset
-    # OFFSET: zeros there keep the interpreter's own memory as the kernel would give it; the
-    # program's 5 MiB mapping gets the zeros, then the data, then zeros past the end of file.
+def test_cmd_ranges_come_from_the_file(tmp_path):
+    # Only the --range addresses take file data (at cumulative offsets from --offset); CMD's
+    # other memory (the interpreter's heap, arenas, the rest of its mapping) gets zero pages.
+    # The file starts with random bytes, so a wrong offset or a zero-fill gap would show, and a
+    # CMD whose own heap got file data would crash.
     data = os.urandom(48 * PS)
     head = 8 * PS
     path = tmp_path / "img.bin"
-    path.write_bytes(os.urandom(head) + bytes(4 << 20) + data)
-    npages = (5 << 20) // PS
+    path.write_bytes(os.urandom(head) + data)
     log = tmp_path / "log.json"
     r = run_tool("serve-file", "--file", path, "--offset", head, "--log", log, "--no-fault-log",
-                 "--", sys.executable, "-c", PROG, npages, timeout=30)
+                 "--range", "0x%x:%d" % (CMD_AT + PS, 16 * PS),
+                 "--range", "0x%x:%d" % (CMD_AT + 40 * PS, 32 * PS),
+                 "--", sys.executable, "-c", PROG, 80, hex(CMD_AT), timeout=30)
     assert r.returncode == 0, r.stderr
-    want = md5((bytes(4 << 20) + data + bytes(5 << 20))[:npages * PS])
+    want = md5(bytes(PS) + data[:16 * PS] + bytes(23 * PS) + data[16 * PS:48 * PS]
+               + bytes(8 * PS))
     assert r.stdout.split() == [want]
     st = [line for line in log.read_text().splitlines() if '"event":"stats"' in line][-1]
-    assert '"exit_status":0' in st and '"pages_zero":' in st
+    assert '"exit_status":0' in st and '"pages_copy":' in st and '"pages_zero":' in st
     assert "Traceback" not in r.stderr
 
 
@@ -276,7 +282,9 @@ def test_bad_inputs(target, src):
     _bad("--file", path, "--dontneed", "--", "true", code=2, match="--dontneed goes with --pid")
     _bad("--file", path, "--pid", target.pid, "--range", "0x1000:4K", code=2,
          match="not mapped")
-    _bad("--file", path, "--", "/nonexistent/cmd", code=2, match="cannot run")
+    _bad("--file", path, "--range", "0x%x:4K" % CMD_AT, "--", "/nonexistent/cmd", code=2,
+         match="cannot run")
+    _bad("--file", path, "--", "true", code=2, match="needs --range")
     target.assert_running_untraced()
     # --all-anon is fine with --zero (nothing to offset): serve, detach, exit 0
     p = start("--zero", "--pid", target.pid, "--all-anon")
