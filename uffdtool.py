@@ -1770,8 +1770,8 @@ class Handler:
                 now = time.perf_counter()
                 if not spin_until:
                     spin_until = now + self.spin
-                    continue
                 if now < spin_until:
+                    os.sched_yield()              # a faulter on this CPU runs first
                     continue
             res = clock.check()
             if res:
@@ -1861,7 +1861,7 @@ class Handler:
         timed = clock.active
         PF, SPECIAL = UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR
         LAT_MASK = FAST_LATENCY_EVERY - 1
-        spin, spin_until = self.spin, 0.0
+        spin, spin_until, yield_cpu = self.spin, 0.0, os.sched_yield
         faults = nbytes = partial = eagain = waits = 0      # faults: never reset (sampling)
         flushed = 0                                          # faults already in st
         lo = hi = roff = 0
@@ -1910,8 +1910,8 @@ class Handler:
                     if spin:                          # busy-poll a moment before sleeping
                         if not spin_until:
                             spin_until = perf() + spin
-                            continue
                         if perf() < spin_until:
+                            yield_cpu()                # a faulter on this CPU runs first
                             continue
                     wait_ms = None
                     if timed:
