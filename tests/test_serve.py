@@ -94,6 +94,20 @@ def start(tools, tmp_path, *args, **kw):
     return t
 
 
+def serve_one_region(tools, tmp_path, data, *args):
+    """Start the tool with ARGS, play Firecracker with one region of len(data) bytes, check
+    every page against ``data``, hang up; returns the finished Tool (exit status checked)."""
+    t = start(tools, tmp_path, *args)
+    c = FcClient([len(data)])
+    try:
+        c.handshake(t.sock)
+        assert c.mismatches(0, data) == []
+    finally:
+        c.close()
+    assert t.finish() == 0
+    return t
+
+
 # -- the Firecracker protocol ------------------------------------------------------------------
 
 @pytest.mark.parametrize("fault_log", [False, True], ids=["fast-loop", "general-loop"])
@@ -257,14 +271,7 @@ def test_prefetch_demand_fault_takes_its_run(tmp_path, src, tools):
     path, data = src
     ws = str(tmp_path / "ws.txt")
     u.write_working_set(ws, [i * PS for i in range(64)], PS)
-    t = start(tools, tmp_path, "--file", path, "--prefetch", ws)
-    c = FcClient([64 * PS])
-    try:
-        c.handshake(t.sock)
-        assert c.mismatches(0, data) == []
-    finally:
-        c.close()
-    assert t.finish() == 0
+    t = serve_one_region(tools, tmp_path, data, "--file", path, "--prefetch", ws)
     st = t.stats()
     assert st["faults"] <= 1 and st["pages_copy"] + st["prefetch_pages"] == 64
     assert st["faults"] == st.get("prefetch_claimed", 0)
@@ -335,14 +342,7 @@ def test_stale_socket_is_replaced(tmp_path, src, tools):
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(tmp_path / "uffd.sock"))
     s.close()                                              # a stale socket file stays behind
-    t = start(tools, tmp_path, "--file", path)
-    c = FcClient([64 * PS])
-    try:
-        c.handshake(t.sock)
-        assert c.mismatches(0, data) == []
-    finally:
-        c.close()
-    assert t.finish() == 0
+    t = serve_one_region(tools, tmp_path, data, "--file", path)
     assert not os.path.exists(t.sock)
 
 
