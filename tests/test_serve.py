@@ -14,7 +14,7 @@ import time
 import pytest
 
 import uffdtool as u
-from conftest import TOOL, needs_root, needs_uffd, run_tool
+from conftest import ROOT, TOOL, needs_root, needs_uffd, run_tool
 from fc_client import FcClient
 
 pytestmark = needs_uffd
@@ -420,7 +420,10 @@ def test_self_serves_and_verifies_every_byte(tmp_path, source):
 
 # -- the C toucher (Firecracker's handshake as uffd_bench sends it) ---------------------------
 
-BENCH_C = "/work/shared/bench/uffd_bench.c"
+# the shared benchmark's C toucher: beside the checkout (as in CI), or where developers have it
+BENCH_C = next((p for p in (os.path.join(ROOT, "..", "shared", "bench", "uffd_bench.c"),
+                            "/work/shared/bench/uffd_bench.c") if os.path.exists(p)),
+               "../shared/bench/uffd_bench.c")
 
 
 @pytest.fixture(scope="module")
