@@ -5723,6 +5723,35 @@ def _size_arg(text):
         raise argparse.ArgumentTypeError(str(e))
 
 
+def _positive_size(text):
+    size = _size_arg(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError("must be more than 0 bytes: %r" % text)
+    return size
+
+
+def _usec(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of microseconds: %r" % text)
+    if not 0 <= v <= 1e6:
+        raise argparse.ArgumentTypeError("must be 0 to 1000000 microseconds: %r" % text)
+    return v
+
+
+def _record_list(args):
+    """[] to collect the working set when --record FILE was given (FILE checked writable now,
+    not after the work is done), else None."""
+    if not args.record:
+        return None
+    try:
+        open(args.record, "a").close()
+    except OSError as e:
+        raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
+    return []
+
+
 def _range_arg(text):
     try:
         return parse_range(text)
@@ -5783,7 +5812,7 @@ def _add_resolve(p):
                         "(default unregister: the kernel's own zero page)")
     g.add_argument("--record", metavar="FILE",
                    help="write the working set (pages that faulted, in first-fault order)")
-    g.add_argument("--spin", metavar="USEC", type=float, default=DEFAULT_SPIN * 1e6,
+    g.add_argument("--spin", metavar="USEC", type=_usec, default=DEFAULT_SPIN * 1e6,
                    help="keep reading the empty queue this long before sleeping (default "
                         "%d; 0: sleep at once).  Saves the cross-CPU wake-ups of a faulting "
                         "thread on another CPU, at the price of that much CPU time per pause"
@@ -5794,7 +5823,7 @@ def _add_target(p):
     g = p.add_argument_group("target (TARGET)")
     g.add_argument("--self", dest="self_", action="store_true",
                    help="the tool's own memory, driven by a built-in workload")
-    g.add_argument("--size", type=_size_arg, help="with --self: bytes of memory (K/M/G)")
+    g.add_argument("--size", type=_positive_size, help="with --self: bytes of memory (K/M/G)")
     g.add_argument("--pid", type=int, help="a running process (ptrace attach, x86_64)")
     g.add_argument("--range", dest="ranges", metavar="START:LEN", action="append",
                    type=_range_arg, default=[], help="with --pid: a range to register (repeatable)")
@@ -6036,15 +6065,10 @@ def cmd_watch(args):
         features = watch_features(events, args.mode, warn)
         target = _watch_target(args, features, warn)
         stats = Stats()
-        record = [] if args.record else None
-        if args.record:
-            try:
-                open(args.record, "a").close()
-            except OSError as e:
-                raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
+        record = _record_list(args)
         handler = Handler(SnapshotSource() if args.dontneed else ZeroSource(), log, stats,
                           readahead=args.readahead, on_remove=args.on_remove, record=record,
-                          spin=max(0.0, args.spin) / 1e6)
+                          spin=args.spin / 1e6)
         # watch always takes the general serving path (if the Handler has a specialised
         # single-uffd loop, as serve-file may add): -- CMD adds uffds and regions from the
         # tracer thread through call_soon, and SnapshotSource fills page by page.
@@ -6170,13 +6194,13 @@ def cmd_serve_file(args):
             raise UsageError("%s records addresses (key=%s); serve-file needs a working set of "
                              "source offsets (record it with serve-file --record)"
                              % (args.prefetch, ws[0]))
+    record = _record_list(args)
     log = _make_log(args, human_faults=args.verbose)
     log.json_faults = not args.no_fault_log
     stats = Stats()
     source = FileSource(args.file, args.offset) if args.file else ZeroSource()
     target = handler = cpu0 = None
     attached = attaching = errored = False
-    record = [] if args.record else None
     status, reason, wreason = 0, None, "error"
     try:
         target = open_serve_target(args, log, source)
@@ -6196,7 +6220,7 @@ def cmd_serve_file(args):
                               "offset": r["offset"]} for r in regions])
         handler = Handler(source, log, stats, readahead=args.readahead, on_remove=args.on_remove,
                           page_size=target.page_size, record=record, hugetlb=target.hugetlb,
-                          spin=max(0.0, args.spin) / 1e6)
+                          spin=args.spin / 1e6)
         handler.fast = target.fast
         target.attach(handler)
         attached = True

@@ -281,3 +281,21 @@ def test_handler_spin_serves_and_sleeps(armed, spin):
     assert got["data"] == b"\0" * 8 * PS and h.stats.count["faults_missing"] == 8
     # idle for ~0.2 s: a bounded spin, not a busy loop for the whole time
     assert (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime) < 0.15
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["serve-file", "--zero", "--self", "--size", "1M", "--record", "/nonexistent/ws"],
+     "cannot write /nonexistent/ws"),
+    (["watch", "--self", "--size", "1M", "--record", "/nonexistent/ws"],
+     "cannot write /nonexistent/ws"),
+    (["serve-file", "--zero", "--self", "--size", "0"], "--size: must be more than 0"),
+    (["watch", "--self", "--size", "0"], "--size: must be more than 0"),
+    (["serve-file", "--zero", "--self", "--spin", "-5"], "--spin: must be 0 to"),
+    (["watch", "--self", "--readahead", "0"], "--readahead: must be at least 1"),
+    (["watch", "--self", "--stats-interval", "x"], "--stats-interval"),
+])
+def test_cli_bad_values_exit_2_before_any_work(argv, words, tmp_path):
+    r = run_tool(*argv, cwd=str(tmp_path), timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
