@@ -1,7 +1,11 @@
 """Shared test fixtures: the module from the checkout, and the real-kernel requirements."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -36,3 +40,49 @@ def uffd():
     u = uffdtool.Userfaultfd()
     yield u
     u.close()
+
+
+# -- a uffdtool command running in the background, logging to a file ----------------------------
+
+_running = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_running_tools():
+    """Whatever a test asserts, no uffdtool started by start_tool outlives it."""
+    yield
+    while _running:
+        p = _running.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
+def start_tool(command, *args):
+    """Start ``uffdtool COMMAND --log TMPFILE --quiet ARGS`` and wait for its ``ready`` record
+    (a file, not a pipe: an unread pipe would block the log writer and with it the faults).
+    The Popen gets ``.log`` (the temporary file)."""
+    log = tempfile.NamedTemporaryFile("r", prefix="uffdtool-%s-" % command, suffix=".json")
+    p = subprocess.Popen([sys.executable, TOOL, command, "--log", log.name, "--quiet"] +
+                         [str(a) for a in args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.log = log
+    _running.append(p)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and p.poll() is None:
+        with open(log.name) as f:
+            if '"event":"ready"' in f.read():
+                return p
+        time.sleep(0.02)
+    p.kill()
+    raise AssertionError("no ready record: %s" % (p.communicate(timeout=5),))
+
+
+def stop_tool(p, sig=signal.SIGINT):
+    """Signal a start_tool process (None: just wait for it); returns (JSON records, stderr).
+    Its stdout is kept as ``p.stdout_text``."""
+    if sig is not None:
+        p.send_signal(sig)
+    p.stdout_text, err = p.communicate(timeout=15)
+    with open(p.log.name) as f:
+        return [json.loads(line) for line in f if line.startswith("{")], err

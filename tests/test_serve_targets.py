@@ -1,17 +1,14 @@
 """serve-file --pid PID --range START:LEN and serve-file -- CMD against real processes and the
 real kernel (root, x86_64): the target's memory must end up holding the file's bytes."""
 import hashlib
-import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
 
-from conftest import TOOL, needs_root, needs_uffd, run_tool, uffdtool
+from conftest import needs_root, needs_uffd, run_tool, start_tool, stop_tool, uffdtool
 
 PS = uffdtool.PAGE_SIZE
 pytestmark = [needs_uffd, needs_root,
@@ -112,44 +109,13 @@ def src(tmp_path):
     return str(path), data
 
 
-_tools = []
-
-
-@pytest.fixture(autouse=True)
-def _kill_tools():
-    yield
-    while _tools:
-        p = _tools.pop()
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
-
-
 def start(*args):
     """serve-file --log TMP --quiet ARGS, once its 'ready' record is written."""
-    log = tempfile.NamedTemporaryFile("r", prefix="uffdtool-serve-", suffix=".json")
-    p = subprocess.Popen([sys.executable, TOOL, "serve-file", "--log", log.name, "--quiet"] +
-                         [str(a) for a in args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    p.log = log
-    _tools.append(p)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and p.poll() is None:
-        with open(log.name) as f:
-            if '"event":"ready"' in f.read():
-                return p
-        time.sleep(0.02)
-    p.kill()
-    raise AssertionError("no ready record: %s" % (p.communicate(timeout=5),))
+    return start_tool("serve-file", *args)
 
 
 def stop(p, sig=signal.SIGINT):
-    if sig is not None:
-        p.send_signal(sig)
-    out, err = p.communicate(timeout=15)
-    with open(p.log.name) as f:
-        recs = [json.loads(line) for line in f if line.startswith("{")]
-    return recs, err
+    return stop_tool(p, sig)
 
 
 def final_stats(recs):

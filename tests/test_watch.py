@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import TOOL, needs_root, needs_uffd, run_tool, uffdtool
+from conftest import TOOL, needs_root, needs_uffd, run_tool, start_tool, stop_tool, uffdtool
 
 PS = os.sysconf("SC_PAGE_SIZE")
 x86_64 = pytest.mark.skipif(uffdtool.ARCH != "x86_64", reason="ptrace injection is x86_64 only")
@@ -141,48 +141,15 @@ def expected_sum(*touches):
         t.close()
 
 
-_watchers = []
-
-
-@pytest.fixture(autouse=True)
-def _kill_watchers():
-    """Whatever a test asserts, no watch process outlives it."""
-    yield
-    while _watchers:
-        w = _watchers.pop()
-        if w.poll() is None:
-            w.kill()
-            w.wait(5)
-
-
 def start_watch(*args):
-    """Start 'uffdtool watch --log TMPFILE --quiet ARGS' and wait for its 'ready' record (a
-    file, not a pipe: an unread pipe would block the log writer and with it the faults)."""
-    import tempfile
-    log = tempfile.NamedTemporaryFile("r", prefix="uffdtool-watch-", suffix=".json")
-    w = subprocess.Popen([sys.executable, TOOL, "watch", "--log", log.name, "--quiet"] +
-                         [str(a) for a in args],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    w.logfile = log
-    _watchers.append(w)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and w.poll() is None:
-        with open(log.name) as f:
-            if '"event":"ready"' in f.read():
-                return w, log
-        time.sleep(0.02)
-    w.kill()
-    raise AssertionError("no ready record: %s" % (w.communicate(timeout=5),))
+    """'uffdtool watch --log TMPFILE --quiet ARGS', once its 'ready' record is written."""
+    w = start_tool("watch", *args)
+    return w, w.log
 
 
 def stop_watch(w, log, sig=signal.SIGINT):
     """Signal the watch (None: just wait), return (records, stderr)."""
-    if sig is not None:
-        w.send_signal(sig)
-    out, err = w.communicate(timeout=15)
-    w.stdout_text = out
-    with open(log.name) as f:
-        return records(f.read()), err
+    return stop_tool(w, sig)
 
 
 # ------------------------------------------------------------------------------------ --self
