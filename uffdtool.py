@@ -5730,16 +5730,6 @@ def _positive_size(text):
     return size
 
 
-def _usec(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a number of microseconds: %r" % text)
-    if not 0 <= v <= 1e6:
-        raise argparse.ArgumentTypeError("must be 0 to 1000000 microseconds: %r" % text)
-    return v
-
-
 def _record_list(args):
     """[] to collect the working set when --record FILE was given (FILE checked writable now,
     not after the work is done), else None."""
@@ -5759,24 +5749,24 @@ def _range_arg(text):
         raise argparse.ArgumentTypeError(str(e))
 
 
-def _positive_int(text):
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a whole number: %r" % text)
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be at least 1: %r" % text)
-    return v
+def _number_arg(conv, what, ok, need):
+    """An argparse type: ``conv(text)`` if ``ok`` accepts it, else one clear message."""
+    def parse(text):
+        try:
+            v = conv(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("not %s: %r" % (what, text))
+        if not ok(v):
+            raise argparse.ArgumentTypeError("must be %s: %r" % (need, text))
+        return v
+    return parse
 
 
-def _seconds(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError("must be > 0: %r" % text)
-    return v
+_positive_int = _number_arg(lambda t: int(t, 0), "a whole number", lambda v: v >= 1,
+                            "at least 1")
+_seconds = _number_arg(float, "a number of seconds", lambda v: v > 0, "> 0")
+_usec = _number_arg(float, "a number of microseconds", lambda v: 0 <= v <= 1e6,
+                    "0 to 1000000 microseconds")
 
 
 class _Parser(argparse.ArgumentParser):
