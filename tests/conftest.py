@@ -86,3 +86,29 @@ def stop_tool(p, sig=signal.SIGINT):
     p.stdout_text, err = p.communicate(timeout=15)
     with open(p.log.name) as f:
         return [json.loads(line) for line in f if line.startswith("{")], err
+
+
+class ScriptTarget:
+    """A Python script run as a target process and driven over stdin/stdout: its first output
+    line is the hex address of its memory (``.addr``); ``ask(line)`` sends a command line and
+    returns the stripped answer line."""
+
+    def __init__(self, script, *args):
+        self.p = subprocess.Popen([sys.executable, "-c", script] + [str(a) for a in args],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.addr = int(self.p.stdout.readline(), 16)
+        self.pid = self.p.pid
+
+    def ask(self, line):
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def assert_running_untraced(self):
+        st = dict(line.split(":", 1) for line in open("/proc/%d/status" % self.pid))
+        assert st["State"].split()[0] in ("S", "R") and st["TracerPid"].strip() == "0"
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(5)

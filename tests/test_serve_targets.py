@@ -3,12 +3,12 @@ real kernel (root, x86_64): the target's memory must end up holding the file's b
 import hashlib
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 
-from conftest import needs_root, needs_uffd, run_tool, start_tool, stop_tool, uffdtool
+from conftest import (ScriptTarget, needs_root, needs_uffd, run_tool, start_tool, stop_tool,
+                      uffdtool)
 
 PS = uffdtool.PAGE_SIZE
 pytestmark = [needs_uffd, needs_root,
@@ -66,32 +66,18 @@ def page_sums(data):
 ZERO = md5(bytes(PS))
 
 
-class Target:
+class Target(ScriptTarget):
     def __init__(self, npages=32):
-        self.p = subprocess.Popen([sys.executable, "-c", TARGET, str(npages)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.addr = int(self.p.stdout.readline(), 16)
-        self.pid = self.p.pid
+        super().__init__(TARGET, npages)
 
     def cmd(self, c):
-        self.p.stdin.write(c + "\n")
-        self.p.stdin.flush()
-        return self.p.stdout.readline().split()
+        return self.ask(c).split()
 
     def pages(self, i, k):
         return self.cmd("pages %d %d" % (i, k))
 
     def rng(self, page, npages):
         return "0x%x:%d" % (self.addr + page * PS, npages * PS)
-
-    def assert_running_untraced(self):
-        st = dict(line.split(":", 1) for line in open("/proc/%d/status" % self.pid))
-        assert st["State"].split()[0] in ("S", "R") and st["TracerPid"].strip() == "0"
-
-    def close(self):
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(5)
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import TOOL, needs_root, needs_uffd, run_tool, start_tool, stop_tool, uffdtool
+from conftest import (TOOL, ScriptTarget, needs_root, needs_uffd, run_tool, start_tool,
+                      stop_tool, uffdtool)
 
 PS = os.sysconf("SC_PAGE_SIZE")
 x86_64 = pytest.mark.skipif(uffdtool.ARCH != "x86_64", reason="ptrace injection is x86_64 only")
@@ -95,33 +96,13 @@ def by_event(recs, name):
     return [r for r in recs if r["event"] == name]
 
 
-class Target:
+class Target(ScriptTarget):
     """A running TARGET process driven over stdin/stdout."""
 
     def __init__(self, *args):
-        self.p = subprocess.Popen([sys.executable, "-c", TARGET] + list(args),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.addr = int(self.p.stdout.readline(), 16)
-        self.pid = self.p.pid
+        super().__init__(TARGET, *args)
 
-    def cmd(self, c):
-        self.p.stdin.write(c + "\n")
-        self.p.stdin.flush()
-        return self.p.stdout.readline().strip()
-
-    def state(self):
-        for line in open("/proc/%d/status" % self.pid):
-            if line.startswith(("State:", "TracerPid:")):
-                yield line.split()[1]
-
-    def assert_running_untraced(self):
-        state, tracer = self.state()
-        assert state in ("S", "R") and tracer == "0"
-
-    def close(self):
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.wait(5)
+    cmd = ScriptTarget.ask
 
 
 @pytest.fixture
