@@ -61,16 +61,20 @@ import time
 
 __all__ = [
     # binding
-    "Userfaultfd", "Features", "Ioctls", "Flags", "PAGE_SIZE",
+    "Userfaultfd", "Features", "Ioctls", "RegisterMode", "FaultFlags", "Flags", "PAGE_SIZE",
     "PageFault", "Fork", "Remap", "Remove", "Unmap", "UnknownEvent", "decode_msgs",
     # errors
     "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError",
     # serving
-    "EventLog", "Stats", "ZeroSource", "FileSource", "Handler",
+    "EventLog", "Stats", "ZeroSource", "FileSource", "Handler", "Region", "Prefetcher",
     "read_working_set", "write_working_set",
+    # Firecracker
+    "FirecrackerTarget", "parse_handshake",
     # watch: ptrace (x86_64) and targets
     "PtraceError", "Attachment", "inject_userfaultfd", "read_maps", "SpawnTracer",
     "SnapshotSource",
+    # selftest
+    "SELFTEST_CHECKS", "run_check",
     # memory helpers
     "mmap_anon", "munmap", "mremap", "madvise",
     "parse_size", "parse_range", "main",
