@@ -1608,7 +1608,7 @@ class Handler:
             for a, end in runs:
                 n, changed = self._drain_run(s, r, a, end, attempt)
                 installed += n
-                if changed is not False:
+                if changed is not None:         # regions changed (True) or s is gone
                     return installed, changed
         return installed, False
 
@@ -3607,6 +3607,8 @@ def listen_unix(path, log=None):
     if st is not None:
         if (st.st_mode & 0o170000) != 0o140000:
             raise UsageError("cannot listen on %s: it exists and is not a socket" % path)
+        if _someone_listens(path):
+            raise UsageError("cannot listen on %s: another process is listening there" % path)
         os.unlink(path)                       # stale socket of an earlier handler
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -3616,6 +3618,22 @@ def listen_unix(path, log=None):
         sock.close()
         raise UsageError("cannot listen on %s: %s" % (path, e.strerror))
     return sock
+
+
+def _someone_listens(path):
+    """Whether a process listens on the Unix socket ``path`` (else the file is stale), from
+    /proc/net/unix (flag __SO_ACCEPTCON): connecting to find out would be taken for a peer."""
+    want = os.path.abspath(path)
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return False
+    for line in lines:
+        f = line.split(None, 7)
+        if len(f) == 8 and f[7] == want and int(f[3], 16) & 0x10000:
+            return True
+    return False
 
 
 def peer_pid_of(conn):
@@ -3748,6 +3766,8 @@ class FirecrackerTarget(ServeTarget):
         self.conn = None
         self.pidfd = -1
         self.regions_json = []
+        self.raw_handshake = None
+        self.drained = None
 
     def listen(self):
         self.sock = listen_unix(self.path)
@@ -3759,9 +3779,11 @@ class FirecrackerTarget(ServeTarget):
         if not r:
             raise TargetError("no connection on %s within %g s" % (self.path, timeout))
         self.conn, _ = self.sock.accept()
+        self._stop_listening()      # one peer: a second one must fail at connect, not hang
         self.conn.setblocking(True)
         self.peer_pid = peer_pid_of(self.conn)
         data, fds = receive_handshake(self.conn, first_timeout=timeout)
+        self.raw_handshake = data[:2048].decode("utf-8", "replace")
         try:
             if len(fds) != 1:
                 raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
@@ -3795,6 +3817,37 @@ class FirecrackerTarget(ServeTarget):
                 self.pidfd = -1
         return regions
 
+    def _stop_listening(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            _unlink_socket(self.path)
+
+    def detach(self, handler, reason):
+        """Stopped while the peer still runs (SIGINT/SIGTERM, --duration): install every page of
+        the regions not served yet and unregister them, so that the VM goes on without a
+        handler, with all its memory (else its next fault would wait forever).  Exit 0."""
+        if reason not in ("interrupted", "duration"):
+            return None                       # the peer is gone (or the run failed)
+        pid = self.peer_pid
+        installed = 0
+        for s in list(handler.served.values()):
+            # pagemap says which pages are missing (per 4 KiB page: not for hugetlb)
+            holes = (lambda a, b: missing_runs(pid, a, b)) if pid and not handler.hugetlb \
+                else None
+            installed += handler.drain(s, holes)
+            for r in s.regions:
+                try:
+                    s.uffd.unregister(r.start, r.end - r.start)
+                except UffdError as e:
+                    if e.errno not in (errno.ENOMEM, errno.ESRCH, errno.EINVAL):
+                        raise
+        self.drained = installed
+        return 0
+
+    def extra(self):
+        return {} if self.drained is None else {"drained_pages": self.drained}
+
     def fired(self, fd):
         if fd == self.pidfd:
             return "peer exited"
@@ -3808,18 +3861,23 @@ class FirecrackerTarget(ServeTarget):
 
     def close(self):
         super().close()
-        for obj in (self.conn, self.sock):
-            if obj is not None:
-                obj.close()
-        self.conn = self.sock = None
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-        try:
-            if self.path and (os.lstat(self.path).st_mode & 0o170000) == 0o140000:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        if self.sock is not None:
+            self._stop_listening()
+
+
+def _unlink_socket(path):
+    """Remove the socket file at ``path`` (nothing else; no error if it is gone)."""
+    try:
+        if path and (os.lstat(path).st_mode & 0o170000) == 0o140000:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 # -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove ----------------
@@ -6263,12 +6321,22 @@ def cmd_serve_file(args):
             reason = str(e)
         else:
             reason = str(e) or type(e).__name__
+        peer = target.peer_pid if errored and target is not None else None
+        if peer and not args.kill_peer_on_error and _alive(peer):
+            # Its memory is registered and nobody serves it now: it would hang unnoticed.
+            reason += ("; the peer (pid %d) now waits forever for its memory: stop it, or "
+                       "use --kill-peer-on-error" % peer)
+            e = type(e)(reason) if isinstance(e, UffdToolError) else e
         if errored:
-            _json_only(log, "error", message=reason)
-        if errored and args.kill_peer_on_error and target is not None and target.peer_pid:
+            fields = {}
+            if getattr(target, "raw_handshake", None) and not getattr(target, "regions_json",
+                                                                      None):
+                fields["handshake"] = target.raw_handshake       # what was rejected
+            _json_only(log, "error", message=reason, **fields)
+        if peer and args.kill_peer_on_error:
             try:
-                os.kill(target.peer_pid, signal.SIGKILL)
-                log.emit("killed_peer", pid=target.peer_pid)
+                os.kill(peer, signal.SIGKILL)
+                log.emit("killed_peer", pid=peer)
             except OSError:
                 pass
         if isinstance(e, OSError) and not isinstance(e, UffdError):
@@ -6326,6 +6394,12 @@ def cmd_serve_file(args):
         if late is not None and not errored:
             raise late
     return status
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists (and is not a zombie)."""
+    st = read_sysfs("/proc/%d/stat" % pid)
+    return bool(st) and st.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def _finish_self(args, target, source, stats, log):

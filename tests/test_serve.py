@@ -277,22 +277,57 @@ def test_prefetch_demand_fault_takes_its_run(tmp_path, src, tools):
     assert st["faults"] == st.get("prefetch_claimed", 0)
 
 
-def test_stats_interval_and_sigterm_final_stats(tmp_path, src, tools):
+@pytest.mark.parametrize("how", ["sigterm", "duration"])
+def test_stop_while_peer_runs_installs_everything(tmp_path, src, tools, how):
+    """SIGTERM / --duration while the peer still runs: every page not served yet is installed
+    from the file and the regions unregistered, so the peer goes on with all its memory (a
+    peer whose handler just left would wait forever on its next fault); exit 0."""
     path, data = src
-    t = start(tools, tmp_path, "--file", path, "--stats-interval", "0.05")
-    c = FcClient([16 * PS])
+    args = ["--file", path, "--stats-interval", "0.05"] + (
+        ["--duration", "0.5"] if how == "duration" else [])
+    t = start(tools, tmp_path, *args)
+    c = FcClient([48 * PS, 16 * PS])
     try:
         c.handshake(t.sock)
-        assert c.mismatches(0, data[:16 * PS]) == []
+        assert c.touch(0, 0, 4 * PS) == data[:4 * PS]          # 4 pages served on demand
         time.sleep(0.3)
-        t.p.send_signal(signal.SIGTERM)
-        assert t.finish() == 130
+        if how == "sigterm":
+            t.p.send_signal(signal.SIGTERM)
+        assert t.finish() == 0
+        # the handler is gone: every page must now be there (a missing one would hang)
+        assert c.mismatches(0, data[:48 * PS]) == []
+        assert c.mismatches(1, data[48 * PS:]) == []
     finally:
         c.close()
     stats = t.events("stats")
-    assert len(stats) >= 3 and stats[-1]["faults"] == 16
-    assert t.events("exit")[0]["reason"] == "interrupted"
+    assert len(stats) >= 3 and stats[-1]["faults"] == 4
+    assert stats[-1]["drained_pages"] == 60
+    assert t.events("exit")[0]["reason"] == ("interrupted" if how == "sigterm" else "duration")
     assert "Traceback" not in t.stderr
+
+
+def test_one_peer_only_and_no_second_listener(tmp_path, src, tools):
+    """After the handshake the socket path is gone (a second VM fails at connect instead of
+    hanging); a second handler on a live socket is refused (exit 2)."""
+    path, data = src
+    t = start(tools, tmp_path, "--file", path)
+    r = run_tool("serve-file", "--file", path, "--firecracker-socket", t.sock, timeout=20)
+    assert r.returncode == 2 and "another process is listening" in r.stderr, r.stderr
+    c = FcClient([64 * PS])
+    try:
+        c.handshake(t.sock)
+        deadline = time.monotonic() + 10
+        while not t.events("handshake") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert t.events("handshake") and not os.path.exists(t.sock)
+        late = socket.socket(socket.AF_UNIX)
+        with pytest.raises(FileNotFoundError):
+            late.connect(t.sock)
+        late.close()
+        assert c.mismatches(0, data) == []
+    finally:
+        c.close()
+    assert t.finish() == 0
 
 
 def test_peer_death_ends_serving(tmp_path, src, tools):
@@ -458,6 +493,11 @@ def _error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("uffdtool:")]
 
 
+def _records(tmp_path):
+    with open(str(tmp_path / "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def _bad(tmp_path, tools, data=None, fds="one", src_args=None, size=64 * PS):
     t = start(tools, tmp_path, *(src_args or ["--zero"]))
     c = FcClient([size])
@@ -513,6 +553,10 @@ def test_file_too_short_names_the_sizes(tmp_path, tools, src):
     path, data = src
     rc, line = _bad(tmp_path, tools, src_args=["--file", path, "--offset", str(PS)])
     assert rc == 2 and "too short" in line and str(64 * PS) in line and str(63 * PS) in line
+    # the peer (this test process) registered its memory and nobody will serve it: said so
+    assert "pid %d) now waits forever" % os.getpid() in line and "--kill-peer-on-error" in line
+    err = [r for r in _records(tmp_path) if r["event"] == "error"][0]
+    assert '"base_host_virt_addr"' in err["handshake"]           # what was rejected
 
 
 def test_offset_beyond_file(tmp_path, src):
