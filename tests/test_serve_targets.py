@@ -170,6 +170,21 @@ def test_pid_detach_drains_every_page(target, src, how):
     target.assert_running_untraced()
 
 
+def test_pid_detach_fills_every_hole(target, src):
+    """Without --dontneed the pages the target wrote stay its own; detach installs the file's
+    pages in each of the holes around them (two runs here), none is left as zeros."""
+    path, data = src
+    assert target.cmd("fill 4 4 9") == ["ok"]
+    p = start("--file", path, "--pid", target.pid, "--range", target.rng(0, 32),
+              "--duration", "0.3")
+    recs, err = stop(p, None)
+    assert p.returncode == 0, err
+    assert final_stats(recs)["drained_pages"] == 28
+    want = page_sums(data[:32 * PS])
+    assert target.pages(0, 32) == want[:4] + [md5(b"\x09" * PS)] * 4 + want[8:32]
+    target.assert_running_untraced()
+
+
 def test_pid_target_exits(target, src):
     path, _ = src
     p = start("--file", path, "--pid", target.pid, "--range", target.rng(0, 4))
