@@ -4751,13 +4751,23 @@ def check_api():
 
 # -- MISSING faults, COPY, ZEROPAGE on each memory type --------------------------------------------
 
+
+def _mem_features(kind, *modes, hugepages=1):
+    """The features ``kind`` memory needs for register ``modes``; SKIP when the kernel lacks
+    them or (hugetlb) ``hugepages`` huge pages cannot be had."""
+    feats = 0
+    for mode in modes:
+        feats |= _MEM_FEATURES[(kind, mode)]
+    if kind == "hugetlb":
+        _need_hugepages(hugepages)
+    _available_or_skip(feats)
+    return feats
+
+
 def _fault_read_write(kind, how):
     """Child faults a read on page 0 and a write on page 1 of ``kind`` memory; the parent
     serves both with ``how`` ('copy' or 'zero') and checks flags, addresses and data."""
-    feats = _MEM_FEATURES[(kind, "missing")]
-    if kind == "hugetlb":
-        _need_hugepages(2)
-    _available_or_skip(feats)
+    feats = _mem_features(kind, "missing", hugepages=2)
     stamp = b"written by the child"
 
     def body(peer):
@@ -4858,10 +4868,7 @@ def check_hugetlb_zeropage():
 
 def _wp_faults(kind):
     """WP faults (flags wp|write) on ``kind`` memory, protect/unprotect by the parent."""
-    feats = _MEM_FEATURES[(kind, "wp")] | _MEM_FEATURES[(kind, "missing")]
-    if kind == "hugetlb":
-        _need_hugepages(1)
-    _available_or_skip(feats)
+    feats = _mem_features(kind, "wp", "missing")
 
     def body(peer):
         u = _uffd(feats)
@@ -4915,10 +4922,7 @@ def _wp_faults(kind):
 def _minor_continue(kind):
     """MINOR fault on the registered alias of a memfd; the parent edits the page through its
     own mapping of the memfd, then UFFDIO_CONTINUE maps it; CONTINUE again: EEXIST."""
-    feats = _MEM_FEATURES[(kind, "minor")]
-    if kind == "hugetlb":
-        _need_hugepages(1)
-    _available_or_skip(feats)
+    feats = _mem_features(kind, "minor")
 
     def body(peer):
         u = _uffd(feats)
