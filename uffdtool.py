@@ -4750,8 +4750,6 @@ def check_api():
 
 
 # -- MISSING faults, COPY, ZEROPAGE on each memory type --------------------------------------------
-
-
 def _mem_features(kind, *modes, hugepages=1):
     """The features ``kind`` memory needs for register ``modes``; SKIP when the kernel lacks
     them or (hugetlb) ``hugepages`` huge pages cannot be had."""
@@ -5889,6 +5887,14 @@ def _add_target(p):
                    help="start CMD and watch its anonymous memory")
 
 
+def _add_stop_options(g, dontneed_help):
+    g.add_argument("--duration", metavar="SECS", type=_seconds,
+                   help="stop after SECS (--pid: detach, -- CMD: end CMD, Firecracker: install "
+                        "the remaining pages and unregister)")
+    g.add_argument("--dontneed", action="store_true",
+                   help="DESTRUCTIVE, with --pid: " + dontneed_help)
+
+
 def build_parser():
     """The argparse parser of the CLI (sub-commands info, selftest, watch, serve-file)."""
     p = _Parser(prog="uffdtool", description=__doc__.split("\n\n")[0],
@@ -5929,13 +5935,10 @@ def build_parser():
                    help="non-cooperative events to request: all (default: all the kernel "
                         "grants), none, or a list of fork,remap,remove,unmap; fork needs "
                         "CAP_SYS_PTRACE")
-    g.add_argument("--duration", metavar="SECS", type=_seconds,
-                   help="stop (detach, or end CMD) after SECS")
-    g.add_argument("--dontneed", action="store_true",
-                   help="DESTRUCTIVE, with --pid: snapshot the present pages, drop them with "
-                        "MADV_DONTNEED (all threads stopped) so every page faults again, serve "
-                        "them back from the snapshot and put back every page not faulted at "
-                        "detach.  If uffdtool is SIGKILLed meanwhile the target reads zeros.")
+    _add_stop_options(g, "snapshot the present pages, drop them with MADV_DONTNEED (all threads "
+                         "stopped) so every page faults again, serve them back from the snapshot "
+                         "and put back every page not faulted at detach.  If uffdtool is "
+                         "SIGKILLed meanwhile the target reads zeros.")
     pw.set_defaults(func=cmd_watch)
 
     pf = sub.add_parser("serve-file", help="fill missing pages from a file or with zeros",
@@ -5959,12 +5962,9 @@ def build_parser():
     pf.add_argument("--accept-timeout", metavar="SECS", type=_seconds,
                     help="with --firecracker-socket: give up (exit 1) if no peer connects "
                          "within SECS (default: wait forever)")
-    pf.add_argument("--dontneed", action="store_true",
-                    help="DESTRUCTIVE, with --pid --range: drop the present pages of the ranges "
-                         "(MADV_DONTNEED injected, all threads stopped) so that they fault and "
-                         "get the file's data: restores the ranges from the file")
-    pf.add_argument("--duration", metavar="SECS", type=_seconds,
-                    help="stop after SECS (--pid: detach, -- CMD: end CMD)")
+    _add_stop_options(pf, "drop the present pages of the ranges (MADV_DONTNEED injected, all "
+                          "threads stopped) so that they fault and get the file's data: "
+                          "restores the ranges from the file")
     pf.add_argument("--kill-peer-on-error", action="store_true",
                     help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
                          "cannot hang or read zeros where file data belongs")
