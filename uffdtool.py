@@ -6100,6 +6100,11 @@ def _watch_target(args, features, warn):
     return SpawnTarget(cmd, args.mode, features, warn)
 
 
+def _make_log(args, human_faults):
+    dest = "-" if args.json else args.log
+    return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
+
+
 def cmd_watch(args):
     """``uffdtool watch``: register a target's memory, resolve and log every fault and event.
 
@@ -6112,8 +6117,7 @@ def cmd_watch(args):
         raise UsageError("--events: %s" % e)
     if (args.pid is not None or args.cmd) and ARCH != "x86_64":
         raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
-    log = EventLog(args.log or ("-" if args.json else None),
-                   human=None if args.quiet else sys.stderr, human_faults=True)
+    log = _make_log(args, human_faults=True)
     handler = None
     try:
         def warn(msg):
@@ -6200,11 +6204,6 @@ class _StopOnSignal(list):
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.old[0])
         signal.signal(signal.SIGTERM, self.old[1])
-
-
-def _make_log(args, human_faults):
-    dest = "-" if args.json else args.log
-    return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
 
 
 #: counters every serve-file stats record has, even when zero
@@ -6402,8 +6401,10 @@ def cmd_serve_file(args):
 
 def _alive(pid):
     """Whether process ``pid`` exists (and is not a zombie)."""
-    st = read_sysfs("/proc/%d/stat" % pid)
-    return bool(st) and st.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    try:
+        return proc_status(pid).get("State", "Z")[:1] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def _finish_self(args, target, source, stats, log):
