@@ -46,6 +46,7 @@ import ctypes.util
 import errno
 import fcntl
 import functools
+import gc
 import json
 import mmap
 import os
@@ -191,6 +192,16 @@ def mremap(addr, old_len, new_len, flags=MREMAP_MAYMOVE, new_addr=0):
 def madvise(addr, length, advice):
     """madvise(2)."""
     _check(libc().madvise(addr, length, advice), "madvise")
+
+
+def trim_heap():
+    """Give the C heap's free memory back to the kernel (glibc ``malloc_trim``; elsewhere a
+    no-op): compiling this file leaves megabytes of freed heap, which a forking parent would
+    otherwise hand down to every worker."""
+    try:
+        libc().malloc_trim(0)
+    except AttributeError:
+        pass
 
 
 def read_sysfs(path, default=None):
@@ -812,9 +823,11 @@ class EventLog:
     ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
     ``t`` (seconds since ``t0``) and ``event`` and is flushed.  ``human`` is where the
     human-readable lines go (None: nowhere, i.e. --quiet); ``human_faults`` says whether
-    pagefault records also get a human line (watch: yes; serve-file: only with -v)."""
+    pagefault records also get a human line (watch: yes; serve-file: only with -v).
+    ``fields`` go into every record (a ``--peers`` worker's ``peer``).  A file is opened
+    ``O_APPEND``, so that the records of several processes never overwrite each other."""
 
-    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None):
+    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None, fields=None):
         self.t0 = time.monotonic() if t0 is None else t0
         self._own = False
         if dest is None:
@@ -823,7 +836,9 @@ class EventLog:
             self.out = sys.stdout
         elif isinstance(dest, str):
             try:
-                self.out = open(dest, "w", buffering=1)
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND |
+                             os.O_CLOEXEC, 0o666)
+                self.out = os.fdopen(fd, "w", buffering=1)
             except OSError as e:
                 raise UsageError("cannot write log %s: %s" % (dest, e.strerror))
             self._own = True
@@ -832,6 +847,21 @@ class EventLog:
         self.human = human
         self.human_faults = human_faults
         self.json_faults = True       # False: pagefault records stay out of the JSON log too
+        self.fields = dict(fields or {})
+
+    def fork_copy(self, **fields):
+        """This log for a forked worker: the same destination through a new file object on a
+        dup of its fd (no buffer shared with the parent's), the same ``t0``, and ``fields`` in
+        every record."""
+        out = None
+        if self.out is not None:
+            self.out.flush()
+            out = os.fdopen(os.dup(self.out.fileno()), "w", buffering=1)
+        log = EventLog(out, human=self.human, human_faults=self.human_faults, t0=self.t0,
+                       fields=dict(self.fields, **fields))
+        log._own = out is not None
+        log.json_faults = self.json_faults
+        return log
 
     @property
     def wants_faults(self):
@@ -845,6 +875,7 @@ class EventLog:
     def emit(self, event, **fields):
         """Write one record; returns it."""
         rec = {"t": round(self.now(), 6), "event": event}
+        rec.update(self.fields)
         rec.update(fields)
         if self.out is not None and (event != "pagefault" or self.json_faults):
             try:
@@ -2333,6 +2364,19 @@ def proc_status(pid):
             k, _, v = line.partition(":")
             out[k] = v.strip()
     return out
+
+
+def pss_anon_kib(pid="self"):
+    """``Pss_Anon`` of /proc/PID/smaps_rollup in KiB: the process's share of anonymous memory
+    (pages shared with a forking parent count in part), or None where the kernel lacks it."""
+    try:
+        with open("/proc/%s/smaps_rollup" % pid) as f:
+            for line in f:
+                if line.startswith("Pss_Anon:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def elf_is_x86_64(pid):
@@ -3862,22 +3906,24 @@ class FirecrackerTarget(Target):
     """serve-file ``--firecracker-socket PATH``: listen on a Unix socket, accept Firecracker (or
     anything speaking its UFFD handshake), receive the regions and the uffd.  ``open`` does it
     all (``ready`` is written once listening); the peer's socket and pidfd are the fds whose
-    readiness ends the session."""
+    readiness ends the session.  ``conn``: a connection already accepted on ``path`` (a
+    ``--peers`` worker: its parent listens); ``open`` then only reads the handshake."""
     name = "firecracker"
 
-    def __init__(self, path, accept_timeout=None):
+    def __init__(self, path, accept_timeout=None, conn=None):
         self.path = path
         self.accept_timeout = accept_timeout
         self.sock = None
-        self.conn = None
+        self.conn = conn
         self.pidfd = -1
         self.uffd = None
         self.regions = []
         self.drained = None
 
     def open(self, log, source, wake_fd=None):
-        self.sock = listen_unix(self.path)
-        log.emit("ready", socket=self.path)
+        if self.conn is None:
+            self.sock = listen_unix(self.path)
+            log.emit("ready", socket=self.path)
         regions = self.accept(self.accept_timeout, source.size, wake_fd)
         log.emit("handshake", pid=self.peer_pid, page_size=self.page_size,
                  regions=len(regions), bytes=sum(r["size"] for r in regions),
@@ -3889,14 +3935,23 @@ class FirecrackerTarget(Target):
         ``wake_fd`` becomes readable first), receive and validate its handshake;
         ``source_size``: bytes the source has (a shorter one is a UsageError).  Returns the
         regions (dicts, as in the handshake)."""
-        waits = [self.sock] + ([wake_fd] if wake_fd is not None else [])
-        r, _, _ = select.select(waits, [], [], timeout)
-        if not r:
-            raise TargetError("no connection on %s within %g s" % (self.path, timeout))
-        if self.sock not in r:
-            raise KeyboardInterrupt
-        self.conn, _ = self.sock.accept()
-        self._stop_listening()      # one peer: a second one must fail at connect, not hang
+        if self.conn is None:
+            waits = [self.sock] + ([wake_fd] if wake_fd is not None else [])
+            r, _, _ = select.select(waits, [], [], timeout)
+            if not r:
+                raise TargetError("no connection on %s within %g s" % (self.path, timeout))
+            if self.sock not in r:
+                raise KeyboardInterrupt
+            self.conn, _ = self.sock.accept()
+            self._stop_listening()  # one peer: a second one must fail at connect, not hang
+        elif wake_fd is not None:
+            # accepted by a --peers parent: a stop before the peer has sent anything drops it
+            # (it handed over no memory yet); one that has sent is served, then drained
+            r, _, _ = select.select([self.conn, wake_fd], [], [], timeout)
+            if r == [wake_fd]:
+                raise KeyboardInterrupt
+            if not r:
+                raise HandshakeError("the peer sent no handshake within %g s" % timeout)
         self.conn.setblocking(True)
         self.peer_pid = peer_pid_of(self.conn)
         data, fds = receive_handshake(self.conn, first_timeout=timeout)
@@ -5842,6 +5897,8 @@ def _number_arg(conv, what, ok, need):
 
 _positive_int = _number_arg(lambda t: int(t, 0), "a whole number", lambda v: v >= 1,
                             "at least 1")
+_peer_count = _number_arg(lambda t: int(t, 0), "a whole number", lambda v: v >= 0,
+                          "0 or more")
 _seconds = _number_arg(float, "a number of seconds", lambda v: v > 0, "> 0")
 _usec = _number_arg(float, "a number of microseconds", lambda v: 0 <= v <= 1e6,
                     "0 to 1000000 microseconds")
@@ -5970,6 +6027,10 @@ def build_parser():
     _add_target(pf)
     pf.add_argument("--firecracker-socket", metavar="PATH",
                     help="listen on PATH for Firecracker's UFFD handshake")
+    pf.add_argument("--peers", metavar="N", type=_peer_count, default=1,
+                    help="with --firecracker-socket: serve N peers (VMs), each in its own "
+                         "worker process, then exit (default 1: one peer, no worker); 0: "
+                         "until SIGTERM/SIGINT")
     pf.add_argument("--no-fault-log", action="store_true",
                     help="with --log/--json: no per-fault pagefault records (the other records "
                          "and stats stay; keeps the fast serving loop)")
@@ -6035,6 +6096,7 @@ EPILOG_SERVE = """targets:
 
 examples:
   uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock
+  uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock --peers 0 --log fc.jsonl
   uffdtool serve-file --zero --firecracker-socket /tmp/uffd.sock --readahead 16
   uffdtool serve-file --file dump.bin --self
   sudo uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
@@ -6231,6 +6293,8 @@ class _Signals(list):
         for sig, h in zip(self.SIGNALS, self.old):
             if h is not signal.SIG_IGN:
                 signal.signal(sig, self._on_signal)
+        # a --peers worker starts with them blocked (forked so), and gets any that came since
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         return self
 
     def __exit__(self, *exc):
@@ -6263,6 +6327,7 @@ class Session:
     counters = ()
     record_key = "address"
     failure = None                            # the exception that ended the run, if any
+    final_stats = None                        # the final stats record, once written
 
     def __init__(self, command, args, log, target, source, start_fields):
         self.command, self.args, self.log = command, args, log
@@ -6412,7 +6477,7 @@ class Session:
             extra["recorded_pages"] = len(self.record)
         extra.update(self.target.extra())
         emit = self.log.emit if self.attached else functools.partial(_json_only, self.log)
-        emit("stats", **self._stats_record(**extra))
+        self.final_stats = emit("stats", **self._stats_record(**extra))
         ended = getattr(self.target, "exit_fields", None)
         fields = {"target_" + k: v for k, v in (ended or {}).items()}
         if self.failure is not None:
@@ -6522,6 +6587,8 @@ def cmd_serve_file(args):
     if args.offset and not args.file:
         raise UsageError("--offset needs --file")
     _check_target_args(args, "serve-file")
+    if args.peers != 1 and not args.firecracker_socket:
+        raise UsageError("--peers goes with --firecracker-socket")
     ws = None
     if args.prefetch:
         ws = read_working_set(args.prefetch)
@@ -6534,8 +6601,11 @@ def cmd_serve_file(args):
     source = None
     try:
         source = FileSource(args.file, args.offset) if args.file else ZeroSource()
-        target = _serve_target(args, source, lambda msg: log.emit("warning", message=msg))
-        session = ServeSession(args, log, target, source, ws)
+        if args.peers != 1:
+            session = PeerDaemon(args, log, source, ws)
+        else:
+            target = _serve_target(args, source, lambda msg: log.emit("warning", message=msg))
+            session = ServeSession(args, log, target, source, ws)
     except BaseException:
         if source is not None:
             source.close()
@@ -6562,6 +6632,291 @@ def _finish_self(args, target, source, stats, log):
                              args.readahead,
                              "every byte verified" if ok else "MISMATCH at offset %d" % bad))
     return 0 if ok else 1
+
+
+# -- serve-file --peers: one worker process per Firecracker peer (README, "Many VMs") ------------
+
+#: listen() backlog of a --peers socket: many VMs may restore at the same moment
+PEER_BACKLOG = 128
+#: stats fields of a worker's final record that the daemon's stats do not sum up
+_PEER_NOT_SUMMED = ("t", "event", "peer", "wall_s", "target_stopped_s", "latency_us", "reason")
+
+
+def _ignore_signal(signum, frame):
+    """A worker's SIGINT/SIGTERM outside its session: it stops when its session says so."""
+
+
+class PeerWorker:
+    """What the daemon knows of one worker: its pid, its peer's pid (SO_PEERCRED) and the pipe
+    its report arrives on (EOF: the worker is gone)."""
+
+    def __init__(self, pid, peer, report_fd):
+        self.pid, self.peer, self.report_fd = pid, peer, report_fd
+        self.data = b""
+
+
+class PeerDaemon:
+    """``serve-file --firecracker-socket PATH --peers N`` (N != 1; 0: until SIGTERM/SIGINT).
+
+    The parent listens once and accepts; each accepted peer gets a worker process, forked after
+    the accept from a parent that has done its imports and ``gc.freeze()`` (so the
+    interpreter's pages stay shared), which runs the ordinary serve-file session on that one
+    connection: a FirecrackerTarget given the connection.  Its log is the parent's
+    destination with ``peer`` in every record; it reports its final stats and ``Pss_Anon`` on
+    a pipe when done.  The parent writes ``peer-done``/``peer-failed`` per peer (a worker that
+    died without reporting failed; ``--kill-peer-on-error`` then SIGKILLs its peer), stops
+    accepting after N peers, on SIGINT/SIGTERM or ``--duration`` (then each worker drains:
+    installs the rest of its VM's memory and unregisters), and when every worker is done
+    writes the aggregated ``stats`` and ``exit``.  Exit 1 if any peer failed."""
+
+    def __init__(self, args, log, source, working_set):
+        self.args, self.log, self.source, self.working_set = args, log, source, working_set
+        self.limit = args.peers
+        self.sock = None
+        self.sig = None
+        self.workers = {}                     # report fd -> PeerWorker
+        self.accepted = 0
+        self.served, self.failed = [], []
+        self.stats = Stats()
+        self.stopping = None                  # why the daemon stopped serving, once it has
+        self.error = None
+        _record_list(args)                    # --record FILE checked writable now
+
+    def run(self):
+        args = self.args
+        _json_only(self.log, "start", command="serve-file", version=__version__,
+                   argv=["uffdtool"] + list(args.argv), time=round(time.time(), 6),
+                   source=args.file or "zero", offset=args.offset, readahead=args.readahead,
+                   on_remove=args.on_remove, peers=self.limit)
+        reason = "error"
+        with _Signals() as sig:
+            self.sig = sig
+            try:
+                self.sock = listen_unix(args.firecracker_socket)
+                self.sock.listen(PEER_BACKLOG)
+                self.log.emit("ready", socket=args.firecracker_socket, peers=self.limit)
+                gc.collect()                  # what the workers share: no garbage, no holes
+                gc.freeze()
+                trim_heap()
+                reason = self._serve(sig)
+            except UffdToolError as e:
+                self.error = e
+                _json_only(self.log, "error", message=str(e))
+                self._stop("error")
+                self._wait_all()
+            finally:
+                self._close_listener()
+        status = 1 if self.failed else 0
+        if self.error is not None:
+            status = max(status, self.error.exit_code)
+        self.log.emit("stats", **self._stats_record(reason=reason))
+        self.log.emit("exit", reason=reason, status=status)
+        if self.error is not None:
+            _complain(self.error)
+        self.source.close()
+        self.log.close()
+        return status
+
+    # -- the parent: accept, supervise, stop ---------------------------------------------------
+    def _serve(self, sig):
+        args = self.args
+        now = time.monotonic()
+        deadline = None if args.duration is None else now + args.duration
+        next_tick = now + args.stats_interval if args.stats_interval else None
+        accept_by = now + args.accept_timeout if args.accept_timeout else None
+        while self.sock is not None or self.workers:
+            now = time.monotonic()
+            if sig and self.stopping is None:
+                self._stop("interrupted")
+            if deadline is not None and now >= deadline and self.stopping is None:
+                self._stop("duration")
+            if self.sock is not None and accept_by is not None and now >= accept_by:
+                self._accept_timed_out()
+            if next_tick is not None and now >= next_tick:
+                self.log.emit("stats", **self._stats_record())
+                next_tick = now + args.stats_interval
+            if self.sock is None and not self.workers:
+                break
+            waits = [sig.wake_r] + list(self.workers) + ([self.sock] if self.sock else [])
+            times = [t for t in (deadline if self.stopping is None else None, next_tick,
+                                 accept_by if self.sock else None) if t is not None]
+            timeout = max(0.0, min(times) - now) if times else None
+            r, _, _ = select.select(waits, [], [], timeout)
+            if sig.wake_r in r:
+                os.read(sig.wake_r, 64)       # the signal itself is in ``sig``
+            if self.sock is not None and self.sock in r:
+                self._accept()
+                accept_by = time.monotonic() + args.accept_timeout if args.accept_timeout \
+                    else None
+            for fd in r:
+                if fd in self.workers:
+                    self._read_report(fd)
+        return self.stopping or "peers done"
+
+    def _accept_timed_out(self):
+        self._close_listener()
+        self.stopping = self.stopping or "accept timeout"
+        if self.limit and self.accepted < self.limit:
+            self.error = TargetError("no connection on %s within %g s (%d of %d peers came)"
+                                     % (self.args.firecracker_socket, self.args.accept_timeout,
+                                        self.accepted, self.limit))
+            _json_only(self.log, "error", message=str(self.error))
+
+    def _close_listener(self):
+        """Stop accepting: a VM pointed at the socket now fails at connect instead of hanging."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            _unlink_socket(self.args.firecracker_socket)
+
+    def _stop(self, reason):
+        """Stop accepting and ask every worker to stop (each drains its VM, then reports)."""
+        self.stopping = reason
+        self._close_listener()
+        for w in self.workers.values():
+            try:
+                os.kill(w.pid, signal.SIGTERM)
+            except OSError:
+                pass
+
+    def _wait_all(self):
+        while self.workers:
+            r, _, _ = select.select(list(self.workers), [], [])
+            for fd in r:
+                self._read_report(fd)
+
+    def _accept(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return                            # the peer gave up meanwhile
+        peer = peer_pid_of(conn)
+        # (a check of who may connect belongs here, before the peer is counted)
+        self.accepted += 1
+        if self.limit and self.accepted >= self.limit:
+            self._close_listener()            # N peers: the next one fails at connect
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        gc.freeze()                           # the parent's objects: never touched by a GC
+        signal.pthread_sigmask(signal.SIG_BLOCK, _Signals.SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _Signals.SIGNALS)
+            for fd in (report_r, report_w):
+                os.close(fd)
+            conn.close()
+            self.failed.append(peer)
+            self.log.emit("peer-failed", peer=peer, reason="cannot fork a worker: %s"
+                          % e.strerror)
+            return
+        if pid == 0:
+            os.close(report_r)
+            self._worker(conn, peer, self.accepted == 1, report_w)      # never returns
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _Signals.SIGNALS)
+        os.close(report_w)
+        conn.close()
+        self.workers[report_r] = PeerWorker(pid, peer, report_r)
+        self.log.emit("peer-accepted", peer=peer, worker=pid)
+        if self.stopping is not None:         # a stop came while it was being forked
+            os.kill(pid, signal.SIGTERM)
+
+    def _read_report(self, fd):
+        w = self.workers[fd]
+        data = os.read(fd, 1 << 16)
+        if data:
+            w.data += data
+            return
+        del self.workers[fd]
+        os.close(fd)
+        _, st = os.waitpid(w.pid, 0)
+        self._peer_ended(w, os.waitstatus_to_exitcode(st))
+
+    def _peer_ended(self, w, code):
+        """peer-done or peer-failed for a worker that is gone; its counters into the total."""
+        try:
+            report = json.loads(w.data) if w.data else None
+        except ValueError:
+            report = None
+        stats = (report or {}).get("stats") or {}
+        for k, v in stats.items():
+            if k not in _PEER_NOT_SUMMED and isinstance(v, (int, float)) \
+                    and not isinstance(v, bool):
+                self.stats.add(k, v)
+        fields = {k: v for k, v in stats.items() if k not in ("t", "event", "peer")}
+        fields.update(worker=w.pid, status=code,
+                      pss_anon_kib=(report or {}).get("pss_anon_kib"))
+        if report is not None and code == 0:
+            self.served.append(w.peer)
+            self.log.emit("peer-done", peer=w.peer, **fields)
+            return
+        self.failed.append(w.peer)
+        if code < 0:
+            why = "worker %d killed by signal %s" % (w.pid, signal.Signals(-code).name)
+        elif report is None:
+            why = "worker %d exited with status %d before reporting" % (w.pid, code)
+        else:
+            why = report.get("error") or "worker exited with status %d (%s)" % (
+                code, stats.get("reason"))
+        if report is None and w.peer:
+            # nobody serves the peer's memory now: it would hang on its next missing page
+            if self.args.kill_peer_on_error:
+                try:
+                    os.kill(w.peer, signal.SIGKILL)
+                    self.log.emit("killed_peer", peer=w.peer, pid=w.peer)
+                except OSError:
+                    pass
+            elif _alive(w.peer):
+                why += ("; the peer (pid %d) now waits forever for its memory: stop it, or "
+                        "use --kill-peer-on-error" % w.peer)
+        fields["reason"] = why
+        self.log.emit("peer-failed", peer=w.peer, **fields)
+
+    def _stats_record(self, **extra):
+        rec = self.stats.record(**extra)
+        for k in SERVE_COUNTERS:
+            rec.setdefault(k, 0)
+        rec.setdefault("faults", 0)
+        rec.update(peers_served=list(self.served), peers_failed=list(self.failed),
+                   peers_running=[w.peer for w in self.workers.values()],
+                   pss_anon_kib=pss_anon_kib())
+        return rec
+
+    # -- a worker: the ordinary session for one peer -------------------------------------------
+    def _worker(self, conn, peer, first, report_w):
+        """In the forked worker (signals blocked until its session takes them): serve ``conn``
+        with a ServeSession, report on ``report_w``, exit with the session's status."""
+        status, report = 1, {}
+        try:
+            for s in _Signals.SIGNALS:
+                signal.signal(s, _ignore_signal)
+            for fd in [self.sig.wake_r, self.sig.wake_w] + list(self.workers):
+                os.close(fd)
+            if self.sock is not None:
+                self.sock.close()             # only the parent accepts (and unlinks the path)
+            args = argparse.Namespace(**vars(self.args))
+            args.duration = None              # the parent stops the workers
+            if args.record:
+                args.record = "%s.%d" % (self.args.record, peer)
+            log = self.log.fork_copy(peer=peer)
+            target = FirecrackerTarget(args.firecracker_socket, args.accept_timeout, conn=conn)
+            session = ServeSession(args, log, target, self.source, self.working_set)
+            status = session.run()
+            report = {"stats": session.final_stats, "pss_anon_kib": pss_anon_kib(),
+                      "error": None if session.failure is None else str(session.failure)}
+            if first and args.record and os.path.exists(args.record):
+                tmp = "%s.tmp%d" % (self.args.record, os.getpid())
+                shutil.copyfile(args.record, tmp)    # FILE holds the first peer's set
+                os.replace(tmp, self.args.record)
+        except BaseException as e:            # reported; never back into the parent's code
+            status = exit_status(e)
+            report["error"] = str(e) or type(e).__name__
+        finally:
+            try:
+                data = json.dumps(report).encode()
+                while data:
+                    data = data[os.write(report_w, data):]
+            finally:
+                os._exit(status)
 
 
 # -- main ----------------------------------------------------------------------------------------
