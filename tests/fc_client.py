@@ -145,17 +145,23 @@ class FcClient:
 
 def main(argv=None):
     """Subprocess mode (for tests that need a peer that can be killed): connect, handshake,
-    print 'sent <pid>', wait for a line on stdin, touch and verify everything against --src,
-    print 'ok' or 'bad N', exit 0/1."""
+    print 'sent <pid>'; with --pause-after N read the first N pages of region 0 and print
+    'paused' (a point where the test can kill it mid-restore); wait for a line on stdin,
+    touch and verify everything against --src, print 'ok' or 'bad N', exit 0/1."""
     import argparse
     p = argparse.ArgumentParser()
     p.add_argument("--socket", required=True)
     p.add_argument("--src", required=True)
     p.add_argument("--sizes", required=True, help="comma-separated region sizes in bytes")
+    p.add_argument("--pause-after", type=int, default=0, metavar="N",
+                   help="read N pages, print 'paused', then wait for the line on stdin")
     a = p.parse_args(argv)
     c = FcClient([int(x) for x in a.sizes.split(",")])
     c.handshake(a.socket)
     print("sent %d" % os.getpid(), flush=True)
+    if a.pause_after:
+        c.touch_pages(0, range(0, a.pause_after * c.ps, c.ps), timeout=120)
+        print("paused", flush=True)
     sys.stdin.readline()
     with open(a.src, "rb") as f:
         data = f.read()
