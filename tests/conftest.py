@@ -1,6 +1,7 @@
 """Shared test fixtures: the module from the checkout, and the real-kernel requirements."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,29 @@ sys.path.insert(0, ROOT)
 import uffdtool  # noqa: E402
 
 TOOL = os.path.join(ROOT, "uffdtool.py")
+
+
+def need_program(name, package):
+    """The path of program NAME; when it is absent, skip with the reason, but FAIL when the
+    environment variable CI is set (CI installs PACKAGE, see .ci/run)."""
+    path = shutil.which(name)
+    if path is None:
+        why = "needs %s (apt package %s)" % (name, package)
+        if os.environ.get("CI"):
+            pytest.fail(why + ": CI must install it")
+        pytest.skip(why)
+    return path
+
+
+def need_module(name, package):
+    """The same for a Python module NAME (pip package PACKAGE, from tests/requirements.txt)."""
+    try:
+        return __import__(name)
+    except ImportError:
+        why = "needs the Python module %s (pip install %s)" % (name, package)
+        if os.environ.get("CI"):
+            pytest.fail(why + ": CI must install it")
+        pytest.skip(why)
 
 
 def _uffd_usable():
