@@ -6263,6 +6263,17 @@ class _Signals(list):
         os.close(self.wake_w)
 
 
+def _test_pause(step):
+    """Test-only: with ``UFFDTOOL_TEST_PAUSE=STEP:SECS`` in the environment, wait SECS seconds at
+    STEP (``start``: set up and attached, before serving), so that a test can land a signal
+    exactly there.  Signals that arrive are handled as usual (recorded)."""
+    want, _, secs = os.environ.get("UFFDTOOL_TEST_PAUSE", "").partition(":")
+    if want == step:
+        end = time.monotonic() + float(secs or 1)
+        while time.monotonic() < end:
+            time.sleep(end - time.monotonic())
+
+
 def _json_only(log, event, **fields):
     """A record for the JSON log only (the human line is the CLI's own message)."""
     human, log.human = log.human, None
@@ -6335,6 +6346,7 @@ class Session:
                 self.log.emit("ready", regions=len(regs),
                               bytes=sum(r.end - r.start for r in regs), **ready)
             self.prepare(h)
+            _test_pause("start")
             t.start()
             self.cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             self.serving = True
