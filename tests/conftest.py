@@ -106,9 +106,10 @@ class Tool:
     """``uffdtool COMMAND --log LOG [--quiet] ARGS`` running in the background, by default once
     its ``ready`` record is written. The log is a file, not a pipe: an unread pipe would block
     the log writer and with it the faults (LOG: a temporary file unless given). After
-    ``finish``/``stop``: ``returncode``, ``stdout_text`` and ``stderr`` (text)."""
+    ``finish``/``stop``: ``returncode``, ``stdout_text`` and ``stderr`` (text). ENV: variables
+    added to the environment."""
 
-    def __init__(self, command, *args, log=None, quiet=True, wait=True):
+    def __init__(self, command, *args, log=None, quiet=True, wait=True, env=None):
         if log is None:
             self._tmp = tempfile.NamedTemporaryFile("r", prefix="uffdtool-%s-" % command,
                                                     suffix=".json")
@@ -116,19 +117,24 @@ class Tool:
         self.log = str(log)
         argv = [sys.executable, TOOL, command, "--log", self.log] + (["--quiet"] if quiet else [])
         self.p = subprocess.Popen(argv + [str(a) for a in args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, **env) if env else None)
         self.pid = self.p.pid
         _running.append(self)
         if wait:
             self.wait_ready()
 
-    def wait_ready(self, timeout=10):
+    def wait_for(self, event, timeout=15):
+        """Wait until the log has an EVENT record; the tool must not exit before."""
         deadline = time.monotonic() + timeout
-        while not self.events("ready"):
+        while not self.events(event):
             if self.p.poll() is not None or time.monotonic() > deadline:
                 self.p.kill()
-                raise AssertionError("no ready record: %s" % (self.p.communicate(timeout=5),))
+                raise AssertionError("no %s record: %s" % (event, self.communicate(timeout=5)))
             time.sleep(0.01)
+
+    def wait_ready(self, timeout=15):
+        self.wait_for("ready", timeout)
 
     def records(self):
         """The JSON records written so far (complete lines only)."""

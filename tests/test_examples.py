@@ -35,15 +35,15 @@ def console_block(containing):
 
 def run_commands(commands, tmp_path, timeout=120):
     """Run COMMANDS (shell lines) as one bash script in TMP_PATH, where uffdtool.py and
-    examples/ are the checkout's; returns (stdout+stderr, exit status)."""
+    examples/ are the checkout's; returns (stdout, stderr, exit status): the commands' output
+    and the tool's human lines apart (one pipe for both could interleave them mid-line)."""
     for name in ("uffdtool.py", "examples"):
         os.symlink(os.path.join(ROOT, name), str(tmp_path / name))
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"])
     r = subprocess.run(["bash", "-c", "\n".join(commands)], cwd=str(tmp_path), env=env,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    assert "Traceback" not in r.stdout, r.stdout
-    return r.stdout, r.returncode
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    return r.stdout, r.stderr, r.returncode
 
 
 def md5_of(path):
@@ -66,8 +66,8 @@ def test_first_two_commands_need_no_sudo_and_the_second_is_what_ci_runs(tmp_path
 
 @needs_uffd
 def test_first_command_runs_verbatim(tmp_path):
-    out, rc = run_commands(["python3 uffdtool.py selftest"], tmp_path)
-    assert rc == 0, out
+    out, err, rc = run_commands(["python3 uffdtool.py selftest"], tmp_path)
+    assert rc == 0, out + err
     assert re.search(r"^\d+ passed, 0 failed, \d+ skipped$", out, re.M), out
 
 
@@ -89,16 +89,16 @@ def test_every_script_the_readme_names_exists_and_is_run_here():
 
 @needs_uffd
 def test_info(tmp_path):
-    out, rc = run_commands(console_block("uffdtool.py info"), tmp_path)
-    assert rc == 0, out
+    out, err, rc = run_commands(console_block("uffdtool.py info"), tmp_path)
+    assert rc == 0, out + err
     assert out.startswith("uffdtool %s on Linux " % uffdtool.__version__), out
     assert re.search(r"^features \(\d+\) ", out, re.M) and "register anon" in out, out
 
 
 @needs_uffd
 def test_selftest_json_and_verbose(tmp_path):
-    out, rc = run_commands(console_block("selftest --json -k thread-id"), tmp_path)
-    assert rc == 0, out
+    out, err, rc = run_commands(console_block("selftest --json -k thread-id"), tmp_path)
+    assert rc == 0, out + err
     lines = out.splitlines()
     check = json.loads(lines[0])
     assert check["event"] == "check" and check["name"] == "thread-id"
@@ -116,18 +116,20 @@ def test_selftest_json_and_verbose(tmp_path):
 def test_watch_pid_wp_demo_target(tmp_path):
     """examples/demo_target.py: its first write to each of pages 0-3 is a WP fault; the target
     goes on after the detach and exits 0."""
-    out, rc = run_commands(console_block("examples/demo_target.py"), tmp_path)
+    out, err, rc = run_commands(console_block("examples/demo_target.py"), tmp_path)
     addr = int((tmp_path / "target.addr").read_text(), 16)
-    faults = re.findall(r"pagefault address=(0x[0-9a-f]+) flags=write,wp .*resolved=wp", out)
-    assert sorted(int(a, 16) for a in faults) == [addr + i * 4096 for i in range(4)], out
-    assert re.search(r"^ +[\d.]+ exit +status=0 reason=duration", out, re.M), out
-    assert out.rstrip().endswith("target exit 0") and rc == 0, out
+    faults = re.findall(r"pagefault address=(0x[0-9a-f]+) flags=write,wp .*resolved=wp", err)
+    assert sorted(int(a, 16) for a in faults) == [addr + i * 4096 for i in range(4)], err
+    exit_line = err.rstrip().splitlines()[-1].split()
+    assert exit_line[1] == "exit" and {"status=0", "reason=duration"} <= set(exit_line), err
+    assert out == "target exit 0\n" and rc == 0, out + err
 
 
 @needs_root
 @x86_64
 def test_watch_cmd_json_exit_status(tmp_path):
-    out, rc = run_commands(console_block("watch --json --quiet --events fork,unmap"), tmp_path)
+    out, err, rc = run_commands(console_block("watch --json --quiet --events fork,unmap"),
+                                tmp_path)
     lines = out.splitlines()
     assert lines[-1] == "3", out                                 # `echo $?`: CMD's status
     recs = [json.loads(line) for line in lines[:-1]]
@@ -144,36 +146,37 @@ def test_watch_cmd_json_exit_status(tmp_path):
 def test_serve_pid_dontneed_demo_restore(tmp_path):
     """examples/demo_restore.py: after --dontneed and the detach, its whole buffer holds the
     dump's bytes (pages 0-31 held 0x55 before, pages 32-63 nothing)."""
-    out, rc = run_commands(console_block("examples/demo_restore.py"), tmp_path)
-    assert rc == 0, out
+    out, err, rc = run_commands(console_block("examples/demo_restore.py"), tmp_path)
+    assert rc == 0, out + err
     want = md5_of(str(tmp_path / "dump.bin"))
-    assert "%s  dump.bin" % want in out                          # md5sum's line
-    assert out.rstrip().endswith("md5 of the 256 KiB: %s" % want), out
-    assert re.search(r" stats .*drained_pages=64", out), out
-    assert re.search(r"^ +[\d.]+ exit +.*status=0", out, re.M), out
+    addr = (tmp_path / "restore.addr").read_text().splitlines()[0]
+    assert out.splitlines() == ["%s  dump.bin" % want, addr,    # md5sum, cat restore.addr
+                                "md5 of the 256 KiB: %s" % want], out
+    assert re.search(r" stats .*drained_pages=64", err), err
+    exit_line = err.rstrip().splitlines()[-1].split()
+    assert exit_line[1] == "exit" and "status=0" in exit_line, err
 
 
 @needs_root
 @x86_64
 def test_serve_cmd_range_readmap(tmp_path):
     """examples/readmap.py under serve-file -- CMD: its first MiB is img.bin, the second zeros."""
-    out, rc = run_commands(console_block("examples/readmap.py"), tmp_path)
-    assert rc == 0, out
+    out, err, rc = run_commands(console_block("examples/readmap.py"), tmp_path)
+    assert rc == 0, out + err
     img = (tmp_path / "img.bin").read_bytes()
     want = hashlib.md5(img + bytes(1 << 20)).hexdigest()
     assert len(img) == 1 << 20 and md5_of(str(tmp_path / "expect.bin")) == want
-    lines = out.splitlines()
-    assert "%s  expect.bin" % want in lines                       # md5sum's line
-    assert lines.count(want) == 1, out                            # readmap's line
-    assert lines[-1] == "exit 0", out
+    assert out.splitlines() == ["%s  expect.bin" % want,         # md5sum expect.bin
+                                want,                           # readmap.py's md5
+                                "exit 0"], out + err
 
 
 @needs_uffd
 def test_serve_self(tmp_path):
-    out, rc = run_commands(console_block("--self --size 64M"), tmp_path)
-    assert rc == 0, out
+    out, err, rc = run_commands(console_block("--self --size 64M"), tmp_path)
+    assert rc == 0, out + err
     assert re.search(r"^self: 64\.0 MiB served from src64\.bin in [\d.]+ s: \d+ MiB/s, 16384 "
-                     r"faults, readahead 1: every byte verified$", out, re.M), out
+                     r"faults, readahead 1: every byte verified$", err, re.M), err
 
 
 # -- the module and the benchmark -------------------------------------------------------------

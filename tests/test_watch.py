@@ -399,8 +399,8 @@ def test_pid_tool_sigkilled_target_keeps_data(target):
 # --------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("args,match", [
-    ((), "exactly one target"),
-    (("--self", "--pid", "1"), "exactly one target"),
+    ((), "exactly one TARGET"),
+    (("--self", "--pid", "1"), "exactly one TARGET"),
     (("--size", "1M", "--", "true"), "--size goes with --self"),
     (("--self", "--events", "fork,bogus"), "unknown event"),
     (("--self", "--size", "12Q"), "bad size"),
