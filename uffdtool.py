@@ -15,13 +15,13 @@ Contents (each section starts with a boxed banner; grep for ``#  N.``):
      5. Userfaultfd              the object that owns one uffd
      6. Events                   PageFault/Fork/Remap/Remove/Unmap and ``decode_msgs``
      7. Event log and stats      the JSON-lines writer and the counters
-     8. Page sources             zero, file + offset, working-set files (record / prefetch)
-     9. Handler loop             serves faults and events on one or more uffds
-    10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process
-    11. Targets                  self, child (-- CMD), pid, Firecracker socket
+     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets, prefetch
+     9. Handler loop             serves faults and events on one or more uffds (one fault policy)
+    10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process, spawning CMD
+    11. Targets                  one Target protocol: --self, -- CMD, --pid, Firecracker socket
     12. info
-    13. selftest
-    14. CLI
+    13. selftest                 a registry of checks, each run in a forked child
+    14. CLI                      parser, target checks, exit status, the session runner, main
 
 Library example::
 
@@ -63,24 +63,23 @@ import threading
 import time
 
 __all__ = [
-    # binding
+    # the binding
     "Userfaultfd", "Features", "Ioctls", "RegisterMode", "FaultFlags", "Flags", "PAGE_SIZE",
+    # events
     "PageFault", "Fork", "Remap", "Remove", "Unmap", "UnknownEvent", "decode_msgs",
     # errors
-    "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError",
-    # serving
-    "EventLog", "Stats", "ZeroSource", "FileSource", "Handler", "Region", "Prefetcher",
-    "read_working_set", "write_working_set",
-    # Firecracker
-    "FirecrackerTarget", "parse_handshake",
-    # watch: ptrace (x86_64) and targets
-    "PtraceError", "Attachment", "inject_userfaultfd", "read_maps", "SpawnTracer",
-    "SnapshotSource",
-    # selftest
-    "SELFTEST_CHECKS", "run_check",
-    # memory helpers
-    "mmap_anon", "munmap", "mremap", "madvise",
-    "parse_size", "parse_range", "main",
+    "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError", "PtraceError",
+    # page sources and working sets
+    "ZeroSource", "FileSource", "SnapshotSource", "read_working_set", "write_working_set",
+    "Prefetcher",
+    # serving: the Handler, what Handler.add returns (Served) and its Regions, log and stats
+    "Handler", "Served", "Region", "EventLog", "Stats",
+    # targets (one protocol) and the pieces for other processes (ptrace, x86_64)
+    "Target", "SelfTarget", "PidTarget", "SpawnTarget", "SelfServeTarget", "FirecrackerTarget",
+    "parse_handshake", "inject_userfaultfd", "read_maps",
+    # memory helpers and the CLI
+    "mmap_anon", "munmap", "mremap", "madvise", "parse_size", "parse_range", "exit_status",
+    "main",
 ]  # the UAPI constants (UFFD_*, UFFDIO_*) are module globals, deliberately not listed
 
 
@@ -976,6 +975,8 @@ class Stats:
 #  8. Page sources
 ###################################################################################################
 
+# -- zero and file sources ------------------------------------------------------------------------
+
 class ZeroSource:
     """Fills with zero pages (UFFDIO_ZEROPAGE); on hugetlb, where ZEROPAGE is EINVAL, with a
     COPY from a zero-filled buffer."""
@@ -1017,7 +1018,7 @@ class FileSource:
             raise UsageError("cannot open %s: %s" % (path, e.strerror))
         try:
             st = os.fstat(fd)
-            if not (st.st_mode & 0o170000 in (0o100000, 0o060000)):
+            if st.st_mode & 0o170000 not in (0o100000, 0o060000):
                 raise UsageError("%s is not a regular file or block device" % path)
             total = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blkdev_size(fd)
             if offset < 0 or offset > total:
@@ -1061,6 +1062,8 @@ class FileSource:
 def _blkdev_size(fd):
     return os.lseek(fd, 0, os.SEEK_END)
 
+
+# -- watch --pid --dontneed: the target's own pages, snapshotted ----------------------------------
 
 class SnapshotSource:
     """Page source of ``watch --pid --dontneed``: the page at address A comes from a snapshot of
@@ -1123,6 +1126,8 @@ class SnapshotSource:
     def close(self):
         self.buf, self.index = None, {}
 
+
+# -- working-set files (--record / --prefetch) and prefetch runs ----------------------------------
 
 WORKING_SET_MAGIC = "# uffdtool working-set v1"
 
@@ -1227,8 +1232,6 @@ class Prefetcher:
     def __init__(self, runs):
         self.runs = list(runs)                 # pending, sorted by start
         self.starts = [a for a, b in self.runs]
-        self.pages = 0
-        self.bytes = 0
 
     def __bool__(self):
         return bool(self.runs)
@@ -1264,6 +1267,8 @@ class Prefetcher:
 ###################################################################################################
 #  9. Handler loop
 ###################################################################################################
+
+# -- regions, the fault policy's span helper, per-uffd state --------------------------------------
 
 class Region:
     """A registered range ``[start, end)`` of one uffd; ``offset`` is the source offset of
@@ -1349,6 +1354,8 @@ class Served:
         i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
+
+# -- the Handler ----------------------------------------------------------------------------------
 
 #: the fast loop times 1 fault in this many (a power of two); the general path times every fault
 FAST_LATENCY_EVERY = 8
@@ -3054,6 +3061,8 @@ def read_target_pages(pid, pages):
 #  11. Targets
 ###################################################################################################
 
+# -- watch's events, features and arming ----------------------------------------------------------
+
 #: --events names -> the feature bit that makes the kernel send that non-cooperative event.
 WATCH_EVENTS = {"fork": UFFD_FEATURE_EVENT_FORK, "remap": UFFD_FEATURE_EVENT_REMAP,
                 "remove": UFFD_FEATURE_EVENT_REMOVE, "unmap": UFFD_FEATURE_EVENT_UNMAP}
@@ -3110,6 +3119,8 @@ def arm(uffd, start, length, mode):
     if mode == "wp":
         uffd.writeprotect(start, length, True)
 
+
+# -- the target protocol --------------------------------------------------------------------------
 
 class Target:
     """Whose memory a session registers and serves: the one interface of every target (the
@@ -3187,6 +3198,8 @@ class Target:
     def close(self):
         pass
 
+
+# -- watch --self: the built-in workload ----------------------------------------------------------
 
 # The --self workload's forked child is this x86_64 code, called through ctypes (which releases
 # the GIL): fork() with a raw syscall; the child writes byte dl to every page of [rdi, rdi+rsi)
@@ -3328,6 +3341,8 @@ class SelfTarget(Target):
     def extra(self):
         return {"workload": self.result} if self.result else {}
 
+
+# -- --pid: a running process ---------------------------------------------------------------------
 
 def _check_ranges(pid, ranges, maps):
     """Validate --range pairs against the target's maps: page-aligned start, inside private
@@ -3525,6 +3540,8 @@ class PidTarget(Target):
             out.update(drained_pages=self.drained)
         return out
 
+
+# -- -- CMD: a child under ptrace -----------------------------------------------------------------
 
 class SpawnTarget(Target):
     """``-- CMD``: start CMD under ptrace, inject a uffd at every exec, register its private
@@ -3741,7 +3758,7 @@ class SpawnTarget(Target):
         return out
 
 
-# -- Firecracker's UFFD handshake (README, "Firecracker") ------------------------------------
+# -- Firecracker's UFFD handshake (README, "Firecracker") -----------------------------------------
 
 #: handshake receive buffer and fd limit (Firecracker sends ~110 bytes per region and 1 fd)
 FC_HANDSHAKE_MAX = 64 << 10
@@ -4071,7 +4088,7 @@ def _unlink_socket(path):
         pass
 
 
-# -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove ----------------
+# -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove -------------------
 
 class SelfServeTarget(Target):
     """serve-file ``--self``: a fresh anonymous mapping of this process, registered MISSING on
@@ -5839,6 +5856,8 @@ def run_selftest(checks, timeout=CHECK_TIMEOUT):
 #  14. CLI
 ###################################################################################################
 
+# -- sizes, ranges and argument types -------------------------------------------------------------
+
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
            "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
            "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
@@ -5915,6 +5934,8 @@ _seconds = _number_arg(float, "a number of seconds", lambda v: v > 0, "> 0")
 _usec = _number_arg(float, "a number of microseconds", lambda v: 0 <= v <= 1e6,
                     "0 to 1000000 microseconds")
 
+
+# -- the parser -----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (``uffdtool: error: ...``) on bad usage."""
@@ -6116,6 +6137,8 @@ examples:
 """
 
 
+# -- info and selftest ----------------------------------------------------------------------------
+
 def cmd_info(args):
     info = gather_info()
     if args.json:
@@ -6316,6 +6339,17 @@ class _Signals(list):
         os.close(self.wake_w)
 
 
+def _test_pause(step):
+    """Test-only: with ``UFFDTOOL_TEST_PAUSE=STEP:SECS`` in the environment, wait SECS seconds at
+    STEP (``start``: set up and attached, before serving), so that a test can land a signal
+    exactly there.  Signals that arrive are handled as usual (recorded)."""
+    want, _, secs = os.environ.get("UFFDTOOL_TEST_PAUSE", "").partition(":")
+    if want == step:
+        end = time.monotonic() + float(secs or 1)
+        while time.monotonic() < end:
+            time.sleep(end - time.monotonic())
+
+
 def _json_only(log, event, **fields):
     """A record for the JSON log only (the human line is the CLI's own message)."""
     human, log.human = log.human, None
@@ -6389,6 +6423,7 @@ class Session:
                 self.log.emit("ready", regions=len(regs),
                               bytes=sum(r.end - r.start for r in regs), **ready)
             self.prepare(h)
+            _test_pause("start")
             t.start()
             self.cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             self.serving = True
