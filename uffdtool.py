@@ -6126,6 +6126,12 @@ EPILOG_SERVE = """targets:
               memory inside the ranges come from the file (cumulative offsets from OFFSET, as
               for --pid), every other page is a zero page, as the kernel would give.  --range
               is required with --file.  Exits with CMD's status.
+  --firecracker-socket PATH --peers N
+              one handler for many VMs: each accepted peer is served by its own worker process
+              (the same serving as for one peer); N peers, then exit (0: until SIGTERM/SIGINT,
+              which stop accepting and drain every running VM, exit 0).  Every record of a
+              worker carries "peer" (the VMM's pid); one peer-done or peer-failed per peer; exit
+              1 if any failed.  --record FILE writes FILE.PID per peer.
 
 examples:
   uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock

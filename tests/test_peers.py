@@ -13,8 +13,8 @@ import time
 import pytest
 
 import uffdtool as u
-from conftest import run_tool, needs_uffd
-from test_serve import Tool, uffd_bench  # noqa: F401  (uffd_bench: the C toucher fixture)
+from conftest import Tool, needs_uffd, run_tool
+from test_serve import uffd_bench  # noqa: F401  (the C toucher fixture)
 
 pytestmark = needs_uffd
 PS = u.PAGE_SIZE
@@ -50,7 +50,13 @@ def src(tmp_path):
 
 
 def daemon(daemons, tmp_path, *args):
-    t = Tool(tmp_path, *args, wait=False)
+    """serve-file --firecracker-socket TMP/uffd.sock (``.sock``) ARGS as a conftest Tool, its
+    log in TMP/log.jsonl, per-fault records off (the fast loop), no human lines (an unread
+    stderr pipe would stall 32 workers)."""
+    sock = str(tmp_path / "uffd.sock")
+    t = Tool("serve-file", *args, "--no-fault-log", "--firecracker-socket", sock,
+             log=tmp_path / "log.jsonl", wait=False)
+    t.sock = sock
     daemons.append(t)
     t.wait_ready(timeout=60)
     return t
@@ -85,7 +91,7 @@ def wait_for(t, event, n=1, timeout=LONG):
     deadline = time.monotonic() + timeout
     while len(t.events(event)) < n:
         assert time.monotonic() < deadline, "fewer than %d %s records" % (n, event)
-        assert t.p.poll() is None or len(t.events(event)) >= n, t.p.stderr.read()
+        assert t.p.poll() is None or len(t.events(event)) >= n, t.communicate()
         time.sleep(0.02)
     return t.events(event)
 
@@ -116,7 +122,7 @@ def test_32_c_touchers_through_one_socket(tmp_path, daemons, uffd_bench):  # noq
         assert code == 0, out + err
         assert json.loads(out)["verify"] == "ok"
     assert t.finish(timeout=LONG) == 0, t.stderr
-    with open(t.logpath) as f:
+    with open(t.log) as f:
         lines = f.read().split("\n")
     assert lines[-1] == "" and all(json.loads(line) for line in lines[:-1])
     pids = {pid for *_, pid in results}
