@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, needs_root, needs_uffd, uffdtool
+from conftest import ROOT, need_program, needs_root, needs_uffd, uffdtool
 
 README = os.path.join(ROOT, "README.md")
 x86_64 = pytest.mark.skipif(uffdtool.ARCH != "x86_64", reason="ptrace is x86_64 only")
@@ -211,3 +211,20 @@ def test_watch_overhead_benchmark_runs(tmp_path):
     rows = r.stdout.splitlines()
     assert len(rows) == 5 and rows[0].startswith("without watch ")
     assert all(re.search(r" median +[\d.]+ s  \(x[\d.]+\)  runs: [\d.]+$", row) for row in rows)
+
+
+@needs_uffd
+def test_peers_benchmark_runs(tmp_path):
+    """bench/peers_bench.py (docs/benchmarks.md), at a small size: a table row per (K, peers),
+    every toucher verified by the script itself (no timing is asserted)."""
+    from test_serve import BENCH_C
+    need_program("gcc", "gcc")
+    if not os.path.exists(BENCH_C):
+        pytest.skip("needs %s (as the uffd_bench fixture of test_serve)" % BENCH_C)
+    assert "python3 bench/peers_bench.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "peers_bench.py"),
+                        "--peers", "1,2", "--ks", "64", "-s", "4", "--bench-c", BENCH_C],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if re.match(r"\| 64 \| [12] \|", line)]
+    assert len(rows) == 2 and all(line.count("|") == 13 for line in rows), r.stdout
