@@ -6695,6 +6695,15 @@ PEER_BACKLOG = 128
 _PEER_NOT_SUMMED = ("t", "event", "peer", "wall_s", "target_stopped_s", "latency_us", "reason")
 
 
+def _poll_in(fds, timeout):
+    """Those of ``fds`` that are readable or hung up within ``timeout`` s (None: wait).  poll,
+    not select: a daemon serving many peers may hold fds past select's limit of 1024."""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    return [fd for fd, _ in p.poll(None if timeout is None else timeout * 1000)]
+
+
 def _ignore_signal(signum, frame):
     """A worker's SIGINT/SIGTERM outside its session: it stops when its session says so."""
 
@@ -6790,20 +6799,19 @@ class PeerDaemon:
                 next_tick = now + args.stats_interval
             if self.sock is None and not self.workers:
                 break
-            waits = [sig.wake_r] + list(self.workers) + ([self.sock] if self.sock else [])
+            listening = [self.sock.fileno()] if self.sock else []
             times = [t for t in (deadline if self.stopping is None else None, next_tick,
                                  accept_by if self.sock else None) if t is not None]
             timeout = max(0.0, min(times) - now) if times else None
-            r, _, _ = select.select(waits, [], [], timeout)
+            r = _poll_in([sig.wake_r] + list(self.workers) + listening, timeout)
             if sig.wake_r in r:
                 os.read(sig.wake_r, 64)       # the signal itself is in ``sig``
-            if self.sock is not None and self.sock in r:
+            for fd in [fd for fd in r if fd in self.workers]:     # before an accept reuses
+                self._read_report(fd)                              # a closed fd's number
+            if listening and listening[0] in r:
                 self._accept()
                 accept_by = time.monotonic() + args.accept_timeout if args.accept_timeout \
                     else None
-            for fd in r:
-                if fd in self.workers:
-                    self._read_report(fd)
         return self.stopping or "peers done"
 
     def _accept_timed_out(self):
@@ -6834,8 +6842,7 @@ class PeerDaemon:
 
     def _wait_all(self):
         while self.workers:
-            r, _, _ = select.select(list(self.workers), [], [])
-            for fd in r:
+            for fd in _poll_in(list(self.workers), None):
                 self._read_report(fd)
 
     def _accept(self):
