@@ -245,6 +245,26 @@ def test_failed_handshake_is_peer_failed(tmp_path, daemons, peers, src):
     assert len(t.events("peer-done")) == 1 and t.stats()["peers_failed"] == [os.getpid()]
 
 
+def test_sigterm_does_not_wait_for_a_silent_peer(tmp_path, daemons, peers, src):
+    """A peer that connected but sent nothing (no memory handed over) does not hold up a stop:
+    SIGTERM, and the daemon exits 0 while a served peer is drained as usual."""
+    t = daemon(daemons, tmp_path, "--file", src, "--peers", 0)
+    served = python_peer(peers, t.sock, src, pause_after=8)
+    sys.path.insert(0, HERE)
+    from fc_client import FcClient
+    silent = FcClient([64 * PS])
+    try:
+        silent.connect(t.sock)
+        wait_for(t, "peer-accepted", 2)
+        t.p.send_signal(signal.SIGTERM)
+        assert t.finish(timeout=LONG) == 0, t.stderr
+    finally:
+        silent.close()
+    done = by_peer(t, "peer-done")
+    assert done[served.pid]["drained_pages"] == 56 and done[os.getpid()]["faults"] == 0
+    assert go(served) == "ok"
+
+
 def test_record_one_file_per_peer_and_no_third_peer(tmp_path, daemons, peers, src):
     """--peers 2 --record FILE: FILE.PID per peer (FILE: the first peer's set); after two
     peers the socket is gone, so a third VM fails at connect instead of hanging."""
