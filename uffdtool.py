@@ -771,9 +771,10 @@ class PageFault(_event("_PageFault", "pagefault", ("address", "flags", "ptid")))
 def decode_msgs(buf, n=None):
     """Decode ``n`` bytes (default: all) of packed 32-byte uffd_msg records into events.
 
-    Pure: tests feed it bytes.  A trailing partial record is ignored; unknown event codes become
+    Pure: tests feed it bytes.  ``n`` is clamped to ``len(buf)``; a trailing partial record is
+    ignored; unknown event codes become
     ``UnknownEvent(code, raw)``."""
-    n = len(buf) if n is None else n
+    n = len(buf) if n is None else max(0, min(n, len(buf)))     # never past the buffer
     out = []
     unpack = UFFD_MSG.unpack_from
     for off in range(0, n - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
@@ -1243,6 +1244,10 @@ class Served:
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
 
+#: the fast loop's readahead hint has one byte per source page up to the highest region offset;
+#: offsets beyond this many pages (a --zero source needs none, a peer may send any) go without
+FAST_HINT_MAX_PAGES = 1 << 26
+
 #: the fast loop times 1 fault in this many (a power of two); the general path times every fault
 FAST_LATENCY_EVERY = 8
 
@@ -1323,6 +1328,7 @@ class Handler:
         self.fast = fast
         self.spin = spin              # seconds to keep reading before sleeping in poll
         self._present = None          # fast loop's readahead hint (bytearray by source page)
+        self.exact_regions = False    # True: a fault outside the regions is an error (Firecracker)
         self._recorded = set()
         self._zeros = None
         self.served = {}              # fd -> Served
@@ -1434,6 +1440,8 @@ class Handler:
             # Registered memory the bookkeeping does not know: a VMA grown in place by mremap
             # (no event) or past a REMAP's old length.  A wake alone would re-fault forever;
             # give it what the kernel would (a zero page).  Unmapped: ENOENT -> "gone".
+            if self.exact_regions:
+                self._outside(s, addr)
             how, pages = self._fill(s, lambda d, n: self._zero_fill(s, d, n, None), addr, ps,
                                     "zero")
         elif r is None and kind != "wp":
@@ -1473,6 +1481,15 @@ class Handler:
             rec.pop("event")
             rec.update(resolved=how, pages=pages, us=round(us, 1), ufd=s.uffd.fileno())
             self.log.emit("pagefault", **rec)
+
+    def _outside(self, s, addr):
+        """A fault in registered memory outside every region the peer announced (the regions
+        are the whole registered memory in its protocol): the peer is inconsistent.  It still
+        gets a zero page (nothing else belongs there, and its thread must not hang), loudly."""
+        self.stats.add("outside_regions")
+        self.log.emit("error", message="fault at 0x%x: registered memory outside every "
+                      "handshake region; served a zero page" % addr, address=addr,
+                      ufd=s.uffd.fileno(), pid=s.pid)
 
     def _note(self, r, addr):
         if self.record is not None:
@@ -1858,9 +1875,11 @@ class Handler:
         # readahead (the faulting page itself is always filled); a missing bit costs a partial.
         shift = ps.bit_length() - 1
         hint = None
-        if ra > ps:
-            top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
-                      default=0)
+        top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
+                  default=0)
+        if src.size is not None:
+            top = min(top, src.size + ps)
+        if ra > ps and top >> shift <= FAST_HINT_MAX_PAGES:
             if self._present is None or len(self._present) < top >> shift:
                 self._present = bytearray(top >> shift)
             hint = self._present
@@ -3606,6 +3625,38 @@ class HandshakeError(TargetError):
     """The peer's UFFD handshake is malformed (exit 1)."""
 
 
+class ProtocolUnsupported(HandshakeError):
+    """The peer speaks a handshake uffdtool does not implement (exit 2): Firecracker's
+    unreleased secret-hiding protocol (extra region fields, 3 fds, a second message, then a
+    two-way binary protocol)."""
+    exit_code = 2
+
+
+#: region fields only Firecracker's secret-hiding protocol sends
+FC_SECRET_HIDING_FIELDS = ("gpa_start", "is_guest_memfd")
+#: largest page size a handshake may name (x86_64 has 4 KiB, 2 MiB and 1 GiB pages)
+FC_MAX_PAGE_SIZE = 1 << 30
+_U64 = 1 << 64
+
+
+def _unsupported_protocol(why):
+    return ProtocolUnsupported(
+        "this Firecracker build uses a protocol uffdtool does not speak (%s: the unreleased "
+        "secret-hiding handshake with guest_memfd and a two-way fault protocol); use a "
+        "released Firecracker (v1.12-v1.14 handshake)" % why)
+
+
+def _json_value(data):
+    """The first JSON value in ``data`` and what follows it: (value, rest bytes).  ValueError
+    if it is not JSON; HandshakeError if it nests too deep for the parser (RecursionError)."""
+    text = data.decode("utf-8")
+    try:
+        value, end = json.JSONDecoder().raw_decode(text.lstrip())
+    except RecursionError:
+        raise HandshakeError("handshake JSON is nested too deeply (%d bytes)" % len(data))
+    return value, text.lstrip()[end:].strip().encode()
+
+
 def listen_unix(path, log=None):
     """Bind and listen on a Unix stream socket at ``path``: a stale socket file is replaced;
     anything else that exists there, or a missing directory, is a UsageError."""
@@ -3705,25 +3756,45 @@ def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT, first_time
 
 
 def _json_complete(data):
+    """Whether ``data`` starts with a whole JSON value (too deep or undecodable counts as
+    whole: parse_handshake then says what is wrong with it)."""
     try:
-        json.loads(data)
+        _json_value(data)
+        return True
+    except UnicodeDecodeError:
         return True
     except ValueError:
         return False
+    except HandshakeError:
+        return True
 
 
-def parse_handshake(data):
+def parse_handshake(data, nfds=1):
     """Validate the JSON of a Firecracker handshake: returns (page_size, [region dicts]).
 
     Each region has int ``base_host_virt_addr``, ``size``, ``offset``; the page size is
     ``page_size``, else ``page_size_kib`` (which holds bytes, despite its name), else 4096.
-    Raises HandshakeError with the reason."""
+    Every number must fit the u64 it is in Firecracker, a region must not wrap past 2^64 (base
+    + size, offset + size), base, size and offset are page-aligned, the page size is a power of
+    two from 4096 to 1 GiB, regions do not overlap.  Raises HandshakeError naming the field;
+    ProtocolUnsupported for the secret-hiding protocol (its region fields, ``nfds`` == 3, or
+    bytes after the JSON array: its second message)."""
     if not data:
         raise HandshakeError("empty handshake message")
     try:
-        regions = json.loads(data.decode("utf-8"))
+        regions, rest = _json_value(data)
     except (UnicodeDecodeError, ValueError) as e:
         raise HandshakeError("handshake is not JSON (%s): %r" % (e, data[:60]))
+    if isinstance(regions, list) and any(isinstance(r, dict) and any(
+            k in r for k in FC_SECRET_HIDING_FIELDS) for r in regions):
+        raise _unsupported_protocol("regions carry %s" % "/".join(FC_SECRET_HIDING_FIELDS))
+    if nfds == 3:
+        raise _unsupported_protocol("3 fds: uffd, guest_memfd, userfault bitmap")
+    if rest:
+        if isinstance(regions, list):
+            raise _unsupported_protocol("a second message after the regions: %r" % rest[:40])
+        raise HandshakeError("handshake is not JSON (extra data after the value): %r"
+                             % data[:60])
     if not isinstance(regions, list) or not regions:
         raise HandshakeError("handshake must be a non-empty JSON array of regions, got %s"
                              % type(regions).__name__)
@@ -3737,12 +3808,18 @@ def parse_handshake(data):
             v = r.get(k)
             if type(v) is not int or v < 0:
                 raise HandshakeError("handshake region %d: %s must be a non-negative integer, "
-                                     "got %r" % (i, k, v))
+                                     "got %.40r" % (i, k, v))
+            if v >= _U64:
+                raise HandshakeError("handshake region %d: %s does not fit in 64 bits: %.40r"
+                                     % (i, k, v))
             reg[k] = v
+        for k in ("page_size", "page_size_kib"):
+            v = r.get(k)
+            if v is not None and (type(v) is not int or v < 4096 or v & (v - 1) or
+                                  v > FC_MAX_PAGE_SIZE):
+                raise HandshakeError("handshake region %d: %s %.40r is not a page size (a power "
+                                     "of two from 4096 to %d)" % (i, k, v, FC_MAX_PAGE_SIZE))
         ps = r.get("page_size", r.get("page_size_kib", 4096))
-        if type(ps) is not int or ps < 4096 or ps & (ps - 1):
-            raise HandshakeError("handshake region %d: page size %r is not a power of two "
-                                 ">= 4096" % (i, ps))
         page_sizes.add(ps)
         out.append(reg)
     if len(page_sizes) != 1:
@@ -3750,13 +3827,22 @@ def parse_handshake(data):
                              % sorted(page_sizes))
     ps = page_sizes.pop()
     for i, r in enumerate(out):
-        if r["size"] == 0 or r["size"] % ps or r["base_host_virt_addr"] % ps:
-            raise HandshakeError("handshake region %d: base 0x%x / size %d not aligned to the "
-                                 "page size %d" % (i, r["base_host_virt_addr"], r["size"], ps))
-    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"]) for r in out)
-    for (a, b), (c, d) in zip(spans, spans[1:]):
+        for k in ("base_host_virt_addr", "size", "offset"):
+            if r[k] % ps or (k == "size" and not r[k]):
+                raise HandshakeError("handshake region %d: %s 0x%x is not a positive multiple "
+                                     "of the page size %d" % (i, k, r[k], ps) if k == "size"
+                                     else "handshake region %d: %s 0x%x is not aligned to the "
+                                     "page size %d" % (i, k, r[k], ps))
+        for k in ("base_host_virt_addr", "offset"):
+            if r[k] + r["size"] > _U64:
+                raise HandshakeError("handshake region %d: %s 0x%x + size 0x%x wraps past 2^64"
+                                     % (i, k, r[k], r["size"]))
+    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"], i)
+                   for i, r in enumerate(out))
+    for (a, b, i), (c, d, j) in zip(spans, spans[1:]):
         if c < b:
-            raise HandshakeError("handshake regions overlap at 0x%x" % c)
+            raise HandshakeError("handshake regions %d and %d overlap: base_host_virt_addr "
+                                 "0x%x lies inside [0x%x, 0x%x)" % (j, i, c, a, b))
     return ps, out
 
 
@@ -3765,6 +3851,24 @@ def _is_userfaultfd(fd):
         return os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
     except OSError:
         return True                           # no /proc: trust the peer
+
+
+def check_peer_uffd(fd):
+    """HandshakeError unless ``fd`` is a userfaultfd on which the peer did UFFDIO_API: before
+    it, every read and ioctl but UFFDIO_API fails with EINVAL (fs/userfaultfd.c), so serving
+    would end at the first read with nothing served.  The probe is a UFFDIO_WAKE of an empty
+    wait queue (len one page at address 64 KiB: no thread waits there, nothing changes)."""
+    if not _is_userfaultfd(fd):
+        raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
+    arg = uffdio_range(1 << 16, PAGE_SIZE)
+    try:
+        fcntl.ioctl(fd, UFFDIO_WAKE, arg, True)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise HandshakeError("the peer's userfaultfd is not initialised (UFFDIO_API was "
+                                 "never called on it: every read/ioctl fails with EINVAL)")
+        raise HandshakeError("the peer's userfaultfd fails UFFDIO_WAKE: %s"
+                             % os.strerror(e.errno))
 
 
 class FirecrackerTarget(ServeTarget):
@@ -3784,6 +3888,10 @@ class FirecrackerTarget(ServeTarget):
     def listen(self):
         self.sock = listen_unix(self.path)
 
+    def attach(self, handler):
+        handler.exact_regions = True          # the handshake lists all registered memory
+        super().attach(handler)
+
     def accept(self, timeout=None, source_size=None):
         """Wait for the peer (TargetError after ``timeout`` s), receive and validate its
         handshake; ``source_size``: bytes the source has (a shorter one is a UsageError)."""
@@ -3797,12 +3905,11 @@ class FirecrackerTarget(ServeTarget):
         data, fds = receive_handshake(self.conn, first_timeout=timeout)
         self.raw_handshake = data[:2048].decode("utf-8", "replace")
         try:
-            if len(fds) != 1:
+            if len(fds) != 1 and len(fds) != 3:
                 raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
                                      % len(fds))
-            if not _is_userfaultfd(fds[0]):
-                raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
-            ps, regions = parse_handshake(data)
+            ps, regions = parse_handshake(data, len(fds))
+            check_peer_uffd(fds[0])
             if source_size is not None:
                 need = max(r["offset"] + r["size"] for r in regions)
                 if need > source_size:
@@ -3839,6 +3946,8 @@ class FirecrackerTarget(ServeTarget):
         """Stopped while the peer still runs (SIGINT/SIGTERM, --duration): install every page of
         the regions not served yet and unregister them, so that the VM goes on without a
         handler, with all its memory (else its next fault would wait forever).  Exit 0."""
+        if reason == "done":
+            warn_if_never_faulted(handler, self.peer_pid)
         if reason not in ("interrupted", "duration"):
             return None                       # the peer is gone (or the run failed)
         pid = self.peer_pid
@@ -3881,6 +3990,17 @@ class FirecrackerTarget(ServeTarget):
             self.pidfd = -1
         if self.sock is not None:
             self._stop_listening()
+
+
+def warn_if_never_faulted(handler, pid):
+    """A peer that hangs up without a single fault was probably not served at all (its memory
+    not registered with the uffd it sent, or registered write-protect only): say so."""
+    st = handler.stats.count
+    if not any(v for k, v in st.items() if k.startswith("faults_")) and \
+            not st.get("prefetch_pages"):
+        handler.log.emit("warning", pid=pid, message="the peer hung up without a single page "
+                         "fault: was its memory registered (MISSING mode) with the uffd it "
+                         "sent, and did it touch it?")
 
 
 def _unlink_socket(path):
