@@ -57,6 +57,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 
@@ -798,64 +799,187 @@ def decode_msgs(buf, n=None):
 #  7. Event log and stats
 ###################################################################################################
 
+#: records of these events may wait in the log's buffer (uffd events: they come by the thousand
+#: and only their order matters); any other record is written at once, with all before it
+BATCHED_EVENTS = frozenset(("pagefault", "remove", "unmap", "remap", "fork"))
+#: most bytes buffered before a write to a file; a pipe gets at most PIPE_BUF per write
+LOG_BATCH = 64 << 10
+PIPE_BUF = select.PIPE_BUF
+
+
 class EventLog:
     """The one writer of JSON-lines records (README, "CLI contract") and of the human lines on stderr.
 
     ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
-    ``t`` (seconds since ``t0``) and ``event`` and is flushed.  ``human`` is where the
-    human-readable lines go (None: nowhere, i.e. --quiet); ``human_faults`` says whether
-    pagefault records also get a human line (watch: yes; serve-file: only with -v)."""
+    ``t`` (seconds since ``t0``) and ``event``.  ``human`` is where the human-readable lines
+    go (None: nowhere, i.e. --quiet); ``human_faults`` says whether pagefault records also get
+    a human line (watch: yes; serve-file: only with -v).
 
-    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None):
+    Writes (README, "Hardening"): every ``write()`` carries whole records only; a path is
+    opened O_APPEND; on a pipe or socket each write is at most PIPE_BUF bytes (atomic).  The
+    uffd event records (BATCHED_EVENTS) are buffered, up to LOG_BATCH bytes; any other record
+    (``stats``, ``exit``, ``error``...), ``flush()`` (the Handler calls it before it sleeps)
+    and ``close()`` write everything before them.  A log that cannot be written (ENOSPC, EIO)
+    never stops the caller: the records are dropped and counted (``dropped``, the
+    ``log_dropped`` field of every ``stats`` record), one line goes to ``errors``, and a
+    record cut short by a full disk is cut off the file again."""
+
+    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None,
+                 errors=sys.stderr):
         self.t0 = time.monotonic() if t0 is None else t0
         self._own = False
-        if dest is None:
-            self.out = None
-        elif dest == "-":
-            self.out = sys.stdout
-        elif isinstance(dest, str):
+        self.fd = -1                  # the JSON destination as an fd (paths, stdout) ...
+        self.out = None               # ... or as a file object (what a caller handed in)
+        self.name = dest if isinstance(dest, str) else getattr(dest, "name", "log")
+        if dest == "-":
+            dest = sys.stdout
+            self.name = "stdout"
+        if isinstance(dest, str):
             try:
-                self.out = open(dest, "w", buffering=1)
+                self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND |
+                                  os.O_CLOEXEC, 0o666)
             except OSError as e:
                 raise UsageError("cannot write log %s: %s" % (dest, e.strerror))
             self._own = True
-        else:
-            self.out = dest
+        elif dest is not None:
+            try:
+                dest.flush()
+                self.fd = dest.fileno()
+            except (AttributeError, OSError, ValueError):
+                self.out = dest       # no fd (e.g. io.StringIO): written record by record
+        self._limit = LOG_BATCH
+        self._regular = False
+        if self.fd >= 0:
+            try:
+                mode = os.fstat(self.fd).st_mode
+                self._regular = (mode & 0o170000) == 0o100000
+                if mode & 0o170000 in (0o010000, 0o140000):       # FIFO, socket
+                    self._limit = PIPE_BUF
+            except OSError:
+                pass
+        self._buf = []
+        self._buflen = 0
+        self.dropped = 0              # records that could not be written
+        self.errors = errors
+        self._complained = False
+        self._encode = json.JSONEncoder(separators=(",", ":")).encode
         self.human = human
         self.human_faults = human_faults
         self.json_faults = True       # False: pagefault records stay out of the JSON log too
 
     @property
+    def writing(self):
+        """Whether there is a JSON destination (still)."""
+        return self.fd >= 0 or self.out is not None
+
+    @property
     def wants_faults(self):
         """Whether per-fault records are written anywhere (the hot path skips them if not)."""
-        return (self.out is not None and self.json_faults) or (
+        return (self.writing and self.json_faults) or (
             self.human is not None and self.human_faults)
 
     def now(self):
         return time.monotonic() - self.t0
 
     def emit(self, event, **fields):
-        """Write one record; returns it."""
+        """Write one record (or buffer it: see the class doc); returns it."""
         rec = {"t": round(self.now(), 6), "event": event}
         rec.update(fields)
-        if self.out is not None and (event != "pagefault" or self.json_faults):
-            try:
-                self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
-                self.out.flush()
-            except (BrokenPipeError, ValueError):
-                self.out = None          # reader went away: keep serving, stop logging
+        if event == "stats":
+            rec["log_dropped"] = self.dropped
+        if self.writing and (event != "pagefault" or self.json_faults):
+            line = self._encode(rec) + "\n"
+            self._buf.append(line)
+            self._buflen += len(line)
+            if event not in BATCHED_EVENTS or self._buflen >= self._limit:
+                self.flush()
         if self.human is not None and (event != "pagefault" or self.human_faults):
             try:
                 self.human.write(format_human(rec) + "\n")
                 self.human.flush()
-            except (BrokenPipeError, ValueError):
+            except (OSError, ValueError):
                 self.human = None
         return rec
 
-    def close(self):
-        if self._own and self.out is not None:
-            self.out.close()
+    def flush(self):
+        """Write every buffered record (whole records per write; see the class doc)."""
+        if not self._buf:
+            return
+        lines, self._buf, self._buflen = self._buf, [], 0
+        if self.out is not None:
+            try:
+                self.out.write("".join(lines))
+                self.out.flush()
+            except (OSError, ValueError) as e:
+                self._lost(len(lines), e)
+            return
+        if self.fd < 0:
+            self.dropped += len(lines)
+            return
+        i = 0
+        while i < len(lines):
+            chunk, n = [], 0          # whole records, at most _limit bytes (one record more)
+            while i < len(lines) and (not chunk or n + len(lines[i]) <= self._limit):
+                chunk.append(lines[i])
+                n += len(lines[i])
+                i += 1
+            if not self._write(("".join(chunk)).encode()):
+                self._lost(len(chunk) + len(lines) - i, self._error)
+                return
+
+    def _write(self, data):
+        """Write ``data`` whole; False (``_error`` set) if it could not be.  A short write to a
+        file is completed or, failing that, cut off again: no half record stays behind."""
+        done = 0
+        start = None
+        while done < len(data):
+            try:
+                n = os.write(self.fd, data[done:] if done else data)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                self._error = e
+                if done and self._regular and start is not None:
+                    try:
+                        os.ftruncate(self.fd, start)
+                    except OSError:
+                        pass
+                return False
+            if not done and n < len(data) and self._regular:
+                try:                  # where this write began: cut back to it on failure
+                    start = os.lseek(self.fd, 0, os.SEEK_END) - n
+                except OSError:
+                    start = None
+            done += n
+        return True
+
+    def _lost(self, n, e):
+        self.dropped += n
+        if isinstance(e, BrokenPipeError) or isinstance(e, ValueError):
+            self._close_dest()        # reader went away: keep serving, stop logging
+            return
+        if not self._complained:
+            self._complained = True
+            try:
+                self.errors.write("uffdtool: cannot write log %s: %s; serving goes on, the "
+                                  "records not written are counted (log_dropped in stats)\n"
+                                  % (self.name, getattr(e, "strerror", None) or e))
+                self.errors.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+
+    def _close_dest(self):
+        if self._own and self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = -1
         self.out = None
+
+    def close(self):
+        self.flush()
+        self._close_dest()
 
 
 def _fmt_value(k, v):
@@ -1011,28 +1135,62 @@ def _blkdev_size(fd):
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-WORKING_SET_MAGIC = "# uffdtool working-set v1"
+WORKING_SET_MAGIC = "# uffdtool working-set v"          # + version: v1 (wave 1), v2
+WORKING_SET_END = "# end pages="
 
 
-def write_working_set(path, pages, page_size, key="offset"):
-    """Write a working set: a header line, then one hex number per line, in first-fault order.
+def write_working_set(path, pages, page_size, key="offset", pid=None):
+    """Write a working set (v2): a header line, one hex number per line in first-fault order,
+    and an end line with the count, atomically (a temporary file beside ``path``, fsync'd, then
+    renamed over it: a full disk leaves the old file or none, never a cut one).
 
     Format (text)::
 
-        # uffdtool working-set v1 page_size=4096 key=offset
+        # uffdtool working-set v2 page_size=4096 key=offset [pid=N]
         0x1000
         0x0
         ...
+        # end pages=2
 
     ``key=offset``: offsets into the source (serve-file; they survive a restore at new host
-    addresses).  ``key=address``: virtual addresses (watch, where there is no source)."""
-    with open(path, "w") as f:
-        f.write("%s page_size=%d key=%s\n" % (WORKING_SET_MAGIC, page_size, key))
-        f.write("".join("0x%x\n" % p for p in pages))
+    addresses).  ``key=address``: virtual addresses (watch, where there is no source).
+    Raises TargetError (nothing written) when the file cannot be written."""
+    head = "%s2 page_size=%d key=%s%s\n" % (WORKING_SET_MAGIC, page_size, key,
+                                           "" if pid is None else " pid=%d" % pid)
+    text = (head + "".join("0x%x\n" % p for p in pages) +
+            "%s%d\n" % (WORKING_SET_END, len(pages))).encode()
+    d, base = os.path.split(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + base + ".", suffix=".tmp")
+        try:
+            try:
+                os.fchmod(fd, os.stat(path).st_mode & 0o777)      # keep the file's mode
+            except OSError:
+                os.fchmod(fd, 0o644)
+            view = memoryview(text)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise TargetError("cannot write working set %s: %s (nothing written)"
+                          % (path, e.strerror or e))
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def read_working_set(path):
-    """Read a working-set file: returns (key, page_size, [numbers]).  UsageError if malformed."""
+    """Read a working-set file (v1 or v2): returns (key, page_size, [numbers]).  UsageError if
+    malformed; a v2 file must end with its ``# end pages=N`` line and N must be the count (a
+    file cut short by a full disk or a crash is refused)."""
     try:
         with open(path) as f:
             lines = f.read().split("\n")
@@ -1041,19 +1199,35 @@ def read_working_set(path):
     except UnicodeDecodeError:
         raise UsageError("%s is not a uffdtool working-set file (binary data)" % path)
     head = lines[0].split()
-    if not lines[0].startswith(WORKING_SET_MAGIC):
-        raise UsageError("%s is not a uffdtool working-set file (no '%s' header)"
-                         % (path, WORKING_SET_MAGIC))
+    version = None
+    if len(head) > 3 and lines[0].startswith(WORKING_SET_MAGIC):
+        version = head[3][1:]
+    if version not in ("1", "2"):
+        raise UsageError("%s is not a uffdtool working-set file (no '%s1' or '%s2' header)"
+                         % (path, WORKING_SET_MAGIC, WORKING_SET_MAGIC))
     meta = dict(w.split("=", 1) for w in head if "=" in w)
     pages = []
+    end = None
     for no, line in enumerate(lines[1:], 2):
         line = line.strip()
+        if end is not None and line:
+            raise UsageError("%s:%d: data after the '%s' line" % (path, no, WORKING_SET_END))
+        if line.startswith(WORKING_SET_END):
+            end = line[len(WORKING_SET_END):]
+            continue
         if not line or line.startswith("#"):
             continue
         try:
             pages.append(int(line, 0))
         except ValueError:
             raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
+    if version == "2":
+        if end is None:
+            raise UsageError("%s: truncated working set (no '%sN' line; %d pages read)"
+                             % (path, WORKING_SET_END, len(pages)))
+        if end != str(len(pages)):
+            raise UsageError("%s: working set says pages=%s but holds %d" % (path, end,
+                                                                             len(pages)))
     try:
         page_size = int(meta.get("page_size", PAGE_SIZE))
     except ValueError:
@@ -1814,6 +1988,8 @@ class Handler:
                 return res
             if wait_ms is None:
                 wait_ms = clock.wait_ms()
+            if wait_ms != 0:
+                self.log.flush()              # about to sleep: buffered records go out now
             for fd, ev in poller.poll(wait_ms):
                 if fd == self._wake_r:
                     try:
@@ -1894,6 +2070,7 @@ class Handler:
         rec = self.record
         recorded = self._recorded
         poll = poller.poll
+        log_flush = self.log.flush
         wake_r = self._wake_r
         POLLIN = select.POLLIN
         timed = clock.active
@@ -1959,6 +2136,7 @@ class Handler:
                             return res
                         wait_ms = clock.wait_ms()
                     waits += 1
+                    log_flush()                       # about to sleep: buffered records out
                     for pfd, ev in poll(wait_ms):
                         if pfd == fd:
                             if not ev & POLLIN:
@@ -6300,12 +6478,20 @@ def cmd_watch(args):
                     target.abort()
                     status = 130 if reason == "interrupted" else None
             finally:
+                late = None
                 if record is not None:
-                    write_working_set(args.record, record, PAGE_SIZE, key="address")
+                    try:
+                        write_working_set(args.record, record, PAGE_SIZE, key="address")
+                    except UffdToolError as e:    # the final records still go out
+                        late = e
+                        status = status or e.exit_code
+                        _json_only(log, "error", message=str(e))
                 log.emit("stats", **stats.record(reason=reason, **target.extra()))
                 log.emit("exit", status=status, reason=reason)
                 signal.signal(signal.SIGINT, old[0])
                 signal.signal(signal.SIGTERM, old[1])
+        if late is not None:
+            raise late
         return status
     finally:
         if handler is not None:
@@ -6341,7 +6527,8 @@ class _StopOnSignal(list):
 
 #: counters every serve-file stats record has, even when zero
 SERVE_COUNTERS = ("faults_missing", "pages_copy", "bytes_copy", "pages_zero", "bytes_zero",
-                  "eexist", "eagain", "retries", "partial", "prefetch_pages")
+                  "eexist", "eagain", "retries", "partial", "prefetch_pages", "pages_hole",
+                  "outside_regions")
 
 
 def _serve_stats(stats, **extra):
@@ -6448,6 +6635,8 @@ def cmd_serve_file(args):
             status = 130
     except BaseException as e:
         errored = not isinstance(e, (KeyboardInterrupt, SystemExit))
+        peer = target.peer_pid if errored and target is not None else None
+        killed = peer and args.kill_peer_on_error and _kill_peer(peer)   # before anything else
         status = getattr(e, "exit_code", 1)
         if isinstance(e, KeyboardInterrupt):
             reason, status = "interrupted", 130
@@ -6457,7 +6646,6 @@ def cmd_serve_file(args):
             reason = str(e)
         else:
             reason = str(e) or type(e).__name__
-        peer = target.peer_pid if errored and target is not None else None
         if peer and not args.kill_peer_on_error and _alive(peer):
             # Its memory is registered and nobody serves it now: it would hang unnoticed.
             reason += ("; the peer (pid %d) now waits forever for its memory: stop it, or "
@@ -6469,12 +6657,8 @@ def cmd_serve_file(args):
                                                                       None):
                 fields["handshake"] = target.raw_handshake       # what was rejected
             _json_only(log, "error", message=reason, **fields)
-        if peer and args.kill_peer_on_error:
-            try:
-                os.kill(peer, signal.SIGKILL)
-                log.emit("killed_peer", pid=peer)
-            except OSError:
-                pass
+        if killed:
+            log.emit("killed_peer", pid=peer)
         if isinstance(e, OSError) and not isinstance(e, UffdError):
             e = TargetError(str(e))
         if isinstance(e, UffdError):
@@ -6511,8 +6695,13 @@ def cmd_serve_file(args):
         if isinstance(target, SelfServeTarget) and reason == "workload done":
             status = _finish_self(args, target, source, stats, log)
         if record is not None and handler is not None:
-            write_working_set(args.record, record, handler.page_size, key="offset")
-            extra["recorded_pages"] = len(record)
+            try:
+                write_working_set(args.record, record, handler.page_size, key="offset")
+                extra["recorded_pages"] = len(record)
+            except UffdToolError as e:        # the final records still go out
+                late = late or e
+                status = status or e.exit_code
+                _json_only(log, "error", message=str(e))
         if target is not None:
             extra.update(target.extra())
         if attached or (target is not None and not attaching):   # not after bad --pid input
@@ -6530,6 +6719,16 @@ def cmd_serve_file(args):
         if late is not None and not errored:
             raise late
     return status
+
+
+def _kill_peer(pid):
+    """SIGKILL the peer whose memory nobody serves any more (True if sent): a failing handler
+    does this first, before any log write or cleanup that could fail in turn."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
 
 
 def _alive(pid):

@@ -152,10 +152,16 @@ def main(argv=None):
     p.add_argument("--socket", required=True)
     p.add_argument("--src", required=True)
     p.add_argument("--sizes", required=True, help="comma-separated region sizes in bytes")
+    p.add_argument("--touch-first", type=int, default=0, metavar="PAGES",
+                   help="after the handshake, read the first PAGES pages of region 0 one by "
+                        "one and print 'touched' before waiting for the line")
     a = p.parse_args(argv)
     c = FcClient([int(x) for x in a.sizes.split(",")])
     c.handshake(a.socket)
     print("sent %d" % os.getpid(), flush=True)
+    if a.touch_first:
+        c.touch_pages(0, [i * c.ps for i in range(a.touch_first)])
+        print("touched", flush=True)
     sys.stdin.readline()
     with open(a.src, "rb") as f:
         data = f.read()

@@ -167,3 +167,150 @@ def test_decode_msgs_n_past_the_buffer():
     assert u.decode_msgs(one, 10 * u.UFFD_MSG_SIZE) == [u.Remove(0x1000, 0x3000)]
     assert u.decode_msgs(one + one[:7], 1 << 20) == [u.Remove(0x1000, 0x3000)]
     assert u.decode_msgs(one, -5) == []
+
+
+# -- failing I/O: the log, the working set -------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 256 KiB tmpfs of our own (root only), to fill up: its path."""
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip("cannot mount a tmpfs here: %s" % r.stderr.strip())
+    yield d
+    subprocess.run(["umount", "-l", str(d)])
+
+
+def _fill(d):
+    """Fill the filesystem at ``d`` up (ENOSPC); returns the filler's path."""
+    path = d / "filler"
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * PS)
+        except OSError:
+            pass
+    return path
+
+
+def _lines_whole(path):
+    with open(path) as f:
+        text = f.read()
+    assert not text or text.endswith("\n"), "a half record: %r" % text[-80:]
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@needs_root
+def test_full_log_never_stops_serving(small_fs, src, tools):
+    """--log on a full filesystem: every page is still served, one error line, whole records
+    only in the file, and the records that could not be written counted (log_dropped)."""
+    path, data = src
+    t = start(tools, small_fs, "--file", path, fault_log=True)
+    filler = _fill(small_fs)
+    c = FcClient([64 * PS])
+    try:
+        c.handshake(t.sock)
+        for p in range(64):
+            assert c.touch(0, p * PS, 1) == data[p * PS:p * PS + 1]
+        assert c.mismatches(0, data) == []
+        os.unlink(filler)                  # room again: the final records must get out
+    finally:
+        c.close()
+    assert t.finish() == 0, t.stderr
+    assert "Traceback" not in t.stderr
+    errs = _error_lines(t.stderr)
+    assert len(errs) == 1 and "cannot write log" in errs[0] and "No space left" in errs[0]
+    recs = _lines_whole(t.logpath)
+    st = [r for r in recs if r["event"] == "stats"][-1]
+    assert st["log_dropped"] > 0 and st["faults"] == 64
+    assert recs[-1]["event"] == "exit" and recs[-1]["status"] == 0
+
+
+@needs_root
+def test_full_log_and_serving_failure_kill_the_peer_first(small_fs, tmp_path, src, tools):
+    """The log cannot be written and then the source breaks: --kill-peer-on-error still kills
+    the peer (the kill comes before any log write)."""
+    path, data = src
+    t = start(tools, small_fs, "--file", path, "--kill-peer-on-error", fault_log=True)
+    _fill(small_fs)
+    peer = subprocess.Popen([sys.executable, os.path.join(HERE, "fc_client.py"), "--socket",
+                             t.sock, "--src", path, "--sizes", str(64 * PS),
+                             "--touch-first", "32"],   # 32 fault records: the log is full
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout.readline().startswith("sent")
+        assert peer.stdout.readline().startswith("touched")
+        os.truncate(path, 0)
+        peer.stdin.write("go\n")
+        peer.stdin.flush()
+        assert peer.wait(20) == -9
+        assert t.finish() == 1
+    finally:
+        peer.kill()
+    assert "Traceback" not in t.stderr
+    assert any("serving failed" in line for line in _error_lines(t.stderr)), t.stderr
+    _lines_whole(t.logpath)
+
+
+def _ws_text(pages, end=True, count=None):
+    text = "# uffdtool working-set v2 page_size=%d key=offset\n" % PS
+    text += "".join("0x%x\n" % p for p in pages)
+    if end:
+        text += "# end pages=%d\n" % (len(pages) if count is None else count)
+    return text
+
+
+@pytest.mark.parametrize("text,words", [
+    (_ws_text([0, PS, 2 * PS], end=False), "truncated"),
+    (_ws_text([0, PS, 2 * PS])[:-20], "truncated"),          # cut mid-number
+    (_ws_text([0, PS, 2 * PS], count=5), "pages=5 but holds 3"),
+    (_ws_text([0, PS]) + "0x3000\n", "data after"),
+], ids=["no-end-line", "cut-mid-number", "miscounted", "data-after-end"])
+def test_prefetch_refuses_a_broken_v2_working_set(tmp_path, text, words):
+    ws = tmp_path / "ws"
+    ws.write_text(text)
+    r = subprocess.run([sys.executable, u.__file__, "serve-file", "--zero", "--prefetch",
+                        str(ws), "--firecracker-socket", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_working_set_v2_written_and_v1_still_read(tmp_path):
+    p = str(tmp_path / "ws")
+    u.write_working_set(p, [0x3000, 0, 0x1000], PS)
+    with open(p) as f:
+        text = f.read()
+    assert text == ("# uffdtool working-set v2 page_size=%d key=offset\n0x3000\n0x0\n0x1000\n"
+                    "# end pages=3\n" % PS)
+    assert u.read_working_set(p) == ("offset", PS, [0x3000, 0, 0x1000])
+    with open(p, "w") as f:
+        f.write("# uffdtool working-set v1 page_size=4096 key=offset\n0x2000\n0x0\n")
+    assert u.read_working_set(p) == ("offset", 4096, [0x2000, 0])
+    assert os.listdir(tmp_path) == ["ws"]                 # no temporary file left
+
+
+@needs_root
+def test_record_on_full_fs_is_atomic(small_fs, tmp_path, src, tools):
+    """--record on a full filesystem: the old working set stays whole (the new one is written
+    to a temporary file and renamed), one error line, exit 1, the final records written."""
+    path, data = src
+    ws = small_fs / "ws"
+    ws.write_text(_ws_text([7 * PS]))
+    t = start(tools, tmp_path, "--file", path, "--record", str(ws))
+    _fill(small_fs)
+    c = FcClient([64 * PS])
+    try:
+        c.handshake(t.sock)
+        assert c.mismatches(0, data) == []                # 64 pages: a 1.2 KB set
+    finally:
+        c.close()
+    assert t.finish() == 1
+    errs = _error_lines(t.stderr)
+    assert len(errs) == 1 and "cannot write working set" in errs[0], t.stderr
+    assert u.read_working_set(str(ws)) == ("offset", PS, [7 * PS])      # the old one, whole
+    assert sorted(os.listdir(small_fs)) == ["filler", "ws"]
+    assert t.events("stats") and t.events("exit")[0]["status"] == 1
