@@ -1088,11 +1088,61 @@ class ZeroSource:
             self._zlen = 0
 
 
+class SourceChanged(TargetError):
+    """The source file changed while it was being served (a snapshot must not): exit 1."""
+
+
+#: inotify(7) events that mean a file's contents or size may have changed
+IN_MODIFY, IN_ATTRIB = 0x2, 0x4
+
+
+def inotify_watch(path, mask):
+    """An inotify fd (O_NONBLOCK|O_CLOEXEC) watching ``path`` for ``mask``; -1 if inotify is
+    not available (then only size and mtime are compared)."""
+    lib = libc()
+    try:
+        fd = _check(lib.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
+    except (OSError, AttributeError):
+        return -1
+    try:
+        _check(lib.inotify_add_watch(fd, os.fsencode(path), mask), "inotify_add_watch")
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def file_holes(fd, start, end):
+    """The holes of ``[start, end)`` of a file (SEEK_DATA/SEEK_HOLE): sorted ``[a, b)`` file
+    offsets, whole pages only (a page holding any data is data).  [] where unsupported."""
+    holes, pos = [], start
+    try:
+        while pos < end:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data > pos:
+                holes.append((pos, min(data, end)))
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno != errno.ENXIO:            # ENXIO: no data after pos (the rest is a hole)
+            return []
+        holes.append((pos, end))
+    out = []
+    for a, b in holes:
+        a, b = -(-a // PAGE_SIZE) * PAGE_SIZE, b - b % PAGE_SIZE if b < end else end
+        if a < b:
+            out.append((a, b))
+    return out
+
+
 class FileSource:
     """Fills from a file: the page at source offset X comes from PATH at ``offset + X``.
 
-    The file is mapped read-only, MAP_PRIVATE|MAP_POPULATE, so disk I/O stays out of fault
-    latency; UFFDIO_COPY copies from that mapping."""
+    The file is mapped read-only, MAP_PRIVATE, its data populated up front so that disk I/O
+    stays out of fault latency; UFFDIO_COPY copies from that mapping.  Holes of a sparse file
+    (virtio-mem: unplugged memory) are found once (SEEK_DATA/SEEK_HOLE), never read, and
+    served as zero pages (``holes``: source-offset ranges; ``hole_span``).  ``watch_fd`` is an
+    inotify fd on the file; ``check()`` raises SourceChanged when the file was written to or
+    its size or mtime changed since it was opened."""
     kind = "copy"
 
     def __init__(self, path, offset=0, populate=True):
@@ -1100,23 +1150,87 @@ class FileSource:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise UsageError("cannot open %s: %s" % (path, e.strerror))
+        self._fd = fd
+        self.watch_fd = -1
+        self._map = 0
         try:
             st = os.fstat(fd)
             if not (st.st_mode & 0o170000 in (0o100000, 0o060000)):
                 raise UsageError("%s is not a regular file or block device" % path)
-            total = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blkdev_size(fd)
+            regular = st.st_mode & 0o170000 == 0o100000
+            total = st.st_size if regular else _blkdev_size(fd)
             if offset < 0 or offset > total:
                 raise UsageError("--offset %d is beyond the end of %s (%d bytes)"
                                  % (offset, path, total))
             self.path, self.offset, self.size = path, offset, total - offset
+            self._stat = (st.st_size, st.st_mtime_ns) if regular else None
             self._maplen = total
-            self._map = 0
+            fholes = file_holes(fd, offset, total) if regular else []
+            self.holes = [(a - offset, b - offset) for a, b in fholes]
+            self._hole_starts = [a for a, b in self.holes]
             if total:
-                flags = MAP_PRIVATE | (MAP_POPULATE if populate else 0)
+                flags = MAP_PRIVATE | (MAP_POPULATE if populate and not fholes else 0)
                 self._map = mmap_anon(total, PROT_READ, flags, fd=fd)
-        finally:
-            os.close(fd)
+                if populate and fholes:
+                    self._populate_data(fholes, total)
+            if regular:
+                self.watch_fd = inotify_watch(path, IN_MODIFY | IN_ATTRIB)
+        except BaseException:
+            self.close()
+            raise
         self.base = self._map + offset        # address of source offset 0
+
+    def _populate_data(self, holes, total):
+        """Read the data runs between ``holes`` into the mapping (never the holes)."""
+        pos = 0
+        for a, b in holes + [(total, total)]:
+            a0 = pos - pos % PAGE_SIZE
+            if a > a0:
+                try:
+                    madvise(self._map + a0, a - a0, MADV_POPULATE_READ)
+                except OSError:
+                    pass                      # kernel < 5.14: faults read it later
+            pos = b
+
+    def hole_span(self, off, length):
+        """If source page ``off`` lies in a hole: the bytes of the hole from ``off`` (> 0);
+        else minus the bytes of data from ``off`` up to the next hole (<= -length if none
+        within ``length``)."""
+        i = bisect.bisect_right(self._hole_starts, off) - 1
+        if i >= 0 and off < self.holes[i][1]:
+            return self.holes[i][1] - off
+        if i + 1 < len(self.holes):
+            return -(self.holes[i + 1][0] - off)
+        return -length
+
+    def check(self):
+        """SourceChanged if the file changed since it was opened (inotify IN_MODIFY, or size or
+        mtime differ); cheap when nothing happened (one non-blocking read)."""
+        modified = False
+        if self.watch_fd >= 0:
+            try:
+                data = os.read(self.watch_fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            for off in range(0, len(data) - 15, 16):
+                wd, mask, cookie, n = struct.unpack_from("iIII", data, off)
+                modified |= bool(mask & IN_MODIFY)
+                # (names follow only for directories; this watches one file)
+        if self._stat is None:
+            return
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return
+        now = (st.st_size, st.st_mtime_ns)
+        if modified or now != self._stat:
+            raise SourceChanged(
+                "serving failed: the source file %s changed while serving (size %d -> %d%s); "
+                "a snapshot must stay unchanged while it is served"
+                % (self.path, self._stat[0], now[0],
+                   ", modified" if now[0] == self._stat[0] else ""))
 
     def fill(self, uffd, dst, length, offset, hugetlb=False):
         return uffd.copy(dst, self.base + offset, length)
@@ -1129,6 +1243,11 @@ class FileSource:
         if self._map:
             munmap(self._map, self._maplen)
             self._map = 0
+        for name in ("watch_fd", "_fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
 
 def _blkdev_size(fd):
@@ -1413,6 +1532,19 @@ class Served:
         self.regions = out
         self.reindex()
 
+    def clip_removed(self, addr, length, ps):
+        """``length`` cut so that ``[addr, addr+length)`` lies wholly inside or wholly outside
+        the removed ranges (at least one page): readahead from a kept page must not copy file
+        data over a removed one, nor a removed page's zeros over kept ones."""
+        i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
+        if i >= 0 and addr < self.removed[i][1]:
+            n = self.removed[i][1] - addr
+        elif i + 1 < len(self.removed):
+            n = self.removed[i + 1][0] - addr
+        else:
+            return length
+        return max(ps, min(length, n - n % ps))
+
     def is_removed(self, addr):
         i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
@@ -1503,6 +1635,7 @@ class Handler:
         self.spin = spin              # seconds to keep reading before sleeping in poll
         self._present = None          # fast loop's readahead hint (bytearray by source page)
         self.exact_regions = False    # True: a fault outside the regions is an error (Firecracker)
+        self._holes = bool(getattr(self.source, "holes", None))     # a sparse source file
         self._recorded = set()
         self._zeros = None
         self.served = {}              # fd -> Served
@@ -1647,6 +1780,15 @@ class Handler:
                 if e is not None and e - off > length:
                     length = e - off
                     st.add("prefetch_claimed")
+            if off is not None and self._holes:
+                span = self.source.hole_span(off, length)
+                if span >= ps:                      # a hole of a sparse file: never read it
+                    off, how, fill = None, "hole", self._zero_fill
+                    length = min(length, span - span % ps)
+                elif -span < length:                # data up to the next hole
+                    length = max(ps, -(span // ps) * ps)
+            if s.removed:                           # a fill never crosses a removed border
+                length = s.clip_removed(addr, length, ps)
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
@@ -1834,6 +1976,13 @@ class Handler:
                     break
                 if a < x < a + n:
                     n = x - a
+            if n and self._holes:               # holes stay unfilled: the kernel's zeros
+                span = self.source.hole_span(r.offset + (a - r.start), n)
+                if span >= ps:
+                    a = min(end, a + span - span % ps)
+                    continue
+                if -span < n:
+                    n = max(ps, -(span // ps) * ps)
             if not n:
                 continue
             try:
@@ -1923,6 +2072,9 @@ class Handler:
             fd = fd if isinstance(fd, int) else fd.fileno()
             extra.add(fd)
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        src_fd = getattr(self.source, "watch_fd", -1)    # the source file changed?
+        if src_fd >= 0:
+            poller.register(src_fd, select.POLLIN)
         clock = _Clock(timeout, tick, tick_interval)
         user_idle = [idle]
 
@@ -1991,6 +2143,9 @@ class Handler:
             if wait_ms != 0:
                 self.log.flush()              # about to sleep: buffered records go out now
             for fd, ev in poller.poll(wait_ms):
+                if fd == src_fd:
+                    self.source.check()           # raises SourceChanged
+                    continue
                 if fd == self._wake_r:
                     try:
                         os.read(self._wake_r, 4096)     # drain, or poll spins from now on
@@ -2071,6 +2226,8 @@ class Handler:
         recorded = self._recorded
         poll = poller.poll
         log_flush = self.log.flush
+        holes = self._holes
+        src_fd = getattr(src, "watch_fd", -1)
         wake_r = self._wake_r
         POLLIN = select.POLLIN
         timed = clock.active
@@ -2145,6 +2302,9 @@ class Handler:
                                 return None
                         elif pfd in extra:
                             return pfd
+                        elif pfd == src_fd:
+                            flush()
+                            src.check()               # raises SourceChanged
                         elif pfd != wake_r:
                             return None               # a newly added uffd: general loop
                     continue
@@ -2165,7 +2325,9 @@ class Handler:
                     # a new region: [lo, hi) is the part with source data (data_end), so a
                     # page past the end of the file, or of a region without data, goes general
                     r = s.find(addr)
-                    if r is None or addr >= data_end(r, src.size, ps):
+                    if r is None or addr >= data_end(r, src.size, ps) or holes and \
+                            src.hole_span(r.offset, r.end - r.start) > r.start - r.end:
+                        # (a region with holes of a sparse file also goes general)
                         if not general(msg):
                             return None
                         continue
@@ -2217,6 +2379,9 @@ class Handler:
                 if not faults & 1023:              # a long burst: stop() and ticks still work
                     if self.stopping:
                         return "stopped"
+                    if src_fd >= 0:
+                        flush()
+                        src.check()
                     if timed:
                         flush()
                         res = clock.check()

@@ -314,3 +314,136 @@ def test_record_on_full_fs_is_atomic(small_fs, tmp_path, src, tools):
     assert u.read_working_set(str(ws)) == ("offset", PS, [7 * PS])      # the old one, whole
     assert sorted(os.listdir(small_fs)) == ["filler", "ws"]
     assert t.events("stats") and t.events("exit")[0]["status"] == 1
+
+
+# -- the source file changes while it is served ---------------------------------------------------
+
+def _change(path, how):
+    if how == "dd-notrunc":
+        subprocess.run(["dd", "if=/dev/urandom", "of=%s" % path, "bs=1", "count=1",
+                        "seek=%d" % (10 * PS), "conv=notrunc"], check=True,
+                        capture_output=True)
+    elif how == "write-same-size":
+        with open(path, "r+b") as f:
+            f.seek(10 * PS)
+            f.write(b"\xff")
+    elif how == "mtime":
+        os.utime(path, ns=(0, 12345))
+    elif how == "truncate":
+        os.truncate(path, 0)
+    elif how == "grow":
+        with open(path, "ab") as f:
+            f.write(b"x" * PS)
+
+
+@pytest.mark.parametrize("how", ["dd-notrunc", "write-same-size", "mtime", "truncate", "grow"])
+def test_source_changed_while_serving_kills_the_peer(tmp_path, src, tools, how):
+    """A snapshot written to (dd conv=notrunc), touched, truncated or grown while it is being
+    served: a serving failure (exit 1, one line), and --kill-peer-on-error kills the peer
+    before it can read the changed bytes."""
+    if how == "dd-notrunc" and not shutil_which("dd"):
+        pytest.skip("no dd")
+    path, data = src
+    t = start(tools, tmp_path, "--file", path, "--kill-peer-on-error")
+    peer = subprocess.Popen([sys.executable, os.path.join(HERE, "fc_client.py"), "--socket",
+                             t.sock, "--src", path, "--sizes", str(64 * PS),
+                             "--touch-first", "4"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout.readline().startswith("sent")
+        assert peer.stdout.readline().startswith("touched")
+        _change(path, how)
+        assert peer.wait(20) == -9             # killed while it waits for its line
+        assert t.finish() == 1
+    finally:
+        peer.kill()
+    errs = _error_lines(t.stderr)
+    assert len(errs) == 1 and "changed while serving" in errs[0], t.stderr
+    assert t.events("killed_peer")[0]["pid"] == peer.pid
+    assert t.events("stats")
+
+
+def test_chmod_of_the_source_is_not_a_change(tmp_path, src, tools):
+    """IN_ATTRIB without a size or mtime change (chmod): serving goes on."""
+    path, data = src
+    t = start(tools, tmp_path, "--file", path)
+    c = FcClient([64 * PS])
+    try:
+        c.handshake(t.sock)
+        assert c.touch(0, 0, PS) == data[:PS]
+        os.chmod(path, 0o600)
+        time.sleep(0.2)
+        assert c.mismatches(0, data) == []
+    finally:
+        c.close()
+    assert t.finish() == 0, t.stderr
+
+
+def test_truncated_source_fails_the_copy_with_efault(tmp_path, src):
+    """The truncation path under the change detection: a source whose change cannot be seen
+    (here: the watch switched off) fails UFFDIO_COPY with EFAULT, and the Handler raises it
+    rather than serving zeros."""
+    path, data = src
+    source = u.FileSource(path)
+    if getattr(source, "watch_fd", -1) >= 0:
+        os.close(source.watch_fd)
+        source.watch_fd, source._stat = -1, None
+    c = FcClient([8 * PS])
+    h = u.Handler(source)
+    h.add(u.Userfaultfd.adopt(os.dup(c.uffd.fileno())), [(c.bases[0], 8 * PS, 0)])
+    os.truncate(path, 0)
+    import threading
+    th = threading.Thread(target=lambda: c.touch(0, 0, 1, timeout=30), daemon=True)
+    th.start()
+    try:
+        with pytest.raises(u.UffdError) as e:
+            h.run(timeout=20)
+        assert e.value.errno == 14 and e.value.op == "UFFDIO_COPY"
+    finally:
+        h.close()
+        c.uffd.close()                   # wakes the toucher (zeros) before its memory goes
+        th.join(30)
+        c.close()
+        source.close()
+
+
+def shutil_which(name):
+    import shutil
+    return shutil.which(name)
+
+
+# -- v1.14 virtio-mem: holes of a sparse memory file are zero pages, never read ------------------
+
+@pytest.mark.parametrize("fault_log", [False, True], ids=["fast-loop", "general-loop"])
+@pytest.mark.parametrize("readahead", [1, 16])
+def test_sparse_file_holes_served_as_zero_pages(tmp_path, tools, readahead, fault_log):
+    rnd = random.Random(11)
+    path = tmp_path / "sparse.mem"
+    data = bytearray(64 * PS)
+    with open(path, "wb") as f:
+        f.truncate(64 * PS)
+        for first, n in ((0, 8), (20, 4)):
+            chunk = rnd.randbytes(n * PS)
+            f.seek(first * PS)
+            f.write(chunk)
+            data[first * PS:(first + n) * PS] = chunk
+        f.seek(40 * PS + 100)
+        f.write(b"0123456789")                   # one page with 10 bytes of data
+        data[40 * PS + 100:40 * PS + 110] = b"0123456789"
+    if not u.file_holes(os.open(path, os.O_RDONLY), 0, 64 * PS):
+        pytest.skip("this filesystem reports no holes (SEEK_HOLE)")
+    t = start(tools, tmp_path, "--file", path, "--readahead", readahead, fault_log=fault_log)
+    c = FcClient([32 * PS, 32 * PS])
+    try:
+        c.handshake(t.sock)
+        order = list(range(64))
+        rnd.shuffle(order)
+        for p in order:
+            r, off = divmod(p, 32)
+            assert c.touch(r, off * PS, PS) == bytes(data[p * PS:(p + 1) * PS]), p
+    finally:
+        c.close()
+    assert t.finish() == 0, t.stderr
+    st = t.stats()
+    assert st["pages_hole"] == 64 - 13 and st["pages_copy"] == 13
+    assert st.get("pages_zero", 0) == 0
