@@ -4000,9 +4000,12 @@ def _json_value(data):
     return value, text.lstrip()[end:].strip().encode()
 
 
-def listen_unix(path, log=None):
+def listen_unix(path, log=None, peer_uid=None):
     """Bind and listen on a Unix stream socket at ``path``: a stale socket file is replaced;
-    anything else that exists there, or a missing directory, is a UsageError."""
+    anything else that exists there, a live listener's socket, or a missing directory, is a
+    UsageError.  The socket file is mode 0600 whatever the umask, before ``listen`` (no
+    other user can connect), and owned by ``peer_uid`` if given (Firecracker under the
+    jailer runs as another uid)."""
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise UsageError("cannot listen on %s: directory %s does not exist" % (path, d))
@@ -4018,17 +4021,100 @@ def listen_unix(path, log=None):
         os.unlink(path)                       # stale socket of an earlier handler
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        old = os.umask(0o177)                 # born 0600: no window with a wider mode
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        if peer_uid is not None and peer_uid != os.geteuid():
+            try:
+                os.chown(path, peer_uid, -1)
+            except OSError as e:
+                _unlink_socket(path, _file_id(path))
+                raise NotPermitted("--peer-uid %d: cannot give the socket %s to that uid: %s "
+                                   "(needs root or CAP_CHOWN)" % (peer_uid, path, e.strerror))
         sock.listen(1)
     except OSError as e:
         sock.close()
         raise UsageError("cannot listen on %s: %s" % (path, e.strerror))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
+#: sock_diag(7) for AF_UNIX: which listening sockets are bound to which file (dev, inode)
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 1, 0x300, 2, 3
+UDIAG_SHOW_VFS, UNIX_DIAG_VFS, TCP_LISTEN = 0x2, 1, 10
+_NLMSGHDR = struct.Struct("=IHHII")               # len, type, flags, seq, pid
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")       # family, protocol, pad, states, ino, show, cookie
+_UNIX_DIAG_MSG = struct.Struct("=BBBBIII")        # family, type, state, pad, ino, cookie
+
+
+def unix_listeners():
+    """(major, minor, inode) of the file of every listening AF_UNIX socket in this network
+    namespace, from sock_diag (UNIX_DIAG_VFS: the bound file's device and inode, however the
+    path was spelled at bind time); None when sock_diag is not available."""
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           NETLINK_SOCK_DIAG)
+    except OSError:
+        return None
+    out = set()
+    try:
+        nl.settimeout(2.0)
+        req = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, UDIAG_SHOW_VFS,
+                                  0xFFFFFFFF, 0xFFFFFFFF)
+        nl.sendto(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
+                                 NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req, (0, 0))
+        while True:
+            data = nl.recv(1 << 16)
+            off = 0
+            while off + _NLMSGHDR.size <= len(data):
+                length, typ = _NLMSGHDR.unpack_from(data, off)[:2]
+                if typ == NLMSG_DONE:
+                    return out
+                if typ == NLMSG_ERROR or length < _NLMSGHDR.size:
+                    return None
+                a = off + _NLMSGHDR.size + _UNIX_DIAG_MSG.size
+                while a + 4 <= off + length:                 # rtattrs: len, type, payload
+                    alen, atyp = struct.unpack_from("=HH", data, a)
+                    if alen < 4:
+                        break
+                    if atyp == UNIX_DIAG_VFS and alen >= 12:
+                        ino, dev = struct.unpack_from("=II", data, a + 4)
+                        out.add((dev >> 20, dev & 0xFFFFF, ino))   # kernel dev_t: 12:20 bits
+                    a += (alen + 3) & ~3
+                off += (length + 3) & ~3
+    except OSError:
+        return None
+    finally:
+        nl.close()
+
+
+def _file_id(path):
+    """(st_dev, st_ino) of ``path`` itself (not following a symlink), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _someone_listens(path):
-    """Whether a process listens on the Unix socket ``path`` (else the file is stale), from
-    /proc/net/unix (flag __SO_ACCEPTCON): connecting to find out would be taken for a peer."""
+    """Whether a live socket listens on the file at ``path`` (else the file is stale): its
+    device and inode against the kernel's listeners (sock_diag), never by connecting (a probe
+    would be taken for a peer), nor by the path (the kernel keeps it as it was spelled at
+    bind time, maybe relative).  Without sock_diag: /proc/net/unix paths."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    live = unix_listeners()
+    if live is not None:
+        return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino & 0xFFFFFFFF) in live
     want = os.path.abspath(path)
     try:
         with open("/proc/net/unix") as f:
@@ -4040,6 +4126,36 @@ def _someone_listens(path):
         if len(f) == 8 and f[7] == want and int(f[3], 16) & 0x10000:
             return True
     return False
+
+
+def peer_cred(conn):
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED), or
+    (None, None, None)."""
+    try:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", cred)
+        return pid or None, uid, gid
+    except OSError:
+        return None, None, None
+
+
+def accept_peer(sock, path, timeout, uids, warn):
+    """Accept the first peer on ``sock`` whose SO_PEERCRED uid is in ``uids``; every other
+    one is closed at once with a ``warn(message, pid, uid)`` and listening goes on.  Returns
+    the connection; TargetError when none came within ``timeout`` s (None: wait)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        r, _, _ = select.select([sock], [], [], left)
+        if not r:
+            raise TargetError("no connection on %s within %g s" % (path, timeout))
+        conn, _ = sock.accept()
+        pid, uid, _ = peer_cred(conn)
+        if uid in uids:
+            return conn
+        conn.close()
+        warn("refused a peer on %s: pid %s runs as uid %s, not %s (see --peer-uid)"
+             % (path, pid, uid, " or ".join(str(u) for u in sorted(uids))), pid, uid)
 
 
 def peer_pid_of(conn):
@@ -4218,9 +4334,12 @@ class FirecrackerTarget(ServeTarget):
     """Listen on a Unix socket, accept Firecracker (or anything speaking its UFFD handshake),
     receive the regions and the uffd.  ``listen()`` then ``accept(timeout)``."""
 
-    def __init__(self, path):
+    def __init__(self, path, peer_uid=None, log=None):
         super().__init__()
         self.path = path
+        self.peer_uid = peer_uid              # also accept peers of this uid
+        self.log = log
+        self.sock_id = None                   # (dev, ino) of the socket file we bound
         self.sock = None
         self.conn = None
         self.pidfd = -1
@@ -4229,7 +4348,8 @@ class FirecrackerTarget(ServeTarget):
         self.drained = None
 
     def listen(self):
-        self.sock = listen_unix(self.path)
+        self.sock = listen_unix(self.path, peer_uid=self.peer_uid)
+        self.sock_id = _file_id(self.path)
 
     def attach(self, handler):
         handler.exact_regions = True          # the handshake lists all registered memory
@@ -4238,10 +4358,8 @@ class FirecrackerTarget(ServeTarget):
     def accept(self, timeout=None, source_size=None):
         """Wait for the peer (TargetError after ``timeout`` s), receive and validate its
         handshake; ``source_size``: bytes the source has (a shorter one is a UsageError)."""
-        r, _, _ = select.select([self.sock], [], [], timeout)
-        if not r:
-            raise TargetError("no connection on %s within %g s" % (self.path, timeout))
-        self.conn, _ = self.sock.accept()
+        uids = {os.geteuid()} | ({self.peer_uid} if self.peer_uid is not None else set())
+        self.conn = accept_peer(self.sock, self.path, timeout, uids, self._refused)
         self._stop_listening()      # one peer: a second one must fail at connect, not hang
         self.conn.setblocking(True)
         self.peer_pid = peer_pid_of(self.conn)
@@ -4279,11 +4397,15 @@ class FirecrackerTarget(ServeTarget):
                 self.pidfd = -1
         return regions
 
+    def _refused(self, message, pid, uid):
+        if self.log is not None:
+            self.log.emit("warning", message=message, pid=pid, uid=uid)
+
     def _stop_listening(self):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-            _unlink_socket(self.path)
+            _unlink_socket(self.path, self.sock_id)
 
     def detach(self, handler, reason):
         """Stopped while the peer still runs (SIGINT/SIGTERM, --duration): install every page of
@@ -4346,10 +4468,12 @@ def warn_if_never_faulted(handler, pid):
                          "sent, and did it touch it?")
 
 
-def _unlink_socket(path):
-    """Remove the socket file at ``path`` (nothing else; no error if it is gone)."""
+def _unlink_socket(path, ident):
+    """Remove the socket file at ``path`` if it is still the one this process bound (same
+    device and inode ``ident``: another handler may have bound a new one there since)."""
     try:
-        if path and (os.lstat(path).st_mode & 0o170000) == 0o140000:
+        if path and ident is not None and _file_id(path) == ident and \
+                (os.lstat(path).st_mode & 0o170000) == 0o140000:
             os.unlink(path)
     except OSError:
         pass
@@ -4536,7 +4660,7 @@ def open_serve_target(args, log, source):
     Firecracker: returns after ``listen()`` (the caller writes ``ready`` and then calls
     ``accept``)."""
     if args.firecracker_socket:
-        t = FirecrackerTarget(args.firecracker_socket)
+        t = FirecrackerTarget(args.firecracker_socket, getattr(args, "peer_uid", None), log)
         t.listen()
         return t
     if args.self_:
@@ -6302,6 +6426,8 @@ def _number_arg(conv, what, ok, need):
     return parse
 
 
+_uid_arg = _number_arg(int, "a numeric uid", lambda v: 0 <= v < (1 << 32) - 1,
+                       "a uid from 0 to 4294967294")
 _positive_int = _number_arg(lambda t: int(t, 0), "a whole number", lambda v: v >= 1,
                             "at least 1")
 _seconds = _number_arg(float, "a number of seconds", lambda v: v > 0, "> 0")
@@ -6444,6 +6570,10 @@ def build_parser():
     pf.add_argument("--kill-peer-on-error", action="store_true",
                     help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
                          "cannot hang or read zeros where file data belongs")
+    pf.add_argument("--peer-uid", metavar="UID", type=_uid_arg,
+                    help="with --firecracker-socket: also accept a peer of this uid (its "
+                         "SO_PEERCRED; default: only the tool's own uid) and give it the "
+                         "socket (mode 0600), e.g. the jailer's --uid")
     pf.set_defaults(func=cmd_serve_file)
     return p
 

@@ -24,10 +24,12 @@ import uffdtool as u  # noqa: E402
 
 
 class FcClient:
-    def __init__(self, sizes, page_size=u.PAGE_SIZE, hugetlb=False, register=True):
+    def __init__(self, sizes, page_size=u.PAGE_SIZE, hugetlb=False, register=True,
+                 user_mode_only=False):
         self.ps = page_size
         self.sizes = list(sizes)
-        self.uffd = u.Userfaultfd()                       # O_CLOEXEC | O_NONBLOCK
+        # O_CLOEXEC | O_NONBLOCK; user_mode_only: what an unprivileged peer may open
+        self.uffd = u.Userfaultfd(user_mode_only=user_mode_only)
         self.uffd.api(u.UFFD_FEATURE_EVENT_REMOVE)
         guard = page_size
         total = sum(self.sizes) + guard * (len(self.sizes) + 1)
@@ -155,8 +157,10 @@ def main(argv=None):
     p.add_argument("--touch-first", type=int, default=0, metavar="PAGES",
                    help="after the handshake, read the first PAGES pages of region 0 one by "
                         "one and print 'touched' before waiting for the line")
+    p.add_argument("--user-mode-only", action="store_true",
+                   help="open the uffd with UFFD_USER_MODE_ONLY (an unprivileged peer)")
     a = p.parse_args(argv)
-    c = FcClient([int(x) for x in a.sizes.split(",")])
+    c = FcClient([int(x) for x in a.sizes.split(",")], user_mode_only=a.user_mode_only)
     c.handshake(a.socket)
     print("sent %d" % os.getpid(), flush=True)
     if a.touch_first:

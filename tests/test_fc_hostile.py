@@ -447,3 +447,171 @@ def test_sparse_file_holes_served_as_zero_pages(tmp_path, tools, readahead, faul
     st = t.stats()
     assert st["pages_hole"] == 64 - 13 and st["pages_copy"] == 13
     assert st.get("pages_zero", 0) == 0
+
+
+# -- who may connect -----------------------------------------------------------------------------
+
+NOBODY = 65534
+#: a python that another uid can run (the test's own may live in root's home)
+SYS_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+TOOL = os.path.join(os.path.dirname(HERE), "uffdtool.py")
+
+
+def _as(uid):
+    def drop():
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    return drop
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every uid may use (pytest's tmp_path is root's only)."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="uffdtool-shared-")
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _tool(log, *args, cwd=None, uid=None):
+    """serve-file ARGS in the background (as ``uid``), once its ``ready`` record is out."""
+    p = subprocess.Popen([SYS_PY if uid is not None else sys.executable, TOOL, "serve-file",
+                          "--log", log, "--no-fault-log"] + [str(a) for a in args], cwd=cwd,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_as(uid) if uid is not None else None)
+    deadline = time.monotonic() + 15
+    while not (os.path.exists(log) and '"ready"' in open(log).read()):
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "no ready record"
+        time.sleep(0.01)
+    return p
+
+
+def _records_of(log):
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def _peer(sock, src_path, size, uid=None):
+    """fc_client.py as a separate process (as ``uid``: an unprivileged, user-mode-only uffd)."""
+    p = subprocess.Popen([SYS_PY if uid is not None else sys.executable,
+                          os.path.join(HERE, "fc_client.py"), "--socket", sock, "--src",
+                          src_path, "--sizes", str(size)] +
+                         (["--user-mode-only"] if uid is not None else []),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=_as(uid) if uid is not None else None)
+    assert p.stdout.readline().startswith("sent"), p.stderr.read()
+    return p
+
+
+def _verified(peer):
+    peer.stdin.write("go\n")
+    peer.stdin.flush()
+    out = peer.stdout.readline().strip()
+    assert peer.wait(20) == 0
+    return out
+
+
+@needs_root
+def test_socket_is_0600_whatever_the_umask(tmp_path, tools, shared_dir):
+    """Under umask 000 the socket was 0777 and another user could connect, hand over its own
+    uffd and read a root-only file through the handler.  Now it is 0600 before listen()."""
+    sock = os.path.join(shared_dir, "uffd.sock")
+    old = os.umask(0)
+    try:
+        t = start(tools, tmp_path, "--zero", "--firecracker-socket", sock)
+    finally:
+        os.umask(old)
+    st = os.stat(sock)
+    assert st.st_mode & 0o777 == 0o600 and st.st_uid == os.geteuid()
+    r = subprocess.run([SYS_PY, "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); "
+                        "s.connect(sys.argv[1])", sock], preexec_fn=_as(NOBODY),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode and "PermissionError" in r.stderr, r.stderr
+    t.kill()
+
+
+@needs_root
+def test_peer_of_another_uid_is_refused_and_listening_goes_on(shared_dir):
+    """The tool runs as uid 65534; a peer of uid 0 (it can connect: root) is refused with one
+    warning record, then the right peer (uid 65534, a user-mode-only uffd) is served."""
+    log, sock = os.path.join(shared_dir, "log.jsonl"), os.path.join(shared_dir, "uffd.sock")
+    src_path = os.path.join(shared_dir, "src")
+    data = random.Random(3).randbytes(16 * PS)
+    with open(src_path, "wb") as f:
+        f.write(data)
+    t = _tool(log, "--file", src_path, "--firecracker-socket", sock, "--accept-timeout", 30,
+              uid=NOBODY)
+    try:
+        intruder = FcClient([16 * PS])
+        try:
+            intruder.handshake(sock)
+            intruder.sock.settimeout(10)
+            try:
+                assert intruder.sock.recv(1) == b""        # closed on it
+            except ConnectionResetError:                   # (unread handshake: a reset)
+                pass
+        finally:
+            intruder.close()
+        peer = _peer(sock, src_path, 16 * PS, uid=NOBODY)
+        assert _verified(peer) == "ok"
+        out, err = t.communicate(timeout=20)
+    finally:
+        t.kill()
+    assert t.returncode == 0, err
+    recs = _records_of(log)
+    w = [r for r in recs if r["event"] == "warning" and "refused" in r["message"]]
+    assert len(w) == 1 and w[0]["uid"] == 0 and w[0]["pid"] == os.getpid()
+    assert [r["pid"] for r in recs if r["event"] == "handshake"] == [peer.pid]
+
+
+@needs_root
+def test_peer_uid_owns_the_socket_and_is_served(shared_dir, src):
+    """--peer-uid 65534 (Firecracker under the jailer): the root tool gives that uid the
+    0600 socket, and a peer of that uid is accepted and served."""
+    log, sock = os.path.join(shared_dir, "log.jsonl"), os.path.join(shared_dir, "uffd.sock")
+    src_path = os.path.join(shared_dir, "src")
+    with open(src_path, "wb") as f:
+        f.write(src[1])
+    t = _tool(log, "--file", src_path, "--firecracker-socket", sock, "--peer-uid", NOBODY)
+    try:
+        st = os.stat(sock)
+        assert st.st_uid == NOBODY and st.st_mode & 0o777 == 0o600
+        peer = _peer(sock, src_path, 64 * PS, uid=NOBODY)
+        assert _verified(peer) == "ok"
+        out, err = t.communicate(timeout=20)
+    finally:
+        t.kill()
+    assert t.returncode == 0, err
+    assert not any(r["event"] == "warning" and "refused" in r.get("message", "")
+                   for r in _records_of(log))
+
+
+def test_live_listener_found_by_inode_and_only_our_socket_unlinked(tmp_path):
+    """Handler A listens on `rel.sock` (bound by a relative path, as /proc/net/unix then
+    shows it); handler B given the absolute path must see A without connecting to it (A
+    would take the probe for its peer) and refuse.  When A exits it unlinks only the socket
+    it bound, not one that replaced it."""
+    log = str(tmp_path / "a.jsonl")
+    a = _tool(log, "--zero", "--firecracker-socket", "rel.sock", cwd=str(tmp_path))
+    path = str(tmp_path / "rel.sock")
+    try:
+        r = subprocess.run([sys.executable, TOOL, "serve-file", "--zero",
+                            "--firecracker-socket", path, "--accept-timeout", "1"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "another process is listening" in r.stderr, r.stderr
+        assert a.poll() is None
+        assert [x["event"] for x in _records_of(log)] == ["start", "ready"]   # no peer seen
+        os.unlink(path)                              # someone else's socket takes the path
+        import socket as socket_mod
+        other = socket_mod.socket(socket_mod.AF_UNIX)
+        other.bind(path)
+        a.send_signal(2)
+        a.communicate(timeout=20)
+        assert os.path.exists(path), "A unlinked a socket it did not bind"
+        other.close()
+    finally:
+        a.kill()
