@@ -14,6 +14,7 @@ blocked reader.
 import ctypes
 import json
 import os
+import random
 import socket
 import sys
 import threading
@@ -132,6 +133,63 @@ class FcClient:
         """MADV_DONTNEED: drops the pages and sends UFFD_EVENT_REMOVE (blocks until read)."""
         self._in_thread(lambda: u.madvise(self.bases[region] + off, length, u.MADV_DONTNEED),
                         timeout, "MADV_DONTNEED")
+
+    def balloon(self, data, seconds, region=0, chunk=2 << 20, interval=1e-3, seed=1,
+                timeout=60):
+        """Free-page reporting as Firecracker v1.14 does it, against ``region`` served from
+        ``data`` with --on-remove zero: one thread reads random pages and checks each against
+        what it must hold (``data``, or zeros once its 2 MiB chunk was removed); another
+        removes (MADV_DONTNEED -> UFFD_EVENT_REMOVE) a random chunk every ``interval`` s,
+        never the one the reader is in at that moment (a flag each side sets before looking at
+        the other's: the GIL orders them).  Returns {'reads', 'removes', 'bad': [(page,
+        expected)], 'removed': set of chunks}; TimeoutError if a read was never served."""
+        base, size, ps = self.bases[region], self.sizes[region], self.ps
+        per_chunk = chunk // ps
+        nchunks = size // chunk
+        removed = bytearray(nchunks)
+        cur, busy = [-1], [-1]
+        out = {"reads": 0, "removes": 0, "bad": []}
+        stop = time.monotonic() + seconds
+        zero = bytes(ps)
+
+        def reader():
+            rnd = random.Random(seed)
+            buf = ctypes.create_string_buffer(ps)
+            while time.monotonic() < stop:
+                p = rnd.randrange(size // ps)
+                c = p // per_chunk
+                cur[0] = c
+                while busy[0] == c:
+                    time.sleep(0)
+                ctypes.memmove(buf, base + p * ps, ps)
+                want = zero if removed[c] else data[p * ps:(p + 1) * ps]
+                if buf.raw != want:
+                    out["bad"].append((p, "zero" if removed[c] else "data"))
+                cur[0] = -1
+                out["reads"] += 1
+
+        def remover():
+            rnd = random.Random(seed + 1)
+            while time.monotonic() < stop:
+                c = rnd.randrange(nchunks)
+                busy[0] = c
+                if cur[0] != c:
+                    u.madvise(base + c * chunk, chunk, u.MADV_DONTNEED)
+                    removed[c] = 1
+                    out["removes"] += 1
+                busy[0] = -1
+                time.sleep(interval)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (reader, remover)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + seconds)
+            if t.is_alive():
+                self._threads.append(t)
+                raise TimeoutError("balloon: a fault or a REMOVE was not served")
+        out["removed"] = {c for c in range(nchunks) if removed[c]}
+        return out
 
     def close(self):
         if self.sock is not None:

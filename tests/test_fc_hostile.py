@@ -11,7 +11,7 @@ import time
 import pytest
 
 import uffdtool as u
-from conftest import needs_root, needs_uffd
+from conftest import Tool, needs_root, needs_uffd
 from fc_client import FcClient
 from test_serve import HERE, start
 
@@ -636,3 +636,38 @@ def test_live_listener_found_by_inode_and_only_our_socket_unlinked(tmp_path):
         other.close()
     finally:
         a.kill()
+
+
+# -- v1.14 balloon free-page reporting: a continuous REMOVE stream --------------------------------
+
+@pytest.mark.parametrize("readahead", [1, 16])
+def test_remove_stream_loses_no_fault_and_never_refills_removed_pages(tmp_path, tools,
+                                                                     readahead):
+    """A 2 MiB range removed every millisecond while another thread faults elsewhere
+    (--on-remove zero): every read is served, a removed page never gets file data again (and
+    a kept one never zeros), also with readahead crossing into removed ranges."""
+    size = 32 << 20
+    data = random.Random(7).randbytes(size)
+    path = tmp_path / "mem.bin"
+    path.write_bytes(data)
+    sock = str(tmp_path / "uffd.sock")
+    # --quiet: thousands of remove records would fill the unread stderr pipe
+    t = Tool("serve-file", "--file", path, "--on-remove", "zero", "--readahead", readahead,
+             "--no-fault-log", "--firecracker-socket", sock, log=tmp_path / "log.jsonl")
+    t.sock = sock
+    tools.append(t)
+    c = FcClient([size])
+    try:
+        c.handshake(t.sock)
+        res = c.balloon(data, seconds=2.0)
+        assert res["bad"] == [] and res["reads"] > 1000 and res["removes"] > 50, \
+            {k: v for k, v in res.items() if k != "removed"}
+        got = c.touch(0, 0, size, timeout=60)               # the whole region, afterwards
+        for ch in range(size >> 21):
+            want = bytes(2 << 20) if ch in res["removed"] else data[ch << 21:(ch + 1) << 21]
+            assert got[ch << 21:(ch + 1) << 21] == want, ch
+    finally:
+        c.close()
+    assert t.finish() == 0, t.stderr
+    st = t.stats()
+    assert st["events_remove"] == res["removes"]
