@@ -867,6 +867,7 @@ class EventLog:
                 pass
         self._buf = []
         self._buflen = 0
+        self._lock = threading.Lock()  # watch's tracer thread emits too: one flush at a time
         self.dropped = 0              # records that could not be written
         self.errors = errors
         self._complained = False
@@ -913,6 +914,10 @@ class EventLog:
         """Write every buffered record (whole records per write; see the class doc)."""
         if not self._buf:
             return
+        with self._lock:
+            self._flush()
+
+    def _flush(self):
         lines, self._buf, self._buflen = self._buf, [], 0
         if self.out is not None:
             try:
@@ -1914,6 +1919,15 @@ class Handler:
                         return True
                     if dst < x < dst + n:
                         n = x - dst
+                if self._holes:                   # holes are zero pages: not read, not listed
+                    span = self.source.hole_span(a, n)
+                    if span >= ps:
+                        skip = min(span - span % ps, n)
+                        st.add("prefetch_skipped", skip // ps)
+                        self._prefetch_rest(a + skip, b)
+                        return True
+                    if -span < n:
+                        n = max(ps, -(span // ps) * ps)
                 try:
                     done = self.source.fill(s.uffd, dst, n, a, self.hugetlb)
                 except UffdError as err:
