@@ -6293,21 +6293,33 @@ def _read_records(f, rep):
 
 
 def _read_ws_report(path, rep):
-    """A working-set file (--record): the pages in first-touch order, t = the touch's rank."""
-    key, page_size, pages = read_working_set(path)
+    """A working-set file (--record, v1 or v2): the pages in first-touch order, t = the
+    touch's rank.  Unlike --prefetch, a v2 file without (or with a wrong) ``# end pages=N``
+    line is still drawn, with a warning."""
+    pages, end = [], None
     with open(path, "rb") as f:
-        head = f.readline().decode("utf-8", "replace")
-        f.seek(max(0, os.fstat(f.fileno()).st_size - 200))
-        tail = f.read().decode("utf-8", "replace").strip().rsplit("\n", 1)[-1]
-    words = head.split()
+        words = f.readline().decode("utf-8", "replace").split()
+        for no, line in enumerate(f, 2):
+            line = line.strip()
+            if line.startswith(b"# end pages="):
+                end = line[12:].decode("ascii", "replace")
+            elif line and not line.startswith(b"#"):
+                try:
+                    pages.append(int(line, 0))
+                except ValueError:
+                    raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
     meta = dict(w.split("=", 1) for w in words if "=" in w)
     if words[3:4] != ["v1"]:
-        m = re.match(r"# end pages=(\d+)$", tail)
-        if m is None:
+        if end is None:
             rep.warnings.append("%s: no '# end pages=N' line: the file is cut short" % path)
-        elif int(m.group(1)) != len(pages):
+        elif end != str(len(pages)):
             rep.warnings.append("%s: '# end pages=%s' but %d pages listed"
-                                % (path, m.group(1), len(pages)))
+                                % (path, end, len(pages)))
+    try:
+        page_size = int(meta.get("page_size", PAGE_SIZE))
+    except ValueError:
+        raise UsageError("%s: bad page_size in the header" % path)
+    key = meta.get("key", "offset")
     if not pages:
         raise UsageError("%s lists no pages" % path)
     rep.kind = "working-set"
@@ -6315,8 +6327,8 @@ def _read_ws_report(path, rep):
     try:
         pid = int(meta.get("pid", ""))
     except ValueError:
-        pid = 0
-    proc = rep._proc(("pid", pid))
+        pid = None
+    proc = rep._proc(("pid", pid) if pid is not None else ("file", path))
     if key == "offset":
         rep.source_keyed = True
         span = max(pages) + page_size
@@ -6348,6 +6360,8 @@ def time_axis(rep, rows):
     if rep.t_last < rep.t_first:
         return 0.0, 1e-3, 1
     dt = nice_step((rep.t_last - rep.t_first) / rows)
+    if rep.kind == "working-set":               # times are ranks: whole touches per bin
+        dt = max(1.0, dt)
     t0 = math.floor(rep.t_first / dt) * dt
     return t0, dt, int((rep.t_last - t0) / dt) + 1
 
@@ -6373,7 +6387,7 @@ def heat_cells(area, t0, dt, nrows, lo, ppc):
 def heat_level(n, top):
     """0..8: the colour (HEAT_COLOURS) or digit (1-9) of a cell with n faults, log scale."""
     if top <= 1:
-        return 8
+        return 0
     return min(8, int(round(8 * math.log(n) / math.log(top))))
 
 
@@ -6395,7 +6409,8 @@ def _fmt_us(us):
 
 
 def _proc_label(p):
-    who = "pid %d" % p.pid if p.pid is not None else "ufd %s" % p.key[1]
+    who = "pid %d" % p.pid if p.pid is not None else "ufd %s" % p.key[1] \
+        if p.key[0] == "ufd" else "working set"
     return who + (" (%s)" % p.note if p.note else "")
 
 
@@ -6618,9 +6633,9 @@ def svg_heatmap(rep, axis, area, cells, ppc, ncols, top):
     for r in range(0, nrows, step):
         o.append('<text class="ylabel" x="%d" y="%d" text-anchor="end" %s>%s</text>' % (
             L - 4, T + r * ch + 9, _FONT, tf % (t0 + r * dt)))
-    xstep = max(1, -(-ncols // 4))
+    xstep = max(1, -(-ncols // 3))
     for c in list(range(0, ncols, xstep)) + [ncols]:
-        if 0 < ncols - c < xstep / 2:
+        if 0 < ncols - c < xstep * 0.9:
             continue
         anchor = "start" if c == 0 else "end" if c == ncols else "middle"
         o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#6b7280"/>' % (
@@ -6771,8 +6786,10 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bot
 table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;text-align:right}
 th{background:#f3f4f6} td.l,th.l{text-align:left} tr.proc td{font-weight:bold;background:#f9fafb}
 figure{margin:10px 0 18px} figcaption{font-size:13px;margin-bottom:4px}
-.heats{display:flex;flex-wrap:wrap;gap:0 24px} .heats figure{width:540px;margin:6px 0 14px}
-.warn{color:#b45309} .legend span{display:inline-block;width:18px;height:10px}
+.heats{display:flex;flex-wrap:wrap;gap:0 16px} .heats figure{flex:0 0 auto;margin:6px 0 14px}
+.heats figcaption{max-width:530px}
+.warn{color:#b45309} .legend .sw{display:inline-block;width:18px;height:10px}
+.hint{display:none;color:#6b7280;font-size:12px} .js .hint{display:inline}
 #tip{position:fixed;pointer-events:none;background:#111827;color:#fff;font-size:12px;
 padding:3px 6px;border-radius:3px;white-space:pre}
 """
@@ -6796,6 +6813,7 @@ document.addEventListener('mousemove',function(e){
   if(s){tip.textContent=s;tip.hidden=false;tip.style.left=(e.clientX+12)+'px';
         tip.style.top=(e.clientY+12)+'px';} else {tip.hidden=true;}
 });
+document.documentElement.className='js';
 })();
 """
 
@@ -6849,8 +6867,10 @@ def _html_one(rep, tag):
     axis = time_axis(rep, HEAT_ROWS)
     maps, top = heat_maps(rep, axis)
     if maps:
-        o.append('<p class="legend">faults per cell, log scale: 1 %s %d</p>' % (
-            "".join('<span style="background:%s"></span>' % c for c in HEAT_COLOURS), top))
+        o.append('<p class="legend">faults per cell, log scale: 1 %s %d <span class="hint">'
+                 '(point at a cell for its addresses and times)</span></p>' % (
+                     "".join('<span class="sw" style="background:%s"></span>' % c for c in HEAT_COLOURS),
+                     top))
     o.append('<div class="heats">')
     for m in maps:
         body, w, h = svg_heatmap(rep, axis, *m, top)
