@@ -45,6 +45,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import itertools
 import json
 import math
 import mmap
@@ -5867,6 +5868,7 @@ class LogReport:
         self._gen = {}                     # ufd -> times it was closed (the number is reused)
         self._default = None               # process of faults that name none (one FC peer)
         self._rq = 1e-4                    # time bin of refaults (doubles as the log grows)
+        self._last = (None, None)          # (pid, its _Proc) of the last fault
         self.areas = []
 
     # -- reading ----------------------------------------------------------------------------
@@ -5897,7 +5899,13 @@ class LogReport:
         if addr.__class__ is not int:
             self.counts["bad pagefault"] = self.counts.get("bad pagefault", 0) + 1
             return
-        proc = self._proc_of(rec)
+        pid = rec.get("pid")
+        if pid is not None and pid == self._last[0]:
+            proc = self._last[1]
+        else:
+            proc = self._proc_of(rec)
+            if pid is not None:
+                self._last = (pid, proc)
         page = addr >> proc.shift
         ch = proc.chunks.get(page // REPORT_CHUNK)
         if ch is None:
@@ -6095,12 +6103,20 @@ class LogReport:
                     break
         return out, False
 
-    def first_touch_times(self):
-        """Every distinct page's first-touch time, sorted (the working-set curve)."""
-        out = array.array("d")
+    def curve(self, tmax, bins=640):
+        """The working-set curve: distinct pages first touched up to the end of each of
+        ``bins`` equal bins of [0, tmax] (the last value is the number of distinct pages)."""
+        counts = [0] * bins
+        last = bins - 1
         for a in self.areas:
-            out.extend(a.tt)
-        return sorted(out)
+            for t in a.tt:
+                k = int(t * bins / tmax)
+                counts[k if k < last else last] += 1
+        acc, out = 0, []
+        for n in counts:
+            acc += n
+            out.append(acc)
+        return out
 
     def page_keys(self, ids):
         """The set of pages as position keys that survive ASLR and restores: source offset
@@ -6172,6 +6188,14 @@ def _areas_of(proc, n, rq):
     for c in sorted(proc.chunks):
         arr = proc.chunks[c]
         base = c * REPORT_CHUNK
+        k = bisect.bisect_right(starts, base << shift) - 1
+        if k >= 0 and (base + REPORT_CHUNK) << shift <= maps[k][1]:   # all in one mapping
+            a = areas[k]
+            for i in range(REPORT_CHUNK):
+                if arr[i] >= 0:
+                    a.pg.append(base + i)
+                    a.tt.append(arr[i])
+            continue
         for i in range(REPORT_CHUNK):
             t = arr[i]
             if t < 0:
@@ -6262,12 +6286,20 @@ def read_report(path):
 
 
 def _read_records(f, rep):
-    loads, fault, feed = json.loads, rep.fault, rep.feed
+    # The decoder's scanner on the decoded line: a third of json.loads's time per record
+    # (no encoding detection, no wrapper); anything it does not take goes to json.loads.
+    scan, loads, fault, feed = json.JSONDecoder().scan_once, json.loads, rep.fault, rep.feed
     no = bad = 0
     for line in f:
         no += 1
         try:
-            rec = loads(line)
+            try:
+                s = line.decode()
+                rec, end = scan(s, 0)
+                if end != len(s) and s[end:].strip():
+                    raise ValueError("trailing data")
+            except StopIteration:
+                rec = loads(line)
             if rec["event"] == "pagefault":
                 fault(rec)
             else:
@@ -6329,12 +6361,13 @@ def _read_ws_report(path, rep):
     except ValueError:
         pid = None
     proc = rep._proc(("pid", pid) if pid is not None else ("file", path))
+    rep._default = proc.key
     if key == "offset":
         rep.source_keyed = True
         span = max(pages) + page_size
         proc.maps.append([0, span - span % page_size, "source", 0])
     for i, p in enumerate(pages):
-        rep.fault({"t": float(i), "address": p, "pid": pid})
+        rep.fault({"t": float(i), "address": p})
     rep.t_end = float(len(pages))
     return rep.finish()
 
@@ -6375,12 +6408,13 @@ def heat_cells(area, t0, dt, nrows, lo, ppc):
     """{(row, column): faults} for the area's pages from page ``lo`` on, ``ppc`` per column."""
     cells = {}
     last = nrows - 1
-    for p, t in zip(area.pg, area.tt):
-        k = (min(last, max(0, int((t - t0) / dt))), (p - lo) // ppc)
-        cells[k] = cells.get(k, 0) + 1
-    for p, t, n in area.refaults:
-        k = (min(last, max(0, int((t - t0) / dt))), (p - lo) // ppc)
-        cells[k] = cells.get(k, 0) + n
+    get = cells.get
+    for p, t, n in itertools.chain(zip(area.pg, area.tt, itertools.repeat(1)), area.refaults):
+        r = int((t - t0) / dt)
+        if r < 0 or r > last:                 # rounding at the ends of the axis
+            r = 0 if r < 0 else last
+        k = (r, (p - lo) // ppc)
+        cells[k] = get(k, 0) + n
     return cells
 
 
@@ -6422,7 +6456,7 @@ def _time_fmt(dt):
 def format_report(rep, width=80):
     """The terminal summary of one log: every line at most ``width`` columns."""
     out = []
-    what = "touch order" if rep.kind == "working-set" else "s"
+    what = "touches" if rep.kind == "working-set" else "s"
     out.append("uffdtool report  %s" % rep.path)
     out.append("run: %s" % rep.title)
     st = rep.exit_status
@@ -6688,9 +6722,9 @@ def _svg(body, w, h, cls=""):
 def svg_curve(reps):
     """The cumulative working set (distinct pages vs time) of one or two logs."""
     W, H, L, T = 640, 220, 64, 10
-    series = [(rep, rep.first_touch_times()) for rep in reps]
-    tmax = max([rep.t_end for rep in reps] + [s[-1] for _, s in series if s] + [1e-6])
-    pmax = max([len(s) for _, s in series] + [1])
+    tmax = max([rep.t_end for rep in reps] + [rep.t_last for rep in reps] + [1e-6])
+    series = [(rep, rep.curve(tmax)) for rep in reps]
+    pmax = max([s[-1] for _, s in series] + [1])
     o = ['<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#9ca3af"/>'
          % (L, T, W, H)]
     for i in range(5):
@@ -6703,12 +6737,10 @@ def svg_curve(reps):
             x, T + H + 16, _FONT, ("%d" if reps[0].kind == "working-set" else "%.3g s")
             % (tmax * i / 4)))
     colours = ("#2563eb", "#ea580c")
-    for k, (rep, ts) in enumerate(series):
-        n = len(ts)
-        step = max(1, n // 600)
-        pts = ["%.1f,%.1f" % (L, T + H)]
-        for i in list(range(0, n, step)) + ([n - 1] if n else []):
-            pts.append("%.1f,%.1f" % (L + W * ts[i] / tmax, T + H - H * (i + 1) / pmax))
+    for k, (rep, cum) in enumerate(series):
+        n = cum[-1]
+        pts = ["%.1f,%.1f" % (L, T + H)] + ["%.1f,%.1f" % (
+            L + W * (i + 1) / len(cum), T + H - H * v / pmax) for i, v in enumerate(cum)]
         o.append('<polyline class="curve" data-log="%s" data-last-pages="%d" fill="none" '
                  'stroke="%s" stroke-width="2" points="%s"/>' % (
                      "AB"[k], n, colours[k], " ".join(pts)))
