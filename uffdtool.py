@@ -879,7 +879,7 @@ def format_human(rec):
     return "%10.6f %-9s %s" % (rec["t"], rec["event"], rest)
 
 
-#: power-of-two latency buckets of ``latency_hist``: upper bounds 1 µs, 2 µs, ... 2**24 µs (16.8 s)
+#: power-of-two buckets of ``latency_hist``: upper bounds 1 µs, 2 µs, ... 2**24 µs (16.8 s)
 LAT_BUCKETS = 25
 
 

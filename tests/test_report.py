@@ -1,7 +1,6 @@
 """uffdtool report: synthetic logs with known faults, real watch/serve-file logs, bad input,
 and the HTML in a real browser (headless Chromium)."""
 import json
-import math
 import os
 import re
 import struct
@@ -12,7 +11,7 @@ import zlib
 
 import pytest
 
-from conftest import TOOL, need_program, needs_uffd, run_tool, start_tool, uffdtool
+from conftest import need_program, needs_uffd, run_tool, start_tool, uffdtool
 
 PS = 4096
 HEAP = 0x555500000000                  # 64 pages: one column per page
