@@ -6501,7 +6501,7 @@ def format_report(rep, width=80):
     out = []
     what = "touches" if rep.kind == "working-set" else "s"
     out.append("uffdtool report  %s" % rep.path)
-    out.append("run: %s" % rep.title)
+    out.extend(_wrap("run: %s" % rep.title, width))
     st = rep.exit_status
     out.append("date: %s   span %s %s%s" % (
         rep.date, ("%d" if rep.kind == "working-set" else "%.3f") % rep.t_end, what,
