@@ -5896,6 +5896,7 @@ class LogReport:
         self.stats = {}                    # peer (None: the tool) -> its last stats record
         self.counts = {}                   # event name -> records
         self.events = []                   # (t, event, detail) for the timeline
+        self.events_left_out = 0           # records beyond REPORT_EVENTS
         self.hist = [0] * LAT_BUCKETS      # from the pagefault records' "us"
         self.timed = 0
         self.procs = {}
@@ -6005,6 +6006,8 @@ class LogReport:
         if ev not in _REPORT_QUIET:
             if len(self.events) < REPORT_EVENTS:
                 self.events.append((t, ev, _event_detail(rec)))
+            else:
+                self.events_left_out += 1
 
     def _on_other(self, rec, t):
         pass
@@ -6964,6 +6967,9 @@ def _html_one(rep, tag):
                                                         _esc(_fmt_us(pct.get(k, 0))))))
     o.append('<figure>%s</figure>' % svg_latency(rep))
     o.append('<h3>Events</h3><figure>%s</figure>' % svg_timeline(rep))
+    if rep.events_left_out:
+        o.append('<p>The timeline shows the first %d records; %d later ones are only '
+                 'counted above.</p>' % (REPORT_EVENTS, rep.events_left_out))
     return o
 
 

@@ -492,3 +492,31 @@ def test_html_in_headless_chromium(tmp_path):
     assert len(colours) > 20 and ink > 0.03 * (w // 2) * (h // 2)
     heat = {bytes.fromhex(c[1:]) for c in uffdtool.HEAT_COLOURS}
     assert colours & heat, "no heat-map colour on the screenshot"
+
+
+def test_peers_fill_and_timeline(tmp_path):
+    """Two Firecracker peers (``peer`` on records): each its own process with its regions,
+    compared by source offset; peer-done / fill_done on the timeline."""
+    recs = [{"t": 0.0, "event": "start", "command": "serve-file", "argv": ["uffdtool"],
+             "time": 1.0}]
+    for k, (peer, base) in enumerate(((501, 0x7f0000000000), (502, 0x7e0000000000))):
+        recs.append({"t": 0.1 + k, "event": "handshake", "peer": peer, "page_size": PS,
+                     "layout": [{"base": base, "size": 16 * PS, "offset": 0},
+                                {"base": base + 0x100000, "size": 16 * PS,
+                                 "offset": 16 * PS}]})
+        for i in range(10 + k * 5):
+            recs.append({"t": 0.2 + k + i * 0.01, "event": "pagefault", "peer": peer,
+                         "address": base + 0x100000 + i * PS, "ufd": 4, "us": 9.0})
+        recs.append({"t": 0.5 + k, "event": "fill_done", "peer": peer, "pages": 32})
+        recs.append({"t": 0.6 + k, "event": "peer-done", "peer": peer})
+    rep = uffdtool.read_report(write_log(tmp_path / "p.jsonl", recs))
+    assert {(uffdtool._proc_label(a.proc), a.label, a.pages) for a in rep.areas} == {
+        ("pid 501 (Firecracker peer)", "region 1", 10),
+        ("pid 502 (Firecracker peer)", "region 1", 15)}
+    assert rep.compare_by == "source offset"
+    assert len(rep.page_keys({})) == 15               # the same offsets in both peers
+    r = run_tool("report", tmp_path / "p.jsonl", "-o", tmp_path / "p.html")
+    assert r.returncode == 0, r.stderr
+    lanes = [t.text for s in inline_svgs((tmp_path / "p.html").read_text())
+             if s.get("class") == "timeline" for t in s.iter(SVG + "text")]
+    assert {"faults", "handshake", "fill_done", "peer-done"} <= set(lanes)
