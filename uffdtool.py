@@ -5939,6 +5939,8 @@ class LogReport:
     def fault(self, rec):
         """One pagefault record (the hot path: a million of them must take seconds)."""
         t = rec["t"] + self._offset
+        if not 0 <= t < 1e12:                 # NaN, Infinity (json takes them), negative
+            raise ValueError("bad t")
         addr = rec.get("address")
         if addr.__class__ is not int:
             self.counts["bad pagefault"] = self.counts.get("bad pagefault", 0) + 1
@@ -5962,7 +5964,7 @@ class LogReport:
                 proc.first = t
         else:
             b = int(t / self._rq)
-            if b > 8192:
+            while b > 8192:
                 self._coarsen()
                 b = int(t / self._rq)
             k = (page, b)
@@ -5988,7 +5990,9 @@ class LogReport:
 
     def feed(self, rec):
         """One record other than a pagefault."""
-        ev = rec["event"]
+        ev, t = rec["event"], rec["t"]
+        if ev.__class__ is not str or not 0 <= t < 1e12:
+            raise ValueError("not a uffdtool record")
         if ev == "start":
             self.runs += 1
             if self.start is None:
@@ -5997,9 +6001,7 @@ class LogReport:
                 self._offset = self.t_end
                 self._ufd.clear()
                 self._default = None
-                self.warnings.append("%s holds %d runs (start records); the later runs are drawn "
-                                     "after the first" % (self.path, self.runs))
-        t = rec["t"] + self._offset
+        t += self._offset
         self.t_end = max(self.t_end, t)
         self.counts[ev] = self.counts.get(ev, 0) + 1
         getattr(self, "_on_" + ev.replace("-", "_"), self._on_other)(rec, t)
@@ -6069,6 +6071,9 @@ class LogReport:
     # -- after the last record --------------------------------------------------------------
     def finish(self):
         """Merge the processes learned late, cut every process's pages into areas."""
+        if self.runs > 1:
+            self.warnings.append("%s holds %d runs (start records); the later runs are drawn "
+                                 "after the first" % (self.path, self.runs))
         for key, p in list(self.procs.items()):
             if key[0] == "ufd" and p.pid is not None:
                 self._merge(p, self._proc(("pid", p.pid)))
@@ -6168,13 +6173,13 @@ class LogReport:
         """The set of pages as position keys that survive ASLR and restores: source offset
         (serve-file regions, --record key=offset files), else (process number, mapping name,
         how many same-named mappings come before it, page inside it).  ``ids`` numbers the
-        mapping keys (shared by the two logs compared); a key is ``id << 40 | page``."""
+        mapping keys (shared by the two logs compared); a key is ``id << 64 | page``."""
         keys = set()
         for a in self.areas:
             kid = ids.setdefault(a.ckey, len(ids))
             base = (a.offset >> a.proc.shift) if a.offset is not None else 0
             p0 = a.p0
-            keys.update((kid << 40) | (base + p - p0) for p in a.pg)
+            keys.update((kid << 64) | (base + p - p0) for p in a.pg)
         return keys
 
     @property
@@ -6489,7 +6494,7 @@ def _fmt_us(us):
 
 
 def _proc_label(p):
-    who = "pid %d" % p.pid if p.pid is not None else "ufd %s" % p.key[1] \
+    who = "pid %s" % p.pid if p.pid is not None else "ufd %s" % p.key[1] \
         if p.key[0] == "ufd" else "working set"
     return who + (" (%s)" % p.note if p.note else "")
 

@@ -520,3 +520,23 @@ def test_peers_fill_and_timeline(tmp_path):
     lanes = [t.text for s in inline_svgs((tmp_path / "p.html").read_text())
              if s.get("class") == "timeline" for t in s.iter(SVG + "text")]
     assert {"faults", "handshake", "fill_done", "peer-done"} <= set(lanes)
+
+
+def test_odd_values_are_left_out_not_a_traceback(tmp_path):
+    recs, faults = synthetic()
+    odd = ['{"t":NaN,"event":"pagefault","address":4096}', '{"t":-1,"event":"exit"}',
+           '{"t":Infinity,"event":"remove"}', '{"t":0.5,"event":7}',
+           '{"t":"x","event":"pagefault","address":1}',
+           '{"t":0.5,"event":"pagefault","address":"0x1000"}',
+           '{"t":0.5,"event":"pagefault","address":8192,"pid":"abc"}',
+           '{"t":0.5,"event":"handshake","pid":9,"layout":[{"base":"x"}, 3]}',
+           '{"t":0.5,"event":"mappings","pid":9,"mappings":[{"start":1}, "y"]}',
+           '{"t":0.5,"event":"stats","latency_hist":{"x":1,"8":"y"}}']
+    log = write_log(tmp_path / "o.jsonl", recs[:5])
+    with open(log, "a") as f:
+        f.write("\n".join(odd) + "\n")
+        f.write("".join(json.dumps(r) + "\n" for r in recs[5:]))
+    for args in ([], ["-o", tmp_path / "o.html"], ["-o", tmp_path / "o.svg"]):
+        r = run_tool("report", log, *args)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "5 line(s) that are not uffdtool records" in r.stderr     # t or event bad
