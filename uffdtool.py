@@ -6154,15 +6154,16 @@ class LogReport:
                     break
         return out, False
 
-    def curve(self, tmax, bins=640):
+    def curve(self, tmax, bins=640, t0=0.0):
         """The working-set curve: distinct pages first touched up to the end of each of
-        ``bins`` equal bins of [0, tmax] (the last value is the number of distinct pages)."""
+        ``bins`` equal bins of [t0, t0 + tmax] (the last value is the number of distinct
+        pages)."""
         counts = [0] * bins
         last = bins - 1
         for a in self.areas:
             for t in a.tt:
-                k = int(t * bins / tmax)
-                counts[k if k < last else last] += 1
+                k = int((t - t0) * bins / tmax)
+                counts[k if k < last else last if k > 0 else 0] += 1
         acc, out = 0, []
         for n in counts:
             acc += n
@@ -6771,10 +6772,14 @@ def _svg(body, w, h, cls=""):
 
 
 def svg_curve(reps):
-    """The cumulative working set (distinct pages vs time) of one or two logs."""
+    """The cumulative working set (distinct pages vs time) of one log, or of two logs from
+    each one's first fault (their runs start at different times after the tool's start)."""
     W, H, L, T = 640, 220, 64, 10
-    tmax = max([rep.t_end for rep in reps] + [rep.t_last for rep in reps] + [1e-6])
-    series = [(rep, rep.curve(tmax)) for rep in reps]
+    two = len(reps) == 2
+    t0s = [rep.t_first if two and rep.t_last >= rep.t_first else 0.0 for rep in reps]
+    tmax = max([rep.t_last - t0 for rep, t0 in zip(reps, t0s)] + [1e-6] +
+               ([] if two else [rep.t_end for rep in reps]))
+    series = [(rep, rep.curve(tmax, t0=t0)) for rep, t0 in zip(reps, t0s)]
     pmax = max([s[-1] for _, s in series] + [1])
     o = ['<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#9ca3af"/>'
          % (L, T, W, H)]
@@ -6787,6 +6792,9 @@ def svg_curve(reps):
         o.append('<text x="%.1f" y="%d" text-anchor="middle" %s>%s</text>' % (
             x, T + H + 16, _FONT, ("%d" if reps[0].kind == "working-set" else "%.3g s")
             % (tmax * i / 4)))
+    if two:
+        o.append('<text x="%d" y="%d" %s>time since each log\'s first fault</text>' % (
+            L, T + H + 30, _FONT))
     colours = ("#2563eb", "#ea580c")
     for k, (rep, cum) in enumerate(series):
         n = cum[-1]
@@ -6798,7 +6806,7 @@ def svg_curve(reps):
         o.append('<text x="%d" y="%d" fill="%s" %s>%s%s: %d pages</text>' % (
             L + 8, T + 16 + 14 * k, colours[k], _FONT, ("AB"[k] + " ") if len(reps) > 1
             else "", _esc(os.path.basename(rep.path)), n))
-    return _svg("\n".join(o), L + W + 10, T + H + 24, "curve")
+    return _svg("\n".join(o), L + W + 30, T + H + 36, "curve")
 
 
 def svg_latency(rep):
@@ -6823,7 +6831,7 @@ def svg_latency(rep):
                         "16 s" if k == LAT_BUCKETS - 1 else _fmt_us(1 << k)))
     o.append('<text x="%d" y="%d" %s>faults per bucket (upper bound; from the %s records, '
              '%d timed)</text>' % (L, T + H + 30, _FONT, src, sum(h)))
-    return _svg("\n".join(o), L + W + 10, T + H + 36, "latency")
+    return _svg("\n".join(o), L + W + 30, T + H + 36, "latency")
 
 
 def svg_timeline(rep):
@@ -6859,7 +6867,7 @@ def svg_timeline(rep):
     for i in range(5):
         o.append('<text x="%.1f" y="%d" text-anchor="middle" %s>%s</text>' % (
             L + W * i / 4, T + H + 14, _FONT, ("%d" if ws else "%.3g s") % (tmax * i / 4)))
-    return _svg("\n".join(o), L + W + 10, T + H + 22, "timeline")
+    return _svg("\n".join(o), L + W + 30, T + H + 22, "timeline")
 
 
 _CSS = """
