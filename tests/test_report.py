@@ -540,3 +540,35 @@ def test_odd_values_are_left_out_not_a_traceback(tmp_path):
         r = run_tool("report", log, *args)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
         assert "5 line(s) that are not uffdtool records" in r.stderr     # t or event bad
+
+
+def test_terminal_width_is_the_terminals(tmp_path):
+    """On a terminal (a pty of 132 columns) the summary uses its width; through a pipe 80."""
+    import fcntl
+    import pty
+    import termios
+    log = write_log(tmp_path / "s.jsonl", synthetic()[0])
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        p = subprocess.Popen([sys.executable, uffdtool.__file__, "report", log], stdout=slave,
+                             stderr=subprocess.PIPE, env=env)
+        os.close(slave)
+        slave = None
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:                         # EIO: the child closed the pty
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert p.wait(30) == 0
+    finally:
+        os.close(master)
+        if slave is not None:
+            os.close(slave)
+    widths = [len(x) for x in out.decode().replace("\r", "").splitlines()]
+    assert 80 < max(widths) <= 132
