@@ -5897,6 +5897,8 @@ class LogReport:
         self.counts = {}                   # event name -> records
         self.events = []                   # (t, event, detail) for the timeline
         self.events_left_out = 0           # records beyond REPORT_EVENTS
+        self.phases = []                   # (lane, start, end, label): fill, peers
+        self._began = {}                   # peer (None: the tool) -> when it began serving
         self.hist = [0] * LAT_BUCKETS      # from the pagefault records' "us"
         self.timed = 0
         self.procs = {}
@@ -6014,7 +6016,24 @@ class LogReport:
     def _on_other(self, rec, t):
         pass
 
+    def _phase(self, lane, rec, t, label):
+        if len(self.phases) < REPORT_EVENTS:
+            peer = rec.get("peer")
+            start = self._began.get(peer, self._began.get(None, 0.0))
+            self.phases.append((lane, start, t, label))
+
+    def _on_fill_done(self, rec, t):
+        self._phase("fill", rec, t, "fill%s: done" % (
+            "" if rec.get("peer") is None else " of peer %s" % rec["peer"]))
+
+    def _on_peer_done(self, rec, t):
+        self._phase("peers", rec, t, "peer %s: done" % rec.get("peer"))
+
+    def _on_peer_failed(self, rec, t):
+        self._phase("peers", rec, t, "peer %s: FAILED" % rec.get("peer"))
+
     def _on_ready(self, rec, t):
+        self._began.setdefault(None, t)
         if isinstance(rec.get("pid"), int):
             for ufd in rec.get("ufds") or ():
                 self._ufd[ufd] = ("pid", rec["pid"])
@@ -6040,6 +6059,7 @@ class LogReport:
         if not isinstance(pid, int):
             return
         self.handshakes.append(rec)
+        self._began[rec.get("peer")] = t
         ps = rec.get("page_size")
         key = self._default = ("pid", pid)
         p = self._proc(key)
@@ -6842,7 +6862,11 @@ def svg_timeline(rep):
         if ev not in kinds:
             kinds.append(ev)
     W, L, T, lane = 640, 110, 6, 16
-    lanes = ["faults"] + kinds
+    phases = []
+    for p in rep.phases:
+        if p[0] not in phases:
+            phases.append(p[0])
+    lanes = ["faults"] + phases + kinds
     H = lane * len(lanes)
     tmax = max(rep.t_end, rep.t_last if rep.t_last > -math.inf else 0, 1e-6)
     ws = rep.kind == "working-set"
@@ -6857,6 +6881,14 @@ def svg_timeline(rep):
                      L + W * rep.t_first / tmax, T + 3, max(1, W * (rep.t_last - rep.t_first)
                                                             / tmax), lane - 6,
                      rep.t_first, rep.t_last))
+    for name, a, b, label in rep.phases:
+        o.append('<rect class="phase" x="%.1f" y="%d" width="%.1f" height="%d" fill="%s" '
+                 'data-tip="%s"><title>%s</title></rect>' % (
+                     L + W * a / tmax, T + lanes.index(name) * lane + 3,
+                     max(1.0, W * (b - a) / tmax), lane - 6,
+                     "#dc2626" if "FAILED" in label else "#16a34a" if name == "fill"
+                     else "#2563eb", _esc("%.6f-%.6f %s" % (a, b, label)),
+                     _esc("%.6f-%.6f %s" % (a, b, label))))
     for t, ev, detail in rep.events:
         i = lanes.index(ev)
         x = L + W * t / tmax

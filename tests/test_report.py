@@ -517,9 +517,16 @@ def test_peers_fill_and_timeline(tmp_path):
     assert len(rep.page_keys({})) == 15               # the same offsets in both peers
     r = run_tool("report", tmp_path / "p.jsonl", "-o", tmp_path / "p.html")
     assert r.returncode == 0, r.stderr
-    lanes = [t.text for s in inline_svgs((tmp_path / "p.html").read_text())
-             if s.get("class") == "timeline" for t in s.iter(SVG + "text")]
-    assert {"faults", "handshake", "fill_done", "peer-done"} <= set(lanes)
+    tl = [s for s in inline_svgs((tmp_path / "p.html").read_text())
+          if s.get("class") == "timeline"][0]
+    assert {"faults", "fill", "peers", "handshake", "fill_done", "peer-done"} <= {
+        t.text for t in tl.iter(SVG + "text")}
+    phases = sorted(r.get("data-tip") for r in tl.iter(SVG + "rect")
+                    if r.get("class") == "phase")
+    assert phases == ["0.100000-0.500000 fill of peer 501: done",
+                      "0.100000-0.600000 peer 501: done",
+                      "1.100000-1.500000 fill of peer 502: done",
+                      "1.100000-1.600000 peer 502: done"]
 
 
 def test_odd_values_are_left_out_not_a_traceback(tmp_path):
