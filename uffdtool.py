@@ -6904,7 +6904,8 @@ def svg_timeline(rep):
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#111827;max-width:1120px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb}
 .cmd{font-family:ui-monospace,monospace;background:#f3f4f6;padding:6px 10px;border-radius:4px}
 table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;text-align:right}
 th{background:#f3f4f6} td.l,th.l{text-align:left} tr.proc td{font-weight:bold;background:#f9fafb}
@@ -6992,7 +6993,8 @@ def _html_one(rep, tag):
     if maps:
         o.append('<p class="legend">faults per cell, log scale: 1 %s %d <span class="hint">'
                  '(point at a cell for its addresses and times)</span></p>' % (
-                     "".join('<span class="sw" style="background:%s"></span>' % c for c in HEAT_COLOURS),
+                     "".join('<span class="sw" style="background:%s"></span>' % c
+                             for c in HEAT_COLOURS),
                      top))
     o.append('<div class="heats">')
     for m in maps:

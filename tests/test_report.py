@@ -381,7 +381,8 @@ def test_real_serve_file_logs_compare_by_source_offset(tmp_path):
     exe = _bench_exe(tmp_path)
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(4 << 20))
-    a = _serve_c_toucher(tmp_path, exe, src, "a")
+    ws = tmp_path / "ws.txt"
+    a = _serve_c_toucher(tmp_path, exe, src, "a", "--record", ws)
     b = _serve_c_toucher(tmp_path, exe, src, "b", "--readahead", "4")
     recs = [json.loads(x) for x in open(a)]
     faults = [x for x in recs if x["event"] == "pagefault"]
@@ -398,6 +399,10 @@ def test_real_serve_file_logs_compare_by_source_offset(tmp_path):
     rb = uffdtool.read_report(b)
     assert "compared by source offset" in r.stdout
     assert "only in B 0 " in r.stdout and "pages in both %d " % rb.pages in r.stdout
+    # the run's own --record file: the same working set, by source offset
+    r = run_tool("report", a, ws)
+    assert r.returncode == 0, r.stderr
+    assert "pages in both 1024 · only in A 0 · only in B 0 · Jaccard 1.000" in r.stdout
     r = run_tool("report", a, "-o", tmp_path / "a.svg")
     assert r.returncode == 0 and len(heat_groups(str(tmp_path / "a.svg"))) == 2
 
