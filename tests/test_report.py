@@ -357,7 +357,7 @@ def test_real_watch_cmd_log(tmp_path):
 
 def _bench_exe(tmp_path):
     from test_serve import BENCH_C
-    gcc = need_program("gcc")
+    gcc = need_program("gcc", "gcc")
     if not os.path.exists(BENCH_C):
         pytest.skip("needs %s" % BENCH_C)
     exe = str(tmp_path / "uffd_bench")
@@ -453,7 +453,7 @@ def png_pixels(path):
 
 
 def chromium(*args, timeout=90):
-    exe = need_program("chromium")
+    exe = need_program("chromium", "chromium")
     return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu",
                            "--hide-scrollbars", "--enable-logging=stderr", "--v=0",
                            "--user-data-dir=" + args[0]] + list(args[1:]),
@@ -465,7 +465,7 @@ def console_lines(stderr):
 
 
 def test_html_in_headless_chromium(tmp_path):
-    exe = need_program("chromium")
+    exe = need_program("chromium", "chromium")
     assert exe
     recs, faults = synthetic()
     log = write_log(tmp_path / "s.jsonl", recs)
