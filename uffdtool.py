@@ -6209,7 +6209,7 @@ class LogReport:
             return "source offset"
         if all(not a.cluster for a in self.areas):
             return "offset inside each mapping"
-        return "offset inside address clusters (no mappings records: approximate)"
+        return "offset inside address clusters (approximate: no mappings records)"
 
     @property
     def title(self):
@@ -6671,10 +6671,10 @@ def _share_columns(segs, avail):
 def format_compare(a, b, width=80):
     """Terminal lines comparing two logs' working sets."""
     c = compare_reports(a, b)
-    lines = ["working sets compared by %s:" % c["by"],
-             "  A %s" % a.path, "  B %s" % b.path,
-             "  pages in both %d · only in A %d · only in B %d · Jaccard %.3f" % (
-                 c["both"], c["only_a"], c["only_b"], c["jaccard"])]
+    lines = _wrap("working sets compared by %s:" % c["by"], width) + [
+        "  A %s" % a.path, "  B %s" % b.path,
+        "  pages in both %d · only in A %d · only in B %d · Jaccard %.3f" % (
+            c["both"], c["only_a"], c["only_b"], c["jaccard"])]
     return "\n".join(line[:width] for line in lines)
 
 

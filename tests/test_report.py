@@ -372,8 +372,8 @@ def _serve_c_toucher(tmp_path, exe, src, name, *args):
                         "--regions", "2", "-m", "file", "--timeout", "30"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["verify"] == "ok", r.stdout + r.stderr
-    assert p.wait(30) == 0
-    return p.log.name
+    assert p.finish(30) == 0
+    return p.log
 
 
 @needs_uffd
