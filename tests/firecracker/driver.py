@@ -236,8 +236,11 @@ def serve_file(mem, sock, *args, log=None):
 
 
 def _records(log):
-    with open(log) as f:
-        return [json.loads(l) for l in f if l.startswith("{")]
+    try:
+        with open(log) as f:
+            return [json.loads(l) for l in f if l.startswith("{") and l.endswith("\n")]
+    except FileNotFoundError:                 # serve-file has not opened its log yet
+        return []
 
 
 def finish_handler(p, timeout=TIMEOUT):
