@@ -115,7 +115,8 @@ def test_record_then_prefetch(firecracker, snap, tmp_path):
     recorded = driver.stats(records)["faults"]
     with open(ws) as f:
         pages = [l for l in f if not l.startswith("#")]
-    assert len(pages) == recorded >= driver.PATTERN_PAGES
+    # a page two threads faulted at once is one page but two faults
+    assert driver.PATTERN_PAGES <= len(pages) <= recorded
 
     lines, status, records, err = restore_run(firecracker, snap, pre_dir, "--prefetch", ws)
     assert driver.verify_lines(lines) == GUEST_OK, lines

@@ -21,7 +21,8 @@ The pieces, as functions so that tests can combine them (README "Tested with a r
 
 Run as a script it does one whole round trip and prints what happened::
 
-    python3 tests/firecracker/driver.py [-- SERVE-FILE-OPTIONS...]     # e.g. -- --readahead 16
+    python3 tests/firecracker/driver.py [--keep DIR] [--commands vq] [--balloon-mib N]
+                                        [-- SERVE-FILE-OPTIONS...]     # e.g. -- --readahead 16
 """
 import http.client
 import json
@@ -80,9 +81,19 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.path = path
 
     def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
+        # Firecracker creates its API socket file (bind) a moment before it listens
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            try:
+                self.sock.connect(self.path)
+                return
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
 
 class Firecracker:
@@ -218,6 +229,8 @@ def serve_file(mem, sock, *args, log=None):
     if log is None:
         fd, log = tempfile.mkstemp(prefix="uffdtool-fc-", suffix=".json")
         os.close(fd)
+    if os.path.exists(log):
+        os.unlink(log)                        # an old ``ready`` record must not count
     p = subprocess.Popen([sys.executable, TOOL, "serve-file", "--file", mem,
                           "--firecracker-socket", sock, "--log", log, "--quiet"] +
                          [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -318,34 +331,60 @@ def verify_lines(lines):
 # -- one round trip from the command line -------------------------------------------------------
 
 def main(argv):
-    handler_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    import argparse
+    ap = argparse.ArgumentParser(
+        description="Boot the test guest, snapshot it, restore it through uffdtool serve-file "
+                    "and print the guest's verification lines and serve-file's stats.",
+        epilog="example: %(prog)s --keep /var/tmp/fcsnap -- --record /var/tmp/ws.txt")
+    ap.add_argument("--keep", metavar="DIR", help="keep the guest and snapshot in DIR and reuse "
+                    "a snapshot already there (default: a temporary directory)")
+    ap.add_argument("--commands", default="vq", help="guest commands: v verify, b balloon, "
+                    "q quit (default: %(default)s)")
+    ap.add_argument("--balloon-mib", type=int, help="PATCH /balloon to this size first")
+    ap.add_argument("serve_args", nargs="*", metavar="-- SERVE-FILE-OPTION",
+                    help="extra options for serve-file, after --")
+    args = ap.parse_args(argv)
     binary = get_firecracker.get_firecracker()
-    with tempfile.TemporaryDirectory(prefix="uffdtool-fc-") as d:
-        kernel = build_guest(d)
-        t = time.monotonic()
-        snap = make_snapshot(d, binary, kernel)
-        print("snapshot: %s (%d bytes) in %.2f s" % (snap.mem, os.path.getsize(snap.mem),
-                                                   time.monotonic() - t))
+    with tempfile.TemporaryDirectory(prefix="uffdtool-fc-") as tmp:
+        d = args.keep or tmp
+        os.makedirs(d, exist_ok=True)
+        snap = Snapshot(os.path.join(d, "vm.mem"), os.path.join(d, "vm.vmstate"))
+        if not (args.keep and os.path.exists(snap.mem) and os.path.exists(snap.vmstate)):
+            t = time.monotonic()
+            snap = make_snapshot(d, binary, build_guest(d))
+            print("snapshot: %s (%d MiB) in %.2f s" % (snap.mem, os.path.getsize(snap.mem) >> 20,
+                                                       time.monotonic() - t))
         sock = os.path.join(d, "uffd.sock")
-        h = serve_file(snap.mem, sock, *handler_args)
+        h = serve_file(snap.mem, sock, *args.serve_args, log=os.path.join(d, "serve.json"))
         t = time.monotonic()
-        fc = restore(d, binary, snap, sock)
+        fc = None
         try:
-            lines = run_guest(fc)
+            fc = restore(d, binary, snap, sock)
+            if args.balloon_mib is not None:
+                fc.api("PATCH", "/balloon", {"amount_mib": args.balloon_mib})
+            lines = run_guest(fc, args.commands.encode())
         finally:
-            fc.kill()
+            if fc is not None:
+                fc.kill()
+            elif h.poll() is None:
+                h.kill()
         status, records, err = finish_handler(h)
         print("restore + guest run: %.2f s" % (time.monotonic() - t))
         for l in lines:
             print(l)
         st = stats(records)
-        print("serve-file exit %s, faults=%s pages_copy=%s prefetch_pages=%s%s" % (
-            status, st.get("faults"), st.get("pages_copy"), st.get("prefetch_pages"),
-            (" stderr: " + err.strip()) if err.strip() else ""))
-        ok = status == 0 and len(verify_lines(lines)) == ROUNDS and all(
-            "verify ok" in l for l in verify_lines(lines))
-        return 0 if ok else 1
+        print("serve-file exit %s: faults=%s pages_copy=%s pages_zero=%s prefetch_pages=%s "
+              "events_remove=%s%s" % (status, st.get("faults"), st.get("pages_copy"),
+                                      st.get("pages_zero"), st.get("prefetch_pages"),
+                                      st.get("events_remove", 0),
+                                      (" stderr: " + err.strip()) if err.strip() else ""))
+        rounds = verify_lines(lines)
+        return 0 if status == 0 and rounds and all("verify ok" in l for l in rounds) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (DriverError, get_firecracker.FetchError) as e:
+        print("driver: %s" % e, file=sys.stderr)
+        sys.exit(1)
