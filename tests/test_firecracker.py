@@ -122,7 +122,9 @@ def test_record_then_prefetch(firecracker, snap, tmp_path):
     assert driver.verify_lines(lines) == GUEST_OK, lines
     assert status == 0, err
     st = driver.stats(records)
-    assert st["prefetch_pages"] >= driver.PATTERN_PAGES - 100
+    # installed in the background, or as the rest of a prefetch run that a fault claimed
+    assert st["prefetch_pages"] > 0
+    assert st["prefetch_pages"] + st["pages_copy"] >= driver.PATTERN_PAGES
     assert st["faults"] * 10 < recorded          # the prefetch ran ahead of the guest
 
 
