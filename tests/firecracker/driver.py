@@ -52,6 +52,25 @@ class DriverError(Exception):
     pass
 
 
+_started = []                     # every process started here; cleanup() ends what still runs
+
+
+def _start(argv, **kw):
+    p = subprocess.Popen(argv, **kw)
+    _started.append(p)
+    return p
+
+
+def cleanup():
+    """Kill every Firecracker and serve-file this module started that still runs (a test calls
+    this after each test, whatever it asserted)."""
+    while _started:
+        p = _started.pop()
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
 # -- the guest ----------------------------------------------------------------------------------
 
 def build_guest(out_dir, cc="gcc"):
@@ -104,13 +123,11 @@ class Firecracker:
         self.api_sock = os.path.join(workdir, name + ".api")
         self.console = os.path.join(workdir, name + ".out")
         self.errfile = os.path.join(workdir, name + ".err")
-        for p in (self.api_sock,):
-            if os.path.exists(p):
-                os.unlink(p)
+        if os.path.exists(self.api_sock):
+            os.unlink(self.api_sock)
         with open(self.console, "wb") as out, open(self.errfile, "wb") as err:
-            self.proc = subprocess.Popen([binary, "--api-sock", self.api_sock, "--level", "Warn"],
-                                         stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                         cwd=workdir)
+            self.proc = _start([binary, "--api-sock", self.api_sock, "--level", "Warn"],
+                               stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir)
         self.pid = self.proc.pid
         deadline = time.monotonic() + TIMEOUT
         while not os.path.exists(self.api_sock):
@@ -231,21 +248,19 @@ def serve_file(mem, sock, *args, log=None):
         os.close(fd)
     if os.path.exists(log):
         os.unlink(log)                        # an old ``ready`` record must not count
-    p = subprocess.Popen([sys.executable, TOOL, "serve-file", "--file", mem,
-                          "--firecracker-socket", sock, "--log", log, "--quiet"] +
-                         [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = _start([sys.executable, TOOL, "serve-file", "--file", mem, "--firecracker-socket", sock,
+                "--log", log, "--quiet"] + [str(a) for a in args],
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.log_path = log
     deadline = time.monotonic() + TIMEOUT
     while p.poll() is None and time.monotonic() < deadline:
         if any(r.get("event") == "ready" for r in _records(log)):
             return p
         time.sleep(0.02)
-    out = p.communicate(timeout=10) if p.poll() is not None else ("", "(timed out)")
     if p.poll() is None:
         p.kill()
-        p.wait(10)
-    raise DriverError("serve-file did not get ready (exit %s): %s" % (p.returncode, out[1]))
+    _, err = p.communicate(timeout=10)
+    raise DriverError("serve-file did not get ready (exit %s): %s" % (p.returncode, err.strip()))
 
 
 def _records(log):
@@ -357,17 +372,10 @@ def main(argv):
         sock = os.path.join(d, "uffd.sock")
         h = serve_file(snap.mem, sock, *args.serve_args, log=os.path.join(d, "serve.json"))
         t = time.monotonic()
-        fc = None
-        try:
-            fc = restore(d, binary, snap, sock)
-            if args.balloon_mib is not None:
-                fc.api("PATCH", "/balloon", {"amount_mib": args.balloon_mib})
-            lines = run_guest(fc, args.commands.encode())
-        finally:
-            if fc is not None:
-                fc.kill()
-            elif h.poll() is None:
-                h.kill()
+        fc = restore(d, binary, snap, sock)      # on any error, cleanup() ends both processes
+        if args.balloon_mib is not None:
+            fc.api("PATCH", "/balloon", {"amount_mib": args.balloon_mib})
+        lines = run_guest(fc, args.commands.encode())
         status, records, err = finish_handler(h)
         print("restore + guest run: %.2f s" % (time.monotonic() - t))
         for l in lines:
@@ -388,3 +396,5 @@ if __name__ == "__main__":
     except (DriverError, get_firecracker.FetchError) as e:
         print("driver: %s" % e, file=sys.stderr)
         sys.exit(1)
+    finally:
+        cleanup()
