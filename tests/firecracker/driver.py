@@ -21,8 +21,9 @@ The pieces, as functions so that tests can combine them (README "Tested with a r
 
 Run as a script it does one whole round trip and prints what happened::
 
-    python3 tests/firecracker/driver.py [--keep DIR] [--commands vq] [--balloon-mib N]
-                                        [-- SERVE-FILE-OPTIONS...]     # e.g. -- --readahead 16
+    python3 tests/firecracker/driver.py [--keep DIR] [--mem-mib 128] [--commands vq]
+                                        [--balloon-mib N] [-- SERVE-FILE-OPTIONS...]
+                                        # e.g. -- --readahead 16
 """
 import http.client
 import json
@@ -356,6 +357,8 @@ def main(argv):
     ap.add_argument("--commands", default="vq", help="guest commands: v verify, b balloon, "
                     "q quit (default: %(default)s)")
     ap.add_argument("--balloon-mib", type=int, help="PATCH /balloon to this size first")
+    ap.add_argument("--mem-mib", type=int, default=MEM_MIB, help="guest memory for a new "
+                    "snapshot (default: %(default)s; above 3328 the guest has two regions)")
     ap.add_argument("serve_args", nargs="*", metavar="-- SERVE-FILE-OPTION",
                     help="extra options for serve-file, after --")
     args = ap.parse_args(argv)
@@ -366,7 +369,7 @@ def main(argv):
         snap = Snapshot(os.path.join(d, "vm.mem"), os.path.join(d, "vm.vmstate"))
         if not (args.keep and os.path.exists(snap.mem) and os.path.exists(snap.vmstate)):
             t = time.monotonic()
-            snap = make_snapshot(d, binary, build_guest(d))
+            snap = make_snapshot(d, binary, build_guest(d), args.mem_mib)
             print("snapshot: %s (%d MiB) in %.2f s" % (snap.mem, os.path.getsize(snap.mem) >> 20,
                                                        time.monotonic() - t))
         sock = os.path.join(d, "uffd.sock")

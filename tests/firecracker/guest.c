@@ -7,8 +7,9 @@
  * plain instructions, port I/O and MMIO.)
  *
  * What it does, all reported on the serial port (0x3f8, which Firecracker copies to its stdout):
- *   1. writes two 8-byte words into each of PATTERN_PAGES pages from PATTERN_BASE, each word a
- *      function of its own address (see fill(): why two words and which ones);
+ *   1. writes two 8-byte words into each of PATTERN_PAGES pages from PATTERN_BASE (and of
+ *      HIGH_PAGES pages from 4 GiB if the guest has memory there), each word a function of its
+ *      own address (see fill(): why two words and which ones);
  *   2. sets up the virtio-mmio balloon device if Firecracker has one (found on the command line);
  *   3. prints "guest: ready" and then obeys one-byte commands read from the serial port
  *      (Firecracker feeds its stdin into it).  The driver snapshots the VM here, so every
@@ -35,6 +36,13 @@ typedef unsigned char u8;
 #endif
 #ifndef ROUNDS
 #define ROUNDS 2
+#endif
+/* A guest larger than 3.25 GiB has a second memory region from 4 GiB (above the MMIO gap), which
+   Firecracker hands over as a second handshake region: then HIGH_PAGES pages there are checked
+   too (found in the e820 map). */
+#define HIGH_BASE 0x100000000UL
+#ifndef HIGH_PAGES
+#define HIGH_PAGES 1024UL
 #endif
 #define PAGE 4096UL
 #define SEED 0x5546464474E1C0DEUL
@@ -98,12 +106,17 @@ static inline u64 pattern(u64 addr) { return (addr ^ SEED) * 0x9E3779B97F4A7C15U
    (a page served from the wrong file offset, or only partly, is caught). */
 static inline u64 word2(u64 page) { return page + ((page >> 12) * 8 * 97 % (PAGE - 8) & ~7UL) + 8; }
 
+static struct { u64 base, pages; } ranges[2] = { { PATTERN_BASE, PATTERN_PAGES } };
+static int nranges = 1;
+static u64 checked_pages = PATTERN_PAGES;
+
 static void fill(void)
 {
-    for (u64 p = PATTERN_BASE; p < PATTERN_BASE + PATTERN_PAGES * PAGE; p += PAGE) {
-        *(volatile u64 *)p = pattern(p);
-        *(volatile u64 *)word2(p) = pattern(word2(p));
-    }
+    for (int r = 0; r < nranges; r++)
+        for (u64 p = ranges[r].base; p < ranges[r].base + ranges[r].pages * PAGE; p += PAGE) {
+            *(volatile u64 *)p = pattern(p);
+            *(volatile u64 *)word2(p) = pattern(word2(p));
+        }
 }
 
 /* Pages [balloon_first, PATTERN_BASE + PATTERN_PAGES*PAGE) were given to the balloon: zeros. */
@@ -112,22 +125,24 @@ static u64 balloon_first = PATTERN_BASE + PATTERN_PAGES * PAGE;
 static void verify(int round)
 {
     u64 bad_pages = 0, zero_pages = 0, first_addr = 0, first_got = 0, first_want = 0;
-    for (u64 p = PATTERN_BASE; p < PATTERN_BASE + PATTERN_PAGES * PAGE; p += PAGE) {
-        int ballooned = p >= balloon_first, bad = 0;
-        zero_pages += ballooned;
-        u64 words[2] = { p, word2(p) };
-        for (int w = 0; w < 2; w++) {
-            u64 a = words[w], got = *(volatile u64 *)a, want = ballooned ? 0 : pattern(a);
-            if (got != want) {
-                if (!bad_pages && !bad) { first_addr = a; first_got = got; first_want = want; }
-                bad = 1;
+    for (int r = 0; r < nranges; r++) {
+        for (u64 p = ranges[r].base; p < ranges[r].base + ranges[r].pages * PAGE; p += PAGE) {
+            int ballooned = r == 0 && p >= balloon_first, bad = 0;
+            zero_pages += ballooned;
+            u64 words[2] = { p, word2(p) };
+            for (int w = 0; w < 2; w++) {
+                u64 a = words[w], got = *(volatile u64 *)a, want = ballooned ? 0 : pattern(a);
+                if (got != want) {
+                    if (!bad_pages && !bad) { first_addr = a; first_got = got; first_want = want; }
+                    bad = 1;
+                }
             }
+            bad_pages += bad;
         }
-        bad_pages += bad;
     }
     puts("guest: round "); putdec(round); puts("/"); putdec(ROUNDS);
     if (!bad_pages) {
-        puts(" verify ok pages="); putdec(PATTERN_PAGES);
+        puts(" verify ok pages="); putdec(checked_pages);
         puts(" zero_pages="); putdec(zero_pages); puts("\n");
         return;
     }
@@ -161,19 +176,39 @@ static u64 find_mmio_device(u8 *boot_params)
     return 0;
 }
 
-/* The MMIO window (3.25-4 GiB) lies beyond the 1 GiB Firecracker maps: map GiB 3 with 2 MiB
-   uncached pages in a page directory of our own. */
-static u64 pd3[512] __attribute__((aligned(4096)));
-static void map_gib3(void)
+/* Firecracker identity-maps only the first GiB.  Map GiB N (N < 512) with 2 MiB pages in a page
+   directory of our own: GiB 3 uncached for the MMIO window (3.25-4 GiB), GiB 4 for high memory. */
+#define PG_2M_RW 0x83                   /* present, writable, 2 MiB page */
+#define PG_UNCACHED 0x18                /* PWT | PCD */
+static u64 pd[2][512] __attribute__((aligned(4096)));
+static void map_gib(u64 gib, u64 *dir, u64 flags)
 {
     u64 cr3;
     __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
     u64 *pml4 = (u64 *)(cr3 & ~0xfffUL);
     u64 *pdpt = (u64 *)(pml4[0] & 0xffffffffff000UL);
     for (u64 i = 0; i < 512; i++)
-        pd3[i] = (0xC0000000UL + (i << 21)) | 0x9b;   /* present, rw, PWT, PCD, 2 MiB page */
-    pdpt[3] = (u64)pd3 | 0x3;
+        dir[i] = ((gib << 30) + (i << 21)) | flags;
+    pdpt[gib] = (u64)dir | 0x3;
     __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+}
+
+/* RAM at HIGH_BASE in the e820 map (boot_params: entry count at 0x1e8, 20-byte entries at 0x2d0)? */
+static void find_high_memory(u8 *boot_params)
+{
+    u8 n = boot_params[0x1e8];
+    for (u8 i = 0; i < n; i++) {
+        u8 *e = boot_params + 0x2d0 + 20 * i;
+        u64 addr = *(u64 *)e, size = *(u64 *)(e + 8);
+        u32 type = *(u32 *)(e + 16);
+        if (type == 1 && addr <= HIGH_BASE && addr + size >= HIGH_BASE + HIGH_PAGES * PAGE) {
+            map_gib(HIGH_BASE >> 30, pd[1], PG_2M_RW);
+            ranges[1].base = HIGH_BASE;
+            ranges[1].pages = HIGH_PAGES;
+            nranges = 2;
+            checked_pages += HIGH_PAGES;
+        }
+    }
 }
 
 #define QSZ 16
@@ -196,7 +231,7 @@ static void balloon_init(u8 *boot_params)
     u64 base = find_mmio_device(boot_params);
     if (!base) { puts("guest: no balloon\n"); return; }
     if (base < 0xC0000000UL) { puts("guest: balloon outside GiB 3\n"); return; }
-    map_gib3();
+    map_gib(3, pd[0], PG_2M_RW | PG_UNCACHED);
     balloon = (volatile u32 *)base;
     if (rd(0x0) != 0x74726976 || rd(0x4) != 2 || rd(0x8) != 5) {
         puts("guest: device at "); puthex(base); puts(" is not a virtio 1 balloon\n");
@@ -256,8 +291,10 @@ static void balloon_inflate(void)
 void main(u8 *boot_params)
 {
     puts("guest: start\n");
+    find_high_memory(boot_params);
     fill();
     puts("guest: filled base="); puthex(PATTERN_BASE); puts(" pages="); putdec(PATTERN_PAGES);
+    if (nranges == 2) { puts(" high_base="); puthex(HIGH_BASE); puts(" high_pages="); putdec(HIGH_PAGES); }
     puts("\n");
     balloon_init(boot_params);
     puts("guest: ready\n");
