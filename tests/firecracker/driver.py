@@ -14,10 +14,11 @@ The pieces, as functions so that tests can combine them (README "Tested with a r
   ``finish_handler(p)`` waits for it to exit and returns (exit status, records, stderr).
 * ``restore(workdir, binary, snap, sock)``: a new Firecracker loading the snapshot with
   ``mem_backend: {backend_type: Uffd, backend_path: SOCK}`` and resuming it.
-  ``restore_many(..., n)`` does that for n VMs at once from one snapshot (one handler socket
-  shared by all, or one socket each).
+  ``restore_many(workdir, binary, snap, socks)`` does that for len(socks) VMs at once from one
+  snapshot (SOCKS may name one handler's socket several times, or one socket per handler).
 * ``run_guest(fc, commands)``: send the guest its commands ('v' verify, 'b' balloon, 'q' quit),
   wait for Firecracker to exit and return the guest's lines.
+* ``cleanup()``: kill whatever this module started that still runs.
 
 Run as a script it does one whole round trip and prints what happened::
 
@@ -98,7 +99,7 @@ def build_guest(out_dir, cc="gcc"):
 class _UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path, timeout):
         super().__init__("localhost", timeout=timeout)
-        self.path = path
+        self.unix_path = path
 
     def connect(self):
         # Firecracker creates its API socket file (bind) a moment before it listens
@@ -107,7 +108,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(self.timeout)
             try:
-                self.sock.connect(self.path)
+                self.sock.connect(self.unix_path)
                 return
             except (ConnectionRefusedError, FileNotFoundError):
                 self.sock.close()
@@ -242,8 +243,8 @@ def make_snapshot(workdir, binary, kernel, mem_mib=MEM_MIB, balloon=True):
 # -- the handler --------------------------------------------------------------------------------
 
 def serve_file(mem, sock, *args, log=None):
-    """Start ``uffdtool.py serve-file --file MEM --firecracker-socket SOCK ARGS --json --log LOG``
-    and wait for its ``ready`` record; the Popen gets ``.log_path``."""
+    """Start ``uffdtool.py serve-file --file MEM --firecracker-socket SOCK --log LOG --quiet ARGS``
+    (LOG: JSON lines) and wait for its ``ready`` record; the Popen gets ``.log_path``."""
     if log is None:
         fd, log = tempfile.mkstemp(prefix="uffdtool-fc-", suffix=".json")
         os.close(fd)

@@ -63,7 +63,12 @@ __asm__(".section .text.start\n"
 
 /* ---- port I/O and the serial port ------------------------------------------------------------ */
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
 
 #define COM1 0x3f8
 static void putc(char c) { outb(COM1, (u8)c); }      /* Firecracker's UART never makes us wait */
@@ -193,7 +198,7 @@ static void map_gib(u64 gib, u64 *dir, u64 flags)
     __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
 }
 
-/* RAM at HIGH_BASE in the e820 map (boot_params: entry count at 0x1e8, 20-byte entries at 0x2d0)? */
+/* RAM at HIGH_BASE in the e820 map?  (boot_params: entry count at 0x1e8, entries at 0x2d0) */
 static void find_high_memory(u8 *boot_params)
 {
     u8 n = boot_params[0x1e8];
@@ -287,14 +292,16 @@ static void balloon_inflate(void)
     puts("guest: balloon inflated pages="); putdec(n); puts(" first="); puthex(first); puts("\n");
 }
 
-/* ---- main -------------------------------------------------------------------------------------- */
+/* ---- main ------------------------------------------------------------------------------------ */
 void main(u8 *boot_params)
 {
     puts("guest: start\n");
     find_high_memory(boot_params);
     fill();
     puts("guest: filled base="); puthex(PATTERN_BASE); puts(" pages="); putdec(PATTERN_PAGES);
-    if (nranges == 2) { puts(" high_base="); puthex(HIGH_BASE); puts(" high_pages="); putdec(HIGH_PAGES); }
+    if (nranges == 2) {
+        puts(" high_base="); puthex(HIGH_BASE); puts(" high_pages="); putdec(HIGH_PAGES);
+    }
     puts("\n");
     balloon_init(boot_params);
     puts("guest: ready\n");
