@@ -11,6 +11,7 @@ set: CI fetches Firecracker in .ci/run.
 """
 import os
 import shutil
+import signal
 import sys
 
 import pytest
@@ -191,3 +192,36 @@ def test_two_vms_from_one_snapshot(firecracker, snap, tmp_path):
         status, records, err = driver.finish_handler(h)
         assert status == 0, err
         assert driver.stats(records)["faults"] >= driver.PATTERN_PAGES
+
+
+def test_handler_stopped_while_the_vm_runs(firecracker, snap, tmp_path):
+    """SIGTERM to serve-file after the restore, before the guest reads its memory: the handler
+    installs every page not served yet and unregisters, exits 0, and the guest then reads all of
+    its pattern with no handler left."""
+    sock = str(tmp_path / "uffd.sock")
+    h = driver.serve_file(snap.mem, sock, log=str(tmp_path / "log.json"))
+    fc = driver.restore(str(tmp_path), firecracker, snap, sock)
+    h.send_signal(signal.SIGTERM)
+    status, records, err = driver.finish_handler(h)
+    assert status == 0, err
+    st = driver.stats(records)
+    total = driver.MEM_MIB * MIB // PAGE
+    assert st["faults"] < 100                                   # the VMM's own few touches
+    assert driver.PATTERN_PAGES < st["drained_pages"] <= total - st["pages_copy"]
+    lines = driver.run_guest(fc, b"vq")
+    assert driver.verify_lines(lines) == GUEST_OK, lines
+
+
+def test_second_firecracker_on_the_same_socket(firecracker, snap, tmp_path):
+    """One peer per socket: a second VM pointed at the handler's path fails at once instead of
+    hanging, and the first one is served as usual."""
+    sock = str(tmp_path / "uffd.sock")
+    h = driver.serve_file(snap.mem, sock, log=str(tmp_path / "log.json"))
+    fc = driver.restore(str(tmp_path), firecracker, snap, sock)
+    with pytest.raises(driver.DriverError, match="Failed to connect to UDS Unix stream: No such "
+                                                "file or directory"):
+        driver.restore(str(tmp_path), firecracker, snap, sock, name="second")
+    lines = driver.run_guest(fc, b"vq")
+    assert driver.verify_lines(lines) == GUEST_OK, lines
+    status, records, err = driver.finish_handler(h)
+    assert status == 0 and len(events(records, "handshake")) == 1, err
