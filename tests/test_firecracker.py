@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "firecracker"))
 import driver  # noqa: E402
 import get_firecracker  # noqa: E402
+from conftest import need_program  # noqa: E402
 
 PAGE = 4096
 MIB = 1 << 20
@@ -56,8 +57,7 @@ def firecracker():
 @pytest.fixture(scope="module")
 def snap(firecracker, tmp_path_factory):
     """One snapshot of the guest after it wrote its pattern, shared by the module's tests."""
-    if shutil.which("gcc") is None:
-        _missing("gcc not found (needed to build the guest; apt package gcc)")
+    need_program("gcc", "gcc")                  # builds the guest
     d = str(tmp_path_factory.mktemp("fcsnap"))
     kernel = driver.build_guest(d)
     return driver.make_snapshot(d, firecracker, kernel)
@@ -118,7 +118,7 @@ def test_record_then_prefetch(firecracker, snap, tmp_path):
     assert status == 0, err
     recorded = driver.stats(records)["faults"]
     with open(ws) as f:
-        pages = [l for l in f if not l.startswith("#")]
+        pages = [line for line in f if not line.startswith("#")]
     # a page two threads faulted at once is one page but two faults
     assert driver.PATTERN_PAGES <= len(pages) <= recorded
 

@@ -161,13 +161,13 @@ class Firecracker:
 
     def lines(self):
         """The guest's own lines on the console (they start with ``guest:``)."""
-        return [l.strip() for l in self.output().splitlines() if l.startswith("guest:")]
+        return [line.strip() for line in self.output().splitlines() if line.startswith("guest:")]
 
     def wait_for(self, text, timeout=TIMEOUT):
         """Wait until a guest line contains TEXT; DriverError if Firecracker exits first."""
         deadline = time.monotonic() + timeout
         while True:
-            if any(text in l for l in self.lines()):
+            if any(text in line for line in self.lines()):
                 return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise DriverError("no guest line with %r (Firecracker %s): %s" % (
@@ -268,7 +268,8 @@ def serve_file(mem, sock, *args, log=None):
 def _records(log):
     try:
         with open(log) as f:
-            return [json.loads(l) for l in f if l.startswith("{") and l.endswith("\n")]
+            return [json.loads(line) for line in f
+                    if line.startswith("{") and line.endswith("\n")]
     except FileNotFoundError:                 # serve-file has not opened its log yet
         return []
 
@@ -342,7 +343,7 @@ def run_guest(fc, commands=b"vq", timeout=TIMEOUT):
 
 def verify_lines(lines):
     """The guest's ``round N/M ...`` lines."""
-    return [l for l in lines if l.startswith("guest: round ")]
+    return [line for line in lines if line.startswith("guest: round ")]
 
 
 # -- one round trip from the command line -------------------------------------------------------
@@ -382,8 +383,8 @@ def main(argv):
         lines = run_guest(fc, args.commands.encode())
         status, records, err = finish_handler(h)
         print("restore + guest run: %.2f s" % (time.monotonic() - t))
-        for l in lines:
-            print(l)
+        for line in lines:
+            print(line)
         st = stats(records)
         print("serve-file exit %s: faults=%s pages_copy=%s pages_zero=%s prefetch_pages=%s "
               "events_remove=%s%s" % (status, st.get("faults"), st.get("pages_copy"),
@@ -391,7 +392,8 @@ def main(argv):
                                       st.get("events_remove", 0),
                                       (" stderr: " + err.strip()) if err.strip() else ""))
         rounds = verify_lines(lines)
-        return 0 if status == 0 and rounds and all("verify ok" in l for l in rounds) else 1
+        ok = status == 0 and rounds and all("verify ok" in line for line in rounds)
+        return 0 if ok else 1
 
 
 if __name__ == "__main__":
