@@ -91,11 +91,13 @@ def test_default(firecracker, snap, tmp_path):
     assert status == 0, err
     (hs,) = events(records, "handshake")
     assert hs["page_size"] == PAGE and hs["regions"] == 1 and hs["bytes"] == driver.MEM_MIB * MIB
-    assert events(records, "exit")[-1]["reason"] == "peer closed the socket"
+    # Firecracker exited (the guest's reset): its socket closes and its pidfd fires
+    assert events(records, "exit")[-1]["reason"] in ("peer closed the socket", "peer exited")
     st = driver.stats(records)
     # every pattern page faulted once, plus the few pages of code, stack, page tables, VMGenID
     assert driver.PATTERN_PAGES <= st["faults"] < driver.PATTERN_PAGES + 100
-    assert st["pages_copy"] == st["faults"]
+    # (a page two threads fault at once is one copy and an EEXIST)
+    assert driver.PATTERN_PAGES <= st["pages_copy"] <= st["faults"]
 
 
 def test_readahead_16(firecracker, snap, tmp_path):
