@@ -4,6 +4,7 @@ the real kernel (tests/fc_client.py plays Firecracker)."""
 import json
 import os
 import random
+import select
 import subprocess
 import sys
 import time
@@ -671,3 +672,92 @@ def test_remove_stream_loses_no_fault_and_never_refills_removed_pages(tmp_path, 
     assert t.finish() == 0, t.stderr
     st = t.stats()
     assert st["events_remove"] == res["removes"]
+
+
+# -- units: the log's write rule, removed-range borders, holes ----------------------------------
+
+def test_log_file_is_append_only_and_batches_uffd_events(tmp_path):
+    import fcntl
+    path = str(tmp_path / "log.jsonl")
+    log = u.EventLog(path, human=None)
+    assert fcntl.fcntl(log.fd, fcntl.F_GETFL) & os.O_APPEND
+    log.emit("pagefault", address=1)
+    assert open(path).read() == ""                     # batched ...
+    log.emit("stats", faults=1)                        # ... until any other record
+    recs = [json.loads(line) for line in open(path)]
+    assert [r["event"] for r in recs] == ["pagefault", "stats"]
+    assert recs[1]["log_dropped"] == 0
+    log.emit("remove", start=0, end=PS)
+    log.close()                                        # close flushes too
+    assert open(path).read().count("\n") == 3
+
+
+def test_log_on_a_pipe_writes_whole_records_of_at_most_pipe_buf():
+    """Two logs batching into one pipe with a slow reader: each write is at most PIPE_BUF
+    bytes of whole records, so the lines never interleave (a 64 KiB batch would)."""
+    import threading
+    r, w = os.pipe()
+    files = [os.fdopen(os.dup(w), "w") for _ in range(2)]
+    os.close(w)
+
+    def writer(f, tag):
+        log = u.EventLog(f, human=None)
+        assert log.fd == f.fileno() and log._limit == select.PIPE_BUF
+        for i in range(3000):
+            log.emit("pagefault", address=i, who=tag, pad="x" * 200)
+        log.close()
+        f.close()
+    threads = [threading.Thread(target=writer, args=(f, n)) for n, f in enumerate(files)]
+    for t in threads:
+        t.start()
+    data = b""
+    while True:
+        time.sleep(0.0005)
+        chunk = os.read(r, 8192)
+        if not chunk:
+            break
+        data += chunk
+    for t in threads:
+        t.join(10)
+    os.close(r)
+    lines = data.decode().splitlines()
+    assert len(lines) == 6000 and all(json.loads(line)["pad"] == "x" * 200 for line in lines)
+
+
+@pytest.mark.parametrize("addr,length,want", [
+    (0, 16 * PS, 4 * PS),             # kept page: up to the removed range at 4
+    (4 * PS, 16 * PS, 4 * PS),        # removed 4..8: to its end
+    (6 * PS, PS, PS),
+    (9 * PS, 16 * PS, 16 * PS),       # past every removed range
+    (3 * PS, PS, PS),
+], ids=["before", "inside", "one-page", "after", "adjacent"])
+def test_clip_removed(addr, length, want):
+    s = u.Served(None, [])
+    s.removed = [(4 * PS, 8 * PS)]
+    assert s.clip_removed(addr, length, PS) == want
+
+
+def test_file_holes_and_hole_span(tmp_path):
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(16 * PS)
+        f.seek(4 * PS)
+        f.write(b"x" * (2 * PS))
+        f.seek(10 * PS + 5)
+        f.write(b"y")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        holes = u.file_holes(fd, 0, 16 * PS)
+    finally:
+        os.close(fd)
+    if not holes:
+        pytest.skip("this filesystem reports no holes")
+    assert holes == [(0, 4 * PS), (6 * PS, 10 * PS), (11 * PS, 16 * PS)]
+    src = u.FileSource(str(path), offset=PS)          # source offsets are after --offset
+    try:
+        assert src.holes == [(0, 3 * PS), (5 * PS, 9 * PS), (10 * PS, 15 * PS)]
+        assert src.hole_span(PS, 4 * PS) == 2 * PS     # in a hole: bytes of hole left
+        assert src.hole_span(3 * PS, 4 * PS) == -2 * PS    # data: bytes to the next hole
+        assert src.hole_span(9 * PS, 4 * PS) == -PS
+    finally:
+        src.close()
