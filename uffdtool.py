@@ -4469,10 +4469,13 @@ def check_peer_uffd(fd):
     """HandshakeError unless ``fd`` is a userfaultfd on which the peer did UFFDIO_API: before
     it, every read and ioctl but UFFDIO_API fails with EINVAL (fs/userfaultfd.c), so serving
     would end at the first read with nothing served.  The probe is a UFFDIO_WAKE of an empty
-    wait queue (one page at 64 KiB, mmap_min_addr: no thread waits there, nothing changes)."""
+    wait queue (one page at vm.mmap_min_addr, the lowest address a range may have: no thread
+    waits there, nothing changes)."""
     if not _is_userfaultfd(fd):
         raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
-    arg = uffdio_range(1 << 16, PAGE_SIZE)
+    low = read_sysfs("/proc/sys/vm/mmap_min_addr", "")
+    low = int(low) if low.isdigit() else 0
+    arg = uffdio_range(max(1 << 16, -(-low // PAGE_SIZE) * PAGE_SIZE), PAGE_SIZE)
     try:
         fcntl.ioctl(fd, UFFDIO_WAKE, arg, True)
     except OSError as e:
