@@ -473,9 +473,16 @@ def test_sparse_file_holes_served_as_zero_pages(tmp_path, tools, readahead, faul
 # -- who may connect -----------------------------------------------------------------------------
 
 NOBODY = 65534
-#: a python that another uid can run (the test's own may live in root's home)
-SYS_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 TOOL = os.path.join(os.path.dirname(HERE), "uffdtool.py")
+
+
+def _python_for(uid):
+    """A python3 that ``uid`` can run (the test's own may live in root's home), or None."""
+    for py in dict.fromkeys(["/usr/bin/python3", "/usr/local/bin/python3", sys.executable]):
+        if os.access(py, os.X_OK) and subprocess.run(
+                [py, "-c", "pass"], preexec_fn=_as(uid), capture_output=True).returncode == 0:
+            return py
+    return None
 
 
 def _as(uid):
@@ -488,18 +495,34 @@ def _as(uid):
 
 @pytest.fixture
 def shared_dir():
-    """A directory every uid may use (pytest's tmp_path is root's only)."""
+    """A directory every uid may use (pytest's tmp_path is root's only), holding copies of
+    uffdtool.py and tests/fc_client.py (the checkout may be unreadable to another uid)."""
     import shutil
     import tempfile
+    global SYS_PY, SHARED
     d = tempfile.mkdtemp(prefix="uffdtool-shared-")
     os.chmod(d, 0o777)
+    os.mkdir(os.path.join(d, "tests"))
+    shutil.copy(TOOL, d)
+    shutil.copy(os.path.join(HERE, "fc_client.py"), os.path.join(d, "tests"))
+    for sub in ("", "tests"):
+        for name in os.listdir(os.path.join(d, sub)):
+            os.chmod(os.path.join(d, sub, name), 0o755)
+    SHARED = d
+    SYS_PY = _python_for(NOBODY)
+    if SYS_PY is None:
+        pytest.skip("no python3 that uid %d can run" % NOBODY)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
 
+SYS_PY = SHARED = None          # set by shared_dir
+
+
 def _tool(log, *args, cwd=None, uid=None):
     """serve-file ARGS in the background (as ``uid``), once its ``ready`` record is out."""
-    p = subprocess.Popen([SYS_PY if uid is not None else sys.executable, TOOL, "serve-file",
+    tool = os.path.join(SHARED, "uffdtool.py") if uid is not None else TOOL
+    p = subprocess.Popen([SYS_PY if uid is not None else sys.executable, tool, "serve-file",
                           "--log", log, "--no-fault-log"] + [str(a) for a in args], cwd=cwd,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=_as(uid) if uid is not None else None)
@@ -519,7 +542,8 @@ def _records_of(log):
 def _peer(sock, src_path, size, uid=None):
     """fc_client.py as a separate process (as ``uid``: an unprivileged, user-mode-only uffd)."""
     p = subprocess.Popen([SYS_PY if uid is not None else sys.executable,
-                          os.path.join(HERE, "fc_client.py"), "--socket", sock, "--src",
+                          os.path.join(SHARED if uid is not None else os.path.dirname(HERE),
+                                       "tests", "fc_client.py"), "--socket", sock, "--src",
                           src_path, "--sizes", str(size)] +
                          (["--user-mode-only"] if uid is not None else []),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
