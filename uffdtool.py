@@ -21,7 +21,8 @@ Contents (each section starts with a boxed banner; grep for ``#  N.``):
     11. Targets                  one Target protocol: --self, -- CMD, --pid, Firecracker socket
     12. info
     13. selftest                 a registry of checks, each run in a forked child
-    14. CLI                      parser, target checks, exit status, the session runner, main
+    14. report                   ``uffdtool report``: a log drawn as tables, heat maps and curves
+    15. CLI                      parser, target checks, exit status, the session runner, main
 
 Library example::
 
@@ -47,7 +48,9 @@ import errno
 import fcntl
 import functools
 import gc
+import itertools
 import json
+import math
 import mmap
 import os
 import platform
@@ -59,6 +62,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 
@@ -790,9 +794,10 @@ class PageFault(_event("_PageFault", "pagefault", ("address", "flags", "ptid")))
 def decode_msgs(buf, n=None):
     """Decode ``n`` bytes (default: all) of packed 32-byte uffd_msg records into events.
 
-    Pure: tests feed it bytes.  A trailing partial record is ignored; unknown event codes become
+    Pure: tests feed it bytes.  ``n`` is clamped to ``len(buf)``; a trailing partial record is
+    ignored; unknown event codes become
     ``UnknownEvent(code, raw)``."""
-    n = len(buf) if n is None else n
+    n = len(buf) if n is None else max(0, min(n, len(buf)))     # never past the buffer
     out = []
     unpack = UFFD_MSG.unpack_from
     for off in range(0, n - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
@@ -816,84 +821,209 @@ def decode_msgs(buf, n=None):
 #  7. Event log and stats
 ###################################################################################################
 
+#: records of these events may wait in the log's buffer (uffd events: they come by the thousand
+#: and only their order matters); any other record is written at once, with all before it
+BATCHED_EVENTS = frozenset(("pagefault", "remove", "unmap", "remap", "fork"))
+#: most bytes buffered before a write to a file; a pipe gets at most PIPE_BUF per write
+LOG_BATCH = 64 << 10
+PIPE_BUF = select.PIPE_BUF
+
+
 class EventLog:
     """The one writer of JSON-lines records (README, "CLI contract") and of the human lines on stderr.
 
     ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
-    ``t`` (seconds since ``t0``) and ``event`` and is flushed.  ``human`` is where the
-    human-readable lines go (None: nowhere, i.e. --quiet); ``human_faults`` says whether
-    pagefault records also get a human line (watch: yes; serve-file: only with -v).
-    ``fields`` go into every record (a ``--peers`` worker's ``peer``).  A file is opened
-    ``O_APPEND``, so that the records of several processes never overwrite each other."""
+    ``t`` (seconds since ``t0``) and ``event``.  ``human`` is where the human-readable lines
+    go (None: nowhere, i.e. --quiet); ``human_faults`` says whether pagefault records also get
+    a human line (watch: yes; serve-file: only with -v).  ``fields`` go into every record (a
+    ``--peers`` worker's ``peer``).
 
-    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None, fields=None):
+    Writes (README, "Hardening"): every ``write()`` carries whole records only; a path is
+    opened O_APPEND; on a pipe or socket each write is at most PIPE_BUF bytes (atomic).  The
+    uffd event records (BATCHED_EVENTS) are buffered, up to LOG_BATCH bytes; any other record
+    (``stats``, ``exit``, ``error``...), ``flush()`` (the Handler calls it before it sleeps)
+    and ``close()`` write everything before them.  A log that cannot be written (ENOSPC, EIO)
+    never stops the caller: the records are dropped and counted (``dropped``, the
+    ``log_dropped`` field of every ``stats`` record), one line goes to ``errors``, and a
+    record cut short by a full disk is cut off the file again."""
+
+    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None,
+                 errors=sys.stderr, fields=None):
         self.t0 = time.monotonic() if t0 is None else t0
         self._own = False
-        if dest is None:
-            self.out = None
-        elif dest == "-":
-            self.out = sys.stdout
-        elif isinstance(dest, str):
+        self.fd = -1                  # the JSON destination as an fd (paths, stdout) ...
+        self.out = None               # ... or as a file object (what a caller handed in)
+        self.name = dest if isinstance(dest, str) else getattr(dest, "name", "log")
+        if dest == "-":
+            dest = sys.stdout
+            self.name = "stdout"
+        if isinstance(dest, str):
             try:
-                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND |
-                             os.O_CLOEXEC, 0o666)
-                self.out = os.fdopen(fd, "w", buffering=1)
+                self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND |
+                                  os.O_CLOEXEC, 0o666)
             except OSError as e:
                 raise UsageError("cannot write log %s: %s" % (dest, e.strerror))
             self._own = True
-        else:
-            self.out = dest
+        elif dest is not None:
+            try:
+                dest.flush()
+                self.fd = dest.fileno()
+            except (AttributeError, OSError, ValueError):
+                self.out = dest       # no fd (e.g. io.StringIO): written record by record
+        self._limit = LOG_BATCH
+        self._regular = False
+        if self.fd >= 0:
+            try:
+                mode = os.fstat(self.fd).st_mode
+                self._regular = (mode & 0o170000) == 0o100000
+                if mode & 0o170000 in (0o010000, 0o140000):       # FIFO, socket
+                    self._limit = PIPE_BUF
+            except OSError:
+                pass
+        self._buf = []
+        self._buflen = 0
+        self._lock = threading.Lock()  # watch's tracer thread emits too: one flush at a time
+        self.dropped = 0              # records that could not be written
+        self.errors = errors
+        self._complained = False
+        self._encode = json.JSONEncoder(separators=(",", ":")).encode
         self.human = human
         self.human_faults = human_faults
         self.json_faults = True       # False: pagefault records stay out of the JSON log too
         self.fields = dict(fields or {})
 
     def fork_copy(self, **fields):
-        """This log for a forked worker: the same destination through a new file object on a
-        dup of its fd (no buffer shared with the parent's), the same ``t0``, and ``fields`` in
-        every record."""
-        out = None
-        if self.out is not None:
-            self.out.flush()
-            out = os.fdopen(os.dup(self.out.fileno()), "w", buffering=1)
-        log = EventLog(out, human=self.human, human_faults=self.human_faults, t0=self.t0,
-                       fields=dict(self.fields, **fields))
-        log._own = out is not None
+        """This log for a forked worker, made in the worker: the same destination on a dup of
+        its fd, a buffer of its own (the parent ``flush``es before it forks), the same ``t0``,
+        and ``fields`` in every record."""
+        log = EventLog(None, human=self.human, human_faults=self.human_faults, t0=self.t0,
+                       errors=self.errors, fields=dict(self.fields, **fields))
+        if self.fd >= 0:
+            log.fd, log._own = os.dup(self.fd), True
+        else:
+            log.out = self.out
+        log.name, log._limit, log._regular = self.name, self._limit, self._regular
         log.json_faults = self.json_faults
         return log
 
     @property
+    def writing(self):
+        """Whether there is a JSON destination (still)."""
+        return self.fd >= 0 or self.out is not None
+
+    @property
     def wants_faults(self):
         """Whether per-fault records are written anywhere (the hot path skips them if not)."""
-        return (self.out is not None and self.json_faults) or (
+        return (self.writing and self.json_faults) or (
             self.human is not None and self.human_faults)
 
     def now(self):
         return time.monotonic() - self.t0
 
     def emit(self, event, **fields):
-        """Write one record; returns it."""
+        """Write one record (or buffer it: see the class doc); returns it."""
         rec = {"t": round(self.now(), 6), "event": event}
         rec.update(self.fields)
         rec.update(fields)
-        if self.out is not None and (event != "pagefault" or self.json_faults):
-            try:
-                self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
-                self.out.flush()
-            except (BrokenPipeError, ValueError):
-                self.out = None          # reader went away: keep serving, stop logging
+        if event == "stats":
+            rec["log_dropped"] = self.dropped
+        if self.writing and (event != "pagefault" or self.json_faults):
+            line = self._encode(rec) + "\n"
+            self._buf.append(line)
+            self._buflen += len(line)
+            if event not in BATCHED_EVENTS or self._buflen >= self._limit:
+                self.flush()
         if self.human is not None and (event != "pagefault" or self.human_faults):
             try:
                 self.human.write(format_human(rec) + "\n")
                 self.human.flush()
-            except (BrokenPipeError, ValueError):
+            except (OSError, ValueError):
                 self.human = None
         return rec
 
-    def close(self):
-        if self._own and self.out is not None:
-            self.out.close()
+    def flush(self):
+        """Write every buffered record (whole records per write; see the class doc)."""
+        if not self._buf:
+            return
+        with self._lock:
+            self._flush()
+
+    def _flush(self):
+        lines, self._buf, self._buflen = self._buf, [], 0
+        if self.out is not None:
+            try:
+                self.out.write("".join(lines))
+                self.out.flush()
+            except (OSError, ValueError) as e:
+                self._lost(len(lines), e)
+            return
+        if self.fd < 0:
+            self.dropped += len(lines)
+            return
+        i = 0
+        while i < len(lines):
+            chunk, n = [], 0          # whole records, at most _limit bytes (one record more)
+            while i < len(lines) and (not chunk or n + len(lines[i]) <= self._limit):
+                chunk.append(lines[i])
+                n += len(lines[i])
+                i += 1
+            if not self._write(("".join(chunk)).encode()):
+                self._lost(len(chunk) + len(lines) - i, self._error)
+                return
+
+    def _write(self, data):
+        """Write ``data`` whole; False (``_error`` set) if it could not be.  A short write to a
+        file is completed or, failing that, cut off again: no half record stays behind."""
+        done = 0
+        start = None
+        while done < len(data):
+            try:
+                n = os.write(self.fd, data[done:] if done else data)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                self._error = e
+                if done and self._regular and start is not None:
+                    try:
+                        os.ftruncate(self.fd, start)
+                    except OSError:
+                        pass
+                return False
+            if not done and n < len(data) and self._regular:
+                try:                  # where this write began: cut back to it on failure
+                    start = os.lseek(self.fd, 0, os.SEEK_END) - n
+                except OSError:
+                    start = None
+            done += n
+        return True
+
+    def _lost(self, n, e):
+        self.dropped += n
+        if isinstance(e, BrokenPipeError) or isinstance(e, ValueError):
+            self._close_dest()        # reader went away: keep serving, stop logging
+            return
+        if not self._complained:
+            self._complained = True
+            try:
+                self.errors.write("uffdtool: cannot write log %s: %s; serving goes on, the "
+                                  "records not written are counted (log_dropped in stats)\n"
+                                  % (self.name, getattr(e, "strerror", None) or e))
+                self.errors.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+
+    def _close_dest(self):
+        if self._own and self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = -1
         self.out = None
+
+    def close(self):
+        self.flush()
+        self._close_dest()
 
 
 def _fmt_value(k, v):
@@ -915,16 +1045,31 @@ def format_human(rec):
     return "%10.6f %-9s %s" % (rec["t"], rec["event"], rest)
 
 
+#: power-of-two buckets of ``latency_hist``: upper bounds 1 µs, 2 µs, ... 2**24 µs (16.8 s)
+LAT_BUCKETS = 25
+
+
+def latency_bucket(us):
+    """Index k of the ``latency_hist`` bucket that holds ``us`` µs: the least k with
+    ``us <= 2**k`` (0 up to 1 µs; slower than 2**24 µs counts in the last bucket)."""
+    if us <= 1:
+        return 0
+    return min(LAT_BUCKETS - 1, (math.ceil(us) - 1).bit_length())
+
+
 class Stats:
     """Counters and fault-service latencies for the final (and periodic) ``stats`` record.
 
     ``count`` is a plain dict of counters (faults by kind, pages/bytes filled by copy and zero,
     eexist, eagain, retries, events by type...); ``latency(us)`` adds one sample (a bounded
-    array: beyond ``max_samples`` every other sample is dropped, which keeps percentiles fair)."""
+    array: beyond ``max_samples`` every other sample is dropped, which keeps percentiles fair).
+    ``hist`` counts every sample per power-of-two bucket (``latency_hist``), also the dropped
+    ones, so that consumers can add histograms of several runs or peers."""
 
     def __init__(self, max_samples=1 << 20):
         self.count = {}
         self.lat = array.array("f")
+        self.hist = [0] * LAT_BUCKETS
         self._max = max_samples
         self._keep_every = 1
         self._seen = 0
@@ -938,11 +1083,15 @@ class Stats:
         if len(self.lat) + len(samples) < self._max and self._keep_every == 1:
             self._seen += len(samples)
             self.lat.extend(samples)
+            hist = self.hist
+            for us in samples:
+                hist[latency_bucket(us)] += 1
         else:
             for us in samples:
                 self.latency(us)
 
     def latency(self, us):
+        self.hist[latency_bucket(us)] += 1
         self._seen += 1
         if self._seen % self._keep_every:
             return
@@ -962,10 +1111,16 @@ class Stats:
         return {"p50": pick(0.50), "p99": pick(0.99), "max": round(float(s[-1]), 1),
                 "samples": len(s)}
 
+    def histogram(self):
+        """``{"1": n, "2": n, "4": n, ...}``: samples per bucket, keyed by its upper bound in µs
+        (empty buckets left out)."""
+        return {str(1 << k): n for k, n in enumerate(self.hist) if n}
+
     def record(self, **extra):
         """The fields of a ``stats`` record."""
         rec = dict(sorted(self.count.items()))
         rec["latency_us"] = self.percentiles()
+        rec["latency_hist"] = self.histogram()
         rec["wall_s"] = round(time.monotonic() - self.t0, 6)
         rec.update(extra)
         return rec
@@ -1004,11 +1159,61 @@ class ZeroSource:
             self._zlen = 0
 
 
+class SourceChanged(TargetError):
+    """The source file changed while it was being served (a snapshot must not): exit 1."""
+
+
+#: inotify(7) events that mean a file's contents or size may have changed
+IN_MODIFY, IN_ATTRIB = 0x2, 0x4
+
+
+def inotify_watch(path, mask):
+    """An inotify fd (O_NONBLOCK|O_CLOEXEC) watching ``path`` for ``mask``; -1 if inotify is
+    not available (then only size and mtime are compared)."""
+    lib = libc()
+    try:
+        fd = _check(lib.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
+    except (OSError, AttributeError):
+        return -1
+    try:
+        _check(lib.inotify_add_watch(fd, os.fsencode(path), mask), "inotify_add_watch")
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def file_holes(fd, start, end):
+    """The holes of ``[start, end)`` of a file (SEEK_DATA/SEEK_HOLE): sorted ``[a, b)`` file
+    offsets, whole pages only (a page holding any data is data).  [] where unsupported."""
+    holes, pos = [], start
+    try:
+        while pos < end:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data > pos:
+                holes.append((pos, min(data, end)))
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno != errno.ENXIO:            # ENXIO: no data after pos (the rest is a hole)
+            return []
+        holes.append((pos, end))
+    out = []
+    for a, b in holes:
+        a, b = -(-a // PAGE_SIZE) * PAGE_SIZE, b - b % PAGE_SIZE if b < end else end
+        if a < b:
+            out.append((a, b))
+    return out
+
+
 class FileSource:
     """Fills from a file: the page at source offset X comes from PATH at ``offset + X``.
 
-    The file is mapped read-only, MAP_PRIVATE|MAP_POPULATE, so disk I/O stays out of fault
-    latency; UFFDIO_COPY copies from that mapping."""
+    The file is mapped read-only, MAP_PRIVATE, its data populated up front so that disk I/O
+    stays out of fault latency; UFFDIO_COPY copies from that mapping.  Holes of a sparse file
+    (virtio-mem: unplugged memory) are found once (SEEK_DATA/SEEK_HOLE), never read, and
+    served as zero pages (``holes``: source-offset ranges; ``hole_span``).  ``watch_fd`` is an
+    inotify fd on the file; ``check()`` raises SourceChanged when the file was written to or
+    its size or mtime changed since it was opened."""
     kind = "copy"
 
     def __init__(self, path, offset=0, populate=True):
@@ -1016,23 +1221,87 @@ class FileSource:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise UsageError("cannot open %s: %s" % (path, e.strerror))
+        self._fd = fd
+        self.watch_fd = -1
+        self._map = 0
         try:
             st = os.fstat(fd)
             if st.st_mode & 0o170000 not in (0o100000, 0o060000):
                 raise UsageError("%s is not a regular file or block device" % path)
-            total = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blkdev_size(fd)
+            regular = st.st_mode & 0o170000 == 0o100000
+            total = st.st_size if regular else _blkdev_size(fd)
             if offset < 0 or offset > total:
                 raise UsageError("--offset %d is beyond the end of %s (%d bytes)"
                                  % (offset, path, total))
             self.path, self.offset, self.size = path, offset, total - offset
+            self._stat = (st.st_size, st.st_mtime_ns) if regular else None
             self._maplen = total
-            self._map = 0
+            fholes = file_holes(fd, offset, total) if regular else []
+            self.holes = [(a - offset, b - offset) for a, b in fholes]
+            self._hole_starts = [a for a, b in self.holes]
             if total:
-                flags = MAP_PRIVATE | (MAP_POPULATE if populate else 0)
+                flags = MAP_PRIVATE | (MAP_POPULATE if populate and not fholes else 0)
                 self._map = mmap_anon(total, PROT_READ, flags, fd=fd)
-        finally:
-            os.close(fd)
+                if populate and fholes:
+                    self._populate_data(fholes, total)
+            if regular:
+                self.watch_fd = inotify_watch(path, IN_MODIFY | IN_ATTRIB)
+        except BaseException:
+            self.close()
+            raise
         self.base = self._map + offset        # address of source offset 0
+
+    def _populate_data(self, holes, total):
+        """Read the data runs between ``holes`` into the mapping (never the holes)."""
+        pos = 0
+        for a, b in holes + [(total, total)]:
+            a0 = pos - pos % PAGE_SIZE
+            if a > a0:
+                try:
+                    madvise(self._map + a0, a - a0, MADV_POPULATE_READ)
+                except OSError:
+                    pass                      # kernel < 5.14: faults read it later
+            pos = b
+
+    def hole_span(self, off, length):
+        """If source page ``off`` lies in a hole: the bytes of the hole from ``off`` (> 0);
+        else minus the bytes of data from ``off`` up to the next hole (<= -length if none
+        within ``length``)."""
+        i = bisect.bisect_right(self._hole_starts, off) - 1
+        if i >= 0 and off < self.holes[i][1]:
+            return self.holes[i][1] - off
+        if i + 1 < len(self.holes):
+            return -(self.holes[i + 1][0] - off)
+        return -length
+
+    def check(self):
+        """SourceChanged if the file changed since it was opened (inotify IN_MODIFY, or size or
+        mtime differ); cheap when nothing happened (one non-blocking read)."""
+        modified = False
+        if self.watch_fd >= 0:
+            try:
+                data = os.read(self.watch_fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            for off in range(0, len(data) - 15, 16):
+                wd, mask, cookie, n = struct.unpack_from("iIII", data, off)
+                modified |= bool(mask & IN_MODIFY)
+                # (names follow only for directories; this watches one file)
+        if self._stat is None:
+            return
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return
+        now = (st.st_size, st.st_mtime_ns)
+        if modified or now != self._stat:
+            raise SourceChanged(
+                "serving failed: the source file %s changed while serving (size %d -> %d%s); "
+                "a snapshot must stay unchanged while it is served"
+                % (self.path, self._stat[0], now[0],
+                   ", modified" if now[0] == self._stat[0] else ""))
 
     def fill(self, uffd, dst, length, offset, hugetlb=False):
         return uffd.copy(dst, self.base + offset, length)
@@ -1057,6 +1326,11 @@ class FileSource:
         if self._map:
             munmap(self._map, self._maplen)
             self._map = 0
+        for name in ("watch_fd", "_fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
 
 def _blkdev_size(fd):
@@ -1129,28 +1403,62 @@ class SnapshotSource:
 
 # -- working-set files (--record / --prefetch) and prefetch runs ----------------------------------
 
-WORKING_SET_MAGIC = "# uffdtool working-set v1"
+WORKING_SET_MAGIC = "# uffdtool working-set v"          # + version: v1 (wave 1), v2
+WORKING_SET_END = "# end pages="
 
 
-def write_working_set(path, pages, page_size, key="offset"):
-    """Write a working set: a header line, then one hex number per line, in first-fault order.
+def write_working_set(path, pages, page_size, key="offset", pid=None):
+    """Write a working set (v2): a header line, one hex number per line in first-fault order,
+    and an end line with the count, atomically (a temporary file beside ``path``, fsync'd, then
+    renamed over it: a full disk leaves the old file or none, never a cut one).
 
     Format (text)::
 
-        # uffdtool working-set v1 page_size=4096 key=offset
+        # uffdtool working-set v2 page_size=4096 key=offset [pid=N]
         0x1000
         0x0
         ...
+        # end pages=2
 
     ``key=offset``: offsets into the source (serve-file; they survive a restore at new host
-    addresses).  ``key=address``: virtual addresses (watch, where there is no source)."""
-    with open(path, "w") as f:
-        f.write("%s page_size=%d key=%s\n" % (WORKING_SET_MAGIC, page_size, key))
-        f.write("".join("0x%x\n" % p for p in pages))
+    addresses).  ``key=address``: virtual addresses (watch, where there is no source).
+    Raises TargetError (nothing written) when the file cannot be written."""
+    head = "%s2 page_size=%d key=%s%s\n" % (WORKING_SET_MAGIC, page_size, key,
+                                           "" if pid is None else " pid=%d" % pid)
+    text = (head + "".join("0x%x\n" % p for p in pages) +
+            "%s%d\n" % (WORKING_SET_END, len(pages))).encode()
+    d, base = os.path.split(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + base + ".", suffix=".tmp")
+        try:
+            try:
+                os.fchmod(fd, os.stat(path).st_mode & 0o777)      # keep the file's mode
+            except OSError:
+                os.fchmod(fd, 0o644)
+            view = memoryview(text)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise TargetError("cannot write working set %s: %s (nothing written)"
+                          % (path, e.strerror or e))
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def read_working_set(path):
-    """Read a working-set file: returns (key, page_size, [numbers]).  UsageError if malformed."""
+    """Read a working-set file (v1 or v2): returns (key, page_size, [numbers]).  UsageError if
+    malformed; a v2 file must end with its ``# end pages=N`` line and N must be the count (a
+    file cut short by a full disk or a crash is refused)."""
     try:
         with open(path) as f:
             lines = f.read().split("\n")
@@ -1159,19 +1467,35 @@ def read_working_set(path):
     except UnicodeDecodeError:
         raise UsageError("%s is not a uffdtool working-set file (binary data)" % path)
     head = lines[0].split()
-    if not lines[0].startswith(WORKING_SET_MAGIC):
-        raise UsageError("%s is not a uffdtool working-set file (no '%s' header)"
-                         % (path, WORKING_SET_MAGIC))
+    version = None
+    if len(head) > 3 and lines[0].startswith(WORKING_SET_MAGIC):
+        version = head[3][1:]
+    if version not in ("1", "2"):
+        raise UsageError("%s is not a uffdtool working-set file (no '%s1' or '%s2' header)"
+                         % (path, WORKING_SET_MAGIC, WORKING_SET_MAGIC))
     meta = dict(w.split("=", 1) for w in head if "=" in w)
     pages = []
+    end = None
     for no, line in enumerate(lines[1:], 2):
         line = line.strip()
+        if end is not None and line:
+            raise UsageError("%s:%d: data after the '%s' line" % (path, no, WORKING_SET_END))
+        if line.startswith(WORKING_SET_END):
+            end = line[len(WORKING_SET_END):]
+            continue
         if not line or line.startswith("#"):
             continue
         try:
             pages.append(int(line, 0))
         except ValueError:
             raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
+    if version == "2":
+        if end is None:
+            raise UsageError("%s: truncated working set (no '%sN' line; %d pages read)"
+                             % (path, WORKING_SET_END, len(pages)))
+        if end != str(len(pages)):
+            raise UsageError("%s: working set says pages=%s but holds %d" % (path, end,
+                                                                             len(pages)))
     try:
         page_size = int(meta.get("page_size", PAGE_SIZE))
     except ValueError:
@@ -1350,10 +1674,27 @@ class Served:
         self.regions = out
         self.reindex()
 
+    def clip_removed(self, addr, length, ps):
+        """``length`` cut so that ``[addr, addr+length)`` lies wholly inside or wholly outside
+        the removed ranges (at least one page): readahead from a kept page must not copy file
+        data over a removed one, nor a removed page's zeros over kept ones."""
+        i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
+        if i >= 0 and addr < self.removed[i][1]:
+            n = self.removed[i][1] - addr
+        elif i + 1 < len(self.removed):
+            n = self.removed[i + 1][0] - addr
+        else:
+            return length
+        return max(ps, min(length, n - n % ps))
+
     def is_removed(self, addr):
         i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
+
+#: the fast loop's readahead hint has one byte per source page up to the highest region offset;
+#: offsets beyond this many pages (a --zero source needs none, a peer may send any) go without
+FAST_HINT_MAX_PAGES = 1 << 26
 
 # -- the Handler ----------------------------------------------------------------------------------
 
@@ -1437,6 +1778,8 @@ class Handler:
         self.fast = fast
         self.spin = spin              # seconds to keep reading before sleeping in poll
         self._present = None          # fast loop's readahead hint (bytearray by source page)
+        self.exact_regions = False    # True: a fault outside the regions is an error (Firecracker)
+        self._holes = bool(getattr(self.source, "holes", None))     # a sparse source file
         self._recorded = set()
         self._zeros = None
         self.served = {}              # fd -> Served
@@ -1549,6 +1892,8 @@ class Handler:
             # Registered memory the bookkeeping does not know: a VMA grown in place by mremap
             # (no event) or past a REMAP's old length.  A wake alone would re-fault forever;
             # give it what the kernel would (a zero page).  Unmapped: ENOENT -> "gone".
+            if self.exact_regions:
+                self._outside(s, addr)
             how, pages = self._fill(s, lambda d, n: self._zero_fill(s, d, n, None), addr, ps,
                                     "zero")
         elif r is None and kind != "wp":
@@ -1580,6 +1925,15 @@ class Handler:
                 if e is not None and e - off > length:
                     length = e - off
                     st.add("prefetch_claimed")
+            if off is not None and self._holes:
+                span = self.source.hole_span(off, length)
+                if span >= ps:                      # a hole of a sparse file: never read it
+                    off, how, fill = None, "hole", self._zero_fill
+                    length = min(length, span - span % ps)
+                elif -span < length:                # data up to the next hole
+                    length = max(ps, -(span // ps) * ps)
+            if s.removed:                           # a fill never crosses a removed border
+                length = s.clip_removed(addr, length, ps)
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
@@ -1588,6 +1942,15 @@ class Handler:
             rec.pop("event")
             rec.update(resolved=how, pages=pages, us=round(us, 1), ufd=s.uffd.fileno())
             self.log.emit("pagefault", **rec)
+
+    def _outside(self, s, addr):
+        """A fault in registered memory outside every region the peer announced (the regions
+        are the whole registered memory in its protocol): the peer is inconsistent.  It still
+        gets a zero page (nothing else belongs there, and its thread must not hang), loudly."""
+        self.stats.add("outside_regions")
+        self.log.emit("error", message="fault at 0x%x: registered memory outside every "
+                      "handshake region; served a zero page" % addr, address=addr,
+                      ufd=s.uffd.fileno(), pid=s.pid)
 
     def _note(self, r, addr):
         if self.record is not None:
@@ -1624,6 +1987,15 @@ class Handler:
                         return True
                     if dst < x < dst + n:
                         n = x - dst
+                if self._holes:                   # holes are zero pages: not read, not listed
+                    span = self.source.hole_span(a, n)
+                    if span >= ps:
+                        skip = min(span - span % ps, n)
+                        st.add("prefetch_skipped", skip // ps)
+                        self._prefetch_rest(a + skip, b)
+                        return True
+                    if -span < n:
+                        n = max(ps, -(span // ps) * ps)
                 try:
                     done = self.source.fill(s.uffd, dst, n, a, self.hugetlb)
                 except UffdError as err:
@@ -1758,6 +2130,13 @@ class Handler:
                     break
                 if a < x < a + n:
                     n = x - a
+            if n and self._holes:               # holes stay unfilled: the kernel's zeros
+                span = self.source.hole_span(r.offset + (a - r.start), n)
+                if span >= ps:
+                    a = min(end, a + span - span % ps)
+                    continue
+                if -span < n:
+                    n = max(ps, -(span // ps) * ps)
             if not n:
                 continue
             try:
@@ -1847,6 +2226,9 @@ class Handler:
             fd = fd if isinstance(fd, int) else fd.fileno()
             extra.add(fd)
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        src_fd = getattr(self.source, "watch_fd", -1)    # the source file changed?
+        if src_fd >= 0:
+            poller.register(src_fd, select.POLLIN)
         clock = _Clock(timeout, tick, tick_interval)
         user_idle = [idle]
 
@@ -1912,7 +2294,12 @@ class Handler:
                 return res
             if wait_ms is None:
                 wait_ms = clock.wait_ms()
+            if wait_ms != 0:
+                self.log.flush()              # about to sleep: buffered records go out now
             for fd, ev in poller.poll(wait_ms):
+                if fd == src_fd:
+                    self.source.check()           # raises SourceChanged
+                    continue
                 if fd == self._wake_r:
                     try:
                         os.read(self._wake_r, 4096)     # drain, or poll spins from now on
@@ -1973,9 +2360,11 @@ class Handler:
         # readahead (the faulting page itself is always filled); a missing bit costs a partial.
         shift = ps.bit_length() - 1
         hint = None
-        if ra > ps:
-            top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
-                      default=0)
+        top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
+                  default=0)
+        if src.size is not None:
+            top = min(top, src.size + ps)
+        if ra > ps and top >> shift <= FAST_HINT_MAX_PAGES:
             if self._present is None or len(self._present) < top >> shift:
                 self._present = bytearray(top >> shift)
             hint = self._present
@@ -1990,6 +2379,9 @@ class Handler:
         rec = self.record
         recorded = self._recorded
         poll = poller.poll
+        log_flush = self.log.flush
+        holes = self._holes
+        src_fd = getattr(src, "watch_fd", -1)
         wake_r = self._wake_r
         POLLIN = select.POLLIN
         timed = clock.active
@@ -2055,6 +2447,7 @@ class Handler:
                             return res
                         wait_ms = clock.wait_ms()
                     waits += 1
+                    log_flush()                       # about to sleep: buffered records out
                     for pfd, ev in poll(wait_ms):
                         if pfd == fd:
                             if not ev & POLLIN:
@@ -2063,6 +2456,9 @@ class Handler:
                                 return None
                         elif pfd in extra:
                             return pfd
+                        elif pfd == src_fd:
+                            flush()
+                            src.check()               # raises SourceChanged
                         elif pfd != wake_r:
                             return None               # a newly added uffd: general loop
                     continue
@@ -2083,7 +2479,9 @@ class Handler:
                     # a new region: [lo, hi) is the part with source data (data_end), so a
                     # page past the end of the file, or of a region without data, goes general
                     r = s.find(addr)
-                    if r is None or addr >= data_end(r, src.size, ps):
+                    if r is None or addr >= data_end(r, src.size, ps) or holes and \
+                            src.hole_span(r.offset, r.end - r.start) > r.start - r.end:
+                        # (a region with holes of a sparse file also goes general)
                         if not general(msg):
                             return None
                         continue
@@ -2135,6 +2533,9 @@ class Handler:
                 if not faults & 1023:              # a long burst: stop() and ticks still work
                     if self.stopping:
                         return "stopped"
+                    if src_fd >= 0:
+                        flush()
+                        src.check()
                     if timed:
                         flush()
                         res = clock.check()
@@ -3770,9 +4171,44 @@ class HandshakeError(TargetError):
     """The peer's UFFD handshake is malformed (exit 1)."""
 
 
-def listen_unix(path, log=None):
+class ProtocolUnsupported(HandshakeError):
+    """The peer speaks a handshake uffdtool does not implement (exit 2): Firecracker's
+    unreleased secret-hiding protocol (extra region fields, 3 fds, a second message, then a
+    two-way binary protocol)."""
+    exit_code = 2
+
+
+#: region fields only Firecracker's secret-hiding protocol sends
+FC_SECRET_HIDING_FIELDS = ("gpa_start", "is_guest_memfd")
+#: largest page size a handshake may name (x86_64 has 4 KiB, 2 MiB and 1 GiB pages)
+FC_MAX_PAGE_SIZE = 1 << 30
+_U64 = 1 << 64
+
+
+def _unsupported_protocol(why):
+    return ProtocolUnsupported(
+        "this Firecracker build uses a protocol uffdtool does not speak (%s: the unreleased "
+        "secret-hiding handshake with guest_memfd and a two-way fault protocol); use a "
+        "released Firecracker (v1.12-v1.14 handshake)" % why)
+
+
+def _json_value(data):
+    """The first JSON value in ``data`` and what follows it: (value, rest bytes).  ValueError
+    if it is not JSON; HandshakeError if it nests too deep for the parser (RecursionError)."""
+    text = data.decode("utf-8")
+    try:
+        value, end = json.JSONDecoder().raw_decode(text.lstrip())
+    except RecursionError:
+        raise HandshakeError("handshake JSON is nested too deeply (%d bytes)" % len(data))
+    return value, text.lstrip()[end:].strip().encode()
+
+
+def listen_unix(path, log=None, peer_uid=None):
     """Bind and listen on a Unix stream socket at ``path``: a stale socket file is replaced;
-    anything else that exists there, or a missing directory, is a UsageError."""
+    anything else that exists there, a live listener's socket, or a missing directory, is a
+    UsageError.  The socket file is mode 0600 whatever the umask, before ``listen`` (no
+    other user can connect), and owned by ``peer_uid`` if given (Firecracker under the
+    jailer runs as another uid)."""
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise UsageError("cannot listen on %s: directory %s does not exist" % (path, d))
@@ -3788,17 +4224,100 @@ def listen_unix(path, log=None):
         os.unlink(path)                       # stale socket of an earlier handler
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        old = os.umask(0o177)                 # born 0600: no window with a wider mode
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        if peer_uid is not None and peer_uid != os.geteuid():
+            try:
+                os.chown(path, peer_uid, -1)
+            except OSError as e:
+                _unlink_socket(path, _file_id(path))
+                raise NotPermitted("--peer-uid %d: cannot give the socket %s to that uid: %s "
+                                   "(needs root or CAP_CHOWN)" % (peer_uid, path, e.strerror))
         sock.listen(1)
     except OSError as e:
         sock.close()
         raise UsageError("cannot listen on %s: %s" % (path, e.strerror))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
+#: sock_diag(7) for AF_UNIX: which listening sockets are bound to which file (dev, inode)
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 1, 0x300, 2, 3
+UDIAG_SHOW_VFS, UNIX_DIAG_VFS, TCP_LISTEN = 0x2, 1, 10
+_NLMSGHDR = struct.Struct("=IHHII")               # len, type, flags, seq, pid
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")       # family, protocol, pad, states, ino, show, cookie
+_UNIX_DIAG_MSG = struct.Struct("=BBBBIII")        # family, type, state, pad, ino, cookie
+
+
+def unix_listeners():
+    """(major, minor, inode) of the file of every listening AF_UNIX socket in this network
+    namespace, from sock_diag (UNIX_DIAG_VFS: the bound file's device and inode, however the
+    path was spelled at bind time); None when sock_diag is not available."""
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           NETLINK_SOCK_DIAG)
+    except OSError:
+        return None
+    out = set()
+    try:
+        nl.settimeout(2.0)
+        req = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, UDIAG_SHOW_VFS,
+                                  0xFFFFFFFF, 0xFFFFFFFF)
+        nl.sendto(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
+                                 NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req, (0, 0))
+        while True:
+            data = nl.recv(1 << 16)
+            off = 0
+            while off + _NLMSGHDR.size <= len(data):
+                length, typ = _NLMSGHDR.unpack_from(data, off)[:2]
+                if typ == NLMSG_DONE:
+                    return out
+                if typ == NLMSG_ERROR or length < _NLMSGHDR.size:
+                    return None
+                a = off + _NLMSGHDR.size + _UNIX_DIAG_MSG.size
+                while a + 4 <= off + length:                 # rtattrs: len, type, payload
+                    alen, atyp = struct.unpack_from("=HH", data, a)
+                    if alen < 4:
+                        break
+                    if atyp == UNIX_DIAG_VFS and alen >= 12:
+                        ino, dev = struct.unpack_from("=II", data, a + 4)
+                        out.add((dev >> 20, dev & 0xFFFFF, ino))   # kernel dev_t: 12:20 bits
+                    a += (alen + 3) & ~3
+                off += (length + 3) & ~3
+    except OSError:
+        return None
+    finally:
+        nl.close()
+
+
+def _file_id(path):
+    """(st_dev, st_ino) of ``path`` itself (not following a symlink), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _someone_listens(path):
-    """Whether a process listens on the Unix socket ``path`` (else the file is stale), from
-    /proc/net/unix (flag __SO_ACCEPTCON): connecting to find out would be taken for a peer."""
+    """Whether a live socket listens on the file at ``path`` (else the file is stale): its
+    device and inode against the kernel's listeners (sock_diag), never by connecting (a probe
+    would be taken for a peer), nor by the path (the kernel keeps it as it was spelled at
+    bind time, maybe relative).  Without sock_diag: /proc/net/unix paths."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    live = unix_listeners()
+    if live is not None:
+        return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino & 0xFFFFFFFF) in live
     want = os.path.abspath(path)
     try:
         with open("/proc/net/unix") as f:
@@ -3810,6 +4329,45 @@ def _someone_listens(path):
         if len(f) == 8 and f[7] == want and int(f[3], 16) & 0x10000:
             return True
     return False
+
+
+def peer_cred(conn):
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED), or
+    (None, None, None)."""
+    try:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", cred)
+        return pid or None, uid, gid
+    except OSError:
+        return None, None, None
+
+
+def accept_peer(sock, path, timeout, uids, warn, wake_fd=None):
+    """Accept the first peer on ``sock`` whose SO_PEERCRED uid is in ``uids``; every other
+    one is closed at once with a ``warn(message, pid, uid)`` and listening goes on.  Returns
+    the connection; TargetError when none came within ``timeout`` s (None: wait);
+    KeyboardInterrupt when ``wake_fd`` becomes readable first (a signal)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waits = [sock] + ([wake_fd] if wake_fd is not None else [])
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        r, _, _ = select.select(waits, [], [], left)
+        if not r:
+            raise TargetError("no connection on %s within %g s" % (path, timeout))
+        if sock not in r:
+            raise KeyboardInterrupt
+        conn, _ = sock.accept()
+        pid, uid, _ = peer_cred(conn)
+        if uid in uids:
+            return conn
+        conn.close()
+        warn(refused_message(path, pid, uid, uids), pid, uid)
+
+
+def refused_message(path, pid, uid, uids):
+    """The warning for a peer whose uid is not in ``uids`` (closed; listening goes on)."""
+    return "refused a peer on %s: pid %s runs as uid %s, not %s (see --peer-uid)" % (
+        path, pid, uid, " or ".join(str(u) for u in sorted(uids)))
 
 
 def peer_pid_of(conn):
@@ -3869,25 +4427,45 @@ def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT, first_time
 
 
 def _json_complete(data):
+    """Whether ``data`` starts with a whole JSON value (too deep or undecodable counts as
+    whole: parse_handshake then says what is wrong with it)."""
     try:
-        json.loads(data)
+        _json_value(data)
+        return True
+    except UnicodeDecodeError:
         return True
     except ValueError:
         return False
+    except HandshakeError:
+        return True
 
 
-def parse_handshake(data):
+def parse_handshake(data, nfds=1):
     """Validate the JSON of a Firecracker handshake: returns (page_size, [region dicts]).
 
     Each region has int ``base_host_virt_addr``, ``size``, ``offset``; the page size is
     ``page_size``, else ``page_size_kib`` (which holds bytes, despite its name), else 4096.
-    Raises HandshakeError with the reason."""
+    Every number must fit the u64 it is in Firecracker, a region must not wrap past 2^64 (base
+    + size, offset + size), base, size and offset are page-aligned, the page size is a power of
+    two from 4096 to 1 GiB, regions do not overlap.  Raises HandshakeError naming the field;
+    ProtocolUnsupported for the secret-hiding protocol (its region fields, ``nfds`` == 3, or
+    bytes after the JSON array: its second message)."""
     if not data:
         raise HandshakeError("empty handshake message")
     try:
-        regions = json.loads(data.decode("utf-8"))
+        regions, rest = _json_value(data)
     except (UnicodeDecodeError, ValueError) as e:
         raise HandshakeError("handshake is not JSON (%s): %r" % (e, data[:60]))
+    if isinstance(regions, list) and any(isinstance(r, dict) and any(
+            k in r for k in FC_SECRET_HIDING_FIELDS) for r in regions):
+        raise _unsupported_protocol("regions carry %s" % "/".join(FC_SECRET_HIDING_FIELDS))
+    if nfds == 3:
+        raise _unsupported_protocol("3 fds: uffd, guest_memfd, userfault bitmap")
+    if rest:
+        if isinstance(regions, list):
+            raise _unsupported_protocol("a second message after the regions: %r" % rest[:40])
+        raise HandshakeError("handshake is not JSON (extra data after the value): %r"
+                             % data[:60])
     if not isinstance(regions, list) or not regions:
         raise HandshakeError("handshake must be a non-empty JSON array of regions, got %s"
                              % type(regions).__name__)
@@ -3901,12 +4479,18 @@ def parse_handshake(data):
             v = r.get(k)
             if type(v) is not int or v < 0:
                 raise HandshakeError("handshake region %d: %s must be a non-negative integer, "
-                                     "got %r" % (i, k, v))
+                                     "got %.40r" % (i, k, v))
+            if v >= _U64:
+                raise HandshakeError("handshake region %d: %s does not fit in 64 bits: %.40r"
+                                     % (i, k, v))
             reg[k] = v
+        for k in ("page_size", "page_size_kib"):
+            v = r.get(k)
+            if v is not None and (type(v) is not int or v < 4096 or v & (v - 1) or
+                                  v > FC_MAX_PAGE_SIZE):
+                raise HandshakeError("handshake region %d: %s %.40r is not a power of two "
+                                     "from 4096 to %d" % (i, k, v, FC_MAX_PAGE_SIZE))
         ps = r.get("page_size", r.get("page_size_kib", 4096))
-        if type(ps) is not int or ps < 4096 or ps & (ps - 1):
-            raise HandshakeError("handshake region %d: page size %r is not a power of two "
-                                 ">= 4096" % (i, ps))
         page_sizes.add(ps)
         out.append(reg)
     if len(page_sizes) != 1:
@@ -3914,13 +4498,21 @@ def parse_handshake(data):
                              % sorted(page_sizes))
     ps = page_sizes.pop()
     for i, r in enumerate(out):
-        if r["size"] == 0 or r["size"] % ps or r["base_host_virt_addr"] % ps:
-            raise HandshakeError("handshake region %d: base 0x%x / size %d not aligned to the "
-                                 "page size %d" % (i, r["base_host_virt_addr"], r["size"], ps))
-    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"]) for r in out)
-    for (a, b), (c, d) in zip(spans, spans[1:]):
+        for k in ("base_host_virt_addr", "size", "offset"):
+            if r[k] % ps or (k == "size" and not r[k]):
+                raise HandshakeError("handshake region %d: %s 0x%x is not aligned to the page "
+                                     "size %d%s" % (i, k, r[k], ps, " (or is 0)" * (k == "size")))
+        for k in ("base_host_virt_addr", "offset"):
+            if r[k] + r["size"] > _U64:
+                raise HandshakeError("handshake region %d: %s 0x%x + size 0x%x wraps past 2^64"
+                                     % (i, k, r[k], r["size"]))
+    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"], i)
+                   for i, r in enumerate(out))
+    for (a, b, i), (c, d, j) in zip(spans, spans[1:]):
         if c < b:
-            raise HandshakeError("handshake regions overlap at 0x%x" % c)
+            raise HandshakeError("handshake regions %d and %d overlap at 0x%x: region %d's "
+                                 "base_host_virt_addr + size reaches past region %d's"
+                                 % (i, j, c, i, j))
     return ps, out
 
 
@@ -3931,6 +4523,27 @@ def _is_userfaultfd(fd):
         return True                           # no /proc: trust the peer
 
 
+def check_peer_uffd(fd):
+    """HandshakeError unless ``fd`` is a userfaultfd on which the peer did UFFDIO_API: before
+    it, every read and ioctl but UFFDIO_API fails with EINVAL (fs/userfaultfd.c), so serving
+    would end at the first read with nothing served.  The probe is a UFFDIO_WAKE of an empty
+    wait queue (one page at vm.mmap_min_addr, the lowest address a range may have: no thread
+    waits there, nothing changes)."""
+    if not _is_userfaultfd(fd):
+        raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
+    low = read_sysfs("/proc/sys/vm/mmap_min_addr", "")
+    low = int(low) if low.isdigit() else 0
+    arg = uffdio_range(max(1 << 16, -(-low // PAGE_SIZE) * PAGE_SIZE), PAGE_SIZE)
+    try:
+        fcntl.ioctl(fd, UFFDIO_WAKE, arg, True)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise HandshakeError("the peer's userfaultfd is not initialised (UFFDIO_API was "
+                                 "never called on it: every read/ioctl fails with EINVAL)")
+        raise HandshakeError("the peer's userfaultfd fails UFFDIO_WAKE: %s"
+                             % os.strerror(e.errno))
+
+
 class FirecrackerTarget(Target):
     """serve-file ``--firecracker-socket PATH``: listen on a Unix socket, accept Firecracker (or
     anything speaking its UFFD handshake), receive the regions and the uffd.  ``open`` does it
@@ -3939,9 +4552,12 @@ class FirecrackerTarget(Target):
     ``--peers`` worker: its parent listens); ``open`` then only reads the handshake."""
     name = "firecracker"
 
-    def __init__(self, path, accept_timeout=None, conn=None):
+    def __init__(self, path, accept_timeout=None, peer_uid=None, conn=None):
         self.path = path
         self.accept_timeout = accept_timeout
+        self.peer_uid = peer_uid              # also accept peers of this uid (--peer-uid)
+        self.sock_id = None                   # (dev, ino) of the socket file we bound
+        self.log = None
         self.sock = None
         self.conn = conn
         self.pidfd = -1
@@ -3950,8 +4566,10 @@ class FirecrackerTarget(Target):
         self.drained = None
 
     def open(self, log, source, wake_fd=None):
+        self.log = log
         if self.conn is None:
-            self.sock = listen_unix(self.path)
+            self.sock = listen_unix(self.path, peer_uid=self.peer_uid)
+            self.sock_id = _file_id(self.path)
             log.emit("ready", socket=self.path)
         regions = self.accept(self.accept_timeout, source.size, wake_fd)
         log.emit("handshake", pid=self.peer_pid, page_size=self.page_size,
@@ -3965,13 +4583,8 @@ class FirecrackerTarget(Target):
         ``source_size``: bytes the source has (a shorter one is a UsageError).  Returns the
         regions (dicts, as in the handshake)."""
         if self.conn is None:
-            waits = [self.sock] + ([wake_fd] if wake_fd is not None else [])
-            r, _, _ = select.select(waits, [], [], timeout)
-            if not r:
-                raise TargetError("no connection on %s within %g s" % (self.path, timeout))
-            if self.sock not in r:
-                raise KeyboardInterrupt
-            self.conn, _ = self.sock.accept()
+            uids = {os.geteuid()} | ({self.peer_uid} if self.peer_uid is not None else set())
+            self.conn = accept_peer(self.sock, self.path, timeout, uids, self._refused, wake_fd)
             self._stop_listening()  # one peer: a second one must fail at connect, not hang
         elif wake_fd is not None:
             # accepted by a --peers parent: a stop before the peer has sent anything drops it
@@ -3985,12 +4598,11 @@ class FirecrackerTarget(Target):
         self.peer_pid = peer_pid_of(self.conn)
         data, fds = receive_handshake(self.conn, first_timeout=timeout)
         try:
-            if len(fds) != 1:
+            if len(fds) != 1 and len(fds) != 3:
                 raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
                                      % len(fds))
-            if not _is_userfaultfd(fds[0]):
-                raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
-            ps, regions = parse_handshake(data)
+            ps, regions = parse_handshake(data, len(fds))
+            check_peer_uffd(fds[0])
             if source_size is not None:
                 need = max(r["offset"] + r["size"] for r in regions)
                 if need > source_size:
@@ -4011,6 +4623,7 @@ class FirecrackerTarget(Target):
     def attach(self, handler):
         regs = [Region(r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"],
                        r["offset"]) for r in self.regions]
+        handler.exact_regions = True          # the handshake lists all registered memory
         handler.add(self.uffd, regs, self.peer_pid, "firecracker")
         fds = [self.conn.fileno()]
         if self.peer_pid:
@@ -4024,16 +4637,24 @@ class FirecrackerTarget(Target):
     def ready_fields(self):
         return None                           # written by open(), before the peer connects
 
+    def _refused(self, message, pid, uid):
+        if self.log is not None:
+            self.log.emit("warning", message=message, pid=pid, uid=uid)
+
     def _stop_listening(self):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-            _unlink_socket(self.path)
+            _unlink_socket(self.path, self.sock_id)
 
     def detach(self, handler, reason):
         """Stopped while the peer still runs (SIGINT/SIGTERM, --duration): install every page of
         the regions not served yet and unregister them, so that the VM goes on without a
         handler, with all its memory (else its next fault would wait forever).  Exit 0."""
+        if reason == "done":
+            warn_if_never_faulted(handler, self.peer_pid)
+        if reason not in ("interrupted", "duration", "error"):
+            warn_if_never_faulted(handler, self.peer_pid)
         if reason not in ("interrupted", "duration"):
             return None                       # the peer is gone (or the run failed)
         pid = self.peer_pid
@@ -4079,10 +4700,23 @@ class FirecrackerTarget(Target):
             self._stop_listening()
 
 
-def _unlink_socket(path):
-    """Remove the socket file at ``path`` (nothing else; no error if it is gone)."""
+def warn_if_never_faulted(handler, pid):
+    """A peer that hangs up without a single fault was probably not served at all (its memory
+    not registered with the uffd it sent, or registered write-protect only): say so."""
+    st = handler.stats.count
+    if not any(v for k, v in st.items() if k.startswith("faults_")) and \
+            not st.get("prefetch_pages"):
+        handler.log.emit("warning", pid=pid, message="the peer hung up without a single page "
+                         "fault: was its memory registered (MISSING mode) with the uffd it "
+                         "sent, and did it touch it?")
+
+
+def _unlink_socket(path, ident):
+    """Remove the socket file at ``path`` if it is still the one this process bound (same
+    device and inode ``ident``: another handler may have bound a new one there since)."""
     try:
-        if path and (os.lstat(path).st_mode & 0o170000) == 0o140000:
+        if path and ident is not None and _file_id(path) == ident and \
+                (os.lstat(path).st_mode & 0o170000) == 0o140000:
             os.unlink(path)
     except OSError:
         pass
@@ -5853,7 +6487,1236 @@ def run_selftest(checks, timeout=CHECK_TIMEOUT):
 
 
 ###################################################################################################
-#  14. CLI
+#  14. report
+###################################################################################################
+
+# ``uffdtool report`` reads a log (or a working-set file) once, as a stream, and keeps per process
+# only the first-touch time of each page touched (arrays of REPORT_CHUNK pages), the faults that
+# hit a page again (per coarse time bin), the mappings, the last stats record and the first
+# REPORT_EVENTS other records: memory follows the distinct pages and bins, never the records.
+# The views (terminal text, SVG heat maps, one HTML page) are drawn from that at the end.
+
+REPORT_CHUNK = 32                              #: pages per first-touch array
+_UNTOUCHED = array.array("d", [-1.0]) * REPORT_CHUNK
+REPORT_EVENTS = 2000                           #: non-fault records kept for the timeline
+REPORT_CLUSTER_GAP = 64 << 20                  #: without mappings: a new address cluster after
+#                                                 this many untouched bytes
+#: records that draw nothing on the timeline (they are counted)
+_REPORT_QUIET = ("pagefault", "stats", "start", "ready", "mappings", "verify")
+#: heat-map colours from 1 fault per cell to the maximum (yellow to dark red, visible on white)
+HEAT_COLOURS = ("#fde68a", "#fcd34d", "#fbbf24", "#f59e0b", "#f97316", "#ea580c", "#dc2626",
+                "#b91c1c", "#7f1d1d")
+
+
+class _Proc:
+    """One process of a log (or one uffd whose process the log does not name)."""
+
+    def __init__(self, key, shift):
+        self.key = key                     # ("pid", N) or ("ufd", N, generation)
+        self.pid = key[1] if key[0] == "pid" else None
+        self.shift = shift                 # log2 of its page size
+        self.chunks = {}                   # page // REPORT_CHUNK -> first-touch times (-1: none)
+        self.refaults = {}                 # (page, time bin) -> faults after the first touch
+        self.pages = self.faults = 0
+        self.maps = []                     # [start, end, name, source offset or None]
+        self.note = ""                     # e.g. "fork child", "Firecracker peer"
+        self.first = math.inf
+
+
+class Area:
+    """A mapping (or region, or address cluster) of one process, with the pages touched in it.
+
+    ``start``/``end``: bytes; ``pg``/``tt``: page numbers (ascending) and first-touch times;
+    ``offset``: the source offset of ``start`` (serve-file regions) or None."""
+
+    def __init__(self, proc, start, end, name, offset=None, cluster=False):
+        self.proc, self.start, self.end, self.name = proc, start, end, name
+        self.offset, self.cluster = offset, cluster
+        self.pg = array.array("q")
+        self.tt = array.array("d")
+        self.refaults = []                 # [(page, time bin, faults)]
+        self.faults = 0
+        self.ckey = None                   # comparison key (see LogReport.page_keys)
+
+    @property
+    def p0(self):
+        return self.start >> self.proc.shift
+
+    @property
+    def npages(self):
+        return max(1, -(-(self.end - self.start) >> self.proc.shift))
+
+    @property
+    def pages(self):
+        return len(self.pg)
+
+    @property
+    def label(self):
+        return self.name or "anon"
+
+
+class LogReport:
+    """A uffdtool log (or working-set file) reduced to what ``uffdtool report`` shows.
+
+    Feed it records (``feed``), then call ``finish()``; ``areas`` then lists every mapping
+    with touched pages.  ``warnings`` collects what the CLI should say about the input."""
+
+    def __init__(self, path):
+        self.path = path
+        self.kind = "log"                  # or "working-set" (then times are touch order)
+        self.start = self.exit = None
+        self.handshakes = []
+        self.stats = {}                    # peer (None: the tool) -> its last stats record
+        self.counts = {}                   # event name -> records
+        self.events = []                   # (t, event, detail) for the timeline
+        self.events_left_out = 0           # records beyond REPORT_EVENTS
+        self.phases = []                   # (lane, start, end, label): fill, peers
+        self._began = {}                   # peer (None: the tool) -> when it began serving
+        self.hist = [0] * LAT_BUCKETS      # from the pagefault records' "us"
+        self.timed = 0
+        self.procs = {}
+        self.warnings = []
+        self.t_end = 0.0
+        self.t_first = math.inf            # first and last fault
+        self.t_last = -math.inf
+        self.runs = 0
+        self.source_keyed = False          # pages compare by source offset (serve-file)
+        self._shift = PAGE_SIZE.bit_length() - 1
+        self._offset = 0.0                 # added to t (a log holding several runs)
+        self._ufd = {}                     # live ufd -> process key
+        self._gen = {}                     # ufd -> times it was closed (the number is reused)
+        self._default = None               # process of faults that name none (one FC peer)
+        self._rq = 1e-4                    # time bin of refaults (doubles as the log grows)
+        self._last = (None, None)          # (pid, its _Proc) of the last fault
+        self.areas = []
+
+    # -- reading ----------------------------------------------------------------------------
+    def _proc(self, key):
+        p = self.procs.get(key)
+        if p is None:
+            p = self.procs[key] = _Proc(key, self._shift)
+        return p
+
+    def _proc_of(self, rec):
+        pid = rec.get("pid")
+        if pid is None:
+            pid = rec.get("peer")
+        if pid is not None:
+            return self._proc(("pid", pid))
+        ufd = rec.get("ufd")
+        key = self._ufd.get(ufd)
+        if key is None:
+            key = self._default
+            if key is None:
+                key = self._ufd[ufd] = ("ufd", ufd, self._gen.get(ufd, 0))
+        return self._proc(key)
+
+    def fault(self, rec):
+        """One pagefault record (the hot path: a million of them must take seconds)."""
+        t = rec["t"] + self._offset
+        if not 0 <= t < 1e12:                 # NaN, Infinity (json takes them), negative
+            raise ValueError("bad t")
+        addr = rec.get("address")
+        if addr.__class__ is not int:
+            self.counts["bad pagefault"] = self.counts.get("bad pagefault", 0) + 1
+            return
+        pid = rec.get("pid")
+        if pid is not None and pid == self._last[0]:
+            proc = self._last[1]
+        else:
+            proc = self._proc_of(rec)
+            if pid is not None:
+                self._last = (pid, proc)
+        page = addr >> proc.shift
+        ch = proc.chunks.get(page // REPORT_CHUNK)
+        if ch is None:
+            ch = proc.chunks[page // REPORT_CHUNK] = array.array("d", _UNTOUCHED)
+        i = page % REPORT_CHUNK
+        if ch[i] < 0:
+            ch[i] = t
+            proc.pages += 1
+            if t < proc.first:
+                proc.first = t
+        else:
+            b = int(t / self._rq)
+            while b > 8192:
+                self._coarsen()
+                b = int(t / self._rq)
+            k = (page, b)
+            proc.refaults[k] = proc.refaults.get(k, 0) + 1
+        proc.faults += 1
+        if t < self.t_first:
+            self.t_first = t
+        if t > self.t_last:
+            self.t_last = t
+        us = rec.get("us")
+        if us.__class__ is float or us.__class__ is int:
+            self.hist[latency_bucket(us)] += 1
+            self.timed += 1
+
+    def _coarsen(self):
+        self._rq *= 2
+        for p in self.procs.values():
+            new = {}
+            for (page, b), n in p.refaults.items():
+                k = (page, b // 2)
+                new[k] = new.get(k, 0) + n
+            p.refaults = new
+
+    def feed(self, rec):
+        """One record other than a pagefault."""
+        ev, t = rec["event"], rec["t"]
+        if ev.__class__ is not str or not 0 <= t < 1e12:
+            raise ValueError("not a uffdtool record")
+        if ev == "start":
+            self.runs += 1
+            if self.start is None:
+                self.start = rec
+            else:        # a second run appended to the same file: keep the time axis monotonic
+                self._offset = self.t_end
+                self._ufd.clear()
+                self._default = None
+        t += self._offset
+        self.t_end = max(self.t_end, t)
+        self.counts[ev] = self.counts.get(ev, 0) + 1
+        getattr(self, "_on_" + ev.replace("-", "_"), self._on_other)(rec, t)
+        if ev not in _REPORT_QUIET:
+            if len(self.events) < REPORT_EVENTS:
+                self.events.append((t, ev, _event_detail(rec)))
+            else:
+                self.events_left_out += 1
+
+    def _on_other(self, rec, t):
+        pass
+
+    def _phase(self, lane, rec, t, label):
+        if len(self.phases) < REPORT_EVENTS:
+            peer = rec.get("peer")
+            start = self._began.get(peer, self._began.get(None, 0.0))
+            self.phases.append((lane, start, t, label))
+
+    def _on_fill_done(self, rec, t):
+        self._phase("fill", rec, t, "fill%s: done" % (
+            "" if rec.get("peer") is None else " of peer %s" % rec["peer"]))
+
+    def _on_peer_done(self, rec, t):
+        self._phase("peers", rec, t, "peer %s: done" % rec.get("peer"))
+
+    def _on_peer_failed(self, rec, t):
+        self._phase("peers", rec, t, "peer %s: FAILED" % rec.get("peer"))
+
+    def _on_ready(self, rec, t):
+        self._began.setdefault(None, t)
+        if isinstance(rec.get("pid"), int):
+            for ufd in rec.get("ufds") or ():
+                self._ufd[ufd] = ("pid", rec["pid"])
+
+    def _on_exec(self, rec, t):
+        if isinstance(rec.get("pid"), int):
+            self._ufd[rec.get("ufd")] = ("pid", rec["pid"])
+
+    def _on_fork(self, rec, t):
+        ufd = rec.get("ufd")
+        key = self._ufd[ufd] = ("ufd", ufd, self._gen.get(ufd, 0))
+        self._proc(key).note = "fork child"
+
+    def _on_gone(self, rec, t):
+        ufd = rec.get("ufd")
+        key = self._ufd.pop(ufd, None)
+        self._gen[ufd] = self._gen.get(ufd, 0) + 1
+        if key is not None and key[0] == "ufd" and isinstance(rec.get("pid"), int):
+            self._proc(key).pid = rec["pid"]          # merged into that pid by finish()
+
+    def _on_handshake(self, rec, t):
+        pid = rec.get("peer", rec.get("pid"))
+        if not isinstance(pid, int):
+            return
+        self.handshakes.append(rec)
+        self._began[rec.get("peer")] = t
+        ps = rec.get("page_size")
+        key = self._default = ("pid", pid)
+        p = self._proc(key)
+        if isinstance(ps, int) and ps > 0:
+            p.shift = ps.bit_length() - 1
+        p.note = "Firecracker peer"
+        for i, r in enumerate(rec.get("layout") or ()):
+            if isinstance(r, dict) and all(isinstance(r.get(k), int)
+                                           for k in ("base", "size", "offset")):
+                p.maps.append([r["base"], r["base"] + r["size"], "region %d" % i, r["offset"]])
+        self.source_keyed = True
+
+    def _on_mappings(self, rec, t):
+        if not isinstance(rec.get("pid"), int):
+            return
+        p = self._proc(("pid", rec["pid"]))
+        for m in rec.get("mappings") or ():
+            if isinstance(m, dict) and isinstance(m.get("start"), int) and \
+                    isinstance(m.get("len"), int):
+                off = m.get("offset") if isinstance(m.get("offset"), int) else None
+                p.maps.append([m["start"], m["start"] + m["len"], str(m.get("name") or ""), off])
+
+    def _on_stats(self, rec, t):
+        self.stats[rec.get("peer")] = rec
+
+    def _on_exit(self, rec, t):
+        self.exit = rec
+
+    # -- after the last record --------------------------------------------------------------
+    def finish(self):
+        """Merge the processes learned late, cut every process's pages into areas."""
+        if self.runs > 1:
+            self.warnings.append("%s holds %d runs (start records); the later runs are drawn "
+                                 "after the first" % (self.path, self.runs))
+        for key, p in list(self.procs.items()):
+            if key[0] == "ufd" and p.pid is not None:
+                self._merge(p, self._proc(("pid", p.pid)))
+                del self.procs[key]
+        self.areas = []
+        procs = sorted((p for p in self.procs.values() if p.pages or p.maps),
+                       key=lambda p: (p.first, str(p.key)))
+        for n, p in enumerate(procs):
+            self.areas.extend(_areas_of(p, n, self._rq))
+        self.procs_sorted = [p for p in procs if p.pages]
+        return self
+
+    @staticmethod
+    def _merge(src, dst):
+        for c, arr in src.chunks.items():
+            mine = dst.chunks.get(c)
+            if mine is None:
+                dst.chunks[c] = arr
+                dst.pages += sum(1 for t in arr if t >= 0)
+                continue
+            for i, t in enumerate(arr):
+                if t >= 0 and (mine[i] < 0 or t < mine[i]):
+                    if mine[i] < 0:
+                        dst.pages += 1
+                    mine[i] = t
+        for k, n in src.refaults.items():
+            dst.refaults[k] = dst.refaults.get(k, 0) + n
+        dst.faults += src.faults
+        dst.maps.extend(src.maps)
+        dst.first = min(dst.first, src.first)
+        dst.note = dst.note or src.note
+
+    # -- derived numbers --------------------------------------------------------------------
+    @property
+    def pages(self):
+        return sum(a.pages for a in self.areas)
+
+    @property
+    def faults(self):
+        return sum(p.faults for p in self.procs.values())
+
+    def stats_faults(self):
+        """Faults counted by the last stats record(s) (also without pagefault records)."""
+        return sum(sum(v for k, v in s.items() if k.startswith("faults_") and
+                       isinstance(v, int)) for s in self.stats.values())
+
+    def latency_hist(self):
+        """(counts per bucket, where from): the stats records' ``latency_hist`` (summed over
+        peers) when the log has them, else the pagefault records' ``us``."""
+        if any("latency_hist" in s for s in self.stats.values()):
+            h = [0] * LAT_BUCKETS
+            for s in self.stats.values():
+                for k, n in (s.get("latency_hist") or {}).items():
+                    try:
+                        h[latency_bucket(float(k))] += int(n)
+                    except (TypeError, ValueError):
+                        pass
+            return h, "stats"
+        return list(self.hist), "pagefault"
+
+    def percentiles(self):
+        """The last stats record's latency_us (one tool), else estimates from the histogram."""
+        if len(self.stats) == 1:
+            lat = next(iter(self.stats.values())).get("latency_us")
+            if isinstance(lat, dict) and lat:
+                return lat, True
+        h, _ = self.latency_hist()
+        n = sum(h)
+        if not n:
+            return {}, False
+        out = {"samples": n}
+        for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
+            acc = 0
+            for k, c in enumerate(h):
+                acc += c
+                if acc >= q * n:
+                    out[name] = float(1 << k)
+                    break
+        return out, False
+
+    def curve(self, tmax, bins=640, t0=0.0):
+        """The working-set curve: distinct pages first touched up to the end of each of
+        ``bins`` equal bins of [t0, t0 + tmax] (the last value is the number of distinct
+        pages)."""
+        counts = [0] * bins
+        last = bins - 1
+        for a in self.areas:
+            for t in a.tt:
+                k = int((t - t0) * bins / tmax)
+                counts[k if k < last else last if k > 0 else 0] += 1
+        acc, out = 0, []
+        for n in counts:
+            acc += n
+            out.append(acc)
+        return out
+
+    def page_keys(self, ids):
+        """The set of pages as position keys that survive ASLR and restores: source offset
+        (serve-file regions, --record key=offset files), else (process number, mapping name,
+        how many same-named mappings come before it, page inside it).  ``ids`` numbers the
+        mapping keys (shared by the two logs compared); a key is ``id << 64 | page``."""
+        keys = set()
+        for a in self.areas:
+            kid = ids.setdefault(a.ckey, len(ids))
+            base = (a.offset >> a.proc.shift) if a.offset is not None else 0
+            p0 = a.p0
+            keys.update((kid << 64) | (base + p - p0) for p in a.pg)
+        return keys
+
+    @property
+    def compare_by(self):
+        if self.source_keyed and all(a.offset is not None for a in self.areas):
+            return "source offset"
+        if all(not a.cluster for a in self.areas):
+            return "offset inside each mapping"
+        return "offset inside address clusters (approximate: no mappings records)"
+
+    @property
+    def title(self):
+        """The command line that made the log (``argv`` of the start record, if written)."""
+        s = self.start or {}
+        if isinstance(s.get("argv"), list):
+            return " ".join(str(a) for a in s["argv"])
+        if self.kind == "working-set":
+            return "working set %s" % self.path
+        bits = ["uffdtool", s.get("command") or "watch"]
+        if s.get("target"):
+            bits.append("--" + s["target"] if s["target"] == "self" else "")
+        if s.get("source"):
+            bits.append(str(s["source"]))
+        if s.get("cmd"):
+            bits.extend(str(c) for c in s["cmd"])
+        return " ".join(b for b in bits if b)
+
+    @property
+    def date(self):
+        s = self.start or {}
+        if isinstance(s.get("time"), (int, float)):
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["time"]))
+        try:
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC (log file modified)",
+                                 time.gmtime(os.stat(self.path).st_mtime))
+        except OSError:
+            return "unknown date"
+
+    @property
+    def exit_status(self):
+        return (self.exit or {}).get("status")
+
+
+def _event_detail(rec):
+    """A short text of a record's fields for the timeline (hover)."""
+    return format_human(rec).split(None, 2)[2][:160] if len(rec) > 2 else ""
+
+
+def _areas_of(proc, n, rq):
+    """Cut a process's touched pages into Areas: its mappings when the log lists them (a later
+    mapping over the same addresses wins), address clusters for the rest."""
+    shift = proc.shift
+    maps = _paint(proc.maps)
+    starts = [m[0] for m in maps]
+    areas = [Area(proc, a, b, name, off) for a, b, name, off in maps]
+    loose = []                                        # pages outside every listed mapping
+    for c in sorted(proc.chunks):
+        arr = proc.chunks[c]
+        base = c * REPORT_CHUNK
+        k = bisect.bisect_right(starts, base << shift) - 1
+        if k >= 0 and (base + REPORT_CHUNK) << shift <= maps[k][1]:   # all in one mapping
+            a = areas[k]
+            for i in range(REPORT_CHUNK):
+                if arr[i] >= 0:
+                    a.pg.append(base + i)
+                    a.tt.append(arr[i])
+            continue
+        for i in range(REPORT_CHUNK):
+            t = arr[i]
+            if t < 0:
+                continue
+            page = base + i
+            addr = page << shift
+            k = bisect.bisect_right(starts, addr) - 1
+            if k >= 0 and addr < maps[k][1]:
+                areas[k].pg.append(page)
+                areas[k].tt.append(t)
+            else:
+                loose.append((page, t))
+    if loose:
+        areas.extend(_clusters(proc, loose))
+    index = [(a.p0, a.p0 + a.npages, a) for a in areas]
+    index.sort(key=lambda x: x[0])
+    firsts = [x[0] for x in index]
+    for (page, b), cnt in proc.refaults.items():
+        k = bisect.bisect_right(firsts, page) - 1
+        if k >= 0 and page < index[k][1]:
+            index[k][2].refaults.append((page, (b + 0.5) * rq, cnt))
+    seen = {}
+    for a in sorted(areas, key=lambda a: a.start):
+        a.faults = a.pages + sum(x[2] for x in a.refaults)
+        if a.offset is not None:
+            a.ckey = ("source",)
+        else:
+            same = seen[(a.cluster, a.name)] = seen.get((a.cluster, a.name), -1) + 1
+            a.ckey = (n, "cluster" if a.cluster else a.name, same)
+    return [a for a in areas if a.pages]
+
+
+def _paint(maps):
+    """Listed mappings as sorted disjoint [start, end, name, offset]: later ones cover earlier."""
+    out = []
+    for a, b, name, off in maps:
+        if b <= a:
+            continue
+        keep = []
+        for m in out:
+            if m[1] <= a or m[0] >= b:
+                keep.append(m)
+                continue
+            if m[0] < a:
+                keep.append([m[0], a, m[2], m[3]])
+            if m[1] > b:
+                keep.append([b, m[1], m[2], None if m[3] is None else m[3] + (b - m[0])])
+        keep.append([a, b, name, off])
+        out = sorted(keep)
+    return out
+
+
+def _clusters(proc, loose):
+    """Areas for pages no listed mapping holds: split where REPORT_CLUSTER_GAP bytes lie
+    untouched."""
+    gap = REPORT_CLUSTER_GAP >> proc.shift
+    out = []
+    for page, t in loose:
+        if not out or page - out[-1].pg[-1] > gap:
+            out.append(Area(proc, page << proc.shift, 0, "", cluster=True))
+        out[-1].pg.append(page)
+        out[-1].tt.append(t)
+    for a in out:
+        a.end = (a.pg[-1] + 1) << proc.shift
+        a.name = "addresses"
+    return out
+
+
+# -- reading files ----------------------------------------------------------------------------
+
+def read_report(path):
+    """Read a uffdtool log (JSON lines) or working-set file into a finished LogReport.
+
+    One pass, line by line.  UsageError (exit 2) for what cannot be a report: a missing file,
+    no records, a first line that is not a uffdtool record.  A last line cut short is left out
+    with a warning; other lines that are not records are counted in a warning."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UsageError("cannot read %s: %s" % (path, e.strerror))
+    rep = LogReport(path)
+    with f:
+        if f.read(len(WORKING_SET_MAGIC) - 3) == WORKING_SET_MAGIC[:-3].encode():
+            return _read_ws_report(path, rep)
+        f.seek(0)
+        _read_records(f, rep)
+    return rep.finish()
+
+
+def _read_records(f, rep):
+    # The decoder's scanner on the decoded line: a third of json.loads's time per record
+    # (no encoding detection, no wrapper); anything it does not take goes to json.loads.
+    scan, loads, fault, feed = json.JSONDecoder().scan_once, json.loads, rep.fault, rep.feed
+    no = bad = 0
+    for line in f:
+        no += 1
+        try:
+            try:
+                s = line.decode()
+                rec, end = scan(s, 0)
+                if end != len(s) and s[end:].strip():
+                    raise ValueError("trailing data")
+            except StopIteration:
+                rec = loads(line)
+            if rec["event"] == "pagefault":
+                fault(rec)
+            else:
+                feed(rec)
+            continue
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        if not line.strip():
+            continue
+        if no == 1 and not line.startswith(b'{"t":'):
+            raise UsageError("%s is not a uffdtool log (line 1 is not a JSON record with 't' "
+                             "and 'event')" % rep.path)
+        if not line.endswith(b"\n"):
+            rep.warnings.append("%s:%d: the last line is cut short (the log was still being "
+                                "written, or truncated): left out" % (rep.path, no))
+            break
+        bad += 1
+    if bad:
+        rep.warnings.append("%s: %d line(s) that are not uffdtool records left out"
+                            % (rep.path, bad))
+    if not rep.counts and not rep.procs:
+        raise UsageError("%s is empty: no uffdtool records" % rep.path)
+
+
+def _read_ws_report(path, rep):
+    """A working-set file (--record, v1 or v2): the pages in first-touch order, t = the
+    touch's rank.  Unlike --prefetch, a v2 file without (or with a wrong) ``# end pages=N``
+    line is still drawn, with a warning."""
+    pages, end = [], None
+    with open(path, "rb") as f:
+        words = f.readline().decode("utf-8", "replace").split()
+        for no, line in enumerate(f, 2):
+            line = line.strip()
+            if line.startswith(b"# end pages="):
+                end = line[12:].decode("ascii", "replace")
+            elif line and not line.startswith(b"#"):
+                try:
+                    pages.append(int(line, 0))
+                except ValueError:
+                    raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
+    meta = dict(w.split("=", 1) for w in words if "=" in w)
+    if words[3:4] != ["v1"]:
+        if end is None:
+            rep.warnings.append("%s: no '# end pages=N' line: the file is cut short" % path)
+        elif end != str(len(pages)):
+            rep.warnings.append("%s: '# end pages=%s' but %d pages listed"
+                                % (path, end, len(pages)))
+    try:
+        page_size = int(meta.get("page_size", PAGE_SIZE))
+    except ValueError:
+        raise UsageError("%s: bad page_size in the header" % path)
+    key = meta.get("key", "offset")
+    if not pages:
+        raise UsageError("%s lists no pages" % path)
+    rep.kind = "working-set"
+    rep._shift = max(page_size, 1).bit_length() - 1
+    try:
+        pid = int(meta.get("pid", ""))
+    except ValueError:
+        pid = None
+    proc = rep._proc(("pid", pid) if pid is not None else ("file", path))
+    rep._default = proc.key
+    if key == "offset":
+        rep.source_keyed = True
+        span = max(pages) + page_size
+        proc.maps.append([0, span - span % page_size, "source", 0])
+    for i, p in enumerate(pages):
+        rep.fault({"t": float(i), "address": p})
+    rep.t_end = float(len(pages))
+    return rep.finish()
+
+
+# -- binning ----------------------------------------------------------------------------------
+
+def nice_step(x):
+    """The least of 1, 2, 5 x 10**k that is >= x (x > 0): the width of a time bin."""
+    if x <= 0:
+        return 1e-3
+    k = math.floor(math.log10(x))
+    for m in (1, 2, 5, 10):
+        step = m * 10.0 ** k
+        if step >= x * (1 - 1e-9):
+            return float("%.12g" % step)
+    return 10.0 ** (k + 1)
+
+
+def time_axis(rep, rows):
+    """(t0, dt, nrows) of the heat maps: the faults' span cut in at most ``rows`` bins of a
+    round width (at most one more bin for the rounding), t0 a multiple of it: the view zooms to
+    where the faults are."""
+    if rep.t_last < rep.t_first:
+        return 0.0, 1e-3, 1
+    dt = nice_step((rep.t_last - rep.t_first) / rows)
+    if rep.kind == "working-set":               # times are ranks: whole touches per bin
+        dt = max(1.0, dt)
+    t0 = math.floor(rep.t_first / dt) * dt
+    return t0, dt, int((rep.t_last - t0) / dt) + 1
+
+
+def pages_per_column(npages, cols):
+    """Pages per heat-map column: a whole number, so that every column is the same size."""
+    return max(1, -(-npages // cols))
+
+
+def heat_cells(area, t0, dt, nrows, lo, ppc):
+    """{(row, column): faults} for the area's pages from page ``lo`` on, ``ppc`` per column."""
+    cells = {}
+    last = nrows - 1
+    get = cells.get
+    for p, t, n in itertools.chain(zip(area.pg, area.tt, itertools.repeat(1)), area.refaults):
+        r = int((t - t0) / dt)
+        if r < 0 or r > last:                 # rounding at the ends of the axis
+            r = 0 if r < 0 else last
+        k = (r, (p - lo) // ppc)
+        cells[k] = get(k, 0) + n
+    return cells
+
+
+def heat_level(n, top):
+    """0..8: the colour (HEAT_COLOURS) or digit (1-9) of a cell with n faults, log scale."""
+    if top <= 1:
+        return 0
+    return min(8, int(round(8 * math.log(n) / math.log(top))))
+
+
+# -- the terminal view ------------------------------------------------------------------------
+
+def _fmt_bytes(n):
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return "%.1f %s" % (n / size, unit)
+    return "%d B" % n
+
+
+def _fmt_us(us):
+    if us < 1000:
+        return "%g µs" % us
+    if us < 1e6:
+        return "%g ms" % round(us / 1000, 3)
+    return "%g s" % round(us / 1e6, 3)
+
+
+def _proc_label(p):
+    who = "pid %s" % p.pid if p.pid is not None else "ufd %s" % p.key[1] \
+        if p.key[0] == "ufd" else "working set"
+    return who + (" (%s)" % p.note if p.note else "")
+
+
+def _time_fmt(dt):
+    """printf format of a time bin's start: as many decimals as the bin width needs."""
+    return "%%.%df" % max(0, min(6, -math.floor(math.log10(dt) + 1e-9)))
+
+
+def format_report(rep, width=80):
+    """The terminal summary of one log: every line at most ``width`` columns."""
+    out = []
+    what = "touches" if rep.kind == "working-set" else "s"
+    out.append("uffdtool report  %s" % rep.path)
+    out.extend(_wrap("run: %s" % rep.title, width))
+    st = rep.exit_status
+    out.append("date: %s   span %s %s%s" % (
+        rep.date, ("%d" if rep.kind == "working-set" else "%.3f") % rep.t_end, what,
+        "" if st is None else "   exit status %s" % st))
+    out.append("faults %d · distinct pages %d · processes %d · mappings touched %d" % (
+        rep.faults, rep.pages, len(rep.procs_sorted), len(rep.areas)))
+    ev = sorted((k, v) for k, v in rep.counts.items() if k != "pagefault")
+    if ev:
+        out.extend(_wrap("events: " + " · ".join("%s %d" % kv for kv in ev), width))
+    out.append("")
+    out.extend(_text_table(rep, width))
+    out.append("")
+    out.extend(_text_latency(rep, width))
+    out.append("")
+    if rep.areas:
+        out.extend(_text_heat(rep, width))
+    else:
+        out.extend(_wrap("no pagefault records in this log (written with --no-fault-log?): "
+                         "%s faults by the stats records" % rep.stats_faults(), width))
+    return "\n".join(line[:width] for line in out)
+
+
+def _wrap(text, width):
+    lines, cur = [], ""
+    for word in text.split(" "):
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            cur = "  " + word
+        else:
+            cur = (cur + " " + word) if cur else word
+    return lines + [cur]
+
+
+def _text_table(rep, width):
+    nw = max(12, width - 44)
+    ts = "%8d" if rep.kind == "working-set" else "%8.3f"
+    out = ["%-*s %7s %6s %8s %9s %9s" % (nw, "process / mapping", "pages", "%", "faults",
+                                          "first", "last")]
+    for p in rep.procs_sorted:
+        out.append(_proc_label(p)[:width])
+        for a in (a for a in rep.areas if a.proc is p):
+            name = "  %s 0x%x" % (a.label, a.start)
+            out.append("%-*s %7d %5.1f%% %8d %s %s" % (
+                nw, name[:nw], a.pages, 100.0 * a.pages / a.npages, a.faults,
+                ts % min(a.tt), ts % max(a.tt)))
+    return out
+
+
+def _text_latency(rep, width):
+    pct, exact = rep.percentiles()
+    h, src = rep.latency_hist()
+    if not pct:
+        return ["latency: no timed faults in this log"]
+    pre = "" if exact else "<= "
+    line = "latency: p50 %s%s · p99 %s%s · max %s%s · %d timed" % (
+        pre, _fmt_us(pct.get("p50", 0)), pre, _fmt_us(pct.get("p99", 0)), pre,
+        _fmt_us(pct.get("max", 0)), sum(h) if sum(h) else pct.get("samples", 0))
+    bars = " ".join("<=%s:%d" % (_fmt_us(1 << k).replace(" ", ""), n)
+                    for k, n in enumerate(h) if n)
+    if not bars:
+        return [line, "  (no latency histogram in this log)"]
+    return [line] + _wrap("  histogram (%s records): %s" % (src, bars), width)
+
+
+def _text_heat(rep, width, max_rows=20):
+    t0, dt, nrows = time_axis(rep, max_rows)
+    tf = _time_fmt(dt) if rep.kind != "working-set" else "%d"
+    lw = max(len(tf % (t0 + nrows * dt)), 4) + 1
+    avail = width - lw - 1
+    segs = sorted(rep.areas, key=lambda a: -a.pages)[:max(1, avail // 4)]
+    hidden = len(rep.areas) - len(segs)
+    segs.sort(key=lambda a: (rep.procs_sorted.index(a.proc), a.start))
+    cols = _share_columns(segs, avail - (len(segs) - 1))
+    grid = [[" "] * (avail) for _ in range(nrows)]
+    header = [" "] * avail
+    x, top, placed = 0, 1, []
+    cellmaps = []
+    for a, w in zip(segs, cols):
+        lo, hi = a.pg[0], a.pg[-1] + 1
+        ppc = pages_per_column(hi - lo, w)
+        w = -(-(hi - lo) // ppc)
+        cells = heat_cells(a, t0, dt, nrows, lo, ppc)
+        top = max([top] + list(cells.values()))
+        cellmaps.append((x, cells))
+        placed.append((a, x, w, lo, hi, ppc))
+        x += w + 1
+    for x0, cells in cellmaps:
+        for (r, c), n in cells.items():
+            grid[r][x0 + c] = "123456789"[heat_level(n, top)]
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    for i, (a, x0, w, lo, hi, ppc) in enumerate(placed):
+        header[x0] = letters[i % len(letters)]
+        if x0 + w < avail:
+            for row in grid:
+                row[x0 + w] = "|"
+            header[x0 + w] = "|"
+    unit = "touches" if rep.kind == "working-set" else "s"
+    out = ["heat map: rows = %s %s each; columns = address ranges A, B, ... (| = gap "
+           "collapsed); 1-9 = faults per cell, log scale, 9 = %d" % (
+               (tf % dt) if rep.kind != "working-set" else "%d" % dt, unit, top)]
+    out = _wrap(out[0], width)
+    out.append("%-*s %s" % (lw, "t" if rep.kind != "working-set" else "#", "".join(header)))
+    for r, row in enumerate(grid):
+        out.append("%*s %s" % (lw, tf % (t0 + r * dt), "".join(row).rstrip()))
+    prev = None
+    for i, (a, x0, w, lo, hi, ppc) in enumerate(placed):
+        if prev is not None and prev.proc is a.proc and a.start >= prev.end:
+            out.append("   gap %s" % _fmt_bytes(a.start - prev.end))
+        out.extend(_wrap(" %s %s %s 0x%x-0x%x: %d pages, %d per column" % (
+            letters[i % len(letters)], _proc_label(a.proc), a.label, lo << a.proc.shift,
+            hi << a.proc.shift, a.pages, ppc), width))
+        prev = a
+    if hidden:
+        out.append(" (%d smaller mappings not drawn; see the table)" % hidden)
+    return out
+
+
+def _share_columns(segs, avail):
+    """Columns per segment: proportional to its touched pages, at least 2 (or its page span),
+    never more than its page span."""
+    spans = [a.pg[-1] + 1 - a.pg[0] for a in segs]
+    want = [min(s, 2) for s in spans]
+    left = avail - sum(want)
+    total = sum(a.pages for a in segs) or 1
+    for i, a in enumerate(segs):
+        extra = min(spans[i] - want[i], int(left * a.pages / total))
+        want[i] += max(0, extra)
+    left = avail - sum(want)
+    for i in sorted(range(len(segs)), key=lambda i: -segs[i].pages):
+        if left <= 0:
+            break
+        more = min(left, spans[i] - want[i])
+        want[i] += more
+        left -= more
+    return want
+
+
+def format_compare(a, b, width=80):
+    """Terminal lines comparing two logs' working sets."""
+    c = compare_reports(a, b)
+    lines = _wrap("working sets compared by %s:" % c["by"], width) + [
+        "  A %s" % a.path, "  B %s" % b.path,
+        "  pages in both %d · only in A %d · only in B %d · Jaccard %.3f" % (
+            c["both"], c["only_a"], c["only_b"], c["jaccard"])]
+    return "\n".join(line[:width] for line in lines)
+
+
+def compare_reports(a, b):
+    """Overlap of two working sets: {'both','only_a','only_b','jaccard','by'}."""
+    ids = {}
+    ka, kb = a.page_keys(ids), b.page_keys(ids)
+    both = len(ka & kb)
+    union = len(ka) + len(kb) - both
+    by = a.compare_by if a.compare_by == b.compare_by else "%s (A) / %s (B)" % (
+        a.compare_by, b.compare_by)
+    return {"both": both, "only_a": len(ka) - both, "only_b": len(kb) - both,
+            "jaccard": both / union if union else 1.0, "by": by}
+
+
+# -- SVG and HTML -----------------------------------------------------------------------------
+
+def _esc(text):
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
+_FONT = 'font-family="sans-serif" font-size="11"'
+HEAT_W, HEAT_COLS, HEAT_ROWS = 460, 128, 64
+
+
+def heat_maps(rep, axis, limit=12):
+    """([(area, cells, pages per column, columns)], most faults in a cell) of the ``limit``
+    areas with most pages: one colour scale for all the heat maps of a log."""
+    out, top = [], 1
+    for a in sorted(rep.areas, key=lambda a: -a.pages)[:limit]:
+        ppc = pages_per_column(a.npages, HEAT_COLS)
+        cells = heat_cells(a, axis[0], axis[1], axis[2], a.p0, ppc)
+        top = max([top] + list(cells.values()))
+        out.append((a, cells, ppc, -(-a.npages // ppc)))
+    return out, top
+
+
+def svg_heatmap(rep, axis, area, cells, ppc, ncols, top):
+    """(svg body, width, height) of one area's address x time heat map.  Every non-empty cell
+    is a ``rect class="cell"`` with ``data-r``/``data-c``/``data-n`` (row, column, faults);
+    the group carries the binning (t0, dt, first address, bytes per column)."""
+    t0, dt, nrows = axis
+    ch = max(3, min(8, 320 // nrows))
+    cw = HEAT_W / ncols
+    L, T = 60, 6
+    H = nrows * ch
+    bpc = ppc << area.proc.shift
+    ws = rep.kind == "working-set"
+    o = ['<g class="heatmap" data-area="%s" data-t0="%r" data-dt="%r" data-rows="%d" '
+         'data-cols="%d" data-a0="%d" data-bpc="%d" data-top="%d">' % (
+             _esc(area.label), t0, dt, nrows, ncols, area.start, bpc, top),
+         '<rect x="%d" y="%d" width="%d" height="%d" fill="#ffffff" stroke="#9ca3af"/>'
+         % (L, T, HEAT_W, H)]
+    for (r, c), n in sorted(cells.items()):
+        o.append('<rect class="cell" x="%.2f" y="%d" width="%.2f" height="%d" fill="%s" '
+                 'data-r="%d" data-c="%d" data-n="%d"/>' % (
+                     L + c * cw, T + r * ch, max(cw, 0.6), ch, HEAT_COLOURS[heat_level(n, top)],
+                     r, c, n))
+    tf = "%d" if ws else _time_fmt(dt)
+    step = max(1, -(-nrows // 8))
+    for r in range(0, nrows, step):
+        o.append('<text class="ylabel" x="%d" y="%d" text-anchor="end" %s>%s</text>' % (
+            L - 4, T + r * ch + 9, _FONT, tf % (t0 + r * dt)))
+    xstep = max(1, -(-ncols // 3))
+    for c in list(range(0, ncols, xstep)) + [ncols]:
+        if 0 < ncols - c < xstep * 0.9:
+            continue
+        anchor = "start" if c == 0 else "end" if c == ncols else "middle"
+        o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#6b7280"/>' % (
+            L + c * cw, T + H, L + c * cw, T + H + 4))
+        o.append('<text class="xlabel" x="%.1f" y="%d" text-anchor="%s" %s>0x%x</text>' % (
+            L + c * cw, T + H + 16, anchor, _FONT, area.start + c * bpc))
+    o.append('<text x="%d" y="%d" text-anchor="middle" %s transform="rotate(-90 %d %d)">'
+             '%s</text>' % (12, T + H // 2, _FONT, 12, T + H // 2,
+                            "touch #" if ws else "seconds"))
+    o.append('<text x="%d" y="%d" %s>address (%s per column)</text>' % (
+        L, T + H + 30, _FONT, _fmt_bytes(bpc)))
+    o.append("</g>")
+    return "\n".join(o), L + HEAT_W + 10, T + H + 36
+
+
+def _area_caption(area):
+    off = "" if area.offset is None else ", source offset 0x%x" % area.offset
+    return "%s · %s 0x%x-0x%x (%s%s): %d of %d pages touched (%.1f%%), %d faults" % (
+        _proc_label(area.proc), area.label, area.start, area.end,
+        _fmt_bytes(area.end - area.start), off, area.pages, area.npages,
+        100.0 * area.pages / area.npages, area.faults)
+
+
+def render_svg(reps):
+    """One standalone SVG document: the heat maps of every log, one below the other."""
+    parts, y, w = [], 0, 400
+    for rep in reps:
+        axis = time_axis(rep, HEAT_ROWS)
+        parts.append('<text x="4" y="%d" font-family="sans-serif" font-size="13" '
+                     'font-weight="bold">%s</text>' % (y + 16, _esc(rep.title)))
+        y += 24
+        maps, top = heat_maps(rep, axis)
+        for m in maps:
+            parts.append('<text x="4" y="%d" %s>%s</text>' % (y + 12, _FONT,
+                                                             _esc(_area_caption(m[0]))))
+            body, bw, bh = svg_heatmap(rep, axis, *m, top)
+            parts.append('<g transform="translate(0,%d)">%s</g>' % (y + 16, body))
+            y += bh + 24
+            w = max(w, bw)
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg" '
+            'width="%d" height="%d" viewBox="0 0 %d %d">\n<rect width="100%%" height="100%%" '
+            'fill="white"/>\n%s\n</svg>\n' % (w, y, w, y, "\n".join(parts)))
+
+
+def _svg(body, w, h, cls=""):
+    return '<svg xmlns="http://www.w3.org/2000/svg" class="%s" width="%d" height="%d" ' \
+           'viewBox="0 0 %d %d">%s</svg>' % (cls, w, h, w, h, body)
+
+
+def svg_curve(reps):
+    """The cumulative working set (distinct pages vs time) of one log, or of two logs from
+    each one's first fault (their runs start at different times after the tool's start)."""
+    W, H, L, T = 640, 220, 64, 10
+    two = len(reps) == 2
+    t0s = [rep.t_first if two and rep.t_last >= rep.t_first else 0.0 for rep in reps]
+    tmax = max([rep.t_last - t0 for rep, t0 in zip(reps, t0s)] + [1e-6] +
+               ([] if two else [rep.t_end for rep in reps]))
+    series = [(rep, rep.curve(tmax, t0=t0)) for rep, t0 in zip(reps, t0s)]
+    pmax = max([s[-1] for _, s in series] + [1])
+    o = ['<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#9ca3af"/>'
+         % (L, T, W, H)]
+    for i in range(5):
+        v = pmax * i / 4
+        y = T + H - H * i / 4
+        o.append('<text x="%d" y="%.1f" text-anchor="end" %s>%d</text>' % (L - 4, y + 4,
+                                                                          _FONT, v))
+        x = L + W * i / 4
+        o.append('<text x="%.1f" y="%d" text-anchor="middle" %s>%s</text>' % (
+            x, T + H + 16, _FONT, ("%d" if reps[0].kind == "working-set" else "%.3g s")
+            % (tmax * i / 4)))
+    if two:
+        o.append('<text x="%d" y="%d" %s>time since each log\'s first fault</text>' % (
+            L, T + H + 30, _FONT))
+    colours = ("#2563eb", "#ea580c")
+    for k, (rep, cum) in enumerate(series):
+        n = cum[-1]
+        pts = ["%.1f,%.1f" % (L, T + H)] + ["%.1f,%.1f" % (
+            L + W * (i + 1) / len(cum), T + H - H * v / pmax) for i, v in enumerate(cum)]
+        o.append('<polyline class="curve" data-log="%s" data-last-pages="%d" fill="none" '
+                 'stroke="%s" stroke-width="2" points="%s"/>' % (
+                     "AB"[k], n, colours[k], " ".join(pts)))
+        o.append('<text x="%d" y="%d" fill="%s" %s>%s%s: %d pages</text>' % (
+            L + 8, T + 16 + 14 * k, colours[k], _FONT, ("AB"[k] + " ") if len(reps) > 1
+            else "", _esc(os.path.basename(rep.path)), n))
+    return _svg("\n".join(o), L + W + 30, T + H + 36, "curve")
+
+
+def svg_latency(rep):
+    """Bars of the fault-service latency histogram, 1 µs .. 16 s in powers of two."""
+    h, src = rep.latency_hist()
+    W, H, L, T = 640, 160, 64, 16
+    bw = W / LAT_BUCKETS
+    top = max(h + [1])
+    o = ['<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#9ca3af"/>'
+         % (L, T, W, H)]
+    for k, n in enumerate(h):
+        bh = H * n / top
+        o.append('<rect class="bar" x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="#2563eb" '
+                 'data-us="%d" data-n="%d"/>' % (L + k * bw + 1, T + H - bh, bw - 2, bh,
+                                                  1 << k, n))
+        if n:
+            o.append('<text x="%.1f" y="%.1f" text-anchor="middle" font-family="sans-serif" '
+                     'font-size="9">%d</text>' % (L + k * bw + bw / 2, T + H - bh - 2, n))
+        if k % 4 == 0 or k == LAT_BUCKETS - 1:
+            o.append('<text class="xlabel" x="%.1f" y="%d" text-anchor="middle" %s>%s</text>'
+                     % (L + k * bw + bw / 2, T + H + 14, _FONT,
+                        "16 s" if k == LAT_BUCKETS - 1 else _fmt_us(1 << k)))
+    o.append('<text x="%d" y="%d" %s>faults per bucket (upper bound; from the %s records, '
+             '%d timed)</text>' % (L, T + H + 30, _FONT, src, sum(h)))
+    return _svg("\n".join(o), L + W + 30, T + H + 36, "latency")
+
+
+def svg_timeline(rep):
+    """A lane per kind of event (fork, exec, remap, remove, unmap, peers, fill, ...), a tick per
+    record; the faults' span as a bar."""
+    kinds = []
+    for _, ev, _d in rep.events:
+        if ev not in kinds:
+            kinds.append(ev)
+    W, L, T, lane = 640, 110, 6, 16
+    phases = []
+    for p in rep.phases:
+        if p[0] not in phases:
+            phases.append(p[0])
+    lanes = ["faults"] + phases + kinds
+    H = lane * len(lanes)
+    tmax = max(rep.t_end, rep.t_last if rep.t_last > -math.inf else 0, 1e-6)
+    ws = rep.kind == "working-set"
+    o = ['<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#9ca3af"/>'
+         % (L, T, W, H)]
+    for i, name in enumerate(lanes):
+        o.append('<text x="%d" y="%d" text-anchor="end" %s>%s</text>' % (
+            L - 4, T + i * lane + 12, _FONT, _esc(name)))
+    if rep.t_last >= rep.t_first:
+        o.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="#fb923c">'
+                 '<title>faults from %.6g to %.6g</title></rect>' % (
+                     L + W * rep.t_first / tmax, T + 3, max(1, W * (rep.t_last - rep.t_first)
+                                                            / tmax), lane - 6,
+                     rep.t_first, rep.t_last))
+    for name, a, b, label in rep.phases:
+        o.append('<rect class="phase" x="%.1f" y="%d" width="%.1f" height="%d" fill="%s" '
+                 'data-tip="%s"><title>%s</title></rect>' % (
+                     L + W * a / tmax, T + lanes.index(name) * lane + 3,
+                     max(1.0, W * (b - a) / tmax), lane - 6,
+                     "#dc2626" if "FAILED" in label else "#16a34a" if name == "fill"
+                     else "#2563eb", _esc("%.6f-%.6f %s" % (a, b, label)),
+                     _esc("%.6f-%.6f %s" % (a, b, label))))
+    for t, ev, detail in rep.events:
+        i = lanes.index(ev)
+        x = L + W * t / tmax
+        o.append('<line class="ev" x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#111827" '
+                 'stroke-width="1.5" data-tip="%s"><title>%s</title></line>' % (
+                     x, T + i * lane + 2, x, T + (i + 1) * lane - 2,
+                     _esc("%.6f %s %s" % (t, ev, detail)), _esc("%.6f %s %s" % (t, ev, detail))))
+    for i in range(5):
+        o.append('<text x="%.1f" y="%d" text-anchor="middle" %s>%s</text>' % (
+            L + W * i / 4, T + H + 14, _FONT, ("%d" if ws else "%.3g s") % (tmax * i / 4)))
+    return _svg("\n".join(o), L + W + 30, T + H + 22, "timeline")
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#111827;max-width:1120px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb}
+.cmd{font-family:ui-monospace,monospace;background:#f3f4f6;padding:6px 10px;border-radius:4px}
+table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;text-align:right}
+th{background:#f3f4f6} td.l,th.l{text-align:left} tr.proc td{font-weight:bold;background:#f9fafb}
+figure{margin:10px 0 18px} figcaption{font-size:13px;margin-bottom:4px}
+.heats{display:flex;flex-wrap:wrap;gap:0 16px} .heats figure{flex:0 0 auto;margin:6px 0 14px}
+.heats figcaption{max-width:530px}
+.warn{color:#b45309} .legend .sw{display:inline-block;width:18px;height:10px}
+.hint{display:none;color:#6b7280;font-size:12px} .js .hint{display:inline}
+#tip{position:fixed;pointer-events:none;background:#111827;color:#fff;font-size:12px;
+padding:3px 6px;border-radius:3px;white-space:pre}
+"""
+
+# Hover only (the page reads the same without it): the heat-map cell or event under the
+# pointer, in words.
+_JS = """
+(function(){
+var tip=document.getElementById('tip');
+function hex(n){return '0x'+n.toString(16);}
+document.addEventListener('mousemove',function(e){
+  var el=e.target, s='';
+  if(el.classList&&el.classList.contains('cell')){
+    var g=el.parentNode, d=g.dataset, r=+el.dataset.r, c=+el.dataset.c;
+    var t0=+d.t0, dt=+d.dt, a0=+d.a0, b=+d.bpc;
+    s=el.dataset.n+' fault(s)\\n'+hex(a0+c*b)+' - '+hex(a0+(c+1)*b)+'\\n'+
+      (t0+r*dt).toPrecision(6)+' - '+(t0+(r+1)*dt).toPrecision(6);
+  } else if(el.dataset&&el.dataset.tip){ s=el.dataset.tip; }
+  else if(el.classList&&el.classList.contains('bar')){
+    s=el.dataset.n+' fault(s) <= '+el.dataset.us+' us'; }
+  if(s){tip.textContent=s;tip.hidden=false;tip.style.left=(e.clientX+12)+'px';
+        tip.style.top=(e.clientY+12)+'px';} else {tip.hidden=true;}
+});
+document.documentElement.className='js';
+})();
+"""
+
+
+def render_html(reps):
+    """The self-contained HTML report (inline SVG and CSS; a little JavaScript for hover)."""
+    o = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
+         '<meta name="viewport" content="width=device-width">',
+         '<title>uffdtool report: %s</title><style>%s</style></head><body>' % (
+             _esc(reps[0].title), _CSS),
+         '<h1>uffdtool report</h1>']
+    if len(reps) == 2:
+        c = compare_reports(*reps)
+        o.append('<h2 id="compare">Two working sets</h2>')
+        o.append('<p>A: <code>%s</code><br>B: <code>%s</code></p>' % (
+            _esc(reps[0].path), _esc(reps[1].path)))
+        o.append('<table><tr><th>pages in both</th><th>only in A</th><th>only in B</th>'
+                 '<th>Jaccard</th><th class="l">compared by</th></tr><tr class="overlap">'
+                 '<td>%d</td><td>%d</td><td>%d</td><td>%.3f</td><td class="l">%s</td></tr>'
+                 '</table>' % (c["both"], c["only_a"], c["only_b"], c["jaccard"],
+                               _esc(c["by"])))
+        o.append('<figure><figcaption>Working sets, distinct pages over time</figcaption>%s'
+                 '</figure>' % svg_curve(reps))
+    for k, rep in enumerate(reps):
+        o.extend(_html_one(rep, ("%s: " % "AB"[k]) if len(reps) == 2 else ""))
+    o.append('<p style="font-size:12px;color:#6b7280">made by uffdtool %s report</p>'
+             % __version__)
+    o.append('<div id="tip" hidden></div><script>%s</script></body></html>\n' % _JS)
+    return "\n".join(o)
+
+
+def _html_one(rep, tag):
+    o = ['<h2>%s%s</h2>' % (_esc(tag), _esc(rep.path)),
+         '<p class="cmd">$ %s</p>' % _esc(rep.title),
+         '<p>%s · span %s · %d faults · %d distinct pages (%s) · %d process(es)%s</p>' % (
+             _esc(rep.date), ("%d touches" if rep.kind == "working-set" else "%.3f s")
+             % rep.t_end, rep.faults, rep.pages,
+             _fmt_bytes(sum(a.pages << a.proc.shift for a in rep.areas)),
+             len(rep.procs_sorted), "" if rep.exit_status is None
+             else " · exit status %s" % _esc(rep.exit_status))]
+    for w in rep.warnings:
+        o.append('<p class="warn">warning: %s</p>' % _esc(w))
+    ev = sorted((k, v) for k, v in rep.counts.items())
+    if ev:
+        o.append('<p>records: %s</p>' % _esc(", ".join("%s %d" % kv for kv in ev)))
+    o.append('<h3>Processes and mappings</h3>')
+    o.append(_html_table(rep))
+    o.append('<h3>Heat map: address &#215; time</h3>')
+    if not rep.areas:
+        o.append('<p>No pagefault records in this log.</p>')
+    axis = time_axis(rep, HEAT_ROWS)
+    maps, top = heat_maps(rep, axis)
+    if maps:
+        o.append('<p class="legend">faults per cell, log scale: 1 %s %d <span class="hint">'
+                 '(point at a cell for its addresses and times)</span></p>' % (
+                     "".join('<span class="sw" style="background:%s"></span>' % c
+                             for c in HEAT_COLOURS),
+                     top))
+    o.append('<div class="heats">')
+    for m in maps:
+        body, w, h = svg_heatmap(rep, axis, *m, top)
+        o.append('<figure><figcaption>%s</figcaption>%s</figure>' % (
+            _esc(_area_caption(m[0])), _svg(body, w, h, "heat")))
+    o.append('</div>')
+    if len(rep.areas) > len(maps):
+        o.append('<p>%d smaller mappings not drawn (see the table).</p>'
+                 % (len(rep.areas) - len(maps)))
+    o.append('<h3>Working set</h3><figure>%s</figure>' % svg_curve([rep]))
+    pct, exact = rep.percentiles()
+    o.append('<h3>Fault-service latency</h3>')
+    if pct:
+        o.append('<p>p50 %s%s · p99 %s%s · max %s%s</p>' % tuple(
+            x for k in ("p50", "p99", "max") for x in ("" if exact else "&#8804; ",
+                                                        _esc(_fmt_us(pct.get(k, 0))))))
+    o.append('<figure>%s</figure>' % svg_latency(rep))
+    o.append('<h3>Events</h3><figure>%s</figure>' % svg_timeline(rep))
+    if rep.events_left_out:
+        o.append('<p>The timeline shows the first %d records; %d later ones are only '
+                 'counted above.</p>' % (REPORT_EVENTS, rep.events_left_out))
+    return o
+
+
+def _html_table(rep):
+    ws = rep.kind == "working-set"
+    tf = "%d" if ws else "%.6f"
+    o = ['<table class="areas"><tr><th class="l">process / mapping</th><th>start</th>'
+         '<th>size</th><th>pages touched</th><th>% of mapping</th><th>faults</th>'
+         '<th>first touch</th><th>last touch</th></tr>']
+    for p in rep.procs_sorted:
+        areas = [a for a in rep.areas if a.proc is p]
+        o.append('<tr class="proc"><td class="l">%s</td><td></td><td></td><td>%d</td><td></td>'
+                 '<td>%d</td><td>%s</td><td>%s</td></tr>' % (
+                     _esc(_proc_label(p)), sum(a.pages for a in areas), p.faults,
+                     tf % min(min(a.tt) for a in areas), tf % max(max(a.tt) for a in areas)))
+        for a in areas:
+            o.append('<tr><td class="l">%s</td><td>0x%x</td><td>%s</td><td>%d</td>'
+                     '<td>%.1f%%</td><td>%d</td><td>%s</td><td>%s</td></tr>' % (
+                         _esc(a.label), a.start, _fmt_bytes(a.end - a.start), a.pages,
+                         100.0 * a.pages / a.npages, a.faults, tf % min(a.tt),
+                         tf % max(a.tt)))
+    o.append("</table>")
+    return "\n".join(o)
+
+
+###################################################################################################
+#  15. CLI
 ###################################################################################################
 
 # -- sizes, ranges and argument types -------------------------------------------------------------
@@ -5926,6 +7789,8 @@ def _number_arg(conv, what, ok, need):
     return parse
 
 
+_uid_arg = _number_arg(int, "a numeric uid", lambda v: 0 <= v < (1 << 32) - 1,
+                       "a uid from 0 to 4294967294")
 _positive_int = _number_arg(lambda t: int(t, 0), "a whole number", lambda v: v >= 1,
                             "at least 1")
 _peer_count = _number_arg(lambda t: int(t, 0), "a whole number", lambda v: v >= 0,
@@ -6000,11 +7865,11 @@ def _add_stop_options(g, dontneed_help):
 
 
 def build_parser():
-    """The argparse parser of the CLI (sub-commands info, selftest, watch, serve-file)."""
+    """The argparse parser of the CLI (sub-commands info, selftest, watch, serve-file, report)."""
     p = _Parser(prog="uffdtool", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="commands: info, selftest, watch, serve-file; "
-                       "'uffdtool COMMAND --help' for each.\n"
+                epilog="commands: info, selftest, watch, serve-file, "
+                       "report; 'uffdtool COMMAND --help' for each.\n"
                        "exit status: 0 ok, 1 a check or the target failed, 2 usage error, "
                        "3 not permitted by the kernel/permissions.")
     p.add_argument("--version", action="version", version="uffdtool " + __version__)
@@ -6076,7 +7941,23 @@ def build_parser():
     pf.add_argument("--kill-peer-on-error", action="store_true",
                     help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
                          "cannot hang or read zeros where file data belongs")
+    pf.add_argument("--peer-uid", metavar="UID", type=_uid_arg,
+                    help="with --firecracker-socket: also accept a peer of this uid (its "
+                         "SO_PEERCRED; default: only the tool's own uid) and give it the "
+                         "socket (mode 0600), e.g. the jailer's --uid")
     pf.set_defaults(func=cmd_serve_file)
+
+    pr = sub.add_parser("report", help="draw a log: tables, heat maps, curves (terminal, HTML, "
+                                       "SVG)", epilog=EPILOG_REPORT,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("logs", nargs="+", metavar="LOG", help="a --log file or a --record "
+                                                          "working-set file; a second one: compare")
+    pr.add_argument("-o", dest="output", metavar="FILE.html|FILE.svg",
+                    help="write an HTML page or the heat maps as SVG instead of the summary")
+    pr.add_argument("--width", type=_number_arg(int, "a whole number", lambda v: v >= 60,
+                                                "at least 60"),
+                    help="columns of the summary (default: the terminal's; 80 if not a terminal)")
+    pr.set_defaults(func=cmd_report)
     return p
 
 
@@ -6251,7 +8132,7 @@ def _serve_target(args, source, warn):
     --self, or --pid / -- CMD through watch's attach and spawn machinery, served from the
     source."""
     if args.firecracker_socket:
-        return FirecrackerTarget(args.firecracker_socket, args.accept_timeout)
+        return FirecrackerTarget(args.firecracker_socket, args.accept_timeout, args.peer_uid)
     if args.self_:
         return SelfServeTarget(args.size or (64 << 20))
     offsets = _range_offsets(args, source) if args.ranges else None
@@ -6407,8 +8288,7 @@ class Session:
             reason, error = self._serve(sig)
             target_status = self._stop(sig, reason, error)
         status = exit_status(error, target_status)
-        self._final_records(reason, status, error)
-        return status
+        return self._final_records(reason, status, error)
 
     def _serve(self, sig):
         """Set up and serve; returns (reason the serving ended, the exception or None)."""
@@ -6459,17 +8339,16 @@ class Session:
     def _failed(self, e):
         """A run that failed: the error record, and the peer killed (--kill-peer-on-error) or
         told about.  Returns ("error", the exception to report)."""
+        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
+        kill = peer and getattr(self.args, "kill_peer_on_error", False)
+        killed = kill and _kill_peer(peer)    # first: before anything else can fail
         if isinstance(e, OSError) and self.serving:
             e = TargetError("serving failed: %s" % (e.strerror or e))
         elif isinstance(e, OSError) and not isinstance(e, UffdError):
             e = tool_error(e)
-        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
-        if peer and getattr(self.args, "kill_peer_on_error", False):
-            try:
-                os.kill(peer, signal.SIGKILL)
+        if kill:
+            if killed:
                 self.log.emit("killed_peer", pid=peer)
-            except OSError:
-                pass
         elif peer and _alive(peer):
             # Its memory is registered and nobody serves it now: it would hang unnoticed.
             msg = ("%s; the peer (pid %d) now waits forever for its memory: stop it, or use "
@@ -6525,9 +8404,14 @@ class Session:
             extra["cpu_user_s"] = round(cpu1.ru_utime - self.cpu0.ru_utime, 6)
             extra["cpu_sys_s"] = round(cpu1.ru_stime - self.cpu0.ru_stime, 6)
         if self.record is not None and self.handler is not None:
-            write_working_set(self.args.record, self.record, self.handler.page_size,
-                              key=self.record_key)
-            extra["recorded_pages"] = len(self.record)
+            try:
+                write_working_set(self.args.record, self.record, self.handler.page_size,
+                                  key=self.record_key)
+                extra["recorded_pages"] = len(self.record)
+            except UffdToolError as e:        # the final records still go out
+                _json_only(self.log, "error", message=str(e))
+                self.failure = self.failure or e
+                status = status or e.exit_code
         extra.update(self.target.extra())
         emit = self.log.emit if self.attached else functools.partial(_json_only, self.log)
         self.final_stats = emit("stats", **self._stats_record(**extra))
@@ -6543,6 +8427,7 @@ class Session:
         self.target.close()
         self.source.close()
         self.log.close()
+        return status
 
 
 def _record_list(args):
@@ -6560,6 +8445,16 @@ def _record_list(args):
 def _make_log(args, human_faults):
     dest = "-" if args.json else args.log
     return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
+
+
+def _kill_peer(pid):
+    """SIGKILL the peer whose memory nobody serves any more (True if sent): a failing handler
+    does this first, before any log write or cleanup that could fail in turn."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
 
 
 def _alive(pid):
@@ -6602,7 +8497,8 @@ def cmd_watch(args):
 
 #: counters every serve-file stats record has, even when zero
 SERVE_COUNTERS = ("faults_missing", "pages_copy", "bytes_copy", "pages_zero", "bytes_zero",
-                  "eexist", "eagain", "retries", "partial", "prefetch_pages")
+                  "eexist", "eagain", "retries", "partial", "prefetch_pages", "pages_hole",
+                  "outside_regions")
 
 
 class ServeSession(Session):
@@ -6735,6 +8631,8 @@ class PeerDaemon:
         self.args, self.log, self.source, self.working_set = args, log, source, working_set
         self.limit = args.peers
         self.sock = None
+        self.sock_id = None                   # (dev, ino) of the socket file we bound
+        self.uids = {os.geteuid()} | ({args.peer_uid} if args.peer_uid is not None else set())
         self.sig = None
         self.workers = {}                     # report fd -> PeerWorker
         self.accepted = 0
@@ -6754,7 +8652,8 @@ class PeerDaemon:
         with _Signals() as sig:
             self.sig = sig
             try:
-                self.sock = listen_unix(args.firecracker_socket)
+                self.sock = listen_unix(args.firecracker_socket, peer_uid=args.peer_uid)
+                self.sock_id = _file_id(args.firecracker_socket)
                 self.sock.listen(PEER_BACKLOG)
                 self.log.emit("ready", socket=args.firecracker_socket, peers=self.limit)
                 gc.collect()                  # what the workers share: no garbage, no holes
@@ -6828,7 +8727,7 @@ class PeerDaemon:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-            _unlink_socket(self.args.firecracker_socket)
+            _unlink_socket(self.args.firecracker_socket, self.sock_id)
 
     def _stop(self, reason):
         """Stop accepting and ask every worker to stop (each drains its VM, then reports)."""
@@ -6850,12 +8749,17 @@ class PeerDaemon:
             conn, _ = self.sock.accept()
         except OSError:
             return                            # the peer gave up meanwhile
-        peer = peer_pid_of(conn)
-        # (a check of who may connect belongs here, before the peer is counted)
+        peer, uid, _ = peer_cred(conn)
+        if uid not in self.uids:              # as accept_peer: refused, listening goes on
+            conn.close()
+            self.log.emit("warning", pid=peer, uid=uid, message=refused_message(
+                self.args.firecracker_socket, peer, uid, self.uids))
+            return
         self.accepted += 1
         if self.limit and self.accepted >= self.limit:
             self._close_listener()            # N peers: the next one fails at connect
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        self.log.flush()                      # the worker's log starts with an empty buffer
         gc.freeze()                           # the parent's objects: never touched by a GC
         signal.pthread_sigmask(signal.SIG_BLOCK, _Signals.SIGNALS)
         try:
@@ -6959,7 +8863,8 @@ class PeerDaemon:
             if args.record:
                 args.record = "%s.%d" % (self.args.record, peer)
             log = self.log.fork_copy(peer=peer)
-            target = FirecrackerTarget(args.firecracker_socket, args.accept_timeout, conn=conn)
+            target = FirecrackerTarget(args.firecracker_socket, args.accept_timeout,
+                                       args.peer_uid, conn=conn)
             session = ServeSession(args, log, target, self.source, self.working_set)
             status = session.run()
             report = {"stats": session.final_stats, "pss_anon_kib": pss_anon_kib(),
@@ -6978,6 +8883,58 @@ class PeerDaemon:
                     data = data[os.write(report_w, data):]
             finally:
                 os._exit(status)
+
+
+# -- report --------------------------------------------------------------------------------------
+
+EPILOG_REPORT = """views:
+  (no -o)     a summary within the terminal's width (80 columns when not a terminal): per
+              process and mapping the pages touched, % of the mapping, first and last touch;
+              record counts; latency percentiles and histogram; a text heat map (rows = time,
+              columns = address ranges, gaps collapsed, digits 1-9 = faults, log scale)
+  -o x.html   one self-contained page (works offline): heat map per mapping, working-set curve,
+              latency histogram (1 us .. 16 s), event timeline, the table, command line and date
+  -o x.svg    the heat maps alone
+  LOG LOG2    also the overlap of the two working sets (pages in both, only in one, Jaccard),
+              by offset inside each mapping or by source offset (ASLR and restores move them)
+
+examples:
+  uffdtool watch --log gcc.jsonl -- gcc -c t.c && uffdtool report gcc.jsonl
+  uffdtool report vm.jsonl -o vm.html
+  uffdtool report restore1.jsonl restore2.jsonl -o compare.html
+  uffdtool report ws.txt                   a --record file: pages in first-touch order
+"""
+
+
+def cmd_report(args):
+    """``uffdtool report``: read one or two logs, print the summary or write -o FILE."""
+    if len(args.logs) > 2:
+        raise UsageError("report takes one or two logs (%d given)" % len(args.logs))
+    kind = None
+    if args.output:
+        kind = os.path.splitext(args.output)[1].lower().lstrip(".")
+        if kind not in ("html", "htm", "svg"):
+            raise UsageError("-o %s: the name must end in .html or .svg" % args.output)
+    reps = [read_report(path) for path in args.logs]
+    for rep in reps:
+        for w in rep.warnings:
+            _complain("warning: %s" % w)
+    if kind is None:
+        width = args.width or (shutil.get_terminal_size().columns if sys.stdout.isatty()
+                               else 80)
+        width = max(60, width)
+        texts = [format_report(rep, width) for rep in reps]
+        if len(reps) == 2:
+            texts.append(format_compare(reps[0], reps[1], width))
+        sys.stdout.write("\n\n".join(texts) + "\n")
+        return 0
+    text = render_svg(reps) if kind == "svg" else render_html(reps)
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise UsageError("cannot write %s: %s" % (args.output, e.strerror))
+    return 0
 
 
 # -- main ----------------------------------------------------------------------------------------

@@ -69,12 +69,12 @@ def python_peer(peers, sock, src, pause_after=0):
     argv = [sys.executable, os.path.join(HERE, "fc_client.py"), "--socket", sock, "--src", src,
             "--sizes", ",".join(map(str, SIZES))]
     if pause_after:
-        argv += ["--pause-after", str(pause_after)]
+        argv += ["--touch-first", str(pause_after)]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     peers.append(p)
     assert p.stdout.readline().startswith("sent")
     if pause_after:
-        assert p.stdout.readline().strip() == "paused"
+        assert p.stdout.readline().strip() == "touched"
     return p
 
 
