@@ -1310,17 +1310,20 @@ class FileSource:
         """Our address of source offset ``offset`` (for verification and prefetch)."""
         return self.base + offset
 
-    def populate(self):
-        """Map the file's pages into this process again, in one call (MADV_POPULATE_READ,
-        Linux 5.14; elsewhere a no-op).  A forked process inherits the mapping but not its
-        page table entries (the kernel does not copy them for file mappings), and a
-        UFFDIO_COPY from an unmapped source page takes the kernel's slow fault-and-retry path:
-        about half the throughput at ``--readahead 64`` (README, "Many VMs")."""
+    def after_fork(self):
+        """Make the source a forked worker's own (README, "Many VMs").  An inherited inotify
+        fd is shared: one process would read the event that the others wait for, so the
+        worker watches the file itself (a change before that still shows in size or mtime).
+        And it maps the file's pages again, in one call (MADV_POPULATE_READ, Linux 5.14): a
+        forked process inherits the mapping but not its page table entries (the kernel does
+        not copy them for file mappings), and a UFFDIO_COPY from an unmapped source page takes
+        the kernel's slow fault-and-retry path (half the throughput at ``--readahead 64``)."""
+        if self.watch_fd >= 0:
+            os.close(self.watch_fd)
+            self.watch_fd = inotify_watch(self.path, IN_MODIFY | IN_ATTRIB)
         if self._map:
-            try:
-                madvise(self._map, self._maplen, MADV_POPULATE_READ)
-            except OSError:
-                pass
+            self._populate_data([(a + self.offset, b + self.offset) for a, b in self.holes],
+                                self._maplen)
 
     def close(self):
         if self._map:
@@ -8857,7 +8860,7 @@ class PeerDaemon:
                 os.close(fd)
             if self.sock is not None:
                 self.sock.close()             # only the parent accepts (and unlinks the path)
-            getattr(self.source, "populate", lambda: None)()
+            getattr(self.source, "after_fork", lambda: None)()
             args = argparse.Namespace(**vars(self.args))
             args.duration = None              # the parent stops the workers
             if args.record:

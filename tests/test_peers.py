@@ -226,6 +226,24 @@ def test_worker_crash_is_peer_failed_and_others_are_served(tmp_path, daemons, pe
     assert t.events("exit")[-1]["status"] == 1 and "Traceback" not in t.stderr
 
 
+def test_source_change_fails_every_peer(tmp_path, daemons, peers, src):
+    """The source file is written to while two peers are paused mid-restore: each worker sees
+    it (each watches the file itself: an inotify fd shared with the parent would wake only
+    one), fails and, with --kill-peer-on-error, kills its peer before it reads another page;
+    exit 1."""
+    t = daemon(daemons, tmp_path, "--file", src, "--peers", 2, "--kill-peer-on-error")
+    a, b = (python_peer(peers, t.sock, src, pause_after=8) for _ in range(2))
+    with open(src, "r+b") as f:
+        f.seek(40 * PS)
+        f.write(b"changed")
+    for p in (a, b):                        # each worker sees it without another fault
+        assert p.wait(LONG) == -signal.SIGKILL
+    assert t.finish(timeout=LONG) == 1
+    failed = by_peer(t, "peer-failed")
+    assert set(failed) == {a.pid, b.pid} and not t.events("peer-done")
+    assert all("changed while serving" in r["reason"] for r in failed.values())
+
+
 def test_failed_handshake_is_peer_failed(tmp_path, daemons, peers, src):
     """A peer whose handshake is refused (no fd) fails alone: peer-failed with the message,
     the next peer is served, exit 1."""
