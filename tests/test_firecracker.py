@@ -227,3 +227,29 @@ def test_second_firecracker_on_the_same_socket(firecracker, snap, tmp_path):
     assert driver.verify_lines(lines) == GUEST_OK, lines
     status, records, err = driver.finish_handler(h)
     assert status == 0 and len(events(records, "handshake")) == 1, err
+
+
+def test_two_vms_through_one_socket_with_peers(firecracker, snap, tmp_path):
+    """serve-file --peers 2: two Firecrackers restored at once through one socket, each served
+    by its own worker; both guests verify their memory, one peer-done per VM (its pid from
+    SO_PEERCRED in every worker record), the socket is gone after the second, exit 0."""
+    sock = str(tmp_path / "uffd.sock")
+    h = driver.serve_file(snap.mem, sock, "--peers", 2, "--kill-peer-on-error",
+                          log=str(tmp_path / "log.json"))
+    vms = driver.restore_many(str(tmp_path), firecracker, snap, [sock, sock])
+    for fc in vms:
+        fc.send(b"vq")                           # both guests verify at the same time
+    outs = [driver.run_guest(fc, b"") for fc in vms]
+    for lines in outs:
+        assert driver.verify_lines(lines) == GUEST_OK, lines
+    status, records, err = driver.finish_handler(h)
+    assert status == 0, err
+    pids = {fc.pid for fc in vms}
+    done = {r["peer"]: r for r in events(records, "peer-done")}
+    assert set(done) == pids and not events(records, "peer-failed")
+    assert {r["peer"] for r in events(records, "handshake")} == pids
+    for r in done.values():
+        assert r["faults"] >= driver.PATTERN_PAGES and r["pss_anon_kib"] > 0
+    final = driver.stats(records)
+    assert sorted(final["peers_served"]) == sorted(pids) and final["peers_running"] == []
+    assert not os.path.exists(sock)
