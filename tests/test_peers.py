@@ -13,7 +13,8 @@ import time
 import pytest
 
 import uffdtool as u
-from conftest import Tool, needs_uffd, run_tool
+from conftest import Tool, needs_root, needs_uffd, run_tool
+from test_fc_hostile import NOBODY, _peer, _records_of, _tool, _verified, shared_dir  # noqa: F401
 from test_serve import uffd_bench  # noqa: F401  (the C toucher fixture)
 
 pytestmark = needs_uffd
@@ -312,3 +313,41 @@ def test_record_one_file_per_peer_and_no_third_peer(tmp_path, daemons, peers, sr
 def test_peers_usage_errors(argv, words):
     r = run_tool("serve-file", *argv)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_root
+def test_refused_uid_is_not_a_peer(shared_dir):  # noqa: F811
+    """The daemon (as uid 65534) refuses a peer of another uid (root, this test) with one
+    warning, counts it nowhere, and serves the two right peers (user-mode-only uffds)."""
+    log, sock = os.path.join(shared_dir, "log.jsonl"), os.path.join(shared_dir, "uffd.sock")
+    src_path = os.path.join(shared_dir, "src")
+    with open(src_path, "wb") as f:
+        f.write(random.Random(4).randbytes(16 * PS))
+    t = _tool(log, "--file", src_path, "--firecracker-socket", sock, "--peers", 2,
+              "--accept-timeout", 60, uid=NOBODY)
+    try:
+        sys.path.insert(0, HERE)
+        from fc_client import FcClient
+        intruder = FcClient([16 * PS])
+        try:
+            intruder.connect(sock)
+            intruder.sock.settimeout(10)
+            try:
+                intruder.send()
+                assert intruder.sock.recv(1) == b""        # closed on it
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        finally:
+            intruder.close()
+        good = [_peer(sock, src_path, 16 * PS, uid=NOBODY) for _ in range(2)]
+        assert [_verified(p) for p in good] == ["ok", "ok"]
+        out, err = t.communicate(timeout=60)
+    finally:
+        t.kill()
+    assert t.returncode == 0, err
+    recs = _records_of(log)
+    w = [r for r in recs if r["event"] == "warning" and "refused" in r["message"]]
+    assert len(w) == 1 and w[0]["uid"] == 0 and w[0]["pid"] == os.getpid()
+    assert sorted(r["peer"] for r in recs if r["event"] == "peer-accepted") == sorted(
+        p.pid for p in good)
+    assert sorted(recs[-2]["peers_served"]) == sorted(p.pid for p in good)
