@@ -93,10 +93,10 @@ ARCH = platform.machine()
 SYSCALLS = {
     "x86_64": dict(userfaultfd=323, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
                    memfd_create=319, mremap=25, madvise=28, gettid=186,
-                   kcmp=312, seccomp=317, prctl=157),
+                   kcmp=312, seccomp=317, prctl=157, get_robust_list=274),
     "aarch64": dict(userfaultfd=282, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
                     memfd_create=279, mremap=216, madvise=233, gettid=178,
-                    kcmp=272, seccomp=277, prctl=167),
+                    kcmp=272, seccomp=277, prctl=167, get_robust_list=100),
 }
 
 _libc = None
@@ -2076,6 +2076,7 @@ def _merge_range(ranges, start, end):
 # The syscalls injected into / filtered for an x86_64 target (asm/unistd_64.h).  These are the
 # *target's* numbers, so they stay x86_64 even if the tool ever runs elsewhere.
 NR_close, NR_mmap, NR_brk, NR_mremap, NR_madvise, NR_getpid = 3, 9, 12, 25, 28, 39
+NR_sigaltstack = 131
 NR_userfaultfd = 323
 KCMP_VM = 1
 UFFD_TARGET_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK   #: flags of the uffd created in a target
@@ -2099,6 +2100,7 @@ PTRACE_GETSIGINFO, PTRACE_SETSIGINFO = 0x4202, 0x4203
 PTRACE_GETREGSET, PTRACE_SETREGSET = 0x4204, 0x4205
 PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_LISTEN = 0x4206, 0x4207, 0x4208
 PTRACE_GETSIGMASK, PTRACE_SETSIGMASK = 0x420a, 0x420b
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
 PTRACE_O_TRACESYSGOOD, PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK = 0x1, 0x2, 0x4
 PTRACE_O_TRACECLONE, PTRACE_O_TRACEEXEC, PTRACE_O_TRACESECCOMP = 0x8, 0x10, 0x80
 PTRACE_O_EXITKILL = 0x100000
@@ -2315,23 +2317,170 @@ def find_syscall_insn(pid, regs):
     raise PtraceError(errno.ENOEXEC, "no syscall instruction found in process %d" % pid, pid)
 
 
+# The self-restoring injection (README "What --pid guarantees").  The tool may be SIGKILLed at
+# any instruction, and the kernel then detaches the target with whatever registers, signal mask
+# and pending stop it has at that moment.  So every injected syscall runs at a `syscall; ret`
+# found in the target's own code, with the stack pointer at an x86_64 rt_sigframe that the
+# tool wrote below the red zone; its return address is a `mov $15,%rax; syscall`
+# (rt_sigreturn) gadget.  Left alone, the target finishes the injected syscall, returns into
+# rt_sigreturn and restores its own registers (an interrupted syscall rewound to run again),
+# signal mask and FPU state.  The tool never writes code.  Stops are syscall stops with
+# TRACESYSGOOD (a vanished tracer leaves SIGTRAP|0x80, which is not a signal, so nothing is
+# delivered), never single-steps (a vanished tracer would leave TF set and SIGTRAP kill).  The
+# mask is blocked only after the registers point at the frame and restored before they are put
+# back.  In the normal case the tool restores the saved registers itself at the last
+# syscall-exit stop (exact restart semantics, restart_block kept) and detaches.
+SYSCALL_RET = b"\x0f\x05\xc3"                          # syscall; ret
+SIGRETURN_GADGETS = (b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05",   # mov $15,%rax; syscall
+                     b"\xb8\x0f\x00\x00\x00\x0f\x05")               # mov $15,%eax; syscall
+NT_X86_XSTATE = 0x202
+FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
+UC_FP_XSTATE, UC_SIGCONTEXT_SS = 1, 2
+RED_ZONE = 128
+SIGFRAME_BYTES = 8 + 304 + 128                 #: pretcode + ucontext + siginfo (x86_64)
+ALL_SIGNALS = 0xFFFFFFFFFFFFFFFF
+
+#: Test-only hook: UFFDTOOL_TEST_PAUSE_AT=STEP[@N] stops the tool for good the Nth time it
+#: reaches STEP, so that a test's SIGKILL lands exactly there.
+INJECTION_STEPS = ("seized", "frame-written", "regs-injected", "mask-blocked", "syscall-entry",
+                   "syscall-exit", "mask-restored", "regs-restored", "armed")
+_pause_seen = {}
+
+
+def test_pause(step):
+    """The UFFDTOOL_TEST_PAUSE_AT hook (a no-op unless that variable names ``step``)."""
+    want = os.environ.get("UFFDTOOL_TEST_PAUSE_AT")
+    if not want or want.partition("@")[0] != step:
+        return
+    n = _pause_seen[step] = _pause_seen.get(step, 0) + 1
+    if n == int(want.partition("@")[2] or 1):
+        os.write(2, ("uffdtool: paused at %s\n" % want).encode())
+        while True:
+            time.sleep(3600)
+
+
+def test_kill_timer():
+    """Test-only hook: UFFDTOOL_TEST_KILL_AFTER_US=N arms a POSIX timer that SIGKILLs the tool N
+    microseconds from now (called right after the target is seized): a real asynchronous kill
+    at an arbitrary instruction of the injection."""
+    us = os.environ.get("UFFDTOOL_TEST_KILL_AFTER_US")
+    if not us:
+        return
+    sev = (ctypes.c_int * 16)()
+    sev[2], sev[3] = signal.SIGKILL, 0                  # sigev_signo, sigev_notify = SIGEV_SIGNAL
+    tid = ctypes.c_void_p()
+    libc().timer_create(1, ctypes.byref(sev), ctypes.byref(tid))    # CLOCK_MONOTONIC
+    ns = max(1, int(float(us) * 1000))
+    its = (ctypes.c_long * 4)(0, 0, ns // 10 ** 9, ns % 10 ** 9)
+    libc().timer_settime(tid, 0, ctypes.byref(its), None)
+
+
+def find_gadgets(pid):
+    """(address of ``syscall; ret``, address of an rt_sigreturn gadget) in pid's file-backed
+    executable mappings (ld.so and libc first), or None.  Read before the target is stopped;
+    the Injector checks the bytes again once it is."""
+    maps = [m for m in read_maps(pid) if m.perms[2] == "x" and m[5] != 0]
+    maps.sort(key=lambda m: ("/ld-" not in m.path, "libc" not in m.path))
+    sc = sr = None
+    with open("/proc/%d/mem" % pid, "rb", buffering=0) as mem:
+        for m in maps:
+            try:
+                data = os.pread(mem.fileno(), m.end - m.start, m.start)
+            except OSError:
+                continue
+            if sc is None and data.find(SYSCALL_RET) >= 0:
+                sc = m.start + data.find(SYSCALL_RET)
+            for g in SIGRETURN_GADGETS:
+                if sr is None and data.find(g) >= 0:
+                    sr = m.start + data.find(g)
+            if sc is not None and sr is not None:
+                return sc, sr
+    return None
+
+
+def get_xstate(tid):
+    """PTRACE_GETREGSET(NT_X86_XSTATE): the XSAVE image, whose sw_reserved bytes the kernel
+    fills like a signal frame's (so it can go into one as it is), or None."""
+    buf = ctypes.create_string_buffer(16384)
+    iov = iovec(ctypes.addressof(buf), len(buf))
+    try:
+        ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
+    except PtraceError:
+        return None
+    return buf.raw[:iov.iov_len]
+
+
+def _sigframe(saved, mask, xstate, frame, fpstate, sigreturn):
+    """The bytes of an rt_sigframe at ``frame`` (+ FPU state at ``fpstate``) that rt_sigreturn
+    turns back into the state ``saved``/``mask``.  An interrupted syscall (-ERESTART*) is
+    rewound to run again (for -ERESTART_RESTARTBLOCK the original call, with its full timeout:
+    rt_sigreturn voids the restart block).  uc_stack has invalid flags, so rt_sigreturn leaves
+    the thread's sigaltstack as it is (restore_altstack ignores all but EFAULT)."""
+    r = copy_regs(saved)
+    if signed(r.orig_rax) >= 0 and signed(r.rax) in RESTART_ERRNOS:
+        r.rip, r.rax = r.rip - 2, r.orig_rax
+    sc = struct.pack("<18Q4H5Q64x", r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi,
+                     r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip, r.eflags,
+                     r.cs & 0xffff, r.gs & 0xffff, r.fs & 0xffff, r.ss & 0xffff,
+                     0, 0, 0, 0, fpstate if xstate else 0)
+    uc = struct.pack("<QQQi4xQ", UC_FP_XSTATE | UC_SIGCONTEXT_SS, 0, 0, 3, 0) + sc + \
+        struct.pack("<Q", mask)
+    out = struct.pack("<Q", sigreturn) + uc + bytes(128)
+    assert len(out) == SIGFRAME_BYTES
+    if xstate:     # ptrace puts XCR0 into sw_reserved; a signal frame wants _fpx_sw_bytes there
+        n, xcr0 = len(xstate), struct.unpack_from("<Q", xstate, 464)[0]
+        sw = struct.pack("<IIQI28x", FP_XSTATE_MAGIC1, n + 4, xcr0, n)
+        fp = xstate[:464] + sw + xstate[512:] + struct.pack("<I", FP_XSTATE_MAGIC2)
+        out += bytes(fpstate - frame - len(out)) + fp
+    return out
+
+
 class Injector:
     """Run syscalls inside one stopped tracee thread; restores everything in `restore()`.
 
     Usage (the thread must be in a ptrace-stop, attached by the calling thread):
-        inj = Injector(tid, pid); try: inj.syscall(NR_getpid) ... finally: inj.restore()
-    After restore() the tracee sits at a signal-delivery-stop (or the original stop) with its
-    original registers and mask; the caller resumes it with `inj.resume_signal` (DETACH/CONT).
+        inj = Injector(tid, pid, gadgets); try: inj.syscall(NR_getpid) ... finally: inj.restore()
+    With ``gadgets`` (``find_gadgets``) the injection is self-restoring (see above); without
+    (no gadget, or no room for the frame) it single-steps a `syscall` at rip-2 or in [vdso]
+    and relies on `restore()` alone.  After restore() the tracee has its original registers
+    and mask; the caller resumes it with `inj.resume_signal` (DETACH/CONT).
     """
 
-    def __init__(self, tid, pid=None):
+    def __init__(self, tid, pid=None, gadgets=None):
         self.tid, self.pid = tid, pid or tid
         self.saved = get_regs(tid)
         self.saved_mask = get_sigmask(tid)
-        set_sigmask(tid, ~0 & 0xFFFFFFFFFFFFFFFF)   # block all; SIGKILL/SIGSTOP cannot be
         self.insn = None
         self.parked = []           # (signo, siginfo) that slipped in; re-delivered on resume
-        self.injected = False
+        self.injected = self.blocked = False
+        self.frame = None          # (sp, low, high) of the self-restoring frame
+        if gadgets is not None:
+            self.frame = self._write_frame(gadgets)
+        if self.frame is None:     # single-stepping: block signals for the whole stop
+            set_sigmask(tid, ALL_SIGNALS)
+            self.blocked = True
+
+    def _write_frame(self, gadgets):
+        """Check the gadgets, write the rt_sigframe below the red zone; (sp, low, high) or None."""
+        sc, sr = gadgets
+        try:
+            with open("/proc/%d/mem" % self.pid, "r+b", buffering=0) as mem:
+                ret = os.pread(mem.fileno(), 9, sr)
+                if (os.pread(mem.fileno(), 3, sc) != SYSCALL_RET or
+                        not any(ret.startswith(g) for g in SIGRETURN_GADGETS)):
+                    return None
+                xstate = get_xstate(self.tid)
+                top = self.saved.rsp - RED_ZONE
+                fpstate = (top - len(xstate or b"") - 8) & ~63
+                frame = (fpstate - SIGFRAME_BYTES) & ~15
+                data = _sigframe(self.saved, self.saved_mask, xstate, frame, fpstate, sr)
+                if os.pwrite(mem.fileno(), data, frame) != len(data):
+                    return None
+        except OSError:
+            return None
+        self.insn = sc
+        test_pause("frame-written")
+        return frame, frame, frame + len(data)
 
     def syscall(self, nr, *args):
         """Execute syscall nr(args) in the tracee; return the result, raise InjectError on -errno."""
@@ -2339,30 +2488,65 @@ class Injector:
             self.insn = find_syscall_insn(self.pid, self.saved)
         r = copy_regs(self.saved)
         r.rax, r.orig_rax, r.rip = nr, (1 << 64) - 1, self.insn
+        if self.frame is not None:
+            r.rsp = self.frame[0]
         for name, a in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
             setattr(r, name, a & 0xFFFFFFFFFFFFFFFF)
         set_regs(self.tid, r)
         self.injected = True
+        test_pause("regs-injected")
+        if not self.blocked:       # only now: the frame would unblock them again
+            set_sigmask(self.tid, ALL_SIGNALS)
+            self.blocked = True
+            test_pause("mask-blocked")
+        res = self._run_stops(r) if self.frame is not None else self._run_steps()
+        if -4096 < res < 0:
+            raise InjectError(-res, "%s in process %d: %s" % (
+                _NR_NAMES.get(nr, nr), self.pid, os.strerror(-res)), self.pid)
+        return res
+
+    def _stopped(self):
+        """Wait for the tracee's next stop; (signal, event); raises if it died."""
+        _, status = wait_tid(self.tid)
+        if not os.WIFSTOPPED(status):
+            raise PtraceError(errno.ESRCH, "process %d died during injection" % self.pid, self.pid)
+        sig, ev = stop_event(status)
+        if not ev and sig not in (signal.SIGTRAP, signal.SIGTRAP | 0x80):
+            self.parked.append((sig, get_siginfo(self.tid)))    # a signal slipped in: park it
+        return sig, ev
+
+    def _run_stops(self, regs):
+        """The syscall runs between a syscall-entry and a syscall-exit stop (PTRACE_SYSCALL)."""
+        entered = False
+        while True:
+            ptrace(PTRACE_SYSCALL, self.tid, 0, 0)
+            sig, ev = self._stopped()
+            if sig != signal.SIGTRAP | 0x80 or ev:
+                continue
+            if not entered:
+                entered = True
+                test_pause("syscall-entry")
+                continue
+            test_pause("syscall-exit")
+            res = signed(get_regs(self.tid).rax)
+            if res not in RESTART_ERRNOS:
+                return res
+            set_regs(self.tid, regs)               # interrupted: run it again
+            entered = False
+
+    def _run_steps(self):
+        """Fallback: single-step over the `syscall` (ptrace.md, Register save/restore)."""
         while True:
             ptrace(PTRACE_SINGLESTEP, self.tid, 0, 0)
-            _, status = wait_tid(self.tid)
-            if not os.WIFSTOPPED(status):
-                raise PtraceError(errno.ESRCH, "process %d died during injection" % self.pid, self.pid)
-            sig, ev = stop_event(status)
+            sig, ev = self._stopped()
             if sig != signal.SIGTRAP or ev:
-                if not ev:                         # a signal slipped in: park it
-                    self.parked.append((sig, get_siginfo(self.tid)))
                 continue
             now = get_regs(self.tid)
             if now.rip != self.insn + 2:
                 continue                           # rewound for a restart: step again
             res = signed(now.rax)
-            if res in RESTART_ERRNOS:
-                continue                           # kernel re-executes it on the next step
-            if -4096 < res < 0:
-                raise InjectError(-res, "%s in process %d: %s" % (
-                    _NR_NAMES.get(nr, nr), self.pid, os.strerror(-res)), self.pid)
-            return res
+            if res not in RESTART_ERRNOS:          # else the kernel re-executes it
+                return res
 
     def userfaultfd(self, flags=UFFD_TARGET_FLAGS):
         """Create a uffd in the tracee, take our copy (pidfd_getfd), close the tracee's.
@@ -2383,16 +2567,30 @@ class Injector:
         finally:
             self.syscall(NR_close, tfd)
 
+    def sigaltstack(self):
+        """The tracee thread's alternate signal stack as (start, length), or None (disabled,
+        or no frame to receive it: the scratch is the frame's unused siginfo slot)."""
+        if self.frame is None:
+            return None
+        scratch = self.frame[0] + 8 + 304
+        self.syscall(NR_sigaltstack, 0, scratch)
+        with open("/proc/%d/mem" % self.pid, "rb", buffering=0) as mem:
+            sp, flags, size = struct.unpack("<Qi4xQ", os.pread(mem.fileno(), 24, scratch))
+        return None if flags & 2 or not size else (sp, size)         # SS_DISABLE
+
     def restore(self):
-        """Put back the saved registers and mask (at the current signal-delivery-stop)."""
+        """Put back the saved mask, then the registers (in this order: until the registers
+        are back, the frame would restore the mask if the tool vanished)."""
+        if self.blocked:
+            set_sigmask(self.tid, self.saved_mask)
+            test_pause("mask-restored")
         if self.injected:
             set_regs(self.tid, self.saved)
-        set_sigmask(self.tid, self.saved_mask)
+            test_pause("regs-restored")
 
     @property
     def resume_signal(self):
-        """Signal to pass when resuming (the first parked one; the rest are re-sent to the
-        process with kill)."""
+        """Signal to pass when resuming (the first parked one; the rest are re-sent with tgkill)."""
         for sig, _ in self.parked[1:]:
             try:
                 os.kill(self.pid, sig)
@@ -2405,7 +2603,7 @@ class Injector:
 
 
 _NR_NAMES = {NR_userfaultfd: "userfaultfd()", NR_close: "close()", NR_madvise: "madvise()",
-             NR_getpid: "getpid()", NR_mmap: "mmap()"}
+             NR_getpid: "getpid()", NR_mmap: "mmap()", NR_sigaltstack: "sigaltstack()"}
 
 
 def check_attachable(pid):
@@ -2436,8 +2634,9 @@ def check_attachable(pid):
 
 
 def _seize_stop(tid):
-    """PTRACE_SEIZE + INTERRUPT, wait for the PTRACE_EVENT_STOP; pass on signals seen first."""
-    ptrace(PTRACE_SEIZE, tid, 0, 0)
+    """PTRACE_SEIZE + INTERRUPT, wait for the PTRACE_EVENT_STOP; pass on signals seen first.
+    TRACESYSGOOD: the injection's syscall stops must not be SIGTRAP stops (see Injector)."""
+    ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD)
     ptrace(PTRACE_INTERRUPT, tid, 0, 0)
     while True:
         _, status = wait_tid(tid)
@@ -2462,10 +2661,16 @@ class Attachment:
 
     def __enter__(self):
         check_attachable(self.pid)
+        try:
+            gadgets = find_gadgets(self.pid)       # before the stop: it reads the libraries
+        except OSError:
+            gadgets = None
         self.t0 = time.monotonic()
         try:
             try:
                 _seize_stop(self.pid)
+                test_kill_timer()
+                test_pause("seized")
             except PtraceError as e:
                 if e.errno == errno.ESRCH:
                     raise ProcessLookupError(errno.ESRCH, "no such process: %d" % self.pid) from None
@@ -2477,7 +2682,7 @@ class Attachment:
             self.tids.append(self.pid)
             if self.all_threads:
                 self._stop_all_threads()
-            self.inj = Injector(self.pid)
+            self.inj = Injector(self.pid, gadgets=gadgets)
             if signed(self.inj.saved.cs) != 0x33:        # __USER_CS: 64-bit code segment
                 raise PtraceError(errno.ENOEXEC, "process %d runs 32-bit code" % self.pid, self.pid)
             return self
