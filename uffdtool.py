@@ -2724,6 +2724,125 @@ class Attachment:
     def __exit__(self, *exc):
         self.detach()
 
+    def kernel_pages(self):
+        """Pages the kernel itself accesses in kernel mode, where it cannot wait for a userfault
+        (or not at that moment): ``--dontneed`` must never drop them.  Per stopped thread: its
+        rseq area (written on every return to user space, also between our madvise and
+        UFFDIO_REGISTER, which re-populated the dropped page with zeros: the redis crash), its
+        robust futex list (walked at thread exit, where userfaults are refused), its TCB page(s)
+        at fs_base (clear_child_tid cannot be read from outside; glibc and musl keep it there),
+        and for the injected thread its sigaltstack and the injection frame.  A set of page
+        addresses; all threads must be stopped."""
+        keep = set()
+
+        def span(addr, n):
+            if addr:
+                keep.update(range(addr & -PAGE_SIZE, addr + max(n, 1), PAGE_SIZE))
+        with open("/proc/%d/mem" % self.pid, "rb", buffering=0) as mem:
+            for tid in self.tids:
+                try:
+                    span(get_regs(tid).fs_base, TCB_KEEP)
+                    span(*get_rseq(tid))
+                    for a, n in robust_list(tid, mem.fileno()):
+                        span(a, n)
+                except OSError:
+                    pass                            # the thread is gone; so is its kernel use
+        if self.inj.frame is not None:
+            span(self.inj.frame[1], self.inj.frame[2] - self.inj.frame[1])
+        try:
+            span(*(self.inj.sigaltstack() or (0, 0)))
+        except OSError:
+            pass
+        return keep
+
+    def drop(self, runs, keep=()):
+        """MADV_DONTNEED the page runs ``[(start, end)]`` minus the pages in ``keep``, merging
+        adjacent runs so that few madvise calls are injected; returns the number of calls."""
+        calls = 0
+        for a, b in merge_runs(subtract_pages(runs, keep)):
+            self.inj.syscall(NR_madvise, a, b - a, MADV_DONTNEED)
+            calls += 1
+        return calls
+
+
+TCB_KEEP = 4096        #: bytes kept from fs_base: glibc's struct pthread (tid, robust head, rseq)
+
+
+def get_rseq(tid):
+    """(address, size) of a thread's registered rseq area (PTRACE_GET_RSEQ_CONFIGURATION), or
+    (0, 0) if none or the kernel lacks the request."""
+    buf = ctypes.create_string_buffer(32)
+    try:
+        ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 32, ctypes.addressof(buf))
+    except PtraceError:
+        return 0, 0
+    addr, size = struct.unpack_from("<QI", buf.raw)
+    return addr, size
+
+
+def robust_list(tid, memfd, limit=2048):
+    """[(address, length)] the kernel touches at thread exit for tid's robust futex list: the
+    head, each entry, each entry's futex word and the pending one (get_robust_list(2))."""
+    head, size = ctypes.c_void_p(), ctypes.c_size_t()
+    syscall("get_robust_list", tid, ctypes.addressof(head), ctypes.addressof(size))
+    if not head.value:
+        return []
+    h = head.value
+
+    def word(a, fmt="<Q"):
+        return struct.unpack(fmt, os.pread(memfd, 8, a))[0]
+    out = [(h, 24)]
+    offset, pending = word(h + 8, "<q"), word(h + 16)
+    entry = word(h)
+    while entry and entry != h and len(out) < limit:
+        out += [(entry, 8), (entry + offset, 4)]
+        entry = word(entry)
+    if pending:
+        out += [(pending, 8), (pending + offset, 4)]
+    return out
+
+
+def subtract_pages(runs, pages):
+    """The runs ``[(start, end)]`` with the given page addresses cut out."""
+    out = []
+    cuts = sorted(pages)
+    for a, b in runs:
+        i = bisect.bisect_left(cuts, a)
+        while i < len(cuts) and cuts[i] < b:
+            if cuts[i] > a:
+                out.append((a, cuts[i]))
+            a = max(a, cuts[i] + PAGE_SIZE)
+            i += 1
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def merge_runs(runs):
+    """Sorted runs with touching neighbours joined."""
+    out = []
+    for a, b in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
+def page_runs(pages):
+    """Sorted page addresses -> [(start, end)] runs of contiguous pages."""
+    out = []
+    start = prev = None
+    for p in pages:
+        if p != prev:
+            if start is not None:
+                out.append((start, prev))
+            start = p
+        prev = p + PAGE_SIZE
+    if start is not None:
+        out.append((start, prev))
+    return out
+
 
 def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_stopped=None):
     """Create a uffd inside process pid and return (our fd, seconds the target was stopped).
@@ -3070,21 +3189,26 @@ def _start_brk(pid):
     return int(fields[47 - 3])      # field 47 (1-based) is start_brk; fields[0] is field 3
 
 
+#: pagemap entry's top byte -> b"\x01" if present or swapped (bits 63/62), else b"\x00"
+_PRESENT_BYTE = bytes(1 if b & 0xC0 else 0 for b in range(256))
+
+
 def present_pages(pid, start, end):
     """Page addresses in [start, end) that are present or swapped (/proc/PID/pagemap bits 63/62).
 
-    Never-touched pages are skipped: reading them would only copy zeros.
+    Never-touched pages are skipped: reading them would only copy zeros.  (The top byte of
+    each entry is mapped to 0/1 and the runs of 1 found with a regex: big reservations such as
+    thread stacks and malloc arenas cost no Python loop per page.)
     """
     page = PAGE_SIZE
     out = []
     with open("/proc/%d/pagemap" % pid, "rb", buffering=0) as f:
-        step = 4096 * page                               # 4096 entries (32 KiB) per read
+        step = 65536 * page                              # 64 Ki entries (512 KiB) per read
         for s in range(start, end, step):
             n = (min(end, s + step) - s) // page
-            data = os.pread(f.fileno(), 8 * n, (s // page) * 8)
-            for i, (e,) in enumerate(struct.iter_unpack("<Q", data)):
-                if e >> 62:
-                    out.append(s + i * page)
+            flags = os.pread(f.fileno(), 8 * n, (s // page) * 8)[7::8].translate(_PRESENT_BYTE)
+            for m in re.finditer(b"\x01+", flags):
+                out.extend(range(s + m.start() * page, s + m.end() * page, page))
     return out
 
 
@@ -3132,6 +3256,75 @@ def read_target_pages(pid, pages):
             out[pages[i + k]] = raw[k * page:(k + 1) * page]
         i = j if got == n else i + max(1, got // page)
     return out
+
+
+def snapshot_buffer(pid, regions, margin=1.25):
+    """A populated buffer for a later ``snapshot_target_pages`` of ``regions``, made *before* the
+    target is stopped (faulting in our own pages would otherwise count as stop time): room for
+    the pages present now, plus a margin."""
+    n = sum(len(present_pages(pid, s, s + length)) for s, length in regions)
+    size = (int(n * margin) + 256) * PAGE_SIZE
+    m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
+    return (ctypes.c_char * size).from_buffer(m)
+
+
+def snapshot_target_pages(pid, pages, buf=None):
+    """The given pages of pid in one buffer: (ctypes buffer, {address: offset in it}), read with
+    process_vm_readv, up to 1024 contiguous runs a call; ``buf`` (``snapshot_buffer``) is used
+    if it is big enough.  Like read_target_pages: only on memory that is not registered yet."""
+    pages = sorted(pages)
+    if buf is None or len(buf) < len(pages) * PAGE_SIZE:
+        buf = ctypes.create_string_buffer(max(1, len(pages) * PAGE_SIZE))
+    lib = libc()
+    lib.process_vm_readv.restype = ctypes.c_ssize_t
+    runs, off = page_runs(pages), 0
+    for i in range(0, len(runs), 1024):
+        chunk = runs[i:i + 1024]
+        n = sum(b - a for a, b in chunk)
+        remote = (iovec * len(chunk))(*[iovec(a, b - a) for a, b in chunk])
+        local = iovec(ctypes.addressof(buf) + off, n)
+        got = lib.process_vm_readv(pid, ctypes.byref(local), 1, remote, len(chunk), 0)
+        if got != n:
+            e = ctypes.get_errno() if got < 0 else errno.EFAULT
+            raise OSError(e, "process_vm_readv(%d): %s" % (pid, os.strerror(e)))
+        off += n
+    return buf, {a: i * PAGE_SIZE for i, a in enumerate(pages)}
+
+
+def drop_present(att, regions, snapshot=True, buf=None):
+    """``--dontneed`` while every thread is stopped: snapshot (if ``snapshot``) the present
+    pages of ``regions`` that the kernel does not need (``Attachment.kernel_pages``), then drop
+    them with as few injected madvise calls as possible: one per region's span from its first
+    to its last present page, split only around kept pages.  Only private anonymous memory may
+    be passed (MADV_DONTNEED on shared memory would not drop it, on a private file mapping it
+    would revert to the file).  ``buf``: see ``snapshot_buffer``.  Returns (buffer,
+    {address: offset}, dropped runs)."""
+    keep = att.kernel_pages()
+    present, spans = [], []
+    for start, length in sorted(regions):
+        pp = present_pages(att.pid, start, start + length)
+        if pp:
+            present += [p for p in pp if p not in keep]
+            spans.append((pp[0], pp[-1] + PAGE_SIZE))
+    buf, index = snapshot_target_pages(att.pid, present, buf) if snapshot else (None, {})
+    runs = merge_runs(subtract_pages(spans, keep))
+    att.drop(runs)
+    return buf, index, runs
+
+
+def repopulated(pid, runs, buf, index):
+    """After registering: pages of the dropped ``runs`` that are present again (something in
+    the kernel wrote them between madvise and UFFDIO_REGISTER, so they hold zeros and will
+    never fault).  Puts the snapshot back into those through /proc/PID/mem (a present page does
+    not fault) and returns their addresses."""
+    back = [p for a, b in runs for p in present_pages(pid, a, b)]
+    if back and buf is not None:
+        base = ctypes.addressof(buf)
+        with open("/proc/%d/mem" % pid, "r+b", buffering=0) as mem:
+            for p in back:
+                if p in index:
+                    os.pwrite(mem.fileno(), ctypes.string_at(base + index[p], PAGE_SIZE), p)
+    return back
 
 
 ###################################################################################################
@@ -3206,6 +3399,10 @@ class SnapshotSource:
     def __init__(self):
         self.buf = None
         self.index = {}                  # page address -> offset in buf
+
+    def adopt(self, buf, index):
+        """Keep a ready snapshot: a ctypes buffer and ``{address: offset in it}``."""
+        self.buf, self.index = buf, index
 
     def load(self, pages):
         """Keep ``{address: bytes}`` (one page each)."""
@@ -3481,22 +3678,28 @@ class PidTarget(WatchTarget):
         else:
             regions = _check_ranges(pid, self.ranges, maps)
         box = {}
+        spare = snapshot_buffer(pid, regions) if self.snapshot else None
 
         def while_stopped(att, fd):
             uffd = Userfaultfd.adopt(os.dup(fd))     # ours; inject_userfaultfd closes fd
             box["uffd"] = uffd
             uffd.api(self.features)
-            if self.snapshot:
-                snap = {}
-                for start, length in regions:
-                    snap.update(read_target_pages(pid, present_pages(pid, start, start + length)))
-                handler.source.load(snap)
-                self.snapshot_pages = len(snap)
+            runs = ()
             if self.dontneed:
-                for start, length in regions:
-                    att.inj.syscall(NR_madvise, start, length, MADV_DONTNEED)
+                buf, index, runs = drop_present(att, regions, self.snapshot, spare)
+                if self.snapshot:
+                    handler.source.adopt(buf, index)
+                    self.snapshot_pages = len(index)
             for start, length in regions:
                 arm(uffd, start, length, self.mode)
+            test_pause("armed")
+            if runs:
+                back = repopulated(pid, runs, handler.source.buf if self.snapshot else None,
+                                   handler.source.index if self.snapshot else {})
+                if back:
+                    handler.log.emit("warning", message="process %d: %d dropped page(s) were "
+                                     "written by the kernel before registration; their snapshot "
+                                     "was put back" % (pid, len(back)), pages=back[:16])
 
         try:
             fd, self.stopped_seconds = inject_userfaultfd(pid, while_stopped=while_stopped)
