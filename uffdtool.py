@@ -2606,18 +2606,29 @@ _NR_NAMES = {NR_userfaultfd: "userfaultfd()", NR_close: "close()", NR_madvise: "
              NR_getpid: "getpid()", NR_mmap: "mmap()", NR_sigaltstack: "sigaltstack()"}
 
 
-def check_attachable(pid):
-    """Refuse early (clear OSError) for targets we cannot or must not inject into."""
+def check_pid(pid):
+    """/proc/PID/status of a process that can be watched; ProcessLookupError naming what the
+    pid really is otherwise: gone, a zombie, or a thread of another process."""
     try:
         st = proc_status(pid)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessLookupError(errno.ESRCH, "no such process: %d" % pid) from None
+    if st.get("State", "").startswith("Z"):
+        raise ProcessLookupError(errno.ESRCH, "PID %d is a zombie (it has exited; its parent "
+                                 "has not reaped it)" % pid)
+    if st.get("Tgid", str(pid)) != str(pid):
+        raise ProcessLookupError(errno.ESRCH, "%d is a thread of PID %s: give the process id"
+                                 % (pid, st["Tgid"]))
+    return st
+
+
+def check_attachable(pid):
+    """Refuse early (clear OSError) for targets we cannot or must not inject into."""
+    st = check_pid(pid)
     if pid == os.getpid():
         raise PtraceError(errno.EINVAL, "cannot attach to the tool itself (use --self)", pid)
     if os.uname().machine != "x86_64":
         raise PtraceError(errno.ENOSYS, "--pid needs x86_64 (this machine is %s)" % os.uname().machine, pid)
-    if st.get("State", "").startswith("Z"):
-        raise ProcessLookupError(errno.ESRCH, "process %d is a zombie" % pid)
     if st.get("Seccomp", "0") != "0":
         raise PtraceError(errno.EPERM, "process %d runs under seccomp (Seccomp: %s); an injected "
                           "userfaultfd() could be denied or kill it, refusing" % (pid, st["Seccomp"]), pid)
@@ -3664,13 +3675,15 @@ class PidTarget(WatchTarget):
     def start(self, handler):
         pid = self.pid
         try:
+            check_pid(pid)
             self.pidfd = syscall("pidfd_open", pid, 0)
             maps = read_maps(pid)
         except OSError as e:
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise NotPermitted("process %d: cannot read its memory map (%s): needs "
                                    "CAP_SYS_PTRACE over it" % (pid, os.strerror(e.errno)))
-            raise UsageError("no such process: %d" % pid)
+            raise UsageError(e.strerror if isinstance(e, ProcessLookupError) else
+                             "no such process: %d" % pid)
         if self.all_anon:
             regions = [(m.start, m.end - m.start) for m in maps if m.is_private_anon()]
             if not regions:
@@ -3715,6 +3728,9 @@ class PidTarget(WatchTarget):
         except OSError as e:                     # UffdError, process_vm_readv, /proc
             if "uffd" in box:
                 box["uffd"].close()
+            if isinstance(e, UffdError) and e.errno == errno.EBUSY:
+                raise TargetError("process %d: another userfaultfd already watches this range "
+                                  "(%s)" % (pid, e))
             raise TargetError("process %d: %s" % (pid, e))
         os.close(fd)
         if self.offsets is not None:
