@@ -2,7 +2,7 @@
 """How long `watch --pid` stops its target, with and without --dontneed (README "What --pid
 guarantees").  Starts a C target (gcc) with PAGES touched private anonymous pages and THREADS
 threads, attaches RUNS times each way, prints median and max of the `ready` record's
-target_stopped_s and the snapshot size.  Usage (root):
+target_stopped_s (ready/stats records) and the snapshot size.  Usage (root):
 
     python3 bench/pid_stop.py [--pages 4000] [--threads 4] [--runs 15] [--redis]
 
@@ -51,8 +51,9 @@ def stop_times(pid, dontneed, runs):
                 "--quiet", "--duration", "0.2"] + (["--dontneed"] if dontneed else [])
         p = subprocess.run(args, capture_output=True, text=True, timeout=60)
         recs = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
-        ready = next(r for r in recs if r["event"] == "ready")
-        out.append((ready["target_stopped_s"], ready.get("snapshot_pages", 0)))
+        def field(name):
+            return next((r[name] for r in recs if name in r), 0)
+        out.append((field("target_stopped_s"), field("snapshot_pages")))
     return out
 
 
