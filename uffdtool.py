@@ -1061,8 +1061,10 @@ class SnapshotSource:
             done += PAGE_SIZE
         return done
 
-    def install_missing(self, served):
-        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
+    def install_missing(self, served, pending=None):
+        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages.
+        ``pending(served, attempt)`` (``Handler.read_pending``) is called on EAGAIN (an unread
+        event, e.g. the target forked meanwhile), then the page is tried again."""
         n = 0
         base = ctypes.addressof(self.buf) if self.buf is not None else 0
         for r in list(served.regions):
@@ -1071,14 +1073,21 @@ class SnapshotSource:
                 dst = r.start + (a - r.offset)
                 if src is None or served.is_removed(dst):
                     continue
-                try:
-                    served.uffd.copy(dst, base + src, PAGE_SIZE)
-                    n += 1
-                except UffdError as e:
-                    if e.errno in PEER_GONE:
-                        return n
-                    if e.errno != errno.EEXIST:
-                        raise
+                for attempt in range(FILL_RETRIES + 1):
+                    try:
+                        served.uffd.copy(dst, base + src, PAGE_SIZE)
+                        n += 1
+                    except UffdError as e:
+                        if e.errno in PEER_GONE or served.uffd.closed:
+                            return n
+                        if (e.errno == errno.EAGAIN and pending is not None and
+                                attempt < FILL_RETRIES):
+                            if not pending(served, attempt + 1):
+                                return n
+                            continue
+                        if e.errno != errno.EEXIST:
+                            raise
+                    break
         return n
 
     def address(self, offset):
@@ -1403,6 +1412,8 @@ class Handler:
         self.served = {}              # fd -> Served
         self.on_fork = None           # hook: callable(parent Served, child Served)
         self.on_gone = None           # hook: callable(Served) when a uffd's process is gone
+        self.on_lost = None           # hook: callable(Served): install every page it lacks
+        self.lost = []                # pids whose uffd could not be read any more (``lose``)
         self.stopping = False
         self._calls = []              # call_soon queue: (fn, args, kwargs), run by ``run``
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -1426,6 +1437,42 @@ class Handler:
             if self.on_gone:
                 self.on_gone(s)
             s.uffd.close()
+
+    @staticmethod
+    def _more_fds(err):
+        """On EMFILE (the kernel had no fd for a FORK event's new uffd; the event stays queued
+        and the forking process waits): raise our RLIMIT_NOFILE (root may raise the hard limit
+        too) so that the next read succeeds.  True if the limit went up."""
+        if getattr(err, "errno", None) != errno.EMFILE:
+            return False
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for new in ((soft + 1024, max(hard, soft + 1024)), (hard, hard)):
+            if new[0] > soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, new)
+                    return True
+                except (OSError, ValueError):
+                    pass
+        return False
+
+    def lose(self, s, err):
+        """``s``'s uffd cannot be read any more (EMFILE/ENFILE: no fd free for a FORK's new
+        uffd; anything else): closing it would leave its process without a handler, reading
+        zeros where data belongs.  So first install every page it still lacks (``on_lost``,
+        the target's way), then close it and remember it in ``lost``: the run then fails
+        (exit 1, never 0 after a lost uffd)."""
+        why = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
+        installed = 0
+        if self.on_lost is not None:
+            try:
+                installed = self.on_lost(s) or 0
+            except OSError:
+                pass
+        self.lost.append(s.pid)
+        self.stats.add("uffds_lost")
+        self.log.emit("error", message="the uffd of process %s could not be read (%s): %d "
+                      "page(s) installed, then closed" % (s.pid, why, installed), ufd=s.uffd.fileno())
+        self.drop(s, "lost", error=why)
 
     # -- events ---------------------------------------------------------------------------------
     def handle(self, s, events):
@@ -1848,7 +1895,8 @@ class Handler:
                 try:
                     evs = s.uffd.read_events()
                 except UffdError as e:
-                    self.drop(s, "read: %s" % e)
+                    if not self._more_fds(e):
+                        self.lose(s, e)
                     continue
                 if evs:
                     got = True
@@ -2029,7 +2077,8 @@ class Handler:
                     continue
                 except OSError as e:
                     flush()
-                    self.drop(s, "read: %s" % os.strerror(e.errno))
+                    if not self._more_fds(e):
+                        self.lose(s, e)
                     return None
                 spin_until = 0.0
                 ev, flags, addr, _ = unpack(msg)
@@ -3800,6 +3849,7 @@ class PidTarget(Target):
 
     def attach(self, handler):
         pid = self.pid
+        self.handler, self.handler_source = handler, handler.source
         try:
             check_pid(pid)
             self.pidfd = syscall("pidfd_open", pid, 0)
@@ -3865,7 +3915,28 @@ class PidTarget(Target):
             offs = [s if self.snapshot else None for s, _ in regions]
         handler.add(box["uffd"], [(s, n, o) for (s, n), o in zip(regions, offs)],
                     pid=pid, label="pid")
+        handler.on_fork, handler.on_lost = self._fork, self._install_all
         return [self.pidfd]
+
+    def _install_all(self, s, pid=None):
+        """Install every page ``s`` still lacks (snapshot or source pages); returns the count.
+        ``pid``: whose pagemap narrows the holes (None: unknown, try every page)."""
+        if self.snapshot:
+            return self.handler_source.install_missing(s, self.handler.read_pending)
+        if self.offsets is None:
+            return 0
+        holes = (lambda a, b: missing_runs(pid, a, b)) if pid else None
+        return self.handler.install_missing(s, holes)
+
+    def _fork(self, parent, child):
+        """A fork of the target: its children are not followed, so the child gets every page
+        it still lacks now, and its uffd is closed at once (fds never pile up; a child that
+        has exited already ends the install at its first ESRCH)."""
+        try:
+            self.drained += self._install_all(child)
+        except OSError:
+            pass
+        self.handler.drop(child, "not-followed")
 
     def detach(self, handler, reason):
         if self.exit_fields is not None:      # nothing to leave whole: say how it ended
@@ -3875,9 +3946,7 @@ class PidTarget(Target):
             return 1 if "signal" in self.exit_fields else None
         if self.snapshot or self.offsets is not None:
             for s in list(handler.served.values()):     # no zero page where data belongs
-                self.drained += (handler.source.install_missing(s) if self.snapshot else
-                                 handler.install_missing(
-                                     s, lambda a, b: missing_runs(self.pid, a, b)))
+                self.drained += self._install_all(s, self.pid)
         self.unregister_all(handler, "detached")
         self.abort()
         return None
@@ -6832,6 +6901,8 @@ class Session:
             if self.attached:
                 status = t.detach(self.handler, "interrupted" if sig and error is None
                                   else reason)
+                if self.handler is not None and self.handler.lost and not status:
+                    status = 1                # a served uffd was lost (CLI.md: 1)
             else:
                 t.abort()
             if error is None:

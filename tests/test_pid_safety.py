@@ -2,6 +2,7 @@
 pages the kernel itself writes (a real redis-server, a C target with rseq, robust mutexes and a
 sigaltstack), a SIGKILLed tool at every injection step and at random moments leaves the target
 running with its registers, mask, FPU state and data, and odd pids get clear errors."""
+import json
 import os
 import random
 import signal
@@ -276,6 +277,53 @@ def test_second_concurrent_attach_is_named(victim):
         assert t.returncode == 0, err
         out, _ = p.communicate("check\n", timeout=10)
         assert out.strip() == "ok" and p.returncode == 0
+    finally:
+        p.kill()
+        p.wait()
+
+
+# -- item 3: forks never pile up uffds, a lost uffd is never silent ------------------------------
+
+def _pattern(n):
+    """Region 0 of the victim: byte i = (7 i + i // 4096) mod 256 (victim.c ``fill``)."""
+    return bytes((i * 7 + i // 4096) & 0xFF for i in range(n))
+
+
+def _low_fd_limit():
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+
+@pytest.mark.parametrize("command", ["serve-file", "watch"])
+def test_forking_target_under_low_fd_limit(victim, tmp_path, command):
+    """`ulimit -n 40` for the tool, a target forking every 200 us, watched 1.5 s, --dontneed: each
+    child is checked by itself against the data (the victim counts bad children), so is the
+    parent; the tool never holds more than a few fds, installs every page of each child first,
+    closes its uffd at once and exits 0.  (Before: one fd per child until EMFILE, then zeros.)"""
+    p = subprocess.Popen([victim, "fork", "60"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "ready\n"
+    addr = int(p.stdout.readline(), 16)
+    try:
+        if command == "serve-file":
+            src = tmp_path / "data.bin"
+            src.write_bytes(_pattern(200 * 4096))
+            args = ["serve-file", "--file", src, "--pid", p.pid,
+                    "--range", "0x%x:%d" % (addr, 200 * 4096), "--dontneed"]
+        else:
+            args = ["watch", "--pid", p.pid, "--all-anon", "--dontneed"]
+        log = tmp_path / "log.json"
+        t = subprocess.run([sys.executable, TOOL] + [str(a) for a in args] +
+                           ["--quiet", "--log", str(log), "--duration", "1.5"],
+                           capture_output=True, text=True, timeout=60, preexec_fn=_low_fd_limit)
+        recs = [json.loads(line) for line in open(log) if line.startswith("{")]
+        assert t.returncode == 0, t.stderr
+        forks = sum(1 for r in recs if r["event"] == "fork")
+        assert forks > 50
+        assert sum(1 for r in recs if r.get("reason") == "not-followed") == forks
+        assert not [r for r in recs if r["event"] == "error"]
+        p.send_signal(signal.SIGUSR2)
+        out, _ = p.communicate(timeout=30)
+        assert out.strip() == "ok" and p.returncode == 0, out
     finally:
         p.kill()
         p.wait()

@@ -3,6 +3,8 @@
  *   victim sleep SECS   sleeps in 1 ms nanosleeps (stopped inside a syscall)
  *   victim spin SECS    spins in user space with a value in %xmm7 and MXCSR rounding upward
  *                       (both end after SECS or at SIGUSR2, whichever comes first)
+ *   victim fork SECS    forks every 200 us; each child checks the data and exits (prints the
+ *                       address of the first mapping after "ready")
  *   victim serve        3 threads (rseq, each holding a robust mutex), a sigaltstack; then
  *                       reads commands from stdin: "exit-threads", "signal", "check"
  * Every mode ends by checking its data (FNV-1a over 300 pages in three mappings), that no
@@ -20,6 +22,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/rseq.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -103,6 +106,26 @@ static void spin_mode(double secs) {
     if (fegetround() != FE_UPWARD) fail("mxcsr");
 }
 
+static void fork_mode(double secs) {
+    double end = now() + secs;
+    int live = 0, children = 0, badkids = 0, st;
+    while (now() < end && !done) {
+        pid_t c = fork();
+        if (c == 0) _exit(fnv() != sum0);
+        if (c > 0) { live++; children++; }
+        usleep(200);
+        while (live && (c = waitpid(-1, &st, live > 64 ? 0 : WNOHANG)) > 0) {
+            live--;
+            if (!WIFEXITED(st) || WEXITSTATUS(st)) badkids++;
+        }
+    }
+    while (live && wait(&st) > 0) {
+        live--;
+        if (!WIFEXITED(st) || WEXITSTATUS(st)) badkids++;
+    }
+    if (badkids) { printf("BAD %d of %d children\n", badkids, children); fflush(stdout); bad = 1; }
+}
+
 /* serve mode */
 static pthread_mutex_t robust[3];
 static int go_pipe[2];
@@ -168,9 +191,11 @@ int main(int argc, char **argv) {
     signal(SIGUSR2, on_usr2);
     if (argc > 1 && !strcmp(argv[1], "serve")) serve_mode();
     printf("ready\n");
+    if (argc > 1 && !strcmp(argv[1], "fork")) printf("%p\n", (void *)maps[0]);
     fflush(stdout);
     double secs = argc > 2 ? atof(argv[2]) : 1.0;
+    if (argc > 1 && !strcmp(argv[1], "fork")) fork_mode(secs);
     if (argc > 1 && !strcmp(argv[1], "spin")) spin_mode(secs);
-    else sleep_mode(secs);
+    else if (strcmp(argv[1], "fork")) sleep_mode(secs);
     finish();
 }
