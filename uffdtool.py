@@ -3316,12 +3316,17 @@ def _start_brk(pid):
 _PRESENT_BYTE = bytes(1 if b & 0xC0 else 0 for b in range(256))
 
 
-def present_pages(pid, start, end):
+#: ... -> b"\x01" if present and still write-protected by a uffd (bit 57, PM_UFFD_WP)
+_CLEAN_BYTE = bytes(1 if b & 0x80 and b & 0x02 else 0 for b in range(256))
+
+
+def present_pages(pid, start, end, table=_PRESENT_BYTE):
     """Page addresses in [start, end) that are present or swapped (/proc/PID/pagemap bits 63/62).
 
     Never-touched pages are skipped: reading them would only copy zeros.  (The top byte of
     each entry is mapped to 0/1 and the runs of 1 found with a regex: big reservations such as
-    thread stacks and malloc arenas cost no Python loop per page.)
+    thread stacks and malloc arenas cost no Python loop per page.)  ``table=_CLEAN_BYTE``:
+    the present pages not written since a (WP_ASYNC) write-protect instead.
     """
     page = PAGE_SIZE
     out = []
@@ -3329,7 +3334,7 @@ def present_pages(pid, start, end):
         step = 65536 * page                              # 64 Ki entries (512 KiB) per read
         for s in range(start, end, step):
             n = (min(end, s + step) - s) // page
-            flags = os.pread(f.fileno(), 8 * n, (s // page) * 8)[7::8].translate(_PRESENT_BYTE)
+            flags = os.pread(f.fileno(), 8 * n, (s // page) * 8)[7::8].translate(table)
             for m in re.finditer(b"\x01+", flags):
                 out.extend(range(s + m.start() * page, s + m.end() * page, page))
     return out
@@ -3414,13 +3419,127 @@ def snapshot_target_pages(pid, pages, buf=None):
     return buf, {a: i * PAGE_SIZE for i, a in enumerate(pages)}
 
 
-def drop_present(att, regions, snapshot=True, buf=None):
+def read_pages_into(pid, buf, pairs):
+    """process_vm_readv each page of ``pairs`` ``[(address, offset in buf)]`` (sorted by
+    address) into ``buf``; contiguous pages with contiguous offsets go in one iovec, up to 1024
+    a call.  Returns the pages that could not be read (unmapped meanwhile)."""
+    lib = libc()
+    lib.process_vm_readv.restype = ctypes.c_ssize_t
+    runs = []                                   # [remote, local, length]
+    for a, off in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == off:
+            runs[-1][2] += PAGE_SIZE
+        else:
+            runs.append([a, off, PAGE_SIZE])
+    base, failed = ctypes.addressof(buf), []
+    for i in range(0, len(runs), 1024):
+        chunk = runs[i:i + 1024]
+        n = sum(r[2] for r in chunk)
+        remote = (iovec * len(chunk))(*[iovec(r[0], r[2]) for r in chunk])
+        local = (iovec * len(chunk))(*[iovec(base + r[1], r[2]) for r in chunk])
+        if lib.process_vm_readv(pid, local, len(chunk), remote, len(chunk), 0) == n:
+            continue
+        for r in chunk:                         # short: find the pages that are gone
+            for k in range(0, r[2], PAGE_SIZE):
+                one_l, one_r = iovec(base + r[1] + k, PAGE_SIZE), iovec(r[0] + k, PAGE_SIZE)
+                if lib.process_vm_readv(pid, ctypes.byref(one_l), 1, ctypes.byref(one_r), 1,
+                                        0) != PAGE_SIZE:
+                    failed.append(r[0] + k)
+    return failed
+
+
+class Precopy:
+    """The first of two stops of ``--dontneed`` (README "What --pid guarantees"): copying
+    4,000 pages takes 5-15 ms here, so the copy is made while the target runs.  Stop 1 injects
+    a uffd with only UFFD_FEATURE_WP_ASYNC (no events: nothing in the target ever waits for
+    it), registers the regions MODE_WP and write-protects their present pages; after the
+    detach they are copied.  At stop 2 (``refresh``) pagemap tells which present pages lost
+    the uffd-wp bit (written since) or were not copied: only those are copied then; the WP uffd
+    is closed (unregistering clears the bits).  If the tool dies in between, closing that uffd
+    is all that happens: nothing was dropped yet."""
+    FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_PAGEFAULT_FLAG_WP
+
+    def __init__(self, pid, regions):
+        self.pid, self.regions = pid, regions
+        self.uffd, self.buf, self.index, self.free = None, None, {}, 0
+        self.stopped_seconds = 0.0
+        self.recopied = 0
+
+    @classmethod
+    def available(cls):
+        """Whether this kernel offers WP_ASYNC (6.7+)."""
+        probe = Userfaultfd()
+        try:
+            return int(probe.api(0)[0]) & cls.FEATURES == cls.FEATURES
+        finally:
+            probe.close()
+
+    def run(self):
+        """Stop 1, then the copy with the target running."""
+        pid, present = self.pid, []
+
+        def while_stopped(att, fd):
+            self.uffd = Userfaultfd.adopt(os.dup(fd))
+            self.uffd.api(self.FEATURES)
+            for start, length in self.regions:
+                pp = present_pages(pid, start, start + length)
+                present.extend(pp)
+                self.uffd.register(start, length, UFFDIO_REGISTER_MODE_WP)
+                for a, b in page_runs(pp):
+                    self.uffd.writeprotect(a, b - a, True)
+        try:
+            fd, self.stopped_seconds = inject_userfaultfd(pid, while_stopped=while_stopped)
+            os.close(fd)
+            present.sort()
+            size = (int(len(present) * 1.25) + 256) * PAGE_SIZE
+            m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
+            self.buf = (ctypes.c_char * size).from_buffer(m)
+            pairs = [(p, i * PAGE_SIZE) for i, p in enumerate(present)]
+            gone = set(read_pages_into(pid, self.buf, pairs))
+            self.index = {p: off for p, off in pairs if p not in gone}
+            self.free = len(present) * PAGE_SIZE
+        except BaseException:
+            self.close()
+            raise
+
+    def refresh(self, present):
+        """At stop 2: (buffer, {address: offset}) for ``present`` (sorted page addresses, the
+        kernel's pages already left out): pages written since stop 1 are copied again now."""
+        clean = set()
+        for start, length in self.regions:
+            clean.update(present_pages(self.pid, start, start + length, _CLEAN_BYTE))
+        index, todo = {}, []
+        for p in present:
+            off = self.index.get(p)
+            if off is not None and p in clean:
+                index[p] = off
+                continue
+            if off is None:
+                if self.free + PAGE_SIZE > len(self.buf):
+                    raise OSError(errno.ENOMEM, "precopy buffer full")
+                off, self.free = self.free, self.free + PAGE_SIZE
+            todo.append((p, off))
+            index[p] = off
+        if read_pages_into(self.pid, self.buf, todo):
+            raise OSError(errno.EFAULT, "process_vm_readv(%d): a present page vanished" % self.pid)
+        self.recopied = len(todo)
+        self.close()
+        return self.buf, index
+
+    def close(self):
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
+
+
+def drop_present(att, regions, snapshot=True, buf=None, pre=None):
     """``--dontneed`` while every thread is stopped: snapshot (if ``snapshot``) the present
     pages of ``regions`` that the kernel does not need (``Attachment.kernel_pages``), then drop
     them with as few injected madvise calls as possible: one per region's span from its first
     to its last present page, split only around kept pages.  Only private anonymous memory may
     be passed (MADV_DONTNEED on shared memory would not drop it, on a private file mapping it
-    would revert to the file).  ``buf``: see ``snapshot_buffer``.  Returns (buffer,
+    would revert to the file).  ``buf``: see ``snapshot_buffer``; ``pre``: a ``Precopy``
+    that ran (then only pages written since are copied now).  Returns (buffer,
     {address: offset}, dropped runs)."""
     keep = att.kernel_pages()
     present, spans = [], []
@@ -3429,7 +3548,11 @@ def drop_present(att, regions, snapshot=True, buf=None):
         if pp:
             present += [p for p in pp if p not in keep]
             spans.append((pp[0], pp[-1] + PAGE_SIZE))
-    buf, index = snapshot_target_pages(att.pid, present, buf) if snapshot else (None, {})
+    if snapshot and pre is not None:
+        present.sort()
+        buf, index = pre.refresh(present)
+    else:
+        buf, index = snapshot_target_pages(att.pid, present, buf) if snapshot else (None, {})
     runs = merge_runs(subtract_pages(spans, keep))
     att.drop(runs)
     return buf, index, runs
@@ -3838,6 +3961,7 @@ class PidTarget(Target):
         self.pidfd = -1
         self.snapshot_pages = 0
         self.drained = 0
+        self.recopied = self.precopy_stop_s = None
         self.exit_fields = None               # set once the process has ended
 
     def ready_fields(self):
@@ -3867,7 +3991,16 @@ class PidTarget(Target):
         else:
             regions = _check_ranges(pid, self.ranges, maps)
         box = {}
-        spare = snapshot_buffer(pid, regions) if self.snapshot else None
+        spare = pre = None
+        if self.snapshot and self.mode == "missing" and Precopy.available():
+            pre = Precopy(pid, regions)
+            try:
+                pre.run()
+            except OSError as e:
+                raise TargetError("process %d: precopy: %s" % (pid, e))
+            self.precopy_stop_s = pre.stopped_seconds
+        elif self.snapshot:
+            spare = snapshot_buffer(pid, regions)
 
         def while_stopped(att, fd):
             uffd = Userfaultfd.adopt(os.dup(fd))     # ours; inject_userfaultfd closes fd
@@ -3875,7 +4008,8 @@ class PidTarget(Target):
             uffd.api(self.features)
             runs = ()
             if self.dontneed:
-                buf, index, runs = drop_present(att, regions, self.snapshot, spare)
+                buf, index, runs = drop_present(att, regions, self.snapshot, spare, pre)
+                self.recopied = pre.recopied if pre is not None else None
                 if self.snapshot:
                     handler.source.adopt(buf, index)
                     self.snapshot_pages = len(index)
@@ -3895,6 +4029,8 @@ class PidTarget(Target):
         except ProcessLookupError as e:
             raise UsageError(str(e.strerror or e))
         except PtraceError as e:
+            if pre is not None:
+                pre.close()
             if "uffd" in box:
                 box["uffd"].close()
             if e.errno == errno.EINVAL:
@@ -3902,6 +4038,8 @@ class PidTarget(Target):
             raise (NotPermitted if e.errno in (errno.EPERM, errno.EACCES, errno.ENOEXEC,
                                                errno.ENOSYS) else TargetError)(str(e))
         except OSError as e:                     # UffdError, process_vm_readv, /proc
+            if pre is not None:
+                pre.close()
             if "uffd" in box:
                 box["uffd"].close()
             if isinstance(e, UffdError) and e.errno == errno.EBUSY:
@@ -3960,6 +4098,9 @@ class PidTarget(Target):
         out = super().extra()
         if self.snapshot:
             out.update(snapshot_pages=self.snapshot_pages, drained_pages=self.drained)
+            if self.recopied is not None:         # two stops: the first one, and the pages
+                out.update(precopy_stopped_s=round(self.precopy_stop_s, 6),   # copied in stop 2
+                           recopied_pages=self.recopied)
         elif self.offsets is not None:
             out.update(drained_pages=self.drained)
         return out

@@ -327,3 +327,31 @@ def test_forking_target_under_low_fd_limit(victim, tmp_path, command):
     finally:
         p.kill()
         p.wait()
+
+
+# -- item 6: the copy happens before the stop ----------------------------------------------------
+
+@pytest.mark.skipif(not U.Precopy.available(), reason="needs UFFD_FEATURE_WP_ASYNC (6.7+)")
+def test_precopy_recopies_exactly_the_pages_written_between_the_stops(victim):
+    """Precopy: stop 1 write-protects (async) and copies with the target running; a page the
+    target writes afterwards (here through /proc/PID/mem, which faults like the target would)
+    loses its uffd-wp bit and is copied again at stop 2 with its new content; the others are
+    taken from the first copy."""
+    p = start_victim(victim, "sleep", 60)
+    try:
+        regions = [(m.start, m.end - m.start) for m in U.read_maps(p.pid) if m.is_private_anon()]
+        pre = U.Precopy(p.pid, regions)
+        pre.run()
+        assert len(pre.index) >= 300
+        victim_page = sorted(pre.index)[len(pre.index) // 2]     # one of the 300 data pages
+        with open("/proc/%d/mem" % p.pid, "r+b", buffering=0) as mem:
+            os.pwrite(mem.fileno(), b"written after stop 1", victim_page)
+        with U.Attachment(p.pid) as a:
+            buf, index, runs = U.drop_present(a, regions, True, None, pre)
+        assert 1 <= pre.recopied < 20
+        got = bytes(buf[index[victim_page]:index[victim_page] + 20])
+        assert got == b"written after stop 1"
+        assert runs and pre.uffd is None
+    finally:
+        p.kill()
+        p.wait()
