@@ -2471,7 +2471,7 @@ INJECTION_STEPS = ("seized", "frame-written", "regs-injected", "mask-blocked", "
                    "syscall-exit", "mask-restored", "regs-restored", "armed")
 
 
-def test_kill_timer():
+def _test_kill_timer():
     """Test-only hook: UFFDTOOL_TEST_KILL_AFTER_US=N arms a POSIX timer that SIGKILLs the tool N
     microseconds from now (called right after the target is seized): a real asynchronous kill
     at an arbitrary instruction of the injection."""
@@ -2792,7 +2792,7 @@ class Attachment:
         try:
             try:
                 _seize_stop(self.pid)
-                test_kill_timer()
+                _test_kill_timer()
                 _test_pause("seized")
             except PtraceError as e:
                 if e.errno == errno.ESRCH:
