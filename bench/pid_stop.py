@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""How long `watch --pid` stops its target, with and without --dontneed (README "What --pid
-guarantees").  With --dontneed there are two stops (the copy is made between them); the
-reported stop is the second, the longer one, and the first is shown beside it.  Starts a C target (gcc) with PAGES touched private anonymous pages and THREADS
-threads, attaches RUNS times each way, prints median and max of the `ready` record's
-target_stopped_s (ready/stats records) and the snapshot size.  Usage (root):
+"""How long `watch --pid` stops its target, with and without --dontneed (README "--dontneed"
+and "What --pid guarantees").  With --dontneed there are two stops (the copy is made between
+them): the reported stop is the second, and the first is shown beside it.  Starts a C target
+(gcc) with PAGES touched private anonymous pages and THREADS threads, attaches RUNS times each
+way, prints median and max of target_stopped_s (ready/stats records) and the snapshot size.
+Usage (root):
 
     python3 bench/pid_stop.py [--pages 4000] [--threads 4] [--runs 15] [--redis]
 
@@ -12,7 +13,6 @@ target_stopped_s (ready/stats records) and the snapshot size.  Usage (root):
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -34,7 +34,8 @@ int main(int argc, char **argv) {
     long pages = atol(argv[1]), threads = atol(argv[2]);
     /* a few separate mappings, like a real heap */
     for (int k = 0; k < 8; k++) {
-        char *p = mmap(0, pages / 8 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        char *p = mmap(0, pages / 8 * 4096, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         for (long i = 0; i < pages / 8; i++) p[i * 4096] = (char)(i + k);
     }
     pthread_t t;
@@ -51,7 +52,8 @@ def stop_times(pid, dontneed, runs):
         args = [sys.executable, TOOL, "watch", "--pid", str(pid), "--all-anon", "--json",
                 "--quiet", "--duration", "0.2"] + (["--dontneed"] if dontneed else [])
         p = subprocess.run(args, capture_output=True, text=True, timeout=60)
-        recs = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+        recs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
         def field(name):
             return next((r[name] for r in recs if name in r), 0)
         out.append((field("target_stopped_s"), field("snapshot_pages"),

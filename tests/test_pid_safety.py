@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -26,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory):
     """tests/victim.c built with gcc (a target that checks its own data, mask, FPU, rseq)."""
-    gcc = need_program("gcc")
+    gcc = need_program("gcc", "gcc")
     out = str(tmp_path_factory.mktemp("victim") / "victim")
     subprocess.run([gcc, "-O2", "-pthread", "-o", out, os.path.join(HERE, "victim.c"), "-lm"],
                    check=True)
@@ -123,9 +122,9 @@ def test_dontneed_real_redis_under_load(tmp_path):
     """A real redis-server (127.0.0.1, free port, own dir, no persistence) with 3,000 keys and
     redis-benchmark running: `watch --pid --all-anon --dontneed` five times; redis stays up and
     every key is identical afterwards.  Without the fix it died ~3 ms after `ready` (9 of 9)."""
-    server = need_program("redis-server")
-    need_program("redis-cli")
-    bench = need_program("redis-benchmark")
+    server = need_program("redis-server", "redis-server")
+    need_program("redis-cli", "redis-tools")
+    bench = need_program("redis-benchmark", "redis-tools")
     port = _free_port()
     r = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                           "--appendonly", "no", "--dir", str(tmp_path)],
