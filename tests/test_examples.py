@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, needs_root, needs_uffd, uffdtool
+from conftest import ROOT, need_program, needs_root, needs_uffd, uffdtool
 
 README = os.path.join(ROOT, "README.md")
 x86_64 = pytest.mark.skipif(uffdtool.ARCH != "x86_64", reason="ptrace is x86_64 only")
@@ -211,3 +211,19 @@ def test_watch_overhead_benchmark_runs(tmp_path):
     rows = r.stdout.splitlines()
     assert len(rows) == 5 and rows[0].startswith("without watch ")
     assert all(re.search(r" median +[\d.]+ s  \(x[\d.]+\)  runs: [\d.]+$", row) for row in rows)
+
+
+@needs_uffd
+def test_pid_stop_benchmark_runs():
+    """bench/pid_stop.py (README "--dontneed"), at a small size: a line for the stop without and
+    one for the two stops with --dontneed (no timing is asserted)."""
+    assert "python3 bench/pid_stop.py" in readme()
+    need_program("gcc", "gcc")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "pid_stop.py"), "--pages",
+                        "400", "--threads", "1", "--runs", "1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert len(rows) == 2 and "register only" in rows[0] and "--dontneed" in rows[1]
+    stop = r" median +[\d.]+ ms  max +[\d.]+ ms  snapshot_pages \d+"
+    assert all(re.search(stop, x) for x in rows)
