@@ -3996,7 +3996,15 @@ class PidTarget(Target):
             pre = Precopy(pid, regions)
             try:
                 pre.run()
+            except ProcessLookupError as e:
+                raise UsageError(str(e.strerror or e))
+            except PtraceError as e:
+                raise (NotPermitted if e.errno in (errno.EPERM, errno.EACCES, errno.ENOEXEC,
+                                                   errno.ENOSYS) else TargetError)(str(e))
             except OSError as e:
+                if isinstance(e, UffdError) and e.errno == errno.EBUSY:
+                    raise TargetError("process %d: another userfaultfd already watches this "
+                                      "range (%s)" % (pid, e))
                 raise TargetError("process %d: precopy: %s" % (pid, e))
             self.precopy_stop_s = pre.stopped_seconds
         elif self.snapshot:

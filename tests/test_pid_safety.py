@@ -268,10 +268,12 @@ def test_second_concurrent_attach_is_named(victim):
     p = start_victim(victim, "serve")
     try:
         t = start_tool("watch", "--pid", p.pid, "--all-anon")
-        r = run_tool("watch", "--pid", p.pid, "--all-anon", "--quiet")
-        assert r.returncode == 1, r.stderr
-        assert "another userfaultfd already watches this range" in r.stderr
-        assert "Traceback" not in r.stderr
+        for extra in ([], ["--dontneed"]):
+            r = run_tool("watch", "--pid", p.pid, "--all-anon", "--quiet", *extra)
+            assert r.returncode == 1, r.stderr
+            assert "another userfaultfd already watches this range" in r.stderr
+            assert "Traceback" not in r.stderr
+            assert sigblk(p.pid) == 0 and U.proc_status(p.pid)["TracerPid"] == "0"
         recs, err = stop_tool(t)
         assert t.returncode == 0, err
         out, _ = p.communicate("check\n", timeout=10)
