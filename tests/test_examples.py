@@ -213,6 +213,41 @@ def test_watch_overhead_benchmark_runs(tmp_path):
     assert all(re.search(r" median +[\d.]+ s  \(x[\d.]+\)  runs: [\d.]+$", row) for row in rows)
 
 
+# -- report -----------------------------------------------------------------------------------
+
+@needs_root
+@x86_64
+def test_report_of_gcc(tmp_path):
+    """The report block: watch gcc twice, the terminal summary (80 columns), the HTML and SVG
+    files, the comparison of the two runs, the --record file."""
+    need_program("gcc", "gcc")
+    out, err, rc = run_commands(console_block("uffdtool.py report gcc.jsonl"), tmp_path)
+    assert rc == 0 and err == "", out + err
+    lines = out.splitlines()
+    assert lines[0] == "uffdtool report  gcc.jsonl" and max(len(x) for x in lines) <= 80
+    assert lines[1].startswith("run: uffdtool watch --quiet --log gcc.jsonl --record ws.txt --")
+    assert re.search(r"^faults (\d+) · distinct pages \d+ · processes 3 ", out, re.M), out
+    assert re.search(r"^  pages in both \d+ · only in A \d+ · only in B \d+ · Jaccard "
+                     r"[01]\.\d{3}$", out, re.M), out
+    assert re.search(r"^faults \d+ · distinct pages \d+ · processes 1 ", lines[-1]), out
+    html = (tmp_path / "gcc.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and 'class="heatmap"' in html
+    assert 'class="heatmap"' in (tmp_path / "gcc.svg").read_text()
+
+
+def test_report_scale_benchmark_runs():
+    """bench/report_scale.py at a small size: the import line and one line per view (no timing
+    is asserted)."""
+    assert "python3 bench/report_scale.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report_scale.py"),
+                        "--faults", "20000"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert rows[0].startswith("log: 20000 faults") and len(rows) == 5, r.stdout
+    assert all(re.search(r" [\d.]+ s wall +[\d.]+ s CPU  peak RSS +[\d.]+ MiB$", row)
+               for row in rows[1:]), r.stdout
+
+
 @needs_uffd
 def test_pid_stop_benchmark_runs():
     """bench/pid_stop.py (README "--dontneed"), at a small size: a line for the stop without and
