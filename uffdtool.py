@@ -2594,6 +2594,7 @@ class Injector:
         self.parked = []           # (signo, siginfo) that slipped in; re-delivered on resume
         self.injected = self.blocked = False
         self.frame = None          # (sp, low, high) of the self-restoring frame
+        self.scratch = None        # the bytes the frame overwrote
         if gadgets is not None:
             self.frame = self._write_frame(gadgets)
         if self.frame is None:     # single-stepping: block signals for the whole stop
@@ -2614,7 +2615,8 @@ class Injector:
                 fpstate = (top - len(xstate or b"") - 8) & ~63
                 frame = (fpstate - SIGFRAME_BYTES) & ~15
                 data = _sigframe(self.saved, self.saved_mask, xstate, frame, fpstate, sr)
-                if os.pwrite(mem.fileno(), data, frame) != len(data):
+                self.scratch = os.pread(mem.fileno(), len(data), frame)
+                if len(self.scratch) != len(data) or os.pwrite(mem.fileno(), data, frame) != len(data):
                     return None
         except OSError:
             return None
@@ -2727,6 +2729,19 @@ class Injector:
         if self.injected:
             set_regs(self.tid, self.saved)
             _test_pause("regs-restored")
+        if self.frame is not None and self.scratch is not None:
+            self._put_back_scratch()
+
+    def _put_back_scratch(self):
+        """Put back the bytes the frame overwrote below the red zone: dead stack for C, but a
+        runtime may keep data below its stack pointer's red zone (Go's goroutine stacks are
+        small and sit among other memory), so the normal path leaves memory as it was."""
+        try:
+            with open("/proc/%d/mem" % self.pid, "r+b", buffering=0) as mem:
+                os.pwrite(mem.fileno(), self.scratch, self.frame[1])
+        except OSError:
+            pass
+        self.scratch = None
 
     @property
     def resume_signal(self):

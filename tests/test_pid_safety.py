@@ -356,3 +356,31 @@ def test_precopy_recopies_exactly_the_pages_written_between_the_stops(victim):
     finally:
         p.kill()
         p.wait()
+
+
+def test_injection_leaves_the_stack_below_the_red_zone_as_it_was(victim):
+    """The frame is written below the red zone and put back at restore: memory that a runtime
+    might keep there (Go's small goroutine stacks) is unchanged once the injection is over."""
+    p = start_victim(victim, "sleep", 60)
+    try:
+        gadgets = U.find_gadgets(p.pid)
+        assert gadgets is not None                     # glibc has both
+        U._seize_stop(p.pid)
+        try:
+            rsp = U.get_regs(p.pid).rsp
+            with open("/proc/%d/mem" % p.pid, "rb", buffering=0) as mem:
+                before = os.pread(mem.fileno(), 8192, rsp - 128 - 8192)
+            inj = U.Injector(p.pid, gadgets=gadgets)
+            assert inj.frame is not None and inj.frame[2] <= rsp - 128
+            assert inj.syscall(U.NR_getpid) == p.pid
+            inj.restore()
+            with open("/proc/%d/mem" % p.pid, "rb", buffering=0) as mem:
+                assert os.pread(mem.fileno(), 8192, rsp - 128 - 8192) == before
+        finally:
+            U.ptrace(U.PTRACE_DETACH, p.pid, 0, 0)
+        p.send_signal(signal.SIGUSR2)
+        out, _ = p.communicate(timeout=10)
+        assert out.strip() == "ok" and p.returncode == 0
+    finally:
+        p.kill()
+        p.wait()
