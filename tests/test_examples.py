@@ -273,6 +273,22 @@ def test_log_emit_benchmark_runs():
 
 
 @needs_uffd
+def test_pid_stop_benchmark_runs():
+    """bench/pid_stop.py (README "--dontneed"), at a small size: a line for the stop without and
+    one for the two stops with --dontneed (no timing is asserted)."""
+    assert "python3 bench/pid_stop.py" in readme()
+    need_program("gcc", "gcc")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "pid_stop.py"), "--pages",
+                        "400", "--threads", "1", "--runs", "1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert len(rows) == 2 and "register only" in rows[0] and "--dontneed" in rows[1]
+    stop = r" median +[\d.]+ ms  max +[\d.]+ ms  snapshot_pages \d+"
+    assert all(re.search(stop, x) for x in rows)
+
+
+@needs_uffd
 def test_peers_benchmark_runs(tmp_path):
     """bench/peers_bench.py (docs/benchmarks.md), at a small size: a table row per (K, peers),
     every toucher verified by the script itself (no timing is asserted)."""
