@@ -5311,6 +5311,8 @@ class FirecrackerTarget(Target):
             holes = (lambda a, b: missing_runs(pid, a, b)) if pid and not handler.hugetlb \
                 else None
             installed += handler.install_missing(s, holes)
+            if s.uffd.closed:                 # the peer went away meanwhile: dropped
+                continue
             for r in s.regions:
                 try:
                     s.uffd.unregister(r.start, r.end - r.start)

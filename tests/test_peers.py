@@ -97,6 +97,12 @@ def wait_for(t, event, n=1, timeout=LONG):
     return t.events(event)
 
 
+def pending(pid):
+    """The signals pending for process ``pid`` (a mask, bit N-1 = signal N)."""
+    st = dict(line.split(":", 1) for line in open("/proc/%d/status" % pid))
+    return int(st["ShdPnd"], 16) | int(st["SigPnd"], 16)
+
+
 def by_peer(t, event):
     return {r["peer"]: r for r in t.events(event)}
 
@@ -185,6 +191,30 @@ def test_sigterm_drains_every_running_peer(tmp_path, daemons, peers, src):
     assert final["reason"] == "interrupted" and final["peers_running"] == []
     assert final["drained_pages"] == 3 * 56 and len(final["peers_served"]) == 3
     assert "Traceback" not in t.stderr
+
+
+def test_stop_after_the_peer_died_unnoticed(tmp_path, daemons, peers, src):
+    """SIGTERM reaches a worker whose peer died a moment before (the worker is stopped, so it
+    cannot notice first): the drain finds the peer's memory gone and ends cleanly (it used to
+    unregister on the dropped uffd: 'detach failed', exit 1)."""
+    t = daemon(daemons, tmp_path, "--file", src, "--peers", 0)
+    a = python_peer(peers, t.sock, src, pause_after=8)
+    worker = by_peer(t, "peer-accepted")[a.pid]["worker"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        a.kill()
+        a.wait(LONG)
+        t.p.send_signal(signal.SIGTERM)        # forwarded to the stopped worker: pending
+        deadline = time.monotonic() + LONG
+        while not pending(worker) & (1 << (signal.SIGTERM - 1)):
+            assert time.monotonic() < deadline, "SIGTERM never forwarded"
+            time.sleep(0.01)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert t.finish(timeout=LONG) == 0, t.stderr
+    (done,) = t.events("peer-done")
+    assert done["peer"] == a.pid and done["reason"] == "interrupted"
+    assert not t.events("error") and not t.events("peer-failed")
 
 
 def test_peers_0_keeps_accepting_until_sigint(tmp_path, daemons, peers, src):
