@@ -25,6 +25,20 @@ def _uffd_usable():
         return "cannot open a userfaultfd here: %s" % e
 
 
+def need_program(name):
+    """The path of program ``name``; skips the test with the reason when it is absent, but
+    FAILS when the environment variable CI is set (CI installs every program the tests need)."""
+    import shutil
+    path = shutil.which(name) or next((p for p in ("/usr/sbin/" + name, "/sbin/" + name)
+                                       if os.path.exists(p)), None)
+    if path is None:
+        msg = "%s is not installed (Debian: apt-get install %s)" % (name, name)
+        if os.environ.get("CI"):
+            pytest.fail(msg + "; CI must have it")
+        pytest.skip(msg)
+    return path
+
+
 needs_uffd = pytest.mark.skipif(_uffd_usable() is not None, reason=str(_uffd_usable()))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
