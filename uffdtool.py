@@ -1153,7 +1153,7 @@ class Prefetcher:
 # -- a URL: Range GETs with a local cache (README "Restoring from a URL") -------------------------
 
 #: --chunk default: bytes per Range GET (the choice is measured in README "Restoring from a URL")
-URL_CHUNK = 1 << 20
+URL_CHUNK = 2 << 20
 URL_FETCHERS, URL_RETRIES, URL_TIMEOUT = 4, 3, 10.0
 #: fetch priorities, most urgent first: a waiting fault, sequential readahead, --prefetch, --fill
 PRIO_DEMAND, PRIO_READAHEAD, PRIO_PREFETCH, PRIO_FILL = 0, 1, 2, 3
@@ -1261,24 +1261,26 @@ class UrlSource:
         self._cv = threading.Condition()
         self._queue, self._queued, self._pending, self._errors = [], {}, {}, {}
         self._running = set()
+        self._to_write = []               # fetched chunks the writer has still to persist
         self._seq = 0
         self._threads = []
         self._closing = False
         self._lat = []                    # fetch latencies (µs), sorted
         self.counts = {"fetches": 0, "fetched_bytes": 0, "fetch_retries": 0, "cache_hits": 0,
-                       "cache_misses": 0}
+                       "cache_misses": 0, "fetch_waits": 0, "fetch_wait_s": 0.0}
         first = self._probe(1 if cache else chunk)
         self.nchunks = -(-self.size // self.chunk)
         self._maplen = -(-self.size // PAGE_SIZE) * PAGE_SIZE
         self.have = bytearray(self.nchunks)
         if cache:
             self._open_cache(cache)
+        self._anon = bytearray(self.nchunks)   # chunks where anonymous memory covers the file
         if not self._map:
             self._map = mmap_anon(self._maplen, PROT_READ | PROT_WRITE,
                                   MAP_PRIVATE | MAP_NORESERVE)
         self.base = self._map
         if len(first) == min(self.chunk, self.size) and not self.have[0]:
-            self._store(0, bytearray(first), PRIO_DEMAND)
+            self._store(0, first, PRIO_DEMAND)
         self._start_fetchers()
 
     # -- setup ----------------------------------------------------------------------------------
@@ -1520,38 +1522,71 @@ class UrlSource:
         a = c * self.chunk
         return a, min(self.size, a + self.chunk)
 
-    def _store(self, c, buf, prio):
-        """Put fetched bytes of chunk ``c`` into the mapping (through the cache file when there
-        is one) and mark it present."""
-        a, b = self._span(c)
-        n = b - a
-        if self.caching:
-            try:
-                done = 0
-                while done < n:
-                    done += os.pwrite(self._data_fd, memoryview(buf)[done:n], a + done)
-                os.pwrite(self._map_fd, b"\x01", c)
-                self._populate(a, -(-n // PAGE_SIZE) * PAGE_SIZE)
-            except OSError as e:              # full or failing disk: keep serving, uncached
-                self._cache_failed(os.path.dirname(self.cache_dir), e)
-                self._place_anon(a, n, buf)
-        else:
-            self._place_anon(a, n, buf)
-        self.have[c] = _AHEAD if prio == PRIO_READAHEAD else _SEEN
+    def _into(self, c):
+        """Writable memory for chunk ``c`` in the mapping.  Where the mapping is the cache file,
+        anonymous memory is put over the chunk first: the fetch lands there directly (one copy,
+        from the socket) and is written to the cache behind the serving (``_writer``), so a
+        slow disk does not slow a cold restore."""
+        a, n = self._page_span(c)
+        if self._shared and not self._anon[c]:
+            mmap_anon(n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, addr=self._map + a)
+            self._anon[c] = 1
+        return (ctypes.c_char * (self._span(c)[1] - a)).from_address(self._map + a)
 
-    def _place_anon(self, a, n, buf):
-        """Without the cache: copy ``buf`` (None: fetched in place) into the mapping; where
-        the mapping is the cache file (which failed), first put anonymous memory over the
-        chunk."""
-        dst = self._map + a
-        if self._shared:
-            mmap_anon(-(-n // PAGE_SIZE) * PAGE_SIZE, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_FIXED, addr=dst)
+    def _from_cache(self, c):
+        """Chunk ``c`` is complete in the cache file (another process wrote it): map it."""
+        a, n = self._page_span(c)
+        if self._anon[c]:                       # a failed fetch of ours left anonymous memory
+            mmap_anon(n, PROT_READ, MAP_SHARED | MAP_FIXED, fd=self._data_fd, offset=a,
+                      addr=self._map + a)
+            self._anon[c] = 0
+        self._populate(a, n)
+        self.have[c] = _CACHED
+
+    def _store(self, c, buf, prio):
+        """Chunk ``c`` has arrived (``buf``: bytes still to be copied into place, or None):
+        mark it present and hand it to the cache writer."""
         if buf is not None:
-            ctypes.memmove(dst, (ctypes.c_char * n).from_buffer(buf), n)
+            ctypes.memmove(self._into(c), bytes(buf), len(buf))
+        self.have[c] = _AHEAD if prio == PRIO_READAHEAD else _SEEN
+        if self.caching:
+            with self._cv:
+                self._to_write.append(c)
+                self._cv.notify_all()
+            return True
+        return False
+
+    def _writer(self):
+        """Writes fetched chunks to the cache file, then sets their map byte (a chunk is
+        visible to other processes only once completely written), then releases the chunk's
+        lock.  A full or failing disk: serve without the cache from then on (said once)."""
+        while True:
+            with self._cv:
+                while not self._to_write and not self._closing:
+                    self._cv.wait()
+                if not self._to_write:
+                    return
+                c = self._to_write.pop(0)
+            a, b = self._span(c)
+            try:
+                if self.caching:
+                    view = memoryview((ctypes.c_char * (b - a)).from_address(self._map + a))
+                    view = view.cast("B")
+                    done = 0
+                    while done < b - a:
+                        done += os.pwrite(self._data_fd, view[done:], a + done)
+                    os.pwrite(self._map_fd, b"\x01", c)
+            except OSError as e:
+                self._cache_failed(os.path.dirname(self.cache_dir), e)
+            finally:
+                self._unlock_chunk(c)
 
     # -- fetchers -------------------------------------------------------------------------------
     def _start_fetchers(self):
+        if self.caching:
+            t = threading.Thread(target=self._writer, name="uffdtool-cache-writer", daemon=True)
+            t.start()
+            self._threads.append(t)
         for i in range(self.nfetchers):
             t = threading.Thread(target=self._fetcher, args=(i == 0 and self.nfetchers > 1,),
                                  name="uffdtool-fetch-%d" % i, daemon=True)
@@ -1577,7 +1612,6 @@ class UrlSource:
 
     def _fetcher(self, reserved):
         conn = [None]
-        buf = bytearray(self.chunk)
         while True:
             with self._cv:
                 item = None
@@ -1592,7 +1626,7 @@ class UrlSource:
                 prio, c = item
             err = None
             try:
-                self._fetch_chunk(c, conn, buf, prio)
+                self._fetch_chunk(c, conn, prio)
             except FetchError as e:
                 err = e
             except Exception as e:             # never leave a waiter waiting
@@ -1610,22 +1644,22 @@ class UrlSource:
             if self.waker is not None:
                 self.waker()
 
-    def _fetch_chunk(self, c, conn, buf, prio):
+    def _fetch_chunk(self, c, conn, prio):
         if self.have[c]:
             return
         locked = self.caching and self._lock_chunk(c)
         try:
             if locked and os.pread(self._map_fd, 1, c) == b"\x01":
-                self.have[c] = _CACHED             # another process fetched it meanwhile
-                self._populate(*self._page_span(c))
+                self._from_cache(c)                # another process fetched it meanwhile
                 return
             a, b = self._span(c)
             t = time.perf_counter()
-            into = buf if self._shared else (ctypes.c_char * (b - a)).from_address(self._map + a)
+            into = self._into(c)
             self._with_retries("bytes=%d-%d" % (a, b - 1),
                                lambda: self._get_into(conn, a, b, into))
             us = (time.perf_counter() - t) * 1e6
-            self._store(c, buf if into is buf else None, prio)
+            if self._store(c, None, prio):
+                locked = False                     # the writer unlocks once written
             with self._cv:
                 bisect.insort(self._lat, us)
                 self.counts["fetches"] += 1
@@ -1737,13 +1771,16 @@ class UrlSource:
         if err is not None:
             raise err
         if self.caching and os.pread(self._map_fd, 1, c) == b"\x01":
-            self.have[c] = _CACHED                # another process has fetched it
-            self._populate(*self._page_span(c))
+            self._from_cache(c)                   # another process has fetched it
             return self._seen(c)
         with self._cv:
             ev = None if self.have[c] else self._submit(c, PRIO_DEMAND)
         if ev is not None:
+            t = time.perf_counter()
             ev.wait()
+            with self._cv:                       # faults that had to wait for the network
+                self.counts["fetch_waits"] += 1
+                self.counts["fetch_wait_s"] += time.perf_counter() - t
         if not self.have[c]:
             raise self.failed or self._errors.get(c) or FetchError(
                 "%s: chunk %d was not fetched" % (self.display, c))
@@ -1830,6 +1867,7 @@ class UrlSource:
     def stats_fields(self):
         with self._cv:
             rec = dict(self.counts)
+            rec["fetch_wait_s"] = round(rec["fetch_wait_s"], 6)
             lat = self._lat
             rec["fetch_latency_us"] = {} if not lat else {
                 "p50": round(lat[len(lat) // 2], 1),
@@ -1844,8 +1882,9 @@ class UrlSource:
             self._closing = True
             self._cv.notify_all()
         deadline = time.monotonic() + 2
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        for t in self._threads:             # the cache writer may need longer (a slow disk)
+            t.join(max(0.0, deadline - time.monotonic()) + (8 if t.name.endswith("writer")
+                                                             else 0))
         busy = any(t.is_alive() for t in self._threads)     # a fetch still waits on the network
         if self._lock_fd >= 0 and not busy:
             self._close_cache()
