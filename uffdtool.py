@@ -1531,6 +1531,10 @@ class UrlSource:
         if self._shared and not self._anon[c]:
             mmap_anon(n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, addr=self._map + a)
             self._anon[c] = 1
+        try:                                    # one call instead of a page fault per page
+            madvise(self._map + a, n, MADV_POPULATE_WRITE)
+        except OSError:
+            pass
         return (ctypes.c_char * (self._span(c)[1] - a)).from_address(self._map + a)
 
     def _from_cache(self, c):
@@ -1850,7 +1854,8 @@ class UrlSource:
         return ok
 
     def plan(self, runs, prio=PRIO_PREFETCH):
-        """Queue the chunks of source-offset ``runs`` (a --prefetch list, in its order)."""
+        """Queue the chunks of source-offset ``runs`` in their order (a --prefetch list in
+        first-fault order: the chunks come in the order the last run needed them)."""
         for a, b in runs:
             for c in range(a // self.chunk, min(self.nchunks, (b - 1) // self.chunk + 1)):
                 self._want(c, prio)
@@ -6973,6 +6978,8 @@ examples:
   uffdtool serve-file --file dump.bin --self
   sudo uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
   sudo uffdtool serve-file --file img.bin --range 0x600000000000:1M -- ./app
+  uffdtool serve-file --url "$(aws s3 presign s3://b/vm.mem)" --cache /var/cache/uffdtool \\
+      --firecracker-socket /tmp/uffd.sock --fill idle
 """
 
 
@@ -7243,8 +7250,8 @@ def cmd_serve_file(args):
             runs = split_runs(coalesce_pages(ws[2], ws[1], target.page_size), bounds)
             handler.prefetch = Prefetcher(runs)
             stats.add("prefetch_listed", sum(b - a for a, b in runs) // target.page_size)
-            if hasattr(source, "plan"):           # a UrlSource fetches the list ahead
-                source.plan(runs)
+            if hasattr(source, "plan"):           # a UrlSource fetches the list ahead,
+                source.plan((o, o + ws[1]) for o in ws[2])     # in first-fault order
         fill = IdleFill(handler, log) if args.fill else None
         tick = (lambda: log.emit("stats", **_serve_stats(stats))) if args.stats_interval else None
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
