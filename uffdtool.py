@@ -4,7 +4,8 @@
 A command-line tool and an importable module.  It opens userfaultfds, registers memory of the
 tool itself, of a child it starts or of a running process, logs every ``uffd_msg`` as JSON lines
 and resolves the faults: with zero pages, or with the contents of a file (including as a drop-in
-Firecracker page-fault handler).  The interface contract (flags, records, exit codes) is CLI.md.
+Firecracker page-fault handler).  The interface contract (flags, records, exit codes) is the
+README's "CLI contract" section; changes to it are listed in CHANGELOG.md.
 
 Contents (each section starts with a boxed banner; grep for ``#  N.``):
      1. Platform and libc        lazy libc, checked syscalls, per-arch syscall numbers, mmap helpers
@@ -14,13 +15,14 @@ Contents (each section starts with a boxed banner; grep for ``#  N.``):
      5. Userfaultfd              the object that owns one uffd
      6. Events                   PageFault/Fork/Remap/Remove/Unmap and ``decode_msgs``
      7. Event log and stats      the JSON-lines writer and the counters
-     8. Page sources             zero, file + offset, working-set files (record / prefetch)
-     9. Handler loop             serves faults and events on one or more uffds
-    10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process
-    11. Targets                  self, child (-- CMD), pid, Firecracker socket
+     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets, prefetch,
+                                 a URL (Range GETs, the cache directory)
+     9. Handler loop             serves faults and events on one or more uffds (one fault policy)
+    10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process, spawning CMD
+    11. Targets                  one Target protocol: --self, -- CMD, --pid, Firecracker socket
     12. info
-    13. selftest
-    14. CLI
+    13. selftest                 a registry of checks, each run in a forked child
+    14. CLI                      parser, target checks, exit status, the session runner, main
 
 Library example::
 
@@ -35,7 +37,7 @@ Library example::
                 uffd.zeropage(ev.address & ~(uffdtool.PAGE_SIZE - 1), uffdtool.PAGE_SIZE)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import argparse
 import array
@@ -44,6 +46,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -60,24 +63,23 @@ import threading
 import time
 
 __all__ = [
-    # binding
+    # the binding
     "Userfaultfd", "Features", "Ioctls", "RegisterMode", "FaultFlags", "Flags", "PAGE_SIZE",
+    # events
     "PageFault", "Fork", "Remap", "Remove", "Unmap", "UnknownEvent", "decode_msgs",
     # errors
-    "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError",
-    # serving
-    "EventLog", "Stats", "ZeroSource", "FileSource", "Handler", "Region", "Prefetcher",
-    "read_working_set", "write_working_set",
-    # Firecracker
-    "FirecrackerTarget", "parse_handshake",
-    # watch: ptrace (x86_64) and targets
-    "PtraceError", "Attachment", "inject_userfaultfd", "read_maps", "SpawnTracer",
-    "SnapshotSource",
-    # selftest
-    "SELFTEST_CHECKS", "run_check",
-    # memory helpers
-    "mmap_anon", "munmap", "mremap", "madvise",
-    "parse_size", "parse_range", "main",
+    "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError", "PtraceError",
+    # page sources and working sets
+    "ZeroSource", "FileSource", "SnapshotSource", "UrlSource", "read_working_set",
+    "write_working_set", "Prefetcher",
+    # serving: the Handler, what Handler.add returns (Served) and its Regions, log and stats
+    "Handler", "Served", "Region", "EventLog", "Stats", "IdleFill",
+    # targets (one protocol) and the pieces for other processes (ptrace, x86_64)
+    "Target", "SelfTarget", "PidTarget", "SpawnTarget", "SelfServeTarget", "FirecrackerTarget",
+    "parse_handshake", "inject_userfaultfd", "read_maps",
+    # memory helpers and the CLI
+    "mmap_anon", "munmap", "mremap", "madvise", "parse_size", "parse_range", "exit_status",
+    "main",
 ]  # the UAPI constants (UFFD_*, UFFDIO_*) are module globals, deliberately not listed
 
 
@@ -191,11 +193,6 @@ def madvise(addr, length, advice):
     _check(libc().madvise(addr, length, advice), "madvise")
 
 
-def memmove(dst, src, length):
-    """ctypes memmove: copies without holding the GIL (safe on registered memory)."""
-    ctypes.memmove(dst, src, length)
-
-
 def read_sysfs(path, default=None):
     """The stripped text of a /proc or /sys file, or ``default`` when it cannot be read."""
     try:
@@ -260,7 +257,6 @@ UFFDIO_POISON = _IOWR(UFFD_API, _UFFDIO_POISON, 32)      # 0xC020AA08
 # uffd_msg.event
 UFFD_EVENT_PAGEFAULT, UFFD_EVENT_FORK, UFFD_EVENT_REMAP = 0x12, 0x13, 0x14
 UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = 0x15, 0x16
-EVENT_NAMES = {0x12: "pagefault", 0x13: "fork", 0x14: "remap", 0x15: "remove", 0x16: "unmap"}
 
 # uffd_msg.arg.pagefault.flags
 UFFD_PAGEFAULT_FLAG_WRITE, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_MINOR = 1, 2, 4
@@ -382,11 +378,6 @@ FaultFlags = type("FaultFlags", (Flags,), {
 
 UFFD_API_FEATURES = (1 << 17) - 1                  # every feature bit 6.18 knows
 UFFD_API_IOCTLS = Ioctls(1 << _UFFDIO_REGISTER | 1 << _UFFDIO_UNREGISTER | 1 << _UFFDIO_API)
-UFFD_API_RANGE_IOCTLS = Ioctls(0x1FC)
-UFFD_API_RANGE_IOCTLS_BASIC = Ioctls(0x1CC)
-#: the features that produce non-cooperative events, by the event name used in --events.
-EVENT_FEATURES = {"fork": UFFD_FEATURE_EVENT_FORK, "remap": UFFD_FEATURE_EVENT_REMAP,
-                  "remove": UFFD_FEATURE_EVENT_REMOVE, "unmap": UFFD_FEATURE_EVENT_UNMAP}
 
 
 ###################################################################################################
@@ -443,8 +434,10 @@ assert UFFD_MSG.size == UFFD_MSG_SIZE
 ###################################################################################################
 
 class UffdToolError(Exception):
-    """Base of the tool's own errors; ``exit_code`` is the CLI.md exit status."""
+    """Base of the tool's own errors: ``exit_code`` is the exit status (README, "CLI
+    contract"); ``fields`` go into the ``error`` record (e.g. the handshake that was refused)."""
     exit_code = 1
+    fields = {}
 
 
 class UsageError(UffdToolError):
@@ -461,6 +454,12 @@ class TargetError(UffdToolError):
     """The target (process, peer, check) failed: exit 1."""
     exit_code = 1
 
+
+#: errnos of a uffd ioctl that mean the uffd's process (its mm) is gone: nothing left to serve
+PEER_GONE = frozenset((errno.ESRCH, errno.ENOMEM))
+
+#: attempts at one ioctl that keeps failing with EAGAIN (an event is pending: read it, retry)
+FILL_RETRIES = 1000
 
 #: errno -> hint appended to errors of opening a uffd.
 OPEN_HINTS = {
@@ -509,6 +508,10 @@ class Userfaultfd:
     stopped early and returned EAGAIN with progress) returns fewer bytes than asked for, so the
     caller can retry from there.  Failures with nothing done raise ``UffdError`` (EAGAIN whether
     the kernel wrote 0 or -EAGAIN into the result field).
+
+    Threads: wake, copy, zeropage and continue reuse preallocated ioctl arguments, which belong
+    to the one thread that resolves faults; register, unregister and writeprotect build their
+    own, so another thread (watch's tracer, arming new mappings) may call them meanwhile.
     """
 
     def __init__(self, *, nonblock=True, cloexec=True, user_mode_only=False, route=None, fd=None):
@@ -526,7 +529,6 @@ class Userfaultfd:
         self._copy = uffdio_copy()
         self._zero = uffdio_zeropage()
         self._cont = uffdio_continue()
-        self._wp = uffdio_writeprotect()
         self._buf = bytearray(UFFD_MSG_SIZE * 64)
 
     def _open(self, flags, route):
@@ -603,7 +605,7 @@ class Userfaultfd:
         """Run a fill ioctl; return bytes done (partial < length); raise when nothing was done.
 
         The result field is -errno or bytes done; EAGAIN with a positive count is partial
-        progress (the real error is discarded by the kernel, kernel.md §1.7).  Nothing done is
+        progress (the kernel then discards the real error: mm/userfaultfd.c).  Nothing done is
         reported as 0 or -EAGAIN depending on the kernel: both raise UffdError(EAGAIN)."""
         try:
             fcntl.ioctl(self._fd, req, arg, True)
@@ -666,10 +668,9 @@ class Userfaultfd:
 
     def writeprotect(self, start, length, protect=True, dontwake=False):
         """UFFDIO_WRITEPROTECT: protect, or (protect=False) unprotect and wake the range."""
-        w = self._wp
-        w.range.start, w.range.len = start, length
-        w.mode = (UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
+        mode = (UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
             UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0)
+        w = uffdio_writeprotect(uffdio_range(start, length), mode)   # own argument: see class doc
         self._ioctl(UFFDIO_WRITEPROTECT, w, "UFFDIO_WRITEPROTECT", start, length)
 
     def continue_(self, start, length, mode=0):
@@ -692,8 +693,9 @@ class Userfaultfd:
     def read_events(self, max_msgs=64):
         """Every pending uffd_msg (up to ``max_msgs``) as typed events; [] when none is pending.
 
-        On a blocking fd this waits for the first message.  A FORK event's ``ufd`` is a new fd in
-        this process; wrap it with ``Userfaultfd.adopt``."""
+        On a blocking fd this waits for the first message.  A FORK event's ``ufd`` is the child's
+        new uffd, already adopted as a ``Userfaultfd`` (with this one's features): closing it is
+        the receiver's job (``decode_msgs`` alone gives the raw fd number)."""
         if max_msgs > len(self._buf) // UFFD_MSG_SIZE:
             self._buf = bytearray(UFFD_MSG_SIZE * max_msgs)
         try:
@@ -702,7 +704,11 @@ class Userfaultfd:
             return []
         except OSError as e:
             raise UffdError(e.errno, "read") from None
-        return decode_msgs(self._buf, n)
+        evs = decode_msgs(self._buf, n)
+        for i, ev in enumerate(evs):
+            if type(ev) is Fork:
+                evs[i] = Fork(Userfaultfd.adopt(ev.ufd, self.features))
+        return evs
 
 
 ###################################################################################################
@@ -715,7 +721,7 @@ class _Event(tuple):
     name = "?"
 
     def record(self):
-        """The CLI.md JSON-lines fields of this event (without ``t``)."""
+        """The JSON-lines fields of this event (without ``t``; README, "CLI contract")."""
         return {"event": self.name}
 
 
@@ -741,6 +747,9 @@ def _event(cls_name, name, fields, json_names=None):
 
 
 Fork = _event("Fork", "fork", ("ufd",))
+Fork.__doc__ = """A UFFD_EVENT_FORK: ``ufd`` is the child's uffd (an fd number from ``decode_msgs``, a
+Userfaultfd from ``Userfaultfd.read_events``)."""
+Fork.record = lambda self: {"event": "fork", "ufd": getattr(self.ufd, "fileno", lambda: self.ufd)()}
 Remap = _event("Remap", "remap", ("from_", "to", "len"), ("from", "to", "len"))
 Remove = _event("Remove", "remove", ("start", "end"))
 Unmap = _event("Unmap", "unmap", ("start", "end"))
@@ -798,7 +807,7 @@ def decode_msgs(buf, n=None):
 ###################################################################################################
 
 class EventLog:
-    """The one writer of JSON-lines records (CLI.md) and of the human lines on stderr.
+    """The one writer of JSON-lines records (README, "CLI contract") and of the human lines on stderr.
 
     ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
     ``t`` (seconds since ``t0``) and ``event`` and is flushed.  ``human`` is where the
@@ -939,6 +948,8 @@ class Stats:
 #  8. Page sources
 ###################################################################################################
 
+# -- zero and file sources ------------------------------------------------------------------------
+
 class ZeroSource:
     """Fills with zero pages (UFFDIO_ZEROPAGE); on hugetlb, where ZEROPAGE is EINVAL, with a
     COPY from a zero-filled buffer."""
@@ -1012,6 +1023,72 @@ class FileSource:
 def _blkdev_size(fd):
     return os.lseek(fd, 0, os.SEEK_END)
 
+
+# -- watch --pid --dontneed: the target's own pages, snapshotted ----------------------------------
+
+class SnapshotSource:
+    """Page source of ``watch --pid --dontneed``: the page at address A comes from a snapshot of
+    A taken before MADV_DONTNEED (regions carry ``offset = original address``, which stays
+    right after a REMAP); pages that were never present get zero pages.  ``install_missing`` puts every
+    page back that has not faulted yet, so detaching leaves the target's data complete."""
+    kind = "copy"
+    size = None
+
+    def __init__(self):
+        self.buf = None
+        self.index = {}                  # page address -> offset in buf
+
+    def load(self, pages):
+        """Keep ``{address: bytes}`` (one page each)."""
+        blob = b"".join(pages[a] for a in sorted(pages))
+        self.buf = ctypes.create_string_buffer(blob, max(1, len(blob)))
+        self.index = {a: i * PAGE_SIZE for i, a in enumerate(sorted(pages))}
+
+    def fill(self, uffd, dst, length, offset, hugetlb=False):
+        done = 0
+        base = ctypes.addressof(self.buf) if self.buf is not None else 0
+        while done < length:
+            src = self.index.get(offset + done)
+            try:
+                if src is None:
+                    uffd.zeropage(dst + done, PAGE_SIZE)
+                else:
+                    uffd.copy(dst + done, base + src, PAGE_SIZE)
+            except UffdError:
+                if done:
+                    return done          # stop at a present page; the faulting one is done
+                raise
+            done += PAGE_SIZE
+        return done
+
+    def install_missing(self, served):
+        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
+        n = 0
+        base = ctypes.addressof(self.buf) if self.buf is not None else 0
+        for r in list(served.regions):
+            for a in range(r.offset, r.offset + (r.end - r.start), PAGE_SIZE):
+                src = self.index.get(a)
+                dst = r.start + (a - r.offset)
+                if src is None or served.is_removed(dst):
+                    continue
+                try:
+                    served.uffd.copy(dst, base + src, PAGE_SIZE)
+                    n += 1
+                except UffdError as e:
+                    if e.errno in PEER_GONE:
+                        return n
+                    if e.errno != errno.EEXIST:
+                        raise
+        return n
+
+    def address(self, offset):
+        return None
+
+    def close(self):
+        self.buf, self.index = None, {}
+
+
+# -- working-set files (--record / --prefetch) and prefetch runs ----------------------------------
 
 WORKING_SET_MAGIC = "# uffdtool working-set v1"
 
@@ -1116,8 +1193,6 @@ class Prefetcher:
     def __init__(self, runs):
         self.runs = list(runs)                 # pending, sorted by start
         self.starts = [a for a, b in self.runs]
-        self.pages = 0
-        self.bytes = 0
 
     def __bool__(self):
         return bool(self.runs)
@@ -1187,6 +1262,32 @@ def redact_url(url):
     if p.port:
         host += ":%d" % p.port
     return "%s://%s%s" % (p.scheme, host, p.path or "/")
+
+
+def redact_argv(argv):
+    """``argv`` for the ``start`` record: ``--url`` values redacted, ``--header`` values hidden
+    (also in the ``--opt=value`` form and argparse's abbreviations)."""
+    out, hide = [], None
+    for a in argv:
+        if hide is not None:
+            out.append(hide(a))
+            hide = None
+            continue
+        name, eq, value = a.partition("=")
+        kind = (redact_url if len(name) > 2 and "--url".startswith(name) else
+                _hide_header if len(name) > 3 and "--header".startswith(name) else None)
+        if kind is None:
+            out.append(a)
+        elif eq:
+            out.append(name + "=" + kind(value))
+        else:
+            out.append(a)
+            hide = kind
+    return out
+
+
+def _hide_header(text):
+    return text.partition(":")[0] + ": ***"
 
 
 def parse_header(text):
@@ -1916,6 +2017,8 @@ class UrlSource:
 #  9. Handler loop
 ###################################################################################################
 
+# -- regions, the fault policy's span helper, per-uffd state --------------------------------------
+
 class Region:
     """A registered range ``[start, end)`` of one uffd; ``offset`` is the source offset of
     ``start`` (None: no source data, zero-fill)."""
@@ -1943,6 +2046,18 @@ def file_regions(start, end, file_ranges):
     if at < end:
         out.append(Region(at, end))
     return out
+
+
+def data_end(r, size, page_size):
+    """End of the part of region ``r`` whose pages come from a source of ``size`` bytes (None:
+    no limit), rounded up to a page: a fill from address A takes at most ``data_end - A``
+    bytes, and a page at or past it lies past the end of the source (it gets a zero page).
+    A region without a source offset has no data (returns its start)."""
+    if r.offset is None:
+        return r.start
+    if size is None:
+        return r.end
+    return min(r.end, r.start + max(0, -(-(size - r.offset) // page_size) * page_size))
 
 
 class Served:
@@ -1989,7 +2104,7 @@ class Served:
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
 
-_PF_HEAD = struct.Struct("<B7xQQ")     # the first 24 bytes of a uffd_msg: event, flags, address
+# -- the Handler ----------------------------------------------------------------------------------
 
 #: the fast loop times 1 fault in this many (a power of two); the general path times every fault
 FAST_LATENCY_EVERY = 8
@@ -2093,11 +2208,12 @@ class Handler:
         self.served[uffd.fileno()] = s
         return s
 
-    def drop(self, s, reason):
-        """Stop serving ``s`` (its process exited or its fd hung up) and close its uffd."""
+    def drop(self, s, reason, **fields):
+        """Stop serving ``s`` (its process exited or its fd hung up) and close its uffd;
+        ``fields`` go into the ``gone`` record (e.g. how the process ended)."""
         if self.served.pop(s.uffd.fileno(), None) is not None:
             self.stats.add("uffds_closed")
-            self.log.emit("gone", ufd=s.uffd.fileno(), pid=s.pid, reason=reason)
+            self.log.emit("gone", ufd=s.uffd.fileno(), pid=s.pid, reason=reason, **fields)
             if self.on_gone:
                 self.on_gone(s)
             s.uffd.close()
@@ -2121,11 +2237,12 @@ class Handler:
         st.add("events_" + ev.name)
         rec = ev.record()
         if type(ev) is Fork:
-            child = Served(Userfaultfd.adopt(ev.ufd, s.uffd.features),
-                           [Region(r.start, r.end, r.offset) for r in s.regions],
+            uffd = ev.ufd if isinstance(ev.ufd, Userfaultfd) else Userfaultfd.adopt(
+                ev.ufd, s.uffd.features)
+            child = Served(uffd, [Region(r.start, r.end, r.offset) for r in s.regions],
                            label="fork-of-%s" % (s.pid or s.uffd.fileno()))
             child.removed = list(s.removed)
-            self.served[ev.ufd] = child
+            self.served[uffd.fileno()] = child
             rec["parent_ufd"] = s.uffd.fileno()
             if self.on_fork:
                 self.on_fork(s, child)
@@ -2163,7 +2280,7 @@ class Handler:
                 try:
                     s.uffd.unregister(a, b - a)
                 except UffdError as e:
-                    if e.errno in (errno.ENOMEM, errno.ESRCH):
+                    if e.errno in PEER_GONE:
                         return self.drop(s, "exited")
                     if e.errno != errno.EINVAL:
                         raise
@@ -2203,18 +2320,18 @@ class Handler:
                 off = r.offset + (addr - r.start)
                 fill = self._source_fill
                 how = self.source.kind
-            length = min(self.readahead * ps, r.end - addr)
+            end = r.end
+            if off is not None:
+                end = data_end(r, self.source.size, ps)
+                if addr >= end:                     # past the end of the source: zeros
+                    off, how, fill, end = None, "zero", self._zero_fill, r.end
+            length = min(self.readahead * ps, end - addr)
             if off is not None and self.prefetch:
                 # a recorded page: take the rest of its prefetch run now (demand first)
-                e = self.prefetch.claim(off, min(PREFETCH_RUN, r.end - addr))
+                e = self.prefetch.claim(off, min(PREFETCH_RUN, end - addr))
                 if e is not None and e - off > length:
                     length = e - off
                     st.add("prefetch_claimed")
-            if off is not None and self.source.size is not None:
-                if off >= self.source.size:         # past the end of the file: zeros
-                    off, how, fill = None, "zero", self._zero_fill
-                else:
-                    length = min(length, -(-(self.source.size - off) // ps) * ps)
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
@@ -2274,7 +2391,7 @@ class Handler:
                         st.add("eagain")
                         self._prefetch_rest(a, b)
                         return True
-                    if err.errno in (errno.ESRCH, errno.ENOMEM):
+                    if err.errno in PEER_GONE:
                         self.drop(s, "exited")
                         return bool(pf)
                     if err.errno in (errno.ENOENT, errno.EINVAL):
@@ -2310,7 +2427,7 @@ class Handler:
         """Fill ``[addr, addr+length)`` with ``fill(dst, n)``; returns (resolution, pages)."""
         ps = self.page_size
         st = self.stats
-        for attempt in range(1000):
+        for attempt in range(FILL_RETRIES):
             try:
                 done = fill(addr, length)
             except UffdError as e:
@@ -2320,13 +2437,13 @@ class Handler:
                     return "exists", 0
                 if e.errno == errno.EAGAIN:
                     st.add("eagain")
-                    if not self._drain_events(s, attempt):
+                    if not self.read_pending(s, attempt):
                         return "gone", 0
                     if s.uffd.closed or s.find(addr) is None:
                         return self._give_up(s, addr)
                     st.add("retries")
                     continue
-                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                if e.errno in PEER_GONE:
                     self.drop(s, "exited")
                     return "gone", 0
                 if e.errno == errno.ENOENT and length > ps:
@@ -2337,7 +2454,7 @@ class Handler:
                     st.add("readahead_clipped")
                     continue
                 if e.errno == errno.ENOENT:        # the range went away under us
-                    self._drain_events(s, attempt)
+                    self.read_pending(s, attempt)
                     return self._give_up(s, addr)
                 raise
             pages = done // ps
@@ -2348,7 +2465,7 @@ class Handler:
             return how, pages
         raise UffdError(errno.EAGAIN, "fill retries exhausted", addr, length)
 
-    def drain(self, s, holes=None):
+    def install_missing(self, s, holes=None):
         """Install every page of ``s``'s source-backed regions that has not been filled yet
         (runs of up to PREFETCH_RUN bytes per ioctl; EEXIST: the page is already there), so
         that unregistering leaves no zero page where source data belongs.  Pages past the end
@@ -2361,30 +2478,27 @@ class Handler:
         if self.source.kind == "zero":
             return 0
         for _ in range(10):             # again from the start if events changed the regions
-            n, changed = self._drain_regions(s, holes)
+            n, changed = self._install_regions(s, holes)
             installed += n
             if not changed:
                 break
         return installed
 
-    def _drain_regions(self, s, holes):
-        ps = self.page_size
-        size = self.source.size
+    def _install_regions(self, s, holes):
         installed = attempt = 0
         for r in list(s.regions):
-            if r.offset is None:
+            end = data_end(r, self.source.size, self.page_size)
+            if end <= r.start:
                 continue
-            end = r.end if size is None else min(r.end, r.start + max(0, size - r.offset))
-            end = -(-end // ps) * ps if end > r.start else r.start
             runs = [(r.start, end)] if holes is None or end <= r.start else holes(r.start, end)
             for a, end in runs:
-                n, changed = self._drain_run(s, r, a, end, attempt)
+                n, changed = self._install_run(s, r, a, end, attempt)
                 installed += n
                 if changed is not None:         # regions changed (True) or s is gone
                     return installed, changed
         return installed, False
 
-    def _drain_run(self, s, r, a, end, attempt):
+    def _install_run(self, s, r, a, end, attempt):
         """Install the missing pages of ``[a, end)`` in region ``r``: (pages, changed) where
         changed is None to go on, True when events changed the regions, False when ``s`` is
         gone."""
@@ -2408,15 +2522,15 @@ class Handler:
                 if e.errno == errno.EEXIST:
                     a += ps
                     continue
-                if e.errno == errno.EAGAIN and attempt < 1000:
+                if e.errno == errno.EAGAIN and attempt < FILL_RETRIES:
                     self.stats.add("eagain")
                     attempt += 1
-                    if not self._drain_events(s, attempt):
+                    if not self.read_pending(s, attempt):
                         return installed, False
                     if s.find(a) is not r:
                         return installed, True
                     continue
-                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                if e.errno in PEER_GONE:
                     self.drop(s, "exited")
                     return installed, False
                 if e.errno in (errno.ENOENT, errno.EINVAL, errno.EAGAIN):
@@ -2441,15 +2555,15 @@ class Handler:
 
     def _retry(self, s, op, *args):
         """Run a non-fill ioctl (wake, writeprotect), retrying EAGAIN after reading events."""
-        for attempt in range(1000):
+        for attempt in range(FILL_RETRIES):
             try:
                 return op(*args)
             except UffdError as e:
                 if e.errno == errno.EAGAIN:
                     self.stats.add("eagain")
-                    self._drain_events(s, attempt)
+                    self.read_pending(s, attempt)
                     continue
-                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                if e.errno in PEER_GONE:
                     return self.drop(s, "exited")
                 if e.errno in (errno.ENOENT, errno.EINVAL) and s.find(args[0]) is None:
                     if op != s.uffd.wake:         # e.g. WP on a range gone meanwhile
@@ -2457,7 +2571,7 @@ class Handler:
                     return None
                 raise
 
-    def _drain_events(self, s, attempt):
+    def read_pending(self, s, attempt):
         """Read and handle what is pending on ``s`` (after EAGAIN); back off a little more on
         each attempt (at most 10 ms).  Returns False when ``s`` is gone."""
         if s.uffd.closed:
@@ -2601,7 +2715,7 @@ class Handler:
         general loop (returns None) or ``run`` must return (returns its result).
 
         Per fault: one ``os.read`` of 32 bytes (read first, poll only when the queue is empty:
-        reference/serving-costs.md), one ``unpack_from``, one ``pack_into`` into a preallocated
+        a poll costs a syscall and, when it sleeps, two wake-ups), one ``unpack_from``, one ``pack_into`` into a preallocated
         ioctl argument and one ``fcntl.ioctl(fd, req, buf, True)``; counters are locals, flushed
         into ``self.stats`` when the loop leaves or ticks."""
         st = self.stats
@@ -2615,11 +2729,11 @@ class Handler:
         if zero:
             arg, req, res_off = bytearray(32), UFFDIO_ZEROPAGE, 24     # uffdio_zeropage
             put = struct.Struct("=QQ").pack_into                        # range.start, range.len
-            base, limit = 0, None
+            base = 0
         else:
             arg, req, res_off = bytearray(40), UFFDIO_COPY, 32          # uffdio_copy
             put = struct.Struct("=QQQ").pack_into                       # dst, src, len
-            base, limit = src.base, src.size
+            base = src.base
         ensure = getattr(src, "ensure", None)          # a UrlSource: wait for the chunk
         how = src.kind
         # Readahead hint: pages this loop has filled, by source page.  A fill is cut short before
@@ -2637,7 +2751,7 @@ class Handler:
             ones = b"\x01" * (ra >> shift)
             find = hint.find
         read = os.read
-        unpack = _PF_HEAD.unpack_from                  # event, flags, address
+        unpack = UFFD_MSG.unpack_from                  # event, flags, address, ptid
         ioctl = fcntl.ioctl
         perf = time.perf_counter
         lat = array.array("d")
@@ -2734,7 +2848,7 @@ class Handler:
                     self.drop(s, "read: %s" % os.strerror(e.errno))
                     return None
                 spin_until = 0.0
-                ev, flags, addr = unpack(msg)
+                ev, flags, addr, _ = unpack(msg)
                 if ev != PF or flags & SPECIAL or slow:
                     if not general(msg):
                         return None
@@ -2743,12 +2857,14 @@ class Handler:
                     continue
                 addr &= mask
                 if not lo <= addr < hi:
+                    # a new region: [lo, hi) is the part with source data (data_end), so a
+                    # page past the end of the file, or of a region without data, goes general
                     r = s.find(addr)
-                    if r is None or r.offset is None:
+                    if r is None or addr >= data_end(r, src.size, ps):
                         if not general(msg):
                             return None
                         continue
-                    lo, hi, roff = r.start, r.end, r.offset
+                    lo, hi, roff = r.start, data_end(r, src.size, ps), r.offset
                 n = hi - addr
                 if n > ra:
                     n = ra
@@ -2761,12 +2877,6 @@ class Handler:
                 if zero:
                     put(arg, 0, addr, n)
                 else:
-                    if off + n > limit:
-                        if off >= limit:            # past the end of the file: zero-fill
-                            if not general(msg):
-                                return None
-                            continue
-                        n = -(-(limit - off) // ps) * ps
                     if ensure is not None:
                         n = ensure(off, n)
                     put(arg, 0, addr, base + off, n)
@@ -2784,7 +2894,7 @@ class Handler:
                         if e.errno == errno.EAGAIN:
                             eagain += 1
                             flush()
-                            self._drain_events(s, 0)
+                            self.read_pending(s, 0)
                             st.add("retries")
                         if not general(msg):
                             return None
@@ -3303,7 +3413,8 @@ class Injector:
 
     @property
     def resume_signal(self):
-        """Signal to pass when resuming (the first parked one; the rest are re-sent with tgkill)."""
+        """Signal to pass when resuming (the first parked one; the rest are re-sent to the
+        process with kill)."""
         for sig, _ in self.parked[1:]:
             try:
                 os.kill(self.pid, sig)
@@ -3844,6 +3955,8 @@ def read_target_pages(pid, pages):
 #  11. Targets
 ###################################################################################################
 
+# -- watch's events, features and arming ----------------------------------------------------------
+
 #: --events names -> the feature bit that makes the kernel send that non-cooperative event.
 WATCH_EVENTS = {"fork": UFFD_FEATURE_EVENT_FORK, "remap": UFFD_FEATURE_EVENT_REMAP,
                 "remove": UFFD_FEATURE_EVENT_REMOVE, "unmap": UFFD_FEATURE_EVENT_UNMAP}
@@ -3865,7 +3978,7 @@ def parse_events(text):
 def watch_features(events, mode, warn):
     """Features a watch uffd asks for: THREAD_ID, the chosen events, PAGEFAULT_FLAG_WP for
     ``mode == 'wp'``; limited to what the kernel offers.  EVENT_FORK is dropped, with a
-    warning, without CAP_SYS_PTRACE (UFFDIO_API would fail with EPERM, kernel.md §1.2)."""
+    warning, without CAP_SYS_PTRACE (UFFDIO_API would fail with EPERM)."""
     probe = Userfaultfd()
     try:
         avail, _ = probe.api(0)
@@ -3901,93 +4014,74 @@ def arm(uffd, start, length, mode):
         uffd.writeprotect(start, length, True)
 
 
-class SnapshotSource:
-    """Page source of ``watch --pid --dontneed``: the page at address A comes from a snapshot of
-    A taken before MADV_DONTNEED (regions carry ``offset = original address``, which stays
-    right after a REMAP); pages that were never present get zero pages.  ``drain`` puts every
-    page back that has not faulted yet, so detaching leaves the target's data complete."""
-    kind = "copy"
-    size = None
+# -- the target protocol --------------------------------------------------------------------------
 
-    def __init__(self):
-        self.buf = None
-        self.index = {}                  # page address -> offset in buf
+class Target:
+    """Whose memory a session registers and serves: the one interface of every target (the
+    tool itself, ``-- CMD``, ``--pid``, a Firecracker peer), for watch and serve-file alike.
 
-    def load(self, pages):
-        """Keep ``{address: bytes}`` (one page each)."""
-        blob = b"".join(pages[a] for a in sorted(pages))
-        self.buf = ctypes.create_string_buffer(blob, max(1, len(blob)))
-        self.index = {a: i * PAGE_SIZE for i, a in enumerate(sorted(pages))}
+    The session runner (CLI section) calls, in this order:
 
-    def fill(self, uffd, dst, length, offset, hugetlb=False):
-        done = 0
-        base = ctypes.addressof(self.buf) if self.buf is not None else 0
-        while done < length:
-            src = self.index.get(offset + done)
-            try:
-                if src is None:
-                    uffd.zeropage(dst + done, PAGE_SIZE)
-                else:
-                    uffd.copy(dst + done, base + src, PAGE_SIZE)
-            except UffdError:
-                if done:
-                    return done          # stop at a present page; the faulting one is done
-                raise
-            done += PAGE_SIZE
-        return done
+      ``open(log, source, wake_fd)``  before the Handler exists (Firecracker: listen, write
+                                 ``ready``, accept the peer, read its handshake: this sets
+                                 ``page_size`` and ``hugetlb``); a readable ``wake_fd`` means
+                                 a signal came: give up waiting (KeyboardInterrupt)
+      ``attach(handler)``        register the memory and hand its uffds to the Handler;
+                                 returns the fds whose readiness means "the target may be done"
+      ``ready_fields()``         the fields of the ``ready`` record (None: ``open`` wrote it)
+      ``start()``                begin a built-in workload, once everything is set up
+      ``fired(fd)``              an fd from ``attach`` fired: a reason to stop, or None
+      ``detach(handler, reason)``  always once ``attach`` succeeded: leave the target whole
+                                 (unregister; pages that must not read as zeros installed
+                                 first); returns the exit status the target decides (CMD's, a
+                                 failed workload's) or None
+      ``abort()``                ``attach`` failed or never ran
+      ``extra()``                extra fields of the ``stats`` record
+      ``close()``                release everything (idempotent)
 
-    def drain(self, served):
-        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
-        n = 0
-        base = ctypes.addressof(self.buf) if self.buf is not None else 0
-        for r in list(served.regions):
-            for a in range(r.offset, r.offset + (r.end - r.start), PAGE_SIZE):
-                src = self.index.get(a)
-                dst = r.start + (a - r.offset)
-                if src is None or served.is_removed(dst):
-                    continue
-                try:
-                    served.uffd.copy(dst, base + src, PAGE_SIZE)
-                    n += 1
-                except UffdError as e:
-                    if e.errno in (errno.ESRCH, errno.ENOMEM):
-                        return n
-                    if e.errno != errno.EEXIST:
-                        raise
-        return n
-
-    def address(self, offset):
-        return None
-
-    def close(self):
-        self.buf, self.index = None, {}
-
-
-class WatchTarget:
-    """What ``watch`` registers.  The CLI calls ``start(handler)`` (register memory, add uffds
-    to the handler; returns fds whose readiness ends the watch), runs the handler, then always
-    ``finish(handler, reason)`` (undo everything; returns the exit status).
-
-    Raises from ``start``: UsageError (bad range, no such pid, CMD not found), NotPermitted
-    (ptrace or the kernel refuses), TargetError.  ``extra()`` adds fields to ``stats``."""
+    ``fast``: the Handler may use its single-uffd loop.  ``peer_pid``: whom
+    ``--kill-peer-on-error`` kills.  ``stopped_seconds``: how long the target was stopped.
+    ``attach`` raises UsageError (bad range, no such pid, CMD not found), NotPermitted (ptrace
+    or the kernel refuses) or TargetError."""
     name = "?"
+    page_size = PAGE_SIZE
+    hugetlb = False
+    fast = True
+    peer_pid = None
     stopped_seconds = None
 
-    def start(self, handler):
+    def open(self, log, source, wake_fd=None):
+        pass
+
+    def attach(self, handler):
         raise NotImplementedError
 
-    def finish(self, handler, reason):
+    def ready_fields(self):
+        return {"target": self.name}
+
+    def start(self):
+        pass
+
+    def fired(self, fd):
+        return "done"
+
+    def detach(self, handler, reason):
+        self.unregister_all(handler, "detached")
+        return None
+
+    @staticmethod
+    def unregister_all(handler, why):
+        """Unregister every region the Handler serves and close their uffds."""
         for s in list(handler.served.values()):
             for r in list(s.regions):
                 try:
                     s.uffd.unregister(r.start, r.end - r.start)
                 except UffdError:
                     pass              # already gone (process exited, range unmapped)
-            handler.drop(s, "detached")
-        return 0
+            handler.drop(s, why)
 
     def abort(self):
-        """Release what a failed ``start`` left (the handler closes the uffds)."""
+        pass
 
     def extra(self):
         out = {}
@@ -3995,6 +4089,11 @@ class WatchTarget:
             out["target_stopped_s"] = round(self.stopped_seconds, 6)
         return out
 
+    def close(self):
+        pass
+
+
+# -- watch --self: the built-in workload ----------------------------------------------------------
 
 # The --self workload's forked child is this x86_64 code, called through ctypes (which releases
 # the GIL): fork() with a raw syscall; the child writes byte dl to every page of [rdi, rdi+rsi)
@@ -4073,17 +4172,22 @@ def self_workload(area, size):
     return checks
 
 
-class SelfTarget(WatchTarget):
-    """``--self``: a range of the tool's own memory and the built-in workload (a thread)."""
+class SelfTarget(Target):
+    """watch ``--self``: a range of the tool's own memory and the built-in workload (a thread).
+    Ends when the workload is done; a failed check of the workload is exit status 1, SIGINT
+    130 (``stop_signal``, set by the runner)."""
     name = "self"
+    fast = False
+    stop_signal = None
 
     def __init__(self, size, mode, features):
         self.size = max(8 * PAGE_SIZE, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         self.mode, self.features = mode, features
         self.result, self.error = None, None
         self.guard = None
+        self.thread = None
 
-    def start(self, handler):
+    def attach(self, handler):
         uffd = Userfaultfd()
         uffd.api(self.features)
         self.area = mmap_anon(self.size)
@@ -4095,23 +4199,30 @@ class SelfTarget(WatchTarget):
         arm(uffd, self.area, self.size, self.mode)
         handler.add(uffd, [(self.area, self.size)], pid=os.getpid(), label="self")
         self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
+        return [self.done_r]
+
+    def ready_fields(self):
+        return {"target": "self", "size": self.size}
+
+    def start(self):
         self.thread = threading.Thread(target=self._run, name="uffdtool-workload", daemon=True)
         self.thread.start()
-        return [self.done_r]
 
     def _run(self):
         try:
             self.result = self_workload(self.area, self.size)
-        except BaseException as e:           # reported by finish()
+        except BaseException as e:           # reported by detach()
             self.error = e
         finally:
             os.write(self.done_w, b"x")
 
-    def finish(self, handler, reason):
-        status = super().finish(handler, reason)     # closing the uffd wakes a blocked workload
-        self.thread.join(5)
+    def detach(self, handler, reason):
+        self.unregister_all(handler, "detached")      # closing the uffd wakes a blocked workload
+        if self.thread is not None:
+            self.thread.join(5)
         if self.guard is not None:
             munmap(self.guard, PAGE_SIZE)
+            self.guard = None
         for fd in (self.done_r, self.done_w):
             os.close(fd)
         if reason == "done" and (self.error is not None or not self.result or not all(
@@ -4119,11 +4230,13 @@ class SelfTarget(WatchTarget):
                 self.result.get("child_exit", 0) != 0):
             handler.log.emit("error", message="workload failed: %s" % (self.error or self.result))
             return 1
-        return status
+        return 130 if self.stop_signal == signal.SIGINT else None
 
     def extra(self):
         return {"workload": self.result} if self.result else {}
 
+
+# -- --pid: a running process ---------------------------------------------------------------------
 
 def _check_ranges(pid, ranges, maps):
     """Validate --range pairs against the target's maps: page-aligned start, inside private
@@ -4148,29 +4261,94 @@ def _check_ranges(pid, ranges, maps):
     return out
 
 
-class PidTarget(WatchTarget):
+#: PIDFD_GET_INFO (linux/pidfd.h, Linux 6.15+): _IOWR(0xFF, 11, struct pidfd_info), 64 bytes in
+#: its first version; with PIDFD_INFO_EXIT in ``mask`` it returns the wait status of a process
+#: that has been reaped, in ``exit_code`` (offset 60).
+PIDFD_GET_INFO = _IOWR(0xFF, 11, 64)
+PIDFD_INFO_EXIT = 1 << 3
+
+
+def pidfd_wait_status(pidfd, pid, wait=1.0):
+    """The wait status of the exited process behind ``pidfd`` (not our child, so no waitpid):
+    while it is a zombie from /proc/PID/stat (field 52, exit_code), once its parent reaped it
+    from PIDFD_INFO_EXIT.  None if neither tells within ``wait`` seconds (an older kernel, or a
+    parent that does not reap)."""
+    deadline = time.monotonic() + wait
+    while True:
+        info = bytearray(64)
+        struct.pack_into("=Q", info, 0, PIDFD_INFO_EXIT)
+        try:
+            fcntl.ioctl(pidfd, PIDFD_GET_INFO, info, True)
+            if struct.unpack_from("=Q", info, 0)[0] & PIDFD_INFO_EXIT:
+                return struct.unpack_from("=i", info, 60)[0]
+        except OSError:
+            pass                              # ESRCH: exited, not reaped yet; ENOTTY: old kernel
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[0] in ("Z", "X") and len(fields) >= 50:
+                return int(fields[49])        # field 52 of stat, counted after the comm field
+        except (OSError, IndexError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def describe_wait_status(st):
+    """Record fields for a wait status: ``status`` (the exit code, 128+N when killed by signal
+    N, as a shell reports it; "unknown" when None) and ``signal`` (its name) when killed."""
+    if st is None:
+        return {"status": "unknown"}
+    if os.WIFSIGNALED(st):
+        sig = os.WTERMSIG(st)
+        return {"status": 128 + sig, "signal": _signal_name(sig)}
+    return {"status": os.waitstatus_to_exitcode(st)}
+
+
+def _signal_name(sig):
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return "signal %d" % sig
+
+
+class PidTarget(Target):
     """``--pid PID``: inject ``userfaultfd()`` with ptrace (x86_64), register ranges or every
     private anonymous mapping, detach, serve.  Non-destructive unless ``dontneed``: then the
     present pages are snapshotted, dropped with an injected MADV_DONTNEED (all threads stopped)
-    and served back from the snapshot; ``finish`` drains every page not faulted yet.
+    and served back from the snapshot; ``detach`` installs every page not faulted yet.
 
     ``snapshot=False`` (serve-file): the handler's source is a file (or zeros), not a snapshot;
     ``offsets`` gives each range's source offset, ``dontneed`` drops the present pages without
-    a snapshot, and ``finish`` installs every source page not faulted yet (``Handler.drain``)
-    before unregistering."""
+    a snapshot, and ``detach`` installs every source page not faulted yet
+    (``Handler.install_missing``) before unregistering.
+
+    When the process ends while watched, its pidfd fires: ``exit_fields`` then says how it
+    ended (``describe_wait_status``), and ``detach`` returns 1 if a signal killed it."""
     name = "pid"
 
     def __init__(self, pid, ranges, all_anon, mode, features, dontneed=False, offsets=None,
-                 snapshot=True):
+                 snapshot=True, done_reason="done"):
         self.pid, self.ranges, self.all_anon = pid, ranges, all_anon
         self.mode, self.features, self.dontneed = mode, features, dontneed
         self.offsets = offsets
         self.snapshot = dontneed and snapshot
+        self.fast = not self.snapshot         # SnapshotSource fills page by page
+        self.done_reason = done_reason
         self.pidfd = -1
         self.snapshot_pages = 0
         self.drained = 0
+        self.exit_fields = None               # set once the process has ended
 
-    def start(self, handler):
+    def ready_fields(self):
+        return {"target": "pid", "pid": self.pid}
+
+    def fired(self, fd):
+        self.exit_fields = describe_wait_status(pidfd_wait_status(self.pidfd, self.pid))
+        return self.done_reason
+
+    def attach(self, handler):
         pid = self.pid
         try:
             self.pidfd = syscall("pidfd_open", pid, 0)
@@ -4228,14 +4406,20 @@ class PidTarget(WatchTarget):
                     pid=pid, label="pid")
         return [self.pidfd]
 
-    def finish(self, handler, reason):
+    def detach(self, handler, reason):
+        if self.exit_fields is not None:      # nothing to leave whole: say how it ended
+            for s in list(handler.served.values()):
+                handler.drop(s, "exited", **self.exit_fields)
+            self.abort()
+            return 1 if "signal" in self.exit_fields else None
         if self.snapshot or self.offsets is not None:
             for s in list(handler.served.values()):     # no zero page where data belongs
-                self.drained += (handler.source.drain(s) if self.snapshot else
-                                 handler.drain(s, lambda a, b: missing_runs(self.pid, a, b)))
-        status = super().finish(handler, reason)
+                self.drained += (handler.source.install_missing(s) if self.snapshot else
+                                 handler.install_missing(
+                                     s, lambda a, b: missing_runs(self.pid, a, b)))
+        self.unregister_all(handler, "detached")
         self.abort()
-        return status
+        return None
 
     def abort(self):
         if self.pidfd >= 0:
@@ -4251,7 +4435,9 @@ class PidTarget(WatchTarget):
         return out
 
 
-class SpawnTarget(WatchTarget):
+# -- -- CMD: a child under ptrace -----------------------------------------------------------------
+
+class SpawnTarget(Target):
     """``-- CMD``: start CMD under ptrace, inject a uffd at every exec, register its private
     anonymous memory and every new mmap/brk/mremap result, follow forks.
 
@@ -4267,9 +4453,11 @@ class SpawnTarget(WatchTarget):
     ``file_ranges`` (serve-file): sorted ``(start, end, source offset)`` address ranges whose
     pages come from the source; every other page is zero-filled."""
     name = "cmd"
+    fast = False      # the tracer thread adds uffds and regions through call_soon
 
-    def __init__(self, argv, mode, features, warn=None, file_ranges=()):
+    def __init__(self, argv, mode, features, warn=None, file_ranges=(), done_reason="done"):
         self.argv, self.mode, self.features = argv, mode, features
+        self.done_reason = done_reason
         self.file_ranges = sorted(file_ranges)
         self._warn = warn or (lambda msg: None)
         self.uffd_of = {}       # tgid -> Userfaultfd of its mm (shared by vfork children/threads)
@@ -4282,7 +4470,13 @@ class SpawnTarget(WatchTarget):
         """Warn from the tracer thread (the message is written by the handler thread)."""
         self.handler.call_soon(self._warn, msg)
 
-    def start(self, handler):
+    def ready_fields(self):
+        return {"target": "cmd", "cmd": self.argv, "pid": self.tracer.root}
+
+    def fired(self, fd):
+        return self.done_reason
+
+    def attach(self, handler):
         exe = self.argv[0]
         found = shutil.which(exe) if "/" not in exe else (
             exe if os.path.isfile(exe) and os.access(exe, os.X_OK) else None)
@@ -4299,6 +4493,8 @@ class SpawnTarget(WatchTarget):
         started.wait()
         if self.error is not None and self.tracer.root is None:
             self.thread.join()
+            for fd in (self.done_r, self.done_w):
+                os.close(fd)
             raise self.error
         return [self.done_r]
 
@@ -4311,7 +4507,7 @@ class SpawnTarget(WatchTarget):
                 self.error = self._error(e)
                 return
             finally:
-                started.set()                 # after self.error is set: start() checks it
+                started.set()                 # after self.error is set: attach() checks it
             self.status = self.tracer.run()
         except BaseException as e:            # reported by the main thread (finish)
             self.error = self._error(e)
@@ -4335,7 +4531,7 @@ class SpawnTarget(WatchTarget):
     def _exec(self, pid, fd):
         old = self.uffd_of.pop(pid, None)
         if old is not None and self.owner.get(old.fileno()) == pid:
-            self._drop(old)
+            self._drop(old, "exec")
         if fd is None:
             self.warn("process %d: could not inject userfaultfd (%s): not watched"
                       % (pid, self.tracer.inject_error))
@@ -4403,9 +4599,9 @@ class SpawnTarget(WatchTarget):
     def _exit(self, tid, status):
         uffd = self.uffd_of.pop(tid, None)
         if uffd is not None and self.owner.get(uffd.fileno()) == tid:
-            self._drop(uffd)
+            self._drop(uffd, "exited", **describe_wait_status(status))
 
-    def _drop(self, uffd):
+    def _drop(self, uffd, reason, **fields):
         self.owner.pop(uffd.fileno(), None)
 
         def drop():
@@ -4413,7 +4609,7 @@ class SpawnTarget(WatchTarget):
             if s is not None and s.uffd is uffd:
                 with self.cv:                 # its fd number may be reused: no stale FIFO
                     self.forks.pop(uffd.fileno(), None)
-                self.handler.drop(s, "exited")
+                self.handler.drop(s, reason, **fields)
         self.handler.call_soon(drop)
 
     # -- handler-thread hook ----------------------------------------------------------------
@@ -4422,7 +4618,7 @@ class SpawnTarget(WatchTarget):
             self.forks.setdefault(parent.uffd.fileno(), []).append(child)
             self.cv.notify_all()
 
-    def finish(self, handler, reason):
+    def detach(self, handler, reason):
         """Wait for CMD and its descendants; on interrupt/duration give them a moment, then
         SIGTERM, then SIGKILL.  Returns CMD's exit status (128+signal if killed)."""
         if self.thread.is_alive():
@@ -4440,7 +4636,7 @@ class SpawnTarget(WatchTarget):
                 if handler.run(watch_fds=[self.done_r], timeout=wait) == self.done_r:
                     break
             self.thread.join(5)
-        super().finish(handler, reason)
+        self.unregister_all(handler, "detached")
         for u in list(self.uffd_of.values()):
             u.close()
         for fd in (self.done_r, self.done_w):
@@ -4456,56 +4652,7 @@ class SpawnTarget(WatchTarget):
         return out
 
 
-# -- the target interface (serve-file) ------------------------------------------------------------
-
-class ServeTarget:
-    """Whose memory serve-file fills: the result of ``open_serve_target``.
-
-    ``uffds``: list of ``(Userfaultfd, [Region], pid, label)`` to hand to ``Handler.add``;
-    ``page_size`` (and ``hugetlb``); ``watch_fds``: fds whose readiness means "stop serving"
-    (a peer's socket hang-up, a pidfd, a workload's done pipe); ``peer_pid``: whom
-    ``--kill-peer-on-error`` kills.  ``attach(handler)`` hands the uffds to the Handler;
-    ``start()`` runs once the Handler is set up; ``fired(fd)`` is told which watch fd fired
-    and returns a reason to stop (or None to keep serving); ``detach(handler, reason)`` runs
-    after serving if ``attach`` succeeded (returns an exit status, or None: keep the CLI's);
-    ``abort()`` if it failed; ``extra()`` returns extra fields for the final record;
-    ``close()`` releases everything (idempotent).  ``fast``: the Handler may use its
-    single-uffd loop."""
-    page_size = PAGE_SIZE
-    hugetlb = False
-    peer_pid = None
-    fast = True
-
-    def __init__(self):
-        self.uffds = []
-        self.watch_fds = []
-
-    def attach(self, handler):
-        for uffd, regs, pid, label in self.uffds:
-            handler.add(uffd, regs, pid, label)
-
-    def start(self):
-        pass
-
-    def fired(self, fd):
-        return "hangup"
-
-    def detach(self, handler, reason):
-        return None
-
-    def abort(self):
-        pass
-
-    def extra(self):
-        return {}
-
-    def close(self):
-        for u, _, _, _ in self.uffds:
-            u.close()
-        self.uffds = []
-
-
-# -- Firecracker (reference/peers.md section 1) ---------------------------------------------------
+# -- Firecracker's UFFD handshake (README, "Firecracker") -----------------------------------------
 
 #: handshake receive buffer and fd limit (Firecracker sends ~110 bytes per region and 1 fd)
 FC_HANDSHAKE_MAX = 64 << 10
@@ -4678,35 +4825,48 @@ def _is_userfaultfd(fd):
         return True                           # no /proc: trust the peer
 
 
-class FirecrackerTarget(ServeTarget):
-    """Listen on a Unix socket, accept Firecracker (or anything speaking its UFFD handshake),
-    receive the regions and the uffd.  ``listen()`` then ``accept(timeout)``."""
+class FirecrackerTarget(Target):
+    """serve-file ``--firecracker-socket PATH``: listen on a Unix socket, accept Firecracker (or
+    anything speaking its UFFD handshake), receive the regions and the uffd.  ``open`` does it
+    all (``ready`` is written once listening); the peer's socket and pidfd are the fds whose
+    readiness ends the session."""
+    name = "firecracker"
 
-    def __init__(self, path):
-        super().__init__()
+    def __init__(self, path, accept_timeout=None):
         self.path = path
+        self.accept_timeout = accept_timeout
         self.sock = None
         self.conn = None
         self.pidfd = -1
-        self.regions_json = []
-        self.raw_handshake = None
+        self.uffd = None
+        self.regions = []
         self.drained = None
 
-    def listen(self):
+    def open(self, log, source, wake_fd=None):
         self.sock = listen_unix(self.path)
+        log.emit("ready", socket=self.path)
+        regions = self.accept(self.accept_timeout, source.size, wake_fd)
+        log.emit("handshake", pid=self.peer_pid, page_size=self.page_size,
+                 regions=len(regions), bytes=sum(r["size"] for r in regions),
+                 layout=[{"base": r["base_host_virt_addr"], "size": r["size"],
+                          "offset": r["offset"]} for r in regions])
 
-    def accept(self, timeout=None, source_size=None):
-        """Wait for the peer (TargetError after ``timeout`` s), receive and validate its
-        handshake; ``source_size``: bytes the source has (a shorter one is a UsageError)."""
-        r, _, _ = select.select([self.sock], [], [], timeout)
+    def accept(self, timeout=None, source_size=None, wake_fd=None):
+        """Wait for the peer (TargetError after ``timeout`` s; KeyboardInterrupt when
+        ``wake_fd`` becomes readable first), receive and validate its handshake;
+        ``source_size``: bytes the source has (a shorter one is a UsageError).  Returns the
+        regions (dicts, as in the handshake)."""
+        waits = [self.sock] + ([wake_fd] if wake_fd is not None else [])
+        r, _, _ = select.select(waits, [], [], timeout)
         if not r:
             raise TargetError("no connection on %s within %g s" % (self.path, timeout))
+        if self.sock not in r:
+            raise KeyboardInterrupt
         self.conn, _ = self.sock.accept()
         self._stop_listening()      # one peer: a second one must fail at connect, not hang
         self.conn.setblocking(True)
         self.peer_pid = peer_pid_of(self.conn)
         data, fds = receive_handshake(self.conn, first_timeout=timeout)
-        self.raw_handshake = data[:2048].decode("utf-8", "replace")
         try:
             if len(fds) != 1:
                 raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
@@ -4720,25 +4880,32 @@ class FirecrackerTarget(ServeTarget):
                     raise UsageError(
                         "source too short: the regions need %d bytes (offset+size up to 0x%x), "
                         "the file has %d from --offset" % (need, need, source_size))
-        except BaseException:
+        except UffdToolError as e:
             for fd in fds:
                 os.close(fd)
+            e.fields = {"handshake": data[:2048].decode("utf-8", "replace")}  # what was refused
             raise
         self.page_size = ps
         self.hugetlb = ps != PAGE_SIZE
-        self.regions_json = regions
-        uffd = Userfaultfd.adopt(fds[0])
+        self.regions = regions
+        self.uffd = Userfaultfd.adopt(fds[0])
+        return regions
+
+    def attach(self, handler):
         regs = [Region(r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"],
-                       r["offset"]) for r in regions]
-        self.uffds = [(uffd, regs, self.peer_pid, "firecracker")]
-        self.watch_fds = [self.conn.fileno()]
+                       r["offset"]) for r in self.regions]
+        handler.add(self.uffd, regs, self.peer_pid, "firecracker")
+        fds = [self.conn.fileno()]
         if self.peer_pid:
             try:
                 self.pidfd = os.pidfd_open(self.peer_pid)
-                self.watch_fds.append(self.pidfd)
+                fds.append(self.pidfd)
             except (AttributeError, OSError):
                 self.pidfd = -1
-        return regions
+        return fds
+
+    def ready_fields(self):
+        return None                           # written by open(), before the peer connects
 
     def _stop_listening(self):
         if self.sock is not None:
@@ -4758,15 +4925,15 @@ class FirecrackerTarget(ServeTarget):
             # pagemap says which pages are missing (per 4 KiB page: not for hugetlb)
             holes = (lambda a, b: missing_runs(pid, a, b)) if pid and not handler.hugetlb \
                 else None
-            installed += handler.drain(s, holes)
+            installed += handler.install_missing(s, holes)
             for r in s.regions:
                 try:
                     s.uffd.unregister(r.start, r.end - r.start)
                 except UffdError as e:
-                    if e.errno not in (errno.ENOMEM, errno.ESRCH, errno.EINVAL):
+                    if e.errno not in PEER_GONE | {errno.EINVAL}:
                         raise
         self.drained = installed
-        return 0
+        return None
 
     def extra(self):
         return {} if self.drained is None else {"drained_pages": self.drained}
@@ -4783,7 +4950,8 @@ class FirecrackerTarget(ServeTarget):
         return None if data else "peer closed the socket"
 
     def close(self):
-        super().close()
+        if self.uffd is not None:
+            self.uffd.close()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -4803,18 +4971,27 @@ def _unlink_socket(path):
         pass
 
 
-# -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove ----------------
+# -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove -------------------
 
-class SelfServeTarget(ServeTarget):
-    """A fresh anonymous mapping of this process, registered MISSING on a new uffd.  A worker
-    thread reads it with ``ctypes.memmove`` (which runs without the GIL, so the handler in the
-    main thread can serve it: reference/peers.md section 4), then its bytes are compared with
-    the source.  The done-pipe is the watch fd."""
+class SelfServeTarget(Target):
+    """serve-file ``--self``: a fresh anonymous mapping of this process, registered MISSING on
+    a new uffd.  A worker thread reads it with ``ctypes.memmove`` (which runs without the GIL,
+    so the handler in the main thread can serve it; ``string_at`` would hold the GIL and
+    deadlock), then its bytes are compared with the source (``verify``).  The done-pipe is the
+    fd that ends the session."""
+    name = "self"
 
     def __init__(self, size, chunk=256 << 10):
-        super().__init__()
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
         self.chunk = chunk
+        self.uffd = None
+        self.addr = 0
+        self._r = self._w = -1
+        self.elapsed = None
+        self.error = None
+        self._thread = None
+
+    def attach(self, handler):
         self.uffd = Userfaultfd()
         self.uffd.api(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID)
         self.addr = mmap_anon(self.size)
@@ -4823,17 +5000,15 @@ class SelfServeTarget(ServeTarget):
         except OSError:
             pass
         self.uffd.register(self.addr, self.size)
-        self.uffds = [(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(),
-                       "self")]
         self.copy = bytearray(self.size)
+        handler.add(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(), "self")
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
-        self.watch_fds = [self._r]
-        self.elapsed = None
-        self.error = None
-        self._thread = None
+        return [self._r]
+
+    def ready_fields(self):
+        return {"target": "self", "size": self.size}
 
     def start(self):
-        import threading
         self._thread = threading.Thread(target=self._touch, name="uffdtool-self", daemon=True)
         self._thread.start()
 
@@ -4878,7 +5053,8 @@ class SelfServeTarget(ServeTarget):
     def close(self):
         if self._thread is not None:
             self._thread.join(5)
-        super().close()
+        if self.uffd is not None:
+            self.uffd.close()
         if self.addr:
             munmap(self.addr, self.size)
             self.addr = 0
@@ -4886,114 +5062,6 @@ class SelfServeTarget(ServeTarget):
             if fd >= 0:
                 os.close(fd)
         self._r = self._w = -1
-
-
-# -- serve-file --pid / -- CMD: watch's attach and spawn machinery, served from the source -------
-
-class AttachedServeTarget(ServeTarget):
-    """serve-file driving a WatchTarget (a PidTarget or SpawnTarget built for a source): its
-    ``start`` registers the memory and adds the uffds to the Handler, its ``finish`` detaches
-    (PidTarget: after installing every source page not faulted yet) or ends CMD and returns
-    the exit status (CMD's, as in watch)."""
-
-    def __init__(self, target):
-        super().__init__()
-        self.target = target
-        self.name = target.name
-        # -- CMD adds uffds and regions from the tracer thread through call_soon, which only
-        # the general serving loop runs.
-        self.fast = not isinstance(target, SpawnTarget)
-
-    def attach(self, handler):
-        self.watch_fds = list(self.target.start(handler))
-
-    def fired(self, fd):
-        return "target exited" if self.name == "pid" else "command exited"
-
-    def detach(self, handler, reason):
-        return self.target.finish(handler, reason)
-
-    def abort(self):
-        self.target.abort()
-
-    def extra(self):
-        return self.target.extra()
-
-
-def _range_offsets(args, source):
-    """Source offsets of ``--range`` arguments: cumulative in the order given, each LEN rounded
-    up to whole pages (like Firecracker's regions).  UsageError if the file is too short."""
-    offsets, off = [], 0
-    for _, length in args.ranges:
-        offsets.append(off)
-        off += -(-length // PAGE_SIZE) * PAGE_SIZE
-    need = offsets[-1] + args.ranges[-1][1]
-    if source.size is not None and need > source.size:
-        raise UsageError("%s is too short for the ranges: they need %d bytes from --offset %d, "
-                         "the file has %d" % (getattr(source, "display", args.file), need,
-                                              args.offset, source.size))
-    return offsets
-
-
-def _serve_attach_target(args, log, source):
-    """serve-file --pid PID --range START:LEN [...] / [--range ...] -- CMD (UsageError for bad
-    input)."""
-    cmd = list(args.cmd or [])
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if args.pid is not None and cmd:
-        raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
-    if args.size is not None:
-        raise UsageError("--size goes with --self")
-    if args.all_anon and args.pid is None:
-        raise UsageError("--all-anon goes with --pid")
-    if args.dontneed and args.pid is None:
-        raise UsageError("--dontneed goes with --pid")
-    if ARCH != "x86_64":
-        raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
-    offsets = _range_offsets(args, source) if args.ranges else None
-    if args.pid is not None:
-        if args.all_anon and source.kind != "zero":
-            raise UsageError("--all-anon with --file: the mappings have no file offsets; give "
-                             "--range START:LEN (cumulative offsets) or use --zero")
-        if bool(args.ranges) == bool(args.all_anon):
-            raise UsageError("--pid needs --range START:LEN (repeatable), or --all-anon with "
-                             "--zero")
-        if args.pid <= 0:
-            raise UsageError("no such process: %d" % args.pid)
-    else:
-        if args.prefetch:
-            raise UsageError("--prefetch needs fixed regions: not with -- CMD")
-        if source.kind != "zero" and not args.ranges:
-            raise UsageError("-- CMD with --file needs --range START:LEN (repeatable): the "
-                             "addresses whose pages come from the file (CMD's other memory "
-                             "gets zero pages, as the kernel would give)")
-
-    def warn(msg):
-        log.emit("warning", message=msg)
-    features = watch_features(set(WATCH_EVENTS), "missing", warn)
-    if args.pid is not None:
-        return AttachedServeTarget(PidTarget(args.pid, args.ranges, args.all_anon, "missing",
-                                             features, args.dontneed, offsets, snapshot=False))
-    file_ranges = [(a, a + n, off) for (a, n), off in zip(args.ranges, offsets or [])]
-    return AttachedServeTarget(SpawnTarget(cmd, "missing", features, warn, file_ranges))
-
-
-def open_serve_target(args, log, source):
-    """The ServeTarget for serve-file's TARGET flags (one small interface: the Firecracker
-    socket, --self, and --pid / -- CMD through watch's attach/spawn machinery).
-    Firecracker: returns after ``listen()`` (the caller writes ``ready`` and then calls
-    ``accept``)."""
-    if args.firecracker_socket:
-        t = FirecrackerTarget(args.firecracker_socket)
-        t.listen()
-        return t
-    if args.self_:
-        return SelfServeTarget(args.size or (64 << 20))
-    if args.pid is not None or args.cmd:
-        return _serve_attach_target(args, log, source)
-    raise UsageError("serve-file needs a TARGET: --firecracker-socket PATH, --self, "
-                     "--pid PID --range START:LEN, or -- CMD")
 
 
 ###################################################################################################
@@ -5153,9 +5221,10 @@ def format_info(info):
 ###################################################################################################
 
 # A registry of checks (name -> Check), modelled on the kernel's uffd-unit-tests and CRIU's
-# uffd-events test (kernel.md §3.1).  A check is a function of no arguments: it returns a detail
+# uffd-events test.  A check is a function of no arguments: it returns a detail
 # string (or None) on success, raises CheckSkip when this machine cannot run it, and anything
-# else is a failure.  The GIL trap (kernel.md §2.7, DEVELOPERS.md): memory is always faulted by a
+# else is a failure.  The GIL trap (a thread of this process that faults while holding the GIL
+# blocks the handler thread that would resolve it): memory is always faulted by a
 # *forked child* (``_Peer``) or, inside such a child, by a thread that touches it only through
 # ``ctypes.memmove`` (which releases the GIL); whoever forks/mremaps/madvises/munmaps a
 # registered range is never the process that reads that uffd.  Every wait has a deadline, and
@@ -5314,7 +5383,7 @@ def _mem(kind, npages):
         raise
 
 
-#: the features a memory kind needs for each register mode (kernel.md §1.8)
+#: the features a memory kind needs for each register mode (UFFDIO_API feature bits)
 _MEM_FEATURES = {
     ("anon", "missing"): 0, ("anon", "wp"): UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     ("shmem", "missing"): UFFD_FEATURE_MISSING_SHMEM,
@@ -5487,7 +5556,7 @@ class _Peer:
             if not ready:
                 raise CheckFail("timed out (%d uffd messages so far: %s)" % (
                     len(served.events), ", ".join(type(e).__name__ for _, e in served.events)))
-            served.drain()
+            served.read_pending()
             if any(fd == self.sock.fileno() for fd, _ in ready):
                 return self.recv()
 
@@ -5556,7 +5625,7 @@ class _Served:
         self.faults = []               # (uffd, PageFault)
         self._bufs = []
 
-    def drain(self):
+    def read_pending(self):
         for u in list(self.uffds):
             if not u.closed:
                 for ev in u.read_events():
@@ -5565,14 +5634,14 @@ class _Served:
     def handle(self, u, ev):
         self.events.append((u, ev))
         if type(ev) is Fork:
-            self.uffds.append(Userfaultfd.adopt(ev.ufd, u.features))
+            self.uffds.append(ev.ufd)
         elif type(ev) is PageFault:
             self.faults.append((u, ev))
             self.resolve(u, ev)
 
     def resolve(self, u, ev):
         page = ev.address & ~(self.ps - 1)
-        for _ in range(200):
+        for _ in range(FILL_RETRIES):
             try:
                 if self.how == "copy":
                     buf = _src(_pattern(len(self.faults), self.ps))
@@ -5865,7 +5934,7 @@ def _minor_continue(kind):
             _expect(Ioctls.CONTINUE in ioctls, "register returned %s", ioctls)
             u = served.uffds[0]
             _expect(peer._wait_readable(u.fileno()), "no minor fault arrived")
-            served.drain()
+            served.read_pending()
             f = [ev for _, ev in served.faults]
             _expect(len(f) == 1 and f[0].kind == "minor" and f[0].address == addr and
                     not f[0].write, "faults %r", f)
@@ -5968,7 +6037,7 @@ def check_wake():
         try:
             u = served.uffds[0]
             _expect(peer._wait_readable(u.fileno()), "no fault arrived")
-            served.drain()
+            served.read_pending()
             _expect(len(served.faults) == 1, "faults: %r", served.faults)
             src = _src(_pattern(5, PAGE_SIZE))
             n = u.copy(msg["addr"], ctypes.addressof(src), PAGE_SIZE, UFFDIO_COPY_MODE_DONTWAKE)
@@ -6144,7 +6213,7 @@ def check_event_fork():
     _expect(m.get("grandchild") == _digest(_pattern(1, PAGE_SIZE)),
             "the forked child read other data")
     _expect(m.get("fork_status") == 0, "the forked child failed")
-    return "ufd %d" % forks[0].ufd
+    return "ufd %d" % forks[0].ufd.fileno()
 
 
 def _check_remap(fixed):
@@ -6588,7 +6657,7 @@ def _classify(e):
     if isinstance(e, CheckFail):
         return "FAIL", str(e)
     if isinstance(e, UffdError):
-        if e.errno in (errno.EPERM, errno.EACCES) and e.op == "open userfaultfd":
+        if e.errno in (errno.EPERM, errno.EACCES) and e.op == "cannot open a userfaultfd":
             return "SKIP", _NOT_PERMITTED
         return "FAIL", str(e)
     return "FAIL", "%s: %s" % (type(e).__name__, e)
@@ -6670,6 +6739,8 @@ def run_selftest(checks, timeout=CHECK_TIMEOUT):
 #  14. CLI
 ###################################################################################################
 
+# -- sizes, ranges and argument types -------------------------------------------------------------
+
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
            "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
            "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
@@ -6718,18 +6789,6 @@ def _positive_size(text):
     return size
 
 
-def _record_list(args):
-    """[] to collect the working set when --record FILE was given (FILE checked writable now,
-    not after the work is done), else None."""
-    if not args.record:
-        return None
-    try:
-        open(args.record, "a").close()
-    except OSError as e:
-        raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
-    return []
-
-
 def _range_arg(text):
     try:
         return parse_range(text)
@@ -6756,6 +6815,8 @@ _seconds = _number_arg(float, "a number of seconds", lambda v: v > 0, "> 0")
 _usec = _number_arg(float, "a number of microseconds", lambda v: 0 <= v <= 1e6,
                     "0 to 1000000 microseconds")
 
+
+# -- the parser -----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (``uffdtool: error: ...``) on bad usage."""
@@ -6983,6 +7044,8 @@ examples:
 """
 
 
+# -- info and selftest ----------------------------------------------------------------------------
+
 def cmd_info(args):
     info = gather_info()
     if args.json:
@@ -7027,38 +7090,388 @@ def cmd_selftest(args):
     return 1 if counts["FAIL"] else 0
 
 
-def _watch_target(args, features, warn):
-    """The WatchTarget the watch arguments name (UsageError for a bad combination)."""
-    cmd = list(args.cmd or [])
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    chosen = [n for n, on in (("--self", args.self_), ("--pid", args.pid is not None),
-                              ("-- CMD", bool(cmd))) if on]
+# -- choosing the target: one set of checks for watch and serve-file ----------------------------
+
+def _check_target_args(args, command):
+    """The one check of the TARGET flags (watch and serve-file): exactly one target, and each
+    flag only with the target it goes with.  UsageError (NotPermitted off x86_64)."""
+    choices = [("--self", args.self_), ("--pid PID", args.pid is not None),
+               ("-- CMD", bool(args.cmd))]
+    if command == "serve-file":
+        choices.insert(0, ("--firecracker-socket PATH", bool(args.firecracker_socket)))
+    chosen = [name for name, on in choices if on]
     if len(chosen) != 1:
-        raise UsageError("watch needs exactly one target: --self, --pid PID or -- CMD"
-                         + (" (got %s)" % " and ".join(chosen) if chosen else ""))
+        names = [name for name, _ in choices]
+        raise UsageError("%s needs exactly one TARGET: %s or %s%s" % (
+            command, ", ".join(names[:-1]), names[-1],
+            " (got %s)" % " and ".join(chosen) if chosen else ""))
     if args.size is not None and not args.self_:
         raise UsageError("--size goes with --self")
-    if (args.ranges or args.all_anon) and args.pid is None:
-        raise UsageError("--range/--all-anon go with --pid")
+    if args.all_anon and args.pid is None:
+        raise UsageError("--all-anon goes with --pid")
     if args.dontneed and args.pid is None:
         raise UsageError("--dontneed goes with --pid")
-    if args.self_:
-        return SelfTarget(args.size or (1 << 20), args.mode, features)
+    if args.ranges and args.pid is None and not (command == "serve-file" and args.cmd):
+        raise UsageError("--range goes with --pid" + (" or -- CMD" if command == "serve-file"
+                                                       else ""))
+    if (args.pid is not None or args.cmd) and ARCH != "x86_64":
+        raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
     if args.pid is not None:
         if bool(args.ranges) == bool(args.all_anon):
             raise UsageError("--pid needs either --range START:LEN (repeatable) or --all-anon")
         if args.pid <= 0:
             raise UsageError("no such process: %d" % args.pid)
+
+
+def _watch_target(args, features, warn):
+    """The Target of watch's TARGET flags (already checked)."""
+    if args.self_:
+        return SelfTarget(args.size or (1 << 20), args.mode, features)
+    if args.pid is not None:
         return PidTarget(args.pid, args.ranges, args.all_anon, args.mode, features,
                          args.dontneed)
-    return SpawnTarget(cmd, args.mode, features, warn)
+    return SpawnTarget(args.cmd, args.mode, features, warn)
+
+
+def _range_offsets(args, source):
+    """Source offsets of ``--range`` arguments: cumulative in the order given, each LEN rounded
+    up to whole pages (like Firecracker's regions).  UsageError if the file is too short."""
+    offsets, off = [], 0
+    for _, length in args.ranges:
+        offsets.append(off)
+        off += -(-length // PAGE_SIZE) * PAGE_SIZE
+    need = offsets[-1] + args.ranges[-1][1]
+    if source.size is not None and need > source.size:
+        raise UsageError("%s is too short for the ranges: they need %d bytes from --offset %d, "
+                         "the file has %d" % (getattr(source, "display", args.file), need,
+                                              args.offset, source.size))
+    return offsets
+
+
+def _serve_target(args, source, warn):
+    """The Target of serve-file's TARGET flags (already checked): the Firecracker socket,
+    --self, or --pid / -- CMD through watch's attach and spawn machinery, served from the
+    source."""
+    if args.firecracker_socket:
+        return FirecrackerTarget(args.firecracker_socket, args.accept_timeout)
+    if args.self_:
+        return SelfServeTarget(args.size or (64 << 20))
+    offsets = _range_offsets(args, source) if args.ranges else None
+    if args.pid is not None and args.all_anon and source.kind != "zero":
+        raise UsageError("--all-anon with --file: the mappings have no file offsets; give "
+                         "--range START:LEN (cumulative offsets) or use --zero")
+    if args.pid is None and args.prefetch:
+        raise UsageError("--prefetch needs fixed regions: not with -- CMD")
+    if args.pid is None and source.kind != "zero" and not args.ranges:
+        raise UsageError("-- CMD with --file needs --range START:LEN (repeatable): the "
+                         "addresses whose pages come from the file (CMD's other memory "
+                         "gets zero pages, as the kernel would give)")
+    features = watch_features(set(WATCH_EVENTS), "missing", warn)
+    if args.pid is not None:
+        return PidTarget(args.pid, args.ranges, args.all_anon, "missing", features,
+                         args.dontneed, offsets, snapshot=False, done_reason="target exited")
+    file_ranges = [(a, a + n, off) for (a, n), off in zip(args.ranges, offsets or [])]
+    return SpawnTarget(args.cmd, "missing", features, warn, file_ranges,
+                       done_reason="command exited")
+
+
+# -- exit status: the one mapping (README, "CLI contract") ---------------------------------------
+
+#: errno -> exit status of an OSError that ends a run: 3 where the kernel or the permissions
+#: refuse (the message names the fix); every other errno is 1
+_ERRNO_EXIT = {errno.EPERM: 3, errno.EACCES: 3, errno.ENOSYS: 3, errno.ENOEXEC: 3}
+
+
+def exit_status(error=None, status=None):
+    """The exit status of a run that ended with ``error`` (an exception, or None) or, without
+    one, with the ``status`` its target decided (CMD's; None: success)."""
+    if error is None:
+        return status or 0
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, UffdToolError):
+        return error.exit_code
+    if isinstance(error, OSError):
+        return _ERRNO_EXIT.get(error.errno, 1)
+    return 1
+
+
+def tool_error(e, context=None, usage=()):
+    """The UffdToolError for an OSError ``e`` (message prefixed with ``context``): NotPermitted
+    for the errnos that ``exit_status`` maps to 3, UsageError for those in ``usage``, else
+    TargetError."""
+    msg = "%s: %s" % (context, e) if context else str(e)
+    if e.errno in _ERRNO_EXIT:
+        return NotPermitted(msg)
+    return (UsageError if e.errno in usage else TargetError)(msg)
+
+
+# -- the session runner: watch and serve-file --------------------------------------------------
+
+class _Signals(list):
+    """SIGINT/SIGTERM during a session: a signal never cuts a step short (an ioctl sequence, an
+    injection, a detach).  It is recorded (the list holds the signals received), asks the
+    Handler, once there is one, to stop after the current batch, and makes ``wake_r``
+    readable, which ends a wait for a peer.  However many arrive, the session then detaches
+    or drains once, to the end.  A signal that was ignored when the tool started (SIGINT of a
+    background job) stays ignored."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        super().__init__()
+        self.handler = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def _on_signal(self, signum, frame):
+        self.append(signum)
+        if self.handler is not None:
+            self.handler.stop()
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def __enter__(self):
+        self.old = [signal.getsignal(s) for s in self.SIGNALS]
+        for sig, h in zip(self.SIGNALS, self.old):
+            if h is not signal.SIG_IGN:
+                signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, h in zip(self.SIGNALS, self.old):
+            signal.signal(sig, h)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+def _test_pause(step):
+    """Test-only: with ``UFFDTOOL_TEST_PAUSE=STEP:SECS`` in the environment, wait SECS seconds at
+    STEP (``start``: set up and attached, before serving), so that a test can land a signal
+    exactly there.  Signals that arrive are handled as usual (recorded)."""
+    want, _, secs = os.environ.get("UFFDTOOL_TEST_PAUSE", "").partition(":")
+    if want == step:
+        end = time.monotonic() + float(secs or 1)
+        while time.monotonic() < end:
+            time.sleep(end - time.monotonic())
+
+
+def _json_only(log, event, **fields):
+    """A record for the JSON log only (the human line is the CLI's own message)."""
+    human, log.human = log.human, None
+    try:
+        return log.emit(event, **fields)
+    finally:
+        log.human = human
+
+
+class Session:
+    """One run of watch or serve-file against one Target, from start to the final records:
+
+      start record -> ``target.open`` -> Handler -> ``target.attach`` -> ready record ->
+      ``prepare`` (prefetch) -> ``target.start`` -> serve until the target's fds fire, the
+      duration passes, a signal comes or serving fails -> ``target.detach`` (or, after a
+      failure, kill the peer when asked) -> ``finish`` -> working set, stats and exit records.
+
+    ``run()`` returns the exit status; an error is one line on stderr (``_complain``) and an
+    ``error`` record.  The commands configure it: ``counters`` (stats fields that are always
+    there), ``record_key``, ``prepare(handler)`` and ``finish(reason)`` (a status or None)."""
+    counters = ()
+    idle = None                               # Handler idle work (serve-file --fill idle)
+    record_key = "address"
+    failure = None                            # the exception that ended the run, if any
+
+    def __init__(self, command, args, log, target, source, start_fields):
+        self.command, self.args, self.log = command, args, log
+        self.target, self.source = target, source
+        self.start_fields = start_fields
+        self.stats = Stats()
+        self.record = _record_list(args)
+        self.handler = None
+        self.cpu0 = None
+        self.attached = self.serving = False
+
+    def prepare(self, handler):
+        """After attach, before the target starts (serve-file: the prefetch list)."""
+
+    def finish(self, reason):
+        """After detach: a status that overrides the target's, or None."""
+        return None
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self):
+        _json_only(self.log, "start", command=self.command, version=__version__,
+                   argv=["uffdtool"] + list(self.args.argv), time=round(time.time(), 6),
+                   **self.start_fields)
+        with _Signals() as sig:
+            reason, error = self._serve(sig)
+            target_status = self._stop(sig, reason, error)
+        status = exit_status(error, target_status)
+        self._final_records(reason, status, error)
+        return status
+
+    def _serve(self, sig):
+        """Set up and serve; returns (reason the serving ended, the exception or None)."""
+        t, args = self.target, self.args
+        try:
+            t.open(self.log, self.source, sig.wake_r)
+            h = self.handler = Handler(self.source, self.log, self.stats,
+                                       readahead=args.readahead, on_remove=args.on_remove,
+                                       page_size=t.page_size, record=self.record,
+                                       hugetlb=t.hugetlb, spin=args.spin / 1e6)
+            h.fast = t.fast
+            sig.handler = h
+            fds = t.attach(h)
+            self.attached = True
+            ready = t.ready_fields()
+            if ready is not None:
+                regs = [r for s in h.served.values() for r in s.regions]
+                self.log.emit("ready", regions=len(regs),
+                              bytes=sum(r.end - r.start for r in regs), **ready)
+            self.prepare(h)
+            _test_pause("start")
+            t.start()
+            self.cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            self.serving = True
+            return ("interrupted" if sig else self._loop(h, fds, sig)), None
+        except KeyboardInterrupt:             # only a wait for a peer: nothing is attached
+            return "interrupted", None
+        except BaseException as e:
+            return self._failed(e)
+
+    def _loop(self, h, fds, sig):
+        tick = (lambda: self.log.emit("stats", **self._stats_record())) \
+            if self.args.stats_interval else None
+        deadline = None if self.args.duration is None else time.monotonic() + self.args.duration
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            res = h.run(fds, timeout=left, tick=tick, tick_interval=self.args.stats_interval,
+                        idle=self.idle)
+            if sig:
+                return "interrupted"
+            if res == "timeout":
+                return "duration"
+            if not isinstance(res, int):
+                return "done" if self.command == "watch" else "target gone"
+            reason = self.target.fired(res)
+            if reason:
+                return reason
+
+    def _failed(self, e):
+        """A run that failed: the error record, and the peer killed (--kill-peer-on-error) or
+        told about.  Returns ("error", the exception to report)."""
+        if isinstance(e, OSError) and self.serving:
+            e = TargetError("serving failed: %s" % (e.strerror or e))
+        elif isinstance(e, OSError) and not isinstance(e, UffdError):
+            e = tool_error(e)
+        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
+        if peer and getattr(self.args, "kill_peer_on_error", False):
+            try:
+                os.kill(peer, signal.SIGKILL)
+                self.log.emit("killed_peer", pid=peer)
+            except OSError:
+                pass
+        elif peer and _alive(peer):
+            # Its memory is registered and nobody serves it now: it would hang unnoticed.
+            msg = ("%s; the peer (pid %d) now waits forever for its memory: stop it, or use "
+                   "--kill-peer-on-error" % (e, peer))
+            fields = getattr(e, "fields", {})
+            e = (type(e)(msg) if isinstance(e, UffdToolError) else TargetError(msg))
+            e.fields = fields
+        self.failure = e
+        _json_only(self.log, "error", message=str(e), **getattr(e, "fields", {}))
+        return "error", e
+
+    def _stop(self, sig, reason, error):
+        """Detach (signals stay deferred: a half-done detach could leave the target stopped or
+        short of its data); returns the status the target or ``finish`` decided, or None."""
+        t = self.target
+        t.stop_signal = sig[0] if sig else None
+        sig.handler = None                    # from here on a signal only waits its turn
+        if self.handler is not None:
+            self.handler.stopping = False     # detach may serve a while longer
+        status = None
+        try:
+            if self.attached:
+                status = t.detach(self.handler, "interrupted" if sig and error is None
+                                  else reason)
+            else:
+                t.abort()
+            if error is None:
+                done = self.finish(reason)
+                status = done if done is not None else status
+        except BaseException as e:
+            late = e if isinstance(e, UffdToolError) else TargetError("detach failed: %s" % e)
+            _json_only(self.log, "error", message=str(late))
+            if error is None:
+                self.failure = late
+                status = late.exit_code
+        return None if error is not None else status
+
+    def _stats_record(self, **extra):
+        rec = self.stats.record(**extra)
+        for k in self.counters:
+            rec.setdefault(k, 0)
+        if self.counters:
+            rec["faults"] = sum(v for k, v in rec.items() if k.startswith("faults_"))
+        return rec
+
+    def _final_records(self, reason, status, error):
+        """The working set, the final stats and the exit record (always, whatever happened);
+        then the error line.  Human lines only once something was attached: a run refused at
+        the start says one line, its error."""
+        extra = {"reason": reason}
+        if self.cpu0 is not None:             # CPU time of the serving phase (this process)
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            extra["cpu_user_s"] = round(cpu1.ru_utime - self.cpu0.ru_utime, 6)
+            extra["cpu_sys_s"] = round(cpu1.ru_stime - self.cpu0.ru_stime, 6)
+        if self.record is not None and self.handler is not None:
+            write_working_set(self.args.record, self.record, self.handler.page_size,
+                              key=self.record_key)
+            extra["recorded_pages"] = len(self.record)
+        extra.update(self.target.extra())
+        emit = self.log.emit if self.attached else functools.partial(_json_only, self.log)
+        emit("stats", **self._stats_record(**extra))
+        ended = getattr(self.target, "exit_fields", None)
+        fields = {"target_" + k: v for k, v in (ended or {}).items()}
+        if self.failure is not None:
+            _json_only(self.log, "exit", reason=reason, status=status, **fields)
+            _complain(self.failure)
+        else:
+            emit("exit", reason=reason, status=status, **fields)
+        if self.handler is not None:
+            self.handler.close()
+        self.target.close()
+        self.source.close()
+        self.log.close()
+
+
+def _record_list(args):
+    """[] to collect the working set when --record FILE was given (FILE checked writable now,
+    not after the work is done), else None."""
+    if not args.record:
+        return None
+    try:
+        open(args.record, "a").close()
+    except OSError as e:
+        raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
+    return []
 
 
 def _make_log(args, human_faults):
     dest = "-" if args.json else args.log
     return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
 
+
+def _alive(pid):
+    """Whether process ``pid`` exists (and is not a zombie)."""
+    try:
+        return proc_status(pid).get("State", "Z")[:1] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+# -- watch and serve-file ------------------------------------------------------------------------
 
 def cmd_watch(args):
     """``uffdtool watch``: register a target's memory, resolve and log every fault and event.
@@ -7070,95 +7483,22 @@ def cmd_watch(args):
         events = parse_events(args.events)
     except ValueError as e:
         raise UsageError("--events: %s" % e)
-    if (args.pid is not None or args.cmd) and ARCH != "x86_64":
-        raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
+    _check_target_args(args, "watch")
     log = _make_log(args, human_faults=True)
-    handler = None
     try:
         def warn(msg):
             log.emit("warning", message=msg)
         features = watch_features(events, args.mode, warn)
         target = _watch_target(args, features, warn)
-        stats = Stats()
-        record = _record_list(args)
-        handler = Handler(SnapshotSource() if args.dontneed else ZeroSource(), log, stats,
-                          readahead=args.readahead, on_remove=args.on_remove, record=record,
-                          spin=args.spin / 1e6)
-        # watch always takes the general serving path (if the Handler has a specialised
-        # single-uffd loop, as serve-file may add): -- CMD adds uffds and regions from the
-        # tracer thread through call_soon, and SnapshotSource fills page by page.
-        handler.fast = False
-        log.emit("start", target=target.name, mode=args.mode, features=features.names(),
-                 readahead=args.readahead, pid=args.pid, cmd=args.cmd or None)
-        reason, status, started = "done", None, False
-        try:
-            fds = target.start(handler)
-            started = True
-            log.emit("ready", ufds=sorted(handler.served), pid=args.pid,
-                     regions=sum(len(s.regions) for s in handler.served.values()),
-                     **target.extra())
-
-            def tick():
-                log.emit("stats", **stats.record(**target.extra()))
-
-            with _StopOnSignal(handler) as signals:
-                r = handler.run(watch_fds=fds, timeout=args.duration, tick=tick,
-                                tick_interval=args.stats_interval)
-            handler.stopping = False          # finish() may serve a while longer
-            reason = "interrupted" if signals else "duration" if r == "timeout" else "done"
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        except BaseException:
-            reason = "error"
-            raise
-        finally:
-            # No second interruption while detaching: a half-done detach is the one thing
-            # that could leave the target stopped or (with --dontneed) short of pages.
-            old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
-            try:
-                if started:
-                    status = target.finish(handler, reason)
-                else:
-                    target.abort()
-                    status = 130 if reason == "interrupted" else None
-            finally:
-                if record is not None:
-                    write_working_set(args.record, record, PAGE_SIZE, key="address")
-                log.emit("stats", **stats.record(reason=reason, **target.extra()))
-                log.emit("exit", status=status, reason=reason)
-                signal.signal(signal.SIGINT, old[0])
-                signal.signal(signal.SIGTERM, old[1])
-        return status
-    finally:
-        if handler is not None:
-            handler.close()
+        source = SnapshotSource() if args.dontneed else ZeroSource()
+        fields = {"target": target.name, "mode": args.mode, "features": features.names(),
+                  "readahead": args.readahead}
+        fields.update({k: v for k, v in (("pid", args.pid), ("cmd", args.cmd)) if v})
+        session = Session("watch", args, log, target, source, fields)
+    except BaseException:
         log.close()
-
-
-class _StopOnSignal(list):
-    """While serving, SIGINT/SIGTERM end ``handler.run`` after the current batch instead of
-    raising in the middle of it (a fault resolved but not yet logged, an ioctl sequence cut
-    short).  Before and after, KeyboardInterrupt does the cleanup.  The list holds the signals
-    received."""
-
-    def __init__(self, handler):
-        super().__init__()
-        self.handler = handler
-
-    def _on_signal(self, signum, frame):
-        self.append(signum)
-        self.handler.stop()
-
-    def __enter__(self):
-        self.old = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-        for sig, h in zip((signal.SIGINT, signal.SIGTERM), self.old):
-            if h is not signal.SIG_IGN:   # e.g. SIGINT of a background job stays ignored
-                signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.old[0])
-        signal.signal(signal.SIGTERM, self.old[1])
+        raise
+    return session.run()
 
 
 #: counters every serve-file stats record has, even when zero
@@ -7166,21 +7506,37 @@ SERVE_COUNTERS = ("faults_missing", "pages_copy", "bytes_copy", "pages_zero", "b
                   "eexist", "eagain", "retries", "partial", "prefetch_pages")
 
 
-def _serve_stats(stats, **extra):
-    rec = stats.record(**extra)
-    for k in SERVE_COUNTERS:
-        rec.setdefault(k, 0)
-    rec["faults"] = sum(v for k, v in rec.items() if k.startswith("faults_"))
-    return rec
+class ServeSession(Session):
+    """serve-file's configuration of the session: the prefetch list, the source-offset working
+    set, the --self verification."""
+    counters = SERVE_COUNTERS
+    record_key = "offset"
 
+    def __init__(self, args, log, target, source, working_set):
+        super().__init__("serve-file", args, log, target, source, dict(
+            source=getattr(source, "display", None) or args.file or "zero", offset=args.offset,
+            readahead=args.readahead,
+            on_remove=args.on_remove))
+        self.working_set = working_set
 
-def _json_only(log, event, **fields):
-    """A record for the JSON log only (the human line is the CLI's own message)."""
-    human, log.human = log.human, None
-    try:
-        log.emit(event, **fields)
-    finally:
-        log.human = human
+    def prepare(self, handler):
+        if self.args.fill:
+            self.idle = IdleFill(handler, self.log)
+        if self.working_set is None:
+            return
+        _, rec_ps, pages = self.working_set
+        regs = [r for s in handler.served.values() for r in s.regions if r.offset is not None]
+        bounds = [r.offset for r in regs] + [r.offset + r.end - r.start for r in regs]
+        runs = split_runs(coalesce_pages(pages, rec_ps, handler.page_size), bounds)
+        handler.prefetch = Prefetcher(runs)
+        self.stats.add("prefetch_listed", sum(b - a for a, b in runs) // handler.page_size)
+        if hasattr(self.source, "plan"):          # a UrlSource fetches the list ahead,
+            self.source.plan((o, o + rec_ps) for o in pages)    # in first-fault order
+
+    def finish(self, reason):
+        if isinstance(self.target, SelfServeTarget) and reason == "workload done":
+            return _finish_self(self.args, self.target, self.source, self.stats, self.log)
+        return None
 
 
 def cmd_serve_file(args):
@@ -7190,14 +7546,7 @@ def cmd_serve_file(args):
     if args.offset and not args.file:
         raise UsageError("--offset needs --file")
     _check_url_args(args)
-    targets = [bool(args.firecracker_socket), bool(args.self_),
-               args.pid is not None or bool(args.cmd)]
-    if sum(targets) > 1:
-        raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
-    if args.cmd and args.cmd[0] == "--":
-        args.cmd = args.cmd[1:]
-    if args.dontneed and args.pid is None:
-        raise UsageError("--dontneed goes with --pid")
+    _check_target_args(args, "serve-file")
     ws = None
     if args.prefetch:
         ws = read_working_set(args.prefetch)
@@ -7205,158 +7554,19 @@ def cmd_serve_file(args):
             raise UsageError("%s records addresses (key=%s); serve-file needs a working set of "
                              "source offsets (record it with serve-file --record)"
                              % (args.prefetch, ws[0]))
-    record = _record_list(args)
     log = _make_log(args, human_faults=args.verbose)
     log.json_faults = not args.no_fault_log
-    stats = Stats()
-    source = open_serve_source(args, log)
-    target = handler = cpu0 = None
-    attached = attaching = errored = False
-    status, reason, wreason = 0, None, "error"
+    source = None
     try:
-        target = open_serve_target(args, log, source)
-        attaching = isinstance(target, AttachedServeTarget)
-
-        def emit_start():
-            log.emit("start", command="serve-file",
-                     source=getattr(source, "display", None) or args.file or "zero",
-                     offset=args.offset, readahead=args.readahead, on_remove=args.on_remove)
-        if not attaching:       # --pid / -- CMD: once attached (bad input stays one line)
-            emit_start()
-        if isinstance(target, FirecrackerTarget):
-            log.emit("ready", socket=target.path)
-            regions = target.accept(args.accept_timeout, source.size)
-            log.emit("handshake", pid=target.peer_pid, page_size=target.page_size,
-                     regions=len(regions), bytes=sum(r["size"] for r in regions),
-                     layout=[{"base": r["base_host_virt_addr"], "size": r["size"],
-                              "offset": r["offset"]} for r in regions])
-        handler = Handler(source, log, stats, readahead=args.readahead, on_remove=args.on_remove,
-                          page_size=target.page_size, record=record, hugetlb=target.hugetlb,
-                          spin=args.spin / 1e6)
-        handler.fast = target.fast
-        target.attach(handler)
-        attached = True
-        if isinstance(target, SelfServeTarget):
-            log.emit("ready", target="self", size=target.size)
-        elif attaching:
-            emit_start()
-            regs = [r for s in handler.served.values() for r in s.regions]
-            who = {"pid": args.pid} if target.name == "pid" else {"cmd": args.cmd}
-            log.emit("ready", target=target.name, regions=len(regs),
-                     bytes=sum(r.end - r.start for r in regs), **who)
-        if ws is not None:
-            regs = [r for s in handler.served.values() for r in s.regions if r.offset is not None]
-            bounds = [r.offset for r in regs] + [r.offset + r.end - r.start for r in regs]
-            runs = split_runs(coalesce_pages(ws[2], ws[1], target.page_size), bounds)
-            handler.prefetch = Prefetcher(runs)
-            stats.add("prefetch_listed", sum(b - a for a, b in runs) // target.page_size)
-            if hasattr(source, "plan"):           # a UrlSource fetches the list ahead,
-                source.plan((o, o + ws[1]) for o in ws[2])     # in first-fault order
-        fill = IdleFill(handler, log) if args.fill else None
-        tick = (lambda: log.emit("stats", **_serve_stats(stats))) if args.stats_interval else None
-        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        target.start()
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        with _StopOnSignal(handler) as signals:
-            while True:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                res = handler.run(target.watch_fds, timeout=left, tick=tick,
-                                  tick_interval=args.stats_interval, idle=fill)
-                if not isinstance(res, int):
-                    reason = {"done": "target gone", "timeout": "duration"}.get(res, res)
-                    break
-                reason = target.fired(res)
-                if reason:
-                    break
-        handler.stopping = False              # detach may serve a while longer
-        wreason = "duration" if res == "timeout" else "done"
-        if signals:
-            reason = wreason = "interrupted"
-            status = 130
-    except BaseException as e:
-        errored = not isinstance(e, (KeyboardInterrupt, SystemExit))
-        status = getattr(e, "exit_code", 1)
-        if isinstance(e, KeyboardInterrupt):
-            reason, status = "interrupted", 130
-            wreason = reason
-        elif isinstance(e, (UffdError, OSError)) and handler is not None:
-            e = TargetError("serving failed: %s" % (e.strerror or e))
-            reason = str(e)
-        else:
-            reason = str(e) or type(e).__name__
-        peer = target.peer_pid if errored and target is not None else None
-        if peer and not args.kill_peer_on_error and _alive(peer):
-            # Its memory is registered and nobody serves it now: it would hang unnoticed.
-            reason += ("; the peer (pid %d) now waits forever for its memory: stop it, or "
-                       "use --kill-peer-on-error" % peer)
-            e = type(e)(reason) if isinstance(e, UffdToolError) else e
-        if errored:
-            fields = {}
-            if getattr(target, "raw_handshake", None) and not getattr(target, "regions_json",
-                                                                      None):
-                fields["handshake"] = target.raw_handshake       # what was rejected
-            _json_only(log, "error", message=reason, **fields)
-        if peer and args.kill_peer_on_error:
-            try:
-                os.kill(peer, signal.SIGKILL)
-                log.emit("killed_peer", pid=peer)
-            except OSError:
-                pass
-        if isinstance(e, OSError) and not isinstance(e, UffdError):
-            e = TargetError(str(e))
-        if isinstance(e, UffdError):
-            status = 3 if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) else 1
-        raise e
-    finally:
-        # No second interruption while detaching: a half-done detach is the one thing that
-        # could leave the target stopped or short of its file data.
-        old = [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)]
-        late = None                           # an error of the detach itself
-        from_target = False
-        try:
-            if attached:
-                try:
-                    st = target.detach(handler, wreason)
-                except BaseException as e:
-                    late = e if isinstance(e, UffdToolError) else TargetError(
-                        "detach failed: %s" % e)
-                    status = late.exit_code
-                    _json_only(log, "error", message=str(late))
-                else:
-                    if st is not None and not errored:
-                        status, from_target = st, True
-            elif target is not None:
-                target.abort()
-        finally:
-            signal.signal(signal.SIGINT, old[0])
-            signal.signal(signal.SIGTERM, old[1])
-        extra = {}
-        if cpu0 is not None:                  # CPU time of the serving phase (this process)
-            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-            extra["cpu_user_s"] = round(cpu1.ru_utime - cpu0.ru_utime, 6)
-            extra["cpu_sys_s"] = round(cpu1.ru_stime - cpu0.ru_stime, 6)
-        if isinstance(target, SelfServeTarget) and reason == "workload done":
-            status = _finish_self(args, target, source, stats, log)
-        if record is not None and handler is not None:
-            write_working_set(args.record, record, handler.page_size, key="offset")
-            extra["recorded_pages"] = len(record)
-        if target is not None:
-            extra.update(target.extra())
-        if attached or (target is not None and not attaching):   # not after bad --pid input
-            log.emit("stats", **_serve_stats(stats, **extra))
-        if status and reason != "interrupted" and not from_target:
-            _json_only(log, "exit", reason=reason, status=status)    # the CLI prints why
-        else:
-            log.emit("exit", reason=reason, status=status)
-        if handler is not None:
-            handler.close()
-        if target is not None:
-            target.close()
-        source.close()
+        source = open_serve_source(args, log)
+        target = _serve_target(args, source, lambda msg: log.emit("warning", message=msg))
+        session = ServeSession(args, log, target, source, ws)
+    except BaseException:
+        if source is not None:
+            source.close()
         log.close()
-        if late is not None and not errored:
-            raise late
-    return status
+        raise
+    return session.run()
 
 
 def _check_url_args(args):
@@ -7380,18 +7590,11 @@ def _check_url_args(args):
 def open_serve_source(args, log):
     """The page source of serve-file's SOURCE flags."""
     if args.url:
+        args.argv = redact_argv(getattr(args, "argv", []))     # the start record's argv
         return UrlSource(args.url, cache=args.cache, chunk=args.chunk, fetchers=args.fetchers,
                          retries=args.retries, timeout=args.timeout, headers=args.header,
                          cacert=args.cacert, log=log)
     return FileSource(args.file, args.offset) if args.file else ZeroSource()
-
-
-def _alive(pid):
-    """Whether process ``pid`` exists (and is not a zombie)."""
-    try:
-        return proc_status(pid).get("State", "Z")[:1] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _finish_self(args, target, source, stats, log):
@@ -7415,28 +7618,29 @@ def _finish_self(args, target, source, stats, log):
     return 0 if ok else 1
 
 
+# -- main ----------------------------------------------------------------------------------------
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv=None):
-    """Run the CLI; returns the exit status (CLI.md): never lets a traceback reach the user
-    for an expected failure."""
+    """Run the CLI; returns the exit status (``exit_status``): never lets a traceback reach the
+    user for an expected failure."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
+    if getattr(args, "cmd", None) and args.cmd[0] == "--":      # argparse.REMAINDER keeps it
+        args.cmd = args.cmd[1:]
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
-    except UffdToolError as e:
+    except (UffdToolError, OSError) as e:
         _complain(e)
-        return e.exit_code
-    except UffdError as e:
-        _complain(e)
-        return 3 if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) else 1
+        return exit_status(e)
     except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 1
+        return exit_status(KeyboardInterrupt())
     finally:
         signal.signal(signal.SIGTERM, old)
 
