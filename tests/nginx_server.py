@@ -29,6 +29,15 @@ http {{
     scgi_temp_path {prefix}/tmp;
     log_format ranges '$request_method "$http_range" $status $body_bytes_sent "$http_if_match" $uri';
     keepalive_requests 100000;
+    # /slow/: ranges from 0 and from 2621440 at full speed, from 262144 at 64 KiB/s, others at
+    # 16 KiB/s (nginx sends one second's worth at once: a 256K chunk takes 3 s, 15 s): for the
+    # fetch-scheduling tests
+    map $http_range $slow_rate {{
+        "~^bytes=0-" 0;
+        "~^bytes=2621440-" 0;
+        "~^bytes=262144-" 64k;
+        default 16k;
+    }}
     sendfile on;
     types {{ }}
     default_type application/octet-stream;
@@ -38,6 +47,7 @@ http {{
         access_log {prefix}/access.log ranges;
         root {root};
         location /norange/ {{ alias {root}/; max_ranges 0; }}
+        location /slow/ {{ alias {root}/; limit_rate $slow_rate; }}
         location = /forbidden {{ return 403; }}
         location = /unauthorized {{ return 401; }}
         location = /broken {{ return 500; }}

@@ -319,6 +319,43 @@ def test_https_with_cacert(ngx, tmp_path):
         ngs.stop()
 
 
+# -- fetch scheduling (nginx /slow/: chunk 1 takes 3 s, chunk 10 is instant, others 15 s) ------
+
+def test_a_fetcher_stays_free_for_faults(ngx, tmp_path):
+    """--fill idle keeps the other fetcher busy with 15-second chunks; a fault in chunk 10 is
+    served at once by the fetcher kept for faults (without it: after 15 s)."""
+    sock = str(tmp_path / "s")
+    p = serve(ngx.url("slow/mem.bin"), sock, "--fetchers", "2", "--fill", "idle")
+    c = FcClient([SIZE])
+    try:
+        c.handshake(sock)
+        time.sleep(0.3)                             # the fill has taken chunks 1, then 2...
+        assert c.touch(0, 10 * CHUNK, PS, timeout=8) == ngx.data[10 * CHUNK:10 * CHUNK + PS]
+    finally:
+        c.close()
+    assert finish(p)[0] == 0
+
+
+def test_a_fault_in_a_chunk_in_flight_waits_for_that_fetch(ngx, tmp_path):
+    sock = str(tmp_path / "s")
+    p = serve(ngx.url("slow/mem.bin"), sock, "--fetchers", "2", "--fill", "idle")
+    c = FcClient([SIZE])
+    try:
+        c.handshake(sock)
+        time.sleep(0.3)                             # the fill is fetching chunk 1 (3 s)
+        assert c.touch(0, CHUNK + 7 * PS, PS, timeout=10) == \
+            ngx.data[CHUNK + 7 * PS:CHUNK + 8 * PS]
+        want = "bytes=%d-%d" % (CHUNK, 2 * CHUNK - 1)
+        deadline = time.monotonic() + 5
+        while want not in [r[1] for r in ngx.requests()] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert [r[1] for r in ngx.requests()].count(want) == 1      # no second GET
+    finally:
+        c.close()
+    assert finish(p)[0] == 0
+
+
 # -- the cache ----------------------------------------------------------------------------------
 
 def test_cache_second_restore_with_new_signature_fetches_nothing(ngx, tmp_path):
