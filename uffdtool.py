@@ -1235,6 +1235,8 @@ PRIO_DEMAND, PRIO_READAHEAD, PRIO_PREFETCH, PRIO_FILL = 0, 1, 2, 3
 #: chunk states in ``UrlSource.have``: absent; present and used; present from readahead, not used
 #: yet (its first use queues the next chunks); present in the cache, not counted as a hit yet
 _ABSENT, _SEEN, _AHEAD, _CACHED = 0, 1, 2, 3
+#: seconds a fetched chunk may wait for the cache writer while fetches are running
+CACHE_WRITE_DELAY = 1.0
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -1656,7 +1658,7 @@ class UrlSource:
         self.have[c] = _AHEAD if prio == PRIO_READAHEAD else _SEEN
         if self.caching:
             with self._cv:
-                self._to_write.append(c)
+                self._to_write.append((c, time.monotonic()))
                 self._cv.notify_all()
             return True
         return False
@@ -1664,14 +1666,20 @@ class UrlSource:
     def _writer(self):
         """Writes fetched chunks to the cache file, then sets their map byte (a chunk is
         visible to other processes only once completely written), then releases the chunk's
-        lock.  A full or failing disk: serve without the cache from then on (said once)."""
+        lock.  It writes while no fetch is running (or a chunk has waited CACHE_WRITE_DELAY),
+        because a disk write costs CPU that a cold restore needs (README "Restoring from a
+        URL").  A full or failing disk: serve without the cache from then on (said once)."""
         while True:
             with self._cv:
-                while not self._to_write and not self._closing:
-                    self._cv.wait()
-                if not self._to_write:
-                    return
-                c = self._to_write.pop(0)
+                while True:
+                    q = self._to_write
+                    if q and (self._closing or not self._running or
+                              time.monotonic() - q[0][1] > CACHE_WRITE_DELAY):
+                        break
+                    if not q and self._closing:
+                        return
+                    self._cv.wait(0.1 if q else None)
+                c = q.pop(0)[0]
             a, b = self._span(c)
             try:
                 if self.caching:

@@ -150,8 +150,10 @@ def main():
         total = res["ready_s"] + res["wall_s"]
         if name in best and best[name][0]["mib_per_s"] >= res["mib_per_s"]:
             return best[name][0]
+        p50 = (st.get("fetch_latency_us") or {}).get("p50")
         best[name] = (res, (name, res["mib_per_s"], total, st.get("fetched_bytes", 0) >> 20,
-                            st.get("cache_hits", "-"), st.get("fetch_wait_s", "-")))
+                            st.get("cache_hits", "-"), st.get("fetch_wait_s", "-"),
+                            "-" if p50 is None else "%.1f" % (p50 / 1000), st["faults"]))
         return res
     try:
         ws = os.path.join(work, "ws.txt")
@@ -196,12 +198,16 @@ def report(a, mib, rows, f, fo, dem, pre, secs, pages, ok):
     print("%d MiB, --readahead 64, nginx on 127.0.0.1, shared C toucher; one run of the "
           "script, best of %d interleaved reps\n" % (mib, a.reps))
     print("| configuration | MiB/s (toucher's timed run) | s to the toucher's end | "
-          "fetched MiB | cache hits | s faults waited for fetches |")
-    print("|---|---|---|---|---|---|")
-    for name, rate, total, fetched, hits, waited in rows:
-        print("| %s | %.0f | %.3f | %d | %s | %s |" % (name, rate, total, fetched, hits, waited))
+          "fetched MiB | cache hits (chunks) | s faults waited for fetches | fetch p50 ms | "
+          "faults |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rate, total, fetched, hits, waited, p50, faults in rows:
+        if isinstance(waited, float):
+            waited = "%.3f" % waited
+        print("| %s | %.0f | %.3f | %d | %s | %s | %s | %d |" % (
+            name, rate, total, fetched, hits, waited, p50, faults))
     print()
-    for name, rate, total, fetched, hits, _ in rows:
+    for name, rate, total, fetched, hits, *_ in rows:
         if name.startswith(("cold", "warm")):
             print("- %s: %.2fx the file's throughput" % (name, rate / f["mib_per_s"]))
     print("- --prefetch cold vs on-demand cold (order %s), time to the toucher's end: "
