@@ -1314,8 +1314,9 @@ class UrlSource:
     GET) with Range GETs of ``chunk`` bytes over keep-alive connections.
 
     The chunks land in one local mapping of the object's size (``base``, like FileSource's),
-    from which UFFDIO_COPY copies: with ``cache`` a MAP_SHARED mapping of a sparse file in the
-    cache directory, else anonymous memory.  ``ensure(off, n)`` makes the chunk holding ``off``
+    from which UFFDIO_COPY copies: anonymous memory, or with ``cache`` a MAP_SHARED mapping of
+    the cache entry's sparse file, where each chunk fetched now gets anonymous memory over it
+    and is written to the file behind the serving (``_writer``).  ``ensure(off, n)`` makes the chunk holding ``off``
     present (waiting for its fetch) before a fill; ``fetchers`` threads fetch, one of them only
     for waiting faults, so background work (readahead, ``plan`` of a --prefetch list,
     ``ready`` for --fill idle) never delays a fault by more than the fetch it waits for.
@@ -1368,7 +1369,7 @@ class UrlSource:
         self._seq = 0
         self._threads = []
         self._closing = False
-        self._lat = []                    # fetch latencies (µs), sorted
+        self._lat = array.array("f")     # fetch latencies (µs)
         self.counts = {"fetches": 0, "fetched_bytes": 0, "fetch_retries": 0, "cache_hits": 0,
                        "cache_misses": 0, "fetch_waits": 0, "fetch_wait_s": 0.0}
         first = self._probe(1 if cache else chunk)
@@ -1774,7 +1775,9 @@ class UrlSource:
             if self._store(c, None, prio):
                 locked = False                     # the writer unlocks once written
             with self._cv:
-                bisect.insort(self._lat, us)
+                if len(self._lat) >= 1 << 16:     # bounded: keep every other sample
+                    self._lat = self._lat[::2]
+                self._lat.append(us)
                 self.counts["fetches"] += 1
                 self.counts["fetched_bytes"] += b - a
                 self.counts["cache_misses"] += 1
@@ -1982,7 +1985,7 @@ class UrlSource:
         with self._cv:
             rec = dict(self.counts)
             rec["fetch_wait_s"] = round(rec["fetch_wait_s"], 6)
-            lat = self._lat
+            lat = sorted(self._lat)
             rec["fetch_latency_us"] = {} if not lat else {
                 "p50": round(lat[len(lat) // 2], 1),
                 "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1)}
