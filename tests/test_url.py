@@ -515,3 +515,43 @@ def test_fill_idle_prints_progress(ngx, tmp_path):
             p.wait(20)
     text = err.read_text()
     assert "fill: " in text and "MiB" in text and "fill_done" in text, text
+
+
+# -- the other targets: --pid (detach installs the rest from the URL) and -- CMD ----------------
+
+ptrace_ok = pytest.mark.skipif(os.geteuid() != 0 or os.uname().machine != "x86_64",
+                               reason="--pid and -- CMD need root and x86_64")
+
+
+@ptrace_ok
+def test_url_pid_target_detach_installs_every_page_from_the_url(ngx):
+    from conftest import stop_tool
+    from test_serve_targets import Target, page_sums
+    t = Target(96)                          # 384 KiB: chunk 0 (the probe's) and chunk 1
+    try:
+        p = start_tool("serve-file", "--url", ngx.url("mem.bin"), "--chunk", "256K", "--pid",
+                       t.pid, "--range", t.rng(0, 96), "--dontneed", "--duration", "0.3")
+        recs, err = stop_tool(p, None)
+        assert p.returncode == 0, err
+        st = [r for r in recs if r["event"] == "stats"][-1]
+        assert st["drained_pages"] == 96 and st["fetched_bytes"] == CHUNK
+        assert t.pages(0, 96) == page_sums(ngx.data[:96 * PS])
+    finally:
+        t.close()
+
+
+@ptrace_ok
+def test_url_cmd_ranges_come_from_the_url(ngx):
+    from test_serve_targets import CMD_AT, PROG, md5
+    r = run_tool("serve-file", "--url", ngx.url("mem.bin"), "--chunk", "256K", "--no-fault-log",
+                 "--range", "0x%x:%d" % (CMD_AT + PS, 16 * PS), "--", sys.executable, "-c", PROG,
+                 40, hex(CMD_AT), timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [md5(bytes(PS) + ngx.data[:16 * PS] + bytes(23 * PS))]
+
+
+def test_url_self_target(ngx):
+    r = run_tool("serve-file", "--url", ngx.url("mem.bin") + "?sig=" + SECRET, "--self",
+                 "--size", "4M", "--chunk", "256K")
+    assert r.returncode == 0, r.stderr
+    assert "every byte verified" in r.stderr and SECRET not in r.stderr
