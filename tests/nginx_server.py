@@ -27,7 +27,8 @@ http {{
     fastcgi_temp_path {prefix}/tmp;
     uwsgi_temp_path {prefix}/tmp;
     scgi_temp_path {prefix}/tmp;
-    log_format ranges '$request_method "$http_range" $status $body_bytes_sent "$http_if_match" $uri';
+    log_format ranges '$request_method "$http_range" $status $body_bytes_sent '
+                      '"$http_if_match" $uri';
     keepalive_requests 100000;
     # /slow/: ranges from 0 and from 2621440 at full speed, from 262144 at 64 KiB/s, others at
     # 16 KiB/s (nginx sends one second's worth at once: a 256K chunk takes 3 s, 15 s): for the

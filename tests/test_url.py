@@ -29,7 +29,7 @@ pytestmark = needs_uffd
 
 @pytest.fixture
 def ngx(tmp_path):
-    need_program("nginx")
+    need_program("nginx", "nginx")
     n = Nginx(tmp_path / "nginx")
     n.data = random.Random(7).randbytes(SIZE)
     n.put("mem.bin", n.data, mtime=1_700_000_000)
@@ -301,7 +301,7 @@ def test_object_replaced_mid_restore_is_a_serving_failure(ngx, tmp_path):
 
 
 def test_https_with_cacert(ngx, tmp_path):
-    openssl = need_program("openssl")
+    openssl = need_program("openssl", "openssl")
     key, cert = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
                     "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
