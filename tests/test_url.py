@@ -38,20 +38,12 @@ def ngx(tmp_path):
 
 
 def records(p):
-    with open(p.log.name) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return p.records()
 
 
 def wait_record(p, event, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for r in records(p):
-            if r["event"] == event:
-                return r
-        if p.poll() is not None:
-            break
-        time.sleep(0.02)
-    raise AssertionError("no %s record: %s" % (event, records(p)[-3:]))
+    p.wait_for(event, timeout)
+    return p.events(event)[0]
 
 
 def serve(url, sock, *extra):
@@ -60,8 +52,7 @@ def serve(url, sock, *extra):
 
 
 def finish(p, timeout=30):
-    p.wait(timeout)
-    return p.returncode, p.stderr.read()
+    return p.finish(timeout), p.stderr
 
 
 def restore(ngx, url, sock, *extra, client=None):
@@ -534,7 +525,7 @@ def test_url_pid_target_detach_installs_every_page_from_the_url(ngx):
         recs, err = stop_tool(p, None)
         assert p.returncode == 0, err
         st = [r for r in recs if r["event"] == "stats"][-1]
-        assert st["drained_pages"] == 96 and st["fetched_bytes"] == CHUNK
+        assert st["drained_pages"] == 96 and st["fetched_bytes"] >= CHUNK   # (+ readahead)
         assert t.pages(0, 96) == page_sums(ngx.data[:96 * PS])
     finally:
         t.close()
