@@ -3047,8 +3047,9 @@ class IdleFill:
             return a
         i = (r.offset + a - r.start) >> shift
         j = (r.offset + end - r.start) >> shift
-        k = hint.find(0, i, min(j, len(hint))) if i < len(hint) else i
-        k = j if k < 0 else k
+        top = min(j, len(hint))                    # pages past the hint are not known filled
+        k = hint.find(0, i, top) if i < top else i
+        k = top if k < 0 else k
         self.passed += (k - i) << shift
         return a + ((k - i) << shift)
 
