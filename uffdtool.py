@@ -1383,6 +1383,7 @@ class UrlSource:
         self.etag = self.last_modified = None
         self.chunk = chunk
         self.waker = None                 # the Handler's wake(): a background fetch completed
+        self._handler = None              # the Handler serving from us (its regions)
         self.page_size = PAGE_SIZE
         self.failed = None                # a fatal FetchError: every later need raises it
         self.base = self._map = 0
@@ -1933,8 +1934,18 @@ class UrlSource:
         self._seen(c)
 
     def _readahead(self, c):
-        for k in range(c + 1, min(self.nchunks, c + 1 + max(1, self.nfetchers - 1))):
+        for k in range(c + 1, min(self._needed(), c + 1 + max(1, self.nfetchers - 1))):
             self._want(k, PRIO_READAHEAD)
+
+    def _needed(self):
+        """Chunks up to the end of the served regions' data (readahead stops there: an object
+        store bills every byte)."""
+        h = self._handler
+        if h is None:
+            return self.nchunks
+        top = max((r.offset + r.end - r.start for s in list(h.served.values())
+                   for r in s.regions if r.offset is not None), default=self.size)
+        return min(self.nchunks, -(-top // self.chunk))
 
     def _seen(self, c):
         h = self.have[c]
@@ -2007,6 +2018,7 @@ class UrlSource:
         """Called by the Handler: its page size, its wake-up, its stats records."""
         self.page_size = handler.page_size
         self.waker = handler.wake
+        self._handler = handler
         handler.stats.providers.append(self.stats_fields)
 
     def stats_fields(self):
