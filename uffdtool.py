@@ -62,6 +62,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 
@@ -783,9 +784,10 @@ class PageFault(_event("_PageFault", "pagefault", ("address", "flags", "ptid")))
 def decode_msgs(buf, n=None):
     """Decode ``n`` bytes (default: all) of packed 32-byte uffd_msg records into events.
 
-    Pure: tests feed it bytes.  A trailing partial record is ignored; unknown event codes become
+    Pure: tests feed it bytes.  ``n`` is clamped to ``len(buf)``; a trailing partial record is
+    ignored; unknown event codes become
     ``UnknownEvent(code, raw)``."""
-    n = len(buf) if n is None else n
+    n = len(buf) if n is None else max(0, min(n, len(buf)))     # never past the buffer
     out = []
     unpack = UFFD_MSG.unpack_from
     for off in range(0, n - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
@@ -809,64 +811,192 @@ def decode_msgs(buf, n=None):
 #  7. Event log and stats
 ###################################################################################################
 
+#: records of these events may wait in the log's buffer (uffd events: they come by the thousand
+#: and only their order matters); any other record is written at once, with all before it
+BATCHED_EVENTS = frozenset(("pagefault", "remove", "unmap", "remap", "fork"))
+#: most bytes buffered before a write to a file; a pipe gets at most PIPE_BUF per write
+LOG_BATCH = 64 << 10
+PIPE_BUF = select.PIPE_BUF
+
+
 class EventLog:
     """The one writer of JSON-lines records (README, "CLI contract") and of the human lines on stderr.
 
     ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
-    ``t`` (seconds since ``t0``) and ``event`` and is flushed.  ``human`` is where the
-    human-readable lines go (None: nowhere, i.e. --quiet); ``human_faults`` says whether
-    pagefault records also get a human line (watch: yes; serve-file: only with -v)."""
+    ``t`` (seconds since ``t0``) and ``event``.  ``human`` is where the human-readable lines
+    go (None: nowhere, i.e. --quiet); ``human_faults`` says whether pagefault records also get
+    a human line (watch: yes; serve-file: only with -v).
 
-    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None):
+    Writes (README, "Hardening"): every ``write()`` carries whole records only; a path is
+    opened O_APPEND; on a pipe or socket each write is at most PIPE_BUF bytes (atomic).  The
+    uffd event records (BATCHED_EVENTS) are buffered, up to LOG_BATCH bytes; any other record
+    (``stats``, ``exit``, ``error``...), ``flush()`` (the Handler calls it before it sleeps)
+    and ``close()`` write everything before them.  A log that cannot be written (ENOSPC, EIO)
+    never stops the caller: the records are dropped and counted (``dropped``, the
+    ``log_dropped`` field of every ``stats`` record), one line goes to ``errors``, and a
+    record cut short by a full disk is cut off the file again."""
+
+    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None,
+                 errors=sys.stderr):
         self.t0 = time.monotonic() if t0 is None else t0
         self._own = False
-        if dest is None:
-            self.out = None
-        elif dest == "-":
-            self.out = sys.stdout
-        elif isinstance(dest, str):
+        self.fd = -1                  # the JSON destination as an fd (paths, stdout) ...
+        self.out = None               # ... or as a file object (what a caller handed in)
+        self.name = dest if isinstance(dest, str) else getattr(dest, "name", "log")
+        if dest == "-":
+            dest = sys.stdout
+            self.name = "stdout"
+        if isinstance(dest, str):
             try:
-                self.out = open(dest, "w", buffering=1)
+                self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND |
+                                  os.O_CLOEXEC, 0o666)
             except OSError as e:
                 raise UsageError("cannot write log %s: %s" % (dest, e.strerror))
             self._own = True
-        else:
-            self.out = dest
+        elif dest is not None:
+            try:
+                dest.flush()
+                self.fd = dest.fileno()
+            except (AttributeError, OSError, ValueError):
+                self.out = dest       # no fd (e.g. io.StringIO): written record by record
+        self._limit = LOG_BATCH
+        self._regular = False
+        if self.fd >= 0:
+            try:
+                mode = os.fstat(self.fd).st_mode
+                self._regular = (mode & 0o170000) == 0o100000
+                if mode & 0o170000 in (0o010000, 0o140000):       # FIFO, socket
+                    self._limit = PIPE_BUF
+            except OSError:
+                pass
+        self._buf = []
+        self._buflen = 0
+        self._lock = threading.Lock()  # watch's tracer thread emits too: one flush at a time
+        self.dropped = 0              # records that could not be written
+        self.errors = errors
+        self._complained = False
+        self._encode = json.JSONEncoder(separators=(",", ":")).encode
         self.human = human
         self.human_faults = human_faults
         self.json_faults = True       # False: pagefault records stay out of the JSON log too
 
     @property
+    def writing(self):
+        """Whether there is a JSON destination (still)."""
+        return self.fd >= 0 or self.out is not None
+
+    @property
     def wants_faults(self):
         """Whether per-fault records are written anywhere (the hot path skips them if not)."""
-        return (self.out is not None and self.json_faults) or (
+        return (self.writing and self.json_faults) or (
             self.human is not None and self.human_faults)
 
     def now(self):
         return time.monotonic() - self.t0
 
     def emit(self, event, **fields):
-        """Write one record; returns it."""
+        """Write one record (or buffer it: see the class doc); returns it."""
         rec = {"t": round(self.now(), 6), "event": event}
         rec.update(fields)
-        if self.out is not None and (event != "pagefault" or self.json_faults):
-            try:
-                self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
-                self.out.flush()
-            except (BrokenPipeError, ValueError):
-                self.out = None          # reader went away: keep serving, stop logging
+        if event == "stats":
+            rec["log_dropped"] = self.dropped
+        if self.writing and (event != "pagefault" or self.json_faults):
+            line = self._encode(rec) + "\n"
+            self._buf.append(line)
+            self._buflen += len(line)
+            if event not in BATCHED_EVENTS or self._buflen >= self._limit:
+                self.flush()
         if self.human is not None and (event != "pagefault" or self.human_faults):
             try:
                 self.human.write(format_human(rec) + "\n")
                 self.human.flush()
-            except (BrokenPipeError, ValueError):
+            except (OSError, ValueError):
                 self.human = None
         return rec
 
-    def close(self):
-        if self._own and self.out is not None:
-            self.out.close()
+    def flush(self):
+        """Write every buffered record (whole records per write; see the class doc)."""
+        if not self._buf:
+            return
+        with self._lock:
+            self._flush()
+
+    def _flush(self):
+        lines, self._buf, self._buflen = self._buf, [], 0
+        if self.out is not None:
+            try:
+                self.out.write("".join(lines))
+                self.out.flush()
+            except (OSError, ValueError) as e:
+                self._lost(len(lines), e)
+            return
+        if self.fd < 0:
+            self.dropped += len(lines)
+            return
+        i = 0
+        while i < len(lines):
+            chunk, n = [], 0          # whole records, at most _limit bytes (one record more)
+            while i < len(lines) and (not chunk or n + len(lines[i]) <= self._limit):
+                chunk.append(lines[i])
+                n += len(lines[i])
+                i += 1
+            if not self._write(("".join(chunk)).encode()):
+                self._lost(len(chunk) + len(lines) - i, self._error)
+                return
+
+    def _write(self, data):
+        """Write ``data`` whole; False (``_error`` set) if it could not be.  A short write to a
+        file is completed or, failing that, cut off again: no half record stays behind."""
+        done = 0
+        start = None
+        while done < len(data):
+            try:
+                n = os.write(self.fd, data[done:] if done else data)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                self._error = e
+                if done and self._regular and start is not None:
+                    try:
+                        os.ftruncate(self.fd, start)
+                    except OSError:
+                        pass
+                return False
+            if not done and n < len(data) and self._regular:
+                try:                  # where this write began: cut back to it on failure
+                    start = os.lseek(self.fd, 0, os.SEEK_END) - n
+                except OSError:
+                    start = None
+            done += n
+        return True
+
+    def _lost(self, n, e):
+        self.dropped += n
+        if isinstance(e, BrokenPipeError) or isinstance(e, ValueError):
+            self._close_dest()        # reader went away: keep serving, stop logging
+            return
+        if not self._complained:
+            self._complained = True
+            try:
+                self.errors.write("uffdtool: cannot write log %s: %s; serving goes on, the "
+                                  "records not written are counted (log_dropped in stats)\n"
+                                  % (self.name, getattr(e, "strerror", None) or e))
+                self.errors.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+
+    def _close_dest(self):
+        if self._own and self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = -1
         self.out = None
+
+    def close(self):
+        self.flush()
+        self._close_dest()
 
 
 def _fmt_value(k, v):
@@ -1005,11 +1135,61 @@ class ZeroSource:
             self._zlen = 0
 
 
+class SourceChanged(TargetError):
+    """The source file changed while it was being served (a snapshot must not): exit 1."""
+
+
+#: inotify(7) events that mean a file's contents or size may have changed
+IN_MODIFY, IN_ATTRIB = 0x2, 0x4
+
+
+def inotify_watch(path, mask):
+    """An inotify fd (O_NONBLOCK|O_CLOEXEC) watching ``path`` for ``mask``; -1 if inotify is
+    not available (then only size and mtime are compared)."""
+    lib = libc()
+    try:
+        fd = _check(lib.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
+    except (OSError, AttributeError):
+        return -1
+    try:
+        _check(lib.inotify_add_watch(fd, os.fsencode(path), mask), "inotify_add_watch")
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def file_holes(fd, start, end):
+    """The holes of ``[start, end)`` of a file (SEEK_DATA/SEEK_HOLE): sorted ``[a, b)`` file
+    offsets, whole pages only (a page holding any data is data).  [] where unsupported."""
+    holes, pos = [], start
+    try:
+        while pos < end:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data > pos:
+                holes.append((pos, min(data, end)))
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno != errno.ENXIO:            # ENXIO: no data after pos (the rest is a hole)
+            return []
+        holes.append((pos, end))
+    out = []
+    for a, b in holes:
+        a, b = -(-a // PAGE_SIZE) * PAGE_SIZE, b - b % PAGE_SIZE if b < end else end
+        if a < b:
+            out.append((a, b))
+    return out
+
+
 class FileSource:
     """Fills from a file: the page at source offset X comes from PATH at ``offset + X``.
 
-    The file is mapped read-only, MAP_PRIVATE|MAP_POPULATE, so disk I/O stays out of fault
-    latency; UFFDIO_COPY copies from that mapping."""
+    The file is mapped read-only, MAP_PRIVATE, its data populated up front so that disk I/O
+    stays out of fault latency; UFFDIO_COPY copies from that mapping.  Holes of a sparse file
+    (virtio-mem: unplugged memory) are found once (SEEK_DATA/SEEK_HOLE), never read, and
+    served as zero pages (``holes``: source-offset ranges; ``hole_span``).  ``watch_fd`` is an
+    inotify fd on the file; ``check()`` raises SourceChanged when the file was written to or
+    its size or mtime changed since it was opened."""
     kind = "copy"
 
     def __init__(self, path, offset=0, populate=True):
@@ -1017,23 +1197,87 @@ class FileSource:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise UsageError("cannot open %s: %s" % (path, e.strerror))
+        self._fd = fd
+        self.watch_fd = -1
+        self._map = 0
         try:
             st = os.fstat(fd)
             if st.st_mode & 0o170000 not in (0o100000, 0o060000):
                 raise UsageError("%s is not a regular file or block device" % path)
-            total = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blkdev_size(fd)
+            regular = st.st_mode & 0o170000 == 0o100000
+            total = st.st_size if regular else _blkdev_size(fd)
             if offset < 0 or offset > total:
                 raise UsageError("--offset %d is beyond the end of %s (%d bytes)"
                                  % (offset, path, total))
             self.path, self.offset, self.size = path, offset, total - offset
+            self._stat = (st.st_size, st.st_mtime_ns) if regular else None
             self._maplen = total
-            self._map = 0
+            fholes = file_holes(fd, offset, total) if regular else []
+            self.holes = [(a - offset, b - offset) for a, b in fholes]
+            self._hole_starts = [a for a, b in self.holes]
             if total:
-                flags = MAP_PRIVATE | (MAP_POPULATE if populate else 0)
+                flags = MAP_PRIVATE | (MAP_POPULATE if populate and not fholes else 0)
                 self._map = mmap_anon(total, PROT_READ, flags, fd=fd)
-        finally:
-            os.close(fd)
+                if populate and fholes:
+                    self._populate_data(fholes, total)
+            if regular:
+                self.watch_fd = inotify_watch(path, IN_MODIFY | IN_ATTRIB)
+        except BaseException:
+            self.close()
+            raise
         self.base = self._map + offset        # address of source offset 0
+
+    def _populate_data(self, holes, total):
+        """Read the data runs between ``holes`` into the mapping (never the holes)."""
+        pos = 0
+        for a, b in holes + [(total, total)]:
+            a0 = pos - pos % PAGE_SIZE
+            if a > a0:
+                try:
+                    madvise(self._map + a0, a - a0, MADV_POPULATE_READ)
+                except OSError:
+                    pass                      # kernel < 5.14: faults read it later
+            pos = b
+
+    def hole_span(self, off, length):
+        """If source page ``off`` lies in a hole: the bytes of the hole from ``off`` (> 0);
+        else minus the bytes of data from ``off`` up to the next hole (<= -length if none
+        within ``length``)."""
+        i = bisect.bisect_right(self._hole_starts, off) - 1
+        if i >= 0 and off < self.holes[i][1]:
+            return self.holes[i][1] - off
+        if i + 1 < len(self.holes):
+            return -(self.holes[i + 1][0] - off)
+        return -length
+
+    def check(self):
+        """SourceChanged if the file changed since it was opened (inotify IN_MODIFY, or size or
+        mtime differ); cheap when nothing happened (one non-blocking read)."""
+        modified = False
+        if self.watch_fd >= 0:
+            try:
+                data = os.read(self.watch_fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            for off in range(0, len(data) - 15, 16):
+                wd, mask, cookie, n = struct.unpack_from("iIII", data, off)
+                modified |= bool(mask & IN_MODIFY)
+                # (names follow only for directories; this watches one file)
+        if self._stat is None:
+            return
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return
+        now = (st.st_size, st.st_mtime_ns)
+        if modified or now != self._stat:
+            raise SourceChanged(
+                "serving failed: the source file %s changed while serving (size %d -> %d%s); "
+                "a snapshot must stay unchanged while it is served"
+                % (self.path, self._stat[0], now[0],
+                   ", modified" if now[0] == self._stat[0] else ""))
 
     def fill(self, uffd, dst, length, offset, hugetlb=False):
         return uffd.copy(dst, self.base + offset, length)
@@ -1046,6 +1290,11 @@ class FileSource:
         if self._map:
             munmap(self._map, self._maplen)
             self._map = 0
+        for name in ("watch_fd", "_fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
 
 def _blkdev_size(fd):
@@ -1118,28 +1367,62 @@ class SnapshotSource:
 
 # -- working-set files (--record / --prefetch) and prefetch runs ----------------------------------
 
-WORKING_SET_MAGIC = "# uffdtool working-set v1"
+WORKING_SET_MAGIC = "# uffdtool working-set v"          # + version: v1 (wave 1), v2
+WORKING_SET_END = "# end pages="
 
 
-def write_working_set(path, pages, page_size, key="offset"):
-    """Write a working set: a header line, then one hex number per line, in first-fault order.
+def write_working_set(path, pages, page_size, key="offset", pid=None):
+    """Write a working set (v2): a header line, one hex number per line in first-fault order,
+    and an end line with the count, atomically (a temporary file beside ``path``, fsync'd, then
+    renamed over it: a full disk leaves the old file or none, never a cut one).
 
     Format (text)::
 
-        # uffdtool working-set v1 page_size=4096 key=offset
+        # uffdtool working-set v2 page_size=4096 key=offset [pid=N]
         0x1000
         0x0
         ...
+        # end pages=2
 
     ``key=offset``: offsets into the source (serve-file; they survive a restore at new host
-    addresses).  ``key=address``: virtual addresses (watch, where there is no source)."""
-    with open(path, "w") as f:
-        f.write("%s page_size=%d key=%s\n" % (WORKING_SET_MAGIC, page_size, key))
-        f.write("".join("0x%x\n" % p for p in pages))
+    addresses).  ``key=address``: virtual addresses (watch, where there is no source).
+    Raises TargetError (nothing written) when the file cannot be written."""
+    head = "%s2 page_size=%d key=%s%s\n" % (WORKING_SET_MAGIC, page_size, key,
+                                           "" if pid is None else " pid=%d" % pid)
+    text = (head + "".join("0x%x\n" % p for p in pages) +
+            "%s%d\n" % (WORKING_SET_END, len(pages))).encode()
+    d, base = os.path.split(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + base + ".", suffix=".tmp")
+        try:
+            try:
+                os.fchmod(fd, os.stat(path).st_mode & 0o777)      # keep the file's mode
+            except OSError:
+                os.fchmod(fd, 0o644)
+            view = memoryview(text)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise TargetError("cannot write working set %s: %s (nothing written)"
+                          % (path, e.strerror or e))
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def read_working_set(path):
-    """Read a working-set file: returns (key, page_size, [numbers]).  UsageError if malformed."""
+    """Read a working-set file (v1 or v2): returns (key, page_size, [numbers]).  UsageError if
+    malformed; a v2 file must end with its ``# end pages=N`` line and N must be the count (a
+    file cut short by a full disk or a crash is refused)."""
     try:
         with open(path) as f:
             lines = f.read().split("\n")
@@ -1148,19 +1431,35 @@ def read_working_set(path):
     except UnicodeDecodeError:
         raise UsageError("%s is not a uffdtool working-set file (binary data)" % path)
     head = lines[0].split()
-    if not lines[0].startswith(WORKING_SET_MAGIC):
-        raise UsageError("%s is not a uffdtool working-set file (no '%s' header)"
-                         % (path, WORKING_SET_MAGIC))
+    version = None
+    if len(head) > 3 and lines[0].startswith(WORKING_SET_MAGIC):
+        version = head[3][1:]
+    if version not in ("1", "2"):
+        raise UsageError("%s is not a uffdtool working-set file (no '%s1' or '%s2' header)"
+                         % (path, WORKING_SET_MAGIC, WORKING_SET_MAGIC))
     meta = dict(w.split("=", 1) for w in head if "=" in w)
     pages = []
+    end = None
     for no, line in enumerate(lines[1:], 2):
         line = line.strip()
+        if end is not None and line:
+            raise UsageError("%s:%d: data after the '%s' line" % (path, no, WORKING_SET_END))
+        if line.startswith(WORKING_SET_END):
+            end = line[len(WORKING_SET_END):]
+            continue
         if not line or line.startswith("#"):
             continue
         try:
             pages.append(int(line, 0))
         except ValueError:
             raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
+    if version == "2":
+        if end is None:
+            raise UsageError("%s: truncated working set (no '%sN' line; %d pages read)"
+                             % (path, WORKING_SET_END, len(pages)))
+        if end != str(len(pages)):
+            raise UsageError("%s: working set says pages=%s but holds %d" % (path, end,
+                                                                             len(pages)))
     try:
         page_size = int(meta.get("page_size", PAGE_SIZE))
     except ValueError:
@@ -2150,10 +2449,27 @@ class Served:
         self.regions = out
         self.reindex()
 
+    def clip_removed(self, addr, length, ps):
+        """``length`` cut so that ``[addr, addr+length)`` lies wholly inside or wholly outside
+        the removed ranges (at least one page): readahead from a kept page must not copy file
+        data over a removed one, nor a removed page's zeros over kept ones."""
+        i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
+        if i >= 0 and addr < self.removed[i][1]:
+            n = self.removed[i][1] - addr
+        elif i + 1 < len(self.removed):
+            n = self.removed[i + 1][0] - addr
+        else:
+            return length
+        return max(ps, min(length, n - n % ps))
+
     def is_removed(self, addr):
         i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
+
+#: the fast loop's readahead hint has one byte per source page up to the highest region offset;
+#: offsets beyond this many pages (a --zero source needs none, a peer may send any) go without
+FAST_HINT_MAX_PAGES = 1 << 26
 
 # -- the Handler ----------------------------------------------------------------------------------
 
@@ -2237,6 +2553,8 @@ class Handler:
         self.fast = fast
         self.spin = spin              # seconds to keep reading before sleeping in poll
         self._present = None          # fast loop's readahead hint (bytearray by source page)
+        self.exact_regions = False    # True: a fault outside the regions is an error (Firecracker)
+        self._holes = bool(getattr(self.source, "holes", None))     # a sparse source file
         self._recorded = set()
         self._zeros = None
         self.served = {}              # fd -> Served
@@ -2352,6 +2670,8 @@ class Handler:
             # Registered memory the bookkeeping does not know: a VMA grown in place by mremap
             # (no event) or past a REMAP's old length.  A wake alone would re-fault forever;
             # give it what the kernel would (a zero page).  Unmapped: ENOENT -> "gone".
+            if self.exact_regions:
+                self._outside(s, addr)
             how, pages = self._fill(s, lambda d, n: self._zero_fill(s, d, n, None), addr, ps,
                                     "zero")
         elif r is None and kind != "wp":
@@ -2383,6 +2703,15 @@ class Handler:
                 if e is not None and e - off > length:
                     length = e - off
                     st.add("prefetch_claimed")
+            if off is not None and self._holes:
+                span = self.source.hole_span(off, length)
+                if span >= ps:                      # a hole of a sparse file: never read it
+                    off, how, fill = None, "hole", self._zero_fill
+                    length = min(length, span - span % ps)
+                elif -span < length:                # data up to the next hole
+                    length = max(ps, -(span // ps) * ps)
+            if s.removed:                           # a fill never crosses a removed border
+                length = s.clip_removed(addr, length, ps)
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
@@ -2391,6 +2720,15 @@ class Handler:
             rec.pop("event")
             rec.update(resolved=how, pages=pages, us=round(us, 1), ufd=s.uffd.fileno())
             self.log.emit("pagefault", **rec)
+
+    def _outside(self, s, addr):
+        """A fault in registered memory outside every region the peer announced (the regions
+        are the whole registered memory in its protocol): the peer is inconsistent.  It still
+        gets a zero page (nothing else belongs there, and its thread must not hang), loudly."""
+        self.stats.add("outside_regions")
+        self.log.emit("error", message="fault at 0x%x: registered memory outside every "
+                      "handshake region; served a zero page" % addr, address=addr,
+                      ufd=s.uffd.fileno(), pid=s.pid)
 
     def _note(self, r, addr):
         if self.record is not None:
@@ -2427,6 +2765,15 @@ class Handler:
                         return True
                     if dst < x < dst + n:
                         n = x - dst
+                if self._holes:                   # holes are zero pages: not read, not listed
+                    span = self.source.hole_span(a, n)
+                    if span >= ps:
+                        skip = min(span - span % ps, n)
+                        st.add("prefetch_skipped", skip // ps)
+                        self._prefetch_rest(a + skip, b)
+                        return True
+                    if -span < n:
+                        n = max(ps, -(span // ps) * ps)
                 ready = getattr(self.source, "ready", None)
                 if ready is not None and not ready(a, n):
                     self._prefetch_rest(a, b)
@@ -2565,6 +2912,13 @@ class Handler:
                     break
                 if a < x < a + n:
                     n = x - a
+            if n and self._holes:               # holes stay unfilled: the kernel's zeros
+                span = self.source.hole_span(r.offset + (a - r.start), n)
+                if span >= ps:
+                    a = min(end, a + span - span % ps)
+                    continue
+                if -span < n:
+                    n = max(ps, -(span // ps) * ps)
             if not n:
                 continue
             try:
@@ -2654,6 +3008,9 @@ class Handler:
             fd = fd if isinstance(fd, int) else fd.fileno()
             extra.add(fd)
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        src_fd = getattr(self.source, "watch_fd", -1)    # the source file changed?
+        if src_fd >= 0:
+            poller.register(src_fd, select.POLLIN)
         clock = _Clock(timeout, tick, tick_interval)
         user_idle = [idle]
 
@@ -2722,7 +3079,12 @@ class Handler:
                 return res
             if wait_ms is None:
                 wait_ms = clock.wait_ms()
+            if wait_ms != 0:
+                self.log.flush()              # about to sleep: buffered records go out now
             for fd, ev in poller.poll(wait_ms):
+                if fd == src_fd:
+                    self.source.check()           # raises SourceChanged
+                    continue
                 if fd == self._wake_r:
                     try:
                         os.read(self._wake_r, 4096)     # drain, or poll spins from now on
@@ -2793,9 +3155,11 @@ class Handler:
         # readahead (the faulting page itself is always filled); a missing bit costs a partial.
         shift = ps.bit_length() - 1
         hint = None
-        if ra > ps:
-            top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
-                      default=0)
+        top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
+                  default=0)
+        if src.size is not None:
+            top = min(top, src.size + ps)
+        if ra > ps and top >> shift <= FAST_HINT_MAX_PAGES:
             if self._present is None or len(self._present) < top >> shift:
                 self._present = bytearray(top >> shift)
             hint = self._present
@@ -2810,6 +3174,9 @@ class Handler:
         rec = self.record
         recorded = self._recorded
         poll = poller.poll
+        log_flush = self.log.flush
+        holes = self._holes
+        src_fd = getattr(src, "watch_fd", -1)
         wake_r = self._wake_r
         POLLIN = select.POLLIN
         timed = clock.active
@@ -2875,6 +3242,7 @@ class Handler:
                             return res
                         wait_ms = clock.wait_ms()
                     waits += 1
+                    log_flush()                       # about to sleep: buffered records out
                     for pfd, ev in poll(wait_ms):
                         if pfd == fd:
                             if not ev & POLLIN:
@@ -2883,6 +3251,9 @@ class Handler:
                                 return None
                         elif pfd in extra:
                             return pfd
+                        elif pfd == src_fd:
+                            flush()
+                            src.check()               # raises SourceChanged
                         elif pfd == wake_r:           # wake(): idle work may go on
                             try:
                                 read(wake_r, 4096)
@@ -2911,7 +3282,9 @@ class Handler:
                     # a new region: [lo, hi) is the part with source data (data_end), so a
                     # page past the end of the file, or of a region without data, goes general
                     r = s.find(addr)
-                    if r is None or addr >= data_end(r, src.size, ps):
+                    if r is None or addr >= data_end(r, src.size, ps) or holes and \
+                            src.hole_span(r.offset, r.end - r.start) > r.start - r.end:
+                        # (a region with holes of a sparse file also goes general)
                         if not general(msg):
                             return None
                         continue
@@ -2965,6 +3338,9 @@ class Handler:
                 if not faults & 1023:              # a long burst: stop() and ticks still work
                     if self.stopping:
                         return "stopped"
+                    if src_fd >= 0:
+                        flush()
+                        src.check()
                     if timed:
                         flush()
                         res = clock.check()
@@ -4716,9 +5092,44 @@ class HandshakeError(TargetError):
     """The peer's UFFD handshake is malformed (exit 1)."""
 
 
-def listen_unix(path, log=None):
+class ProtocolUnsupported(HandshakeError):
+    """The peer speaks a handshake uffdtool does not implement (exit 2): Firecracker's
+    unreleased secret-hiding protocol (extra region fields, 3 fds, a second message, then a
+    two-way binary protocol)."""
+    exit_code = 2
+
+
+#: region fields only Firecracker's secret-hiding protocol sends
+FC_SECRET_HIDING_FIELDS = ("gpa_start", "is_guest_memfd")
+#: largest page size a handshake may name (x86_64 has 4 KiB, 2 MiB and 1 GiB pages)
+FC_MAX_PAGE_SIZE = 1 << 30
+_U64 = 1 << 64
+
+
+def _unsupported_protocol(why):
+    return ProtocolUnsupported(
+        "this Firecracker build uses a protocol uffdtool does not speak (%s: the unreleased "
+        "secret-hiding handshake with guest_memfd and a two-way fault protocol); use a "
+        "released Firecracker (v1.12-v1.14 handshake)" % why)
+
+
+def _json_value(data):
+    """The first JSON value in ``data`` and what follows it: (value, rest bytes).  ValueError
+    if it is not JSON; HandshakeError if it nests too deep for the parser (RecursionError)."""
+    text = data.decode("utf-8")
+    try:
+        value, end = json.JSONDecoder().raw_decode(text.lstrip())
+    except RecursionError:
+        raise HandshakeError("handshake JSON is nested too deeply (%d bytes)" % len(data))
+    return value, text.lstrip()[end:].strip().encode()
+
+
+def listen_unix(path, log=None, peer_uid=None):
     """Bind and listen on a Unix stream socket at ``path``: a stale socket file is replaced;
-    anything else that exists there, or a missing directory, is a UsageError."""
+    anything else that exists there, a live listener's socket, or a missing directory, is a
+    UsageError.  The socket file is mode 0600 whatever the umask, before ``listen`` (no
+    other user can connect), and owned by ``peer_uid`` if given (Firecracker under the
+    jailer runs as another uid)."""
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise UsageError("cannot listen on %s: directory %s does not exist" % (path, d))
@@ -4734,17 +5145,100 @@ def listen_unix(path, log=None):
         os.unlink(path)                       # stale socket of an earlier handler
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        old = os.umask(0o177)                 # born 0600: no window with a wider mode
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        if peer_uid is not None and peer_uid != os.geteuid():
+            try:
+                os.chown(path, peer_uid, -1)
+            except OSError as e:
+                _unlink_socket(path, _file_id(path))
+                raise NotPermitted("--peer-uid %d: cannot give the socket %s to that uid: %s "
+                                   "(needs root or CAP_CHOWN)" % (peer_uid, path, e.strerror))
         sock.listen(1)
     except OSError as e:
         sock.close()
         raise UsageError("cannot listen on %s: %s" % (path, e.strerror))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
+#: sock_diag(7) for AF_UNIX: which listening sockets are bound to which file (dev, inode)
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 1, 0x300, 2, 3
+UDIAG_SHOW_VFS, UNIX_DIAG_VFS, TCP_LISTEN = 0x2, 1, 10
+_NLMSGHDR = struct.Struct("=IHHII")               # len, type, flags, seq, pid
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")       # family, protocol, pad, states, ino, show, cookie
+_UNIX_DIAG_MSG = struct.Struct("=BBBBIII")        # family, type, state, pad, ino, cookie
+
+
+def unix_listeners():
+    """(major, minor, inode) of the file of every listening AF_UNIX socket in this network
+    namespace, from sock_diag (UNIX_DIAG_VFS: the bound file's device and inode, however the
+    path was spelled at bind time); None when sock_diag is not available."""
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           NETLINK_SOCK_DIAG)
+    except OSError:
+        return None
+    out = set()
+    try:
+        nl.settimeout(2.0)
+        req = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, UDIAG_SHOW_VFS,
+                                  0xFFFFFFFF, 0xFFFFFFFF)
+        nl.sendto(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
+                                 NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req, (0, 0))
+        while True:
+            data = nl.recv(1 << 16)
+            off = 0
+            while off + _NLMSGHDR.size <= len(data):
+                length, typ = _NLMSGHDR.unpack_from(data, off)[:2]
+                if typ == NLMSG_DONE:
+                    return out
+                if typ == NLMSG_ERROR or length < _NLMSGHDR.size:
+                    return None
+                a = off + _NLMSGHDR.size + _UNIX_DIAG_MSG.size
+                while a + 4 <= off + length:                 # rtattrs: len, type, payload
+                    alen, atyp = struct.unpack_from("=HH", data, a)
+                    if alen < 4:
+                        break
+                    if atyp == UNIX_DIAG_VFS and alen >= 12:
+                        ino, dev = struct.unpack_from("=II", data, a + 4)
+                        out.add((dev >> 20, dev & 0xFFFFF, ino))   # kernel dev_t: 12:20 bits
+                    a += (alen + 3) & ~3
+                off += (length + 3) & ~3
+    except OSError:
+        return None
+    finally:
+        nl.close()
+
+
+def _file_id(path):
+    """(st_dev, st_ino) of ``path`` itself (not following a symlink), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _someone_listens(path):
-    """Whether a process listens on the Unix socket ``path`` (else the file is stale), from
-    /proc/net/unix (flag __SO_ACCEPTCON): connecting to find out would be taken for a peer."""
+    """Whether a live socket listens on the file at ``path`` (else the file is stale): its
+    device and inode against the kernel's listeners (sock_diag), never by connecting (a probe
+    would be taken for a peer), nor by the path (the kernel keeps it as it was spelled at
+    bind time, maybe relative).  Without sock_diag: /proc/net/unix paths."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    live = unix_listeners()
+    if live is not None:
+        return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino & 0xFFFFFFFF) in live
     want = os.path.abspath(path)
     try:
         with open("/proc/net/unix") as f:
@@ -4756,6 +5250,40 @@ def _someone_listens(path):
         if len(f) == 8 and f[7] == want and int(f[3], 16) & 0x10000:
             return True
     return False
+
+
+def peer_cred(conn):
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED), or
+    (None, None, None)."""
+    try:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", cred)
+        return pid or None, uid, gid
+    except OSError:
+        return None, None, None
+
+
+def accept_peer(sock, path, timeout, uids, warn, wake_fd=None):
+    """Accept the first peer on ``sock`` whose SO_PEERCRED uid is in ``uids``; every other
+    one is closed at once with a ``warn(message, pid, uid)`` and listening goes on.  Returns
+    the connection; TargetError when none came within ``timeout`` s (None: wait);
+    KeyboardInterrupt when ``wake_fd`` becomes readable first (a signal)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waits = [sock] + ([wake_fd] if wake_fd is not None else [])
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        r, _, _ = select.select(waits, [], [], left)
+        if not r:
+            raise TargetError("no connection on %s within %g s" % (path, timeout))
+        if sock not in r:
+            raise KeyboardInterrupt
+        conn, _ = sock.accept()
+        pid, uid, _ = peer_cred(conn)
+        if uid in uids:
+            return conn
+        conn.close()
+        warn("refused a peer on %s: pid %s runs as uid %s, not %s (see --peer-uid)"
+             % (path, pid, uid, " or ".join(str(u) for u in sorted(uids))), pid, uid)
 
 
 def peer_pid_of(conn):
@@ -4815,25 +5343,45 @@ def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT, first_time
 
 
 def _json_complete(data):
+    """Whether ``data`` starts with a whole JSON value (too deep or undecodable counts as
+    whole: parse_handshake then says what is wrong with it)."""
     try:
-        json.loads(data)
+        _json_value(data)
+        return True
+    except UnicodeDecodeError:
         return True
     except ValueError:
         return False
+    except HandshakeError:
+        return True
 
 
-def parse_handshake(data):
+def parse_handshake(data, nfds=1):
     """Validate the JSON of a Firecracker handshake: returns (page_size, [region dicts]).
 
     Each region has int ``base_host_virt_addr``, ``size``, ``offset``; the page size is
     ``page_size``, else ``page_size_kib`` (which holds bytes, despite its name), else 4096.
-    Raises HandshakeError with the reason."""
+    Every number must fit the u64 it is in Firecracker, a region must not wrap past 2^64 (base
+    + size, offset + size), base, size and offset are page-aligned, the page size is a power of
+    two from 4096 to 1 GiB, regions do not overlap.  Raises HandshakeError naming the field;
+    ProtocolUnsupported for the secret-hiding protocol (its region fields, ``nfds`` == 3, or
+    bytes after the JSON array: its second message)."""
     if not data:
         raise HandshakeError("empty handshake message")
     try:
-        regions = json.loads(data.decode("utf-8"))
+        regions, rest = _json_value(data)
     except (UnicodeDecodeError, ValueError) as e:
         raise HandshakeError("handshake is not JSON (%s): %r" % (e, data[:60]))
+    if isinstance(regions, list) and any(isinstance(r, dict) and any(
+            k in r for k in FC_SECRET_HIDING_FIELDS) for r in regions):
+        raise _unsupported_protocol("regions carry %s" % "/".join(FC_SECRET_HIDING_FIELDS))
+    if nfds == 3:
+        raise _unsupported_protocol("3 fds: uffd, guest_memfd, userfault bitmap")
+    if rest:
+        if isinstance(regions, list):
+            raise _unsupported_protocol("a second message after the regions: %r" % rest[:40])
+        raise HandshakeError("handshake is not JSON (extra data after the value): %r"
+                             % data[:60])
     if not isinstance(regions, list) or not regions:
         raise HandshakeError("handshake must be a non-empty JSON array of regions, got %s"
                              % type(regions).__name__)
@@ -4847,12 +5395,18 @@ def parse_handshake(data):
             v = r.get(k)
             if type(v) is not int or v < 0:
                 raise HandshakeError("handshake region %d: %s must be a non-negative integer, "
-                                     "got %r" % (i, k, v))
+                                     "got %.40r" % (i, k, v))
+            if v >= _U64:
+                raise HandshakeError("handshake region %d: %s does not fit in 64 bits: %.40r"
+                                     % (i, k, v))
             reg[k] = v
+        for k in ("page_size", "page_size_kib"):
+            v = r.get(k)
+            if v is not None and (type(v) is not int or v < 4096 or v & (v - 1) or
+                                  v > FC_MAX_PAGE_SIZE):
+                raise HandshakeError("handshake region %d: %s %.40r is not a power of two "
+                                     "from 4096 to %d" % (i, k, v, FC_MAX_PAGE_SIZE))
         ps = r.get("page_size", r.get("page_size_kib", 4096))
-        if type(ps) is not int or ps < 4096 or ps & (ps - 1):
-            raise HandshakeError("handshake region %d: page size %r is not a power of two "
-                                 ">= 4096" % (i, ps))
         page_sizes.add(ps)
         out.append(reg)
     if len(page_sizes) != 1:
@@ -4860,13 +5414,21 @@ def parse_handshake(data):
                              % sorted(page_sizes))
     ps = page_sizes.pop()
     for i, r in enumerate(out):
-        if r["size"] == 0 or r["size"] % ps or r["base_host_virt_addr"] % ps:
-            raise HandshakeError("handshake region %d: base 0x%x / size %d not aligned to the "
-                                 "page size %d" % (i, r["base_host_virt_addr"], r["size"], ps))
-    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"]) for r in out)
-    for (a, b), (c, d) in zip(spans, spans[1:]):
+        for k in ("base_host_virt_addr", "size", "offset"):
+            if r[k] % ps or (k == "size" and not r[k]):
+                raise HandshakeError("handshake region %d: %s 0x%x is not aligned to the page "
+                                     "size %d%s" % (i, k, r[k], ps, " (or is 0)" * (k == "size")))
+        for k in ("base_host_virt_addr", "offset"):
+            if r[k] + r["size"] > _U64:
+                raise HandshakeError("handshake region %d: %s 0x%x + size 0x%x wraps past 2^64"
+                                     % (i, k, r[k], r["size"]))
+    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"], i)
+                   for i, r in enumerate(out))
+    for (a, b, i), (c, d, j) in zip(spans, spans[1:]):
         if c < b:
-            raise HandshakeError("handshake regions overlap at 0x%x" % c)
+            raise HandshakeError("handshake regions %d and %d overlap at 0x%x: region %d's "
+                                 "base_host_virt_addr + size reaches past region %d's"
+                                 % (i, j, c, i, j))
     return ps, out
 
 
@@ -4877,6 +5439,27 @@ def _is_userfaultfd(fd):
         return True                           # no /proc: trust the peer
 
 
+def check_peer_uffd(fd):
+    """HandshakeError unless ``fd`` is a userfaultfd on which the peer did UFFDIO_API: before
+    it, every read and ioctl but UFFDIO_API fails with EINVAL (fs/userfaultfd.c), so serving
+    would end at the first read with nothing served.  The probe is a UFFDIO_WAKE of an empty
+    wait queue (one page at vm.mmap_min_addr, the lowest address a range may have: no thread
+    waits there, nothing changes)."""
+    if not _is_userfaultfd(fd):
+        raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
+    low = read_sysfs("/proc/sys/vm/mmap_min_addr", "")
+    low = int(low) if low.isdigit() else 0
+    arg = uffdio_range(max(1 << 16, -(-low // PAGE_SIZE) * PAGE_SIZE), PAGE_SIZE)
+    try:
+        fcntl.ioctl(fd, UFFDIO_WAKE, arg, True)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise HandshakeError("the peer's userfaultfd is not initialised (UFFDIO_API was "
+                                 "never called on it: every read/ioctl fails with EINVAL)")
+        raise HandshakeError("the peer's userfaultfd fails UFFDIO_WAKE: %s"
+                             % os.strerror(e.errno))
+
+
 class FirecrackerTarget(Target):
     """serve-file ``--firecracker-socket PATH``: listen on a Unix socket, accept Firecracker (or
     anything speaking its UFFD handshake), receive the regions and the uffd.  ``open`` does it
@@ -4884,9 +5467,12 @@ class FirecrackerTarget(Target):
     readiness ends the session."""
     name = "firecracker"
 
-    def __init__(self, path, accept_timeout=None):
+    def __init__(self, path, accept_timeout=None, peer_uid=None):
         self.path = path
         self.accept_timeout = accept_timeout
+        self.peer_uid = peer_uid              # also accept peers of this uid (--peer-uid)
+        self.sock_id = None                   # (dev, ino) of the socket file we bound
+        self.log = None
         self.sock = None
         self.conn = None
         self.pidfd = -1
@@ -4895,7 +5481,9 @@ class FirecrackerTarget(Target):
         self.drained = None
 
     def open(self, log, source, wake_fd=None):
-        self.sock = listen_unix(self.path)
+        self.log = log
+        self.sock = listen_unix(self.path, peer_uid=self.peer_uid)
+        self.sock_id = _file_id(self.path)
         log.emit("ready", socket=self.path)
         regions = self.accept(self.accept_timeout, source.size, wake_fd)
         log.emit("handshake", pid=self.peer_pid, page_size=self.page_size,
@@ -4908,24 +5496,18 @@ class FirecrackerTarget(Target):
         ``wake_fd`` becomes readable first), receive and validate its handshake;
         ``source_size``: bytes the source has (a shorter one is a UsageError).  Returns the
         regions (dicts, as in the handshake)."""
-        waits = [self.sock] + ([wake_fd] if wake_fd is not None else [])
-        r, _, _ = select.select(waits, [], [], timeout)
-        if not r:
-            raise TargetError("no connection on %s within %g s" % (self.path, timeout))
-        if self.sock not in r:
-            raise KeyboardInterrupt
-        self.conn, _ = self.sock.accept()
+        uids = {os.geteuid()} | ({self.peer_uid} if self.peer_uid is not None else set())
+        self.conn = accept_peer(self.sock, self.path, timeout, uids, self._refused, wake_fd)
         self._stop_listening()      # one peer: a second one must fail at connect, not hang
         self.conn.setblocking(True)
         self.peer_pid = peer_pid_of(self.conn)
         data, fds = receive_handshake(self.conn, first_timeout=timeout)
         try:
-            if len(fds) != 1:
+            if len(fds) != 1 and len(fds) != 3:
                 raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
                                      % len(fds))
-            if not _is_userfaultfd(fds[0]):
-                raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
-            ps, regions = parse_handshake(data)
+            ps, regions = parse_handshake(data, len(fds))
+            check_peer_uffd(fds[0])
             if source_size is not None:
                 need = max(r["offset"] + r["size"] for r in regions)
                 if need > source_size:
@@ -4946,6 +5528,7 @@ class FirecrackerTarget(Target):
     def attach(self, handler):
         regs = [Region(r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"],
                        r["offset"]) for r in self.regions]
+        handler.exact_regions = True          # the handshake lists all registered memory
         handler.add(self.uffd, regs, self.peer_pid, "firecracker")
         fds = [self.conn.fileno()]
         if self.peer_pid:
@@ -4959,16 +5542,24 @@ class FirecrackerTarget(Target):
     def ready_fields(self):
         return None                           # written by open(), before the peer connects
 
+    def _refused(self, message, pid, uid):
+        if self.log is not None:
+            self.log.emit("warning", message=message, pid=pid, uid=uid)
+
     def _stop_listening(self):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-            _unlink_socket(self.path)
+            _unlink_socket(self.path, self.sock_id)
 
     def detach(self, handler, reason):
         """Stopped while the peer still runs (SIGINT/SIGTERM, --duration): install every page of
         the regions not served yet and unregister them, so that the VM goes on without a
         handler, with all its memory (else its next fault would wait forever).  Exit 0."""
+        if reason == "done":
+            warn_if_never_faulted(handler, self.peer_pid)
+        if reason not in ("interrupted", "duration", "error"):
+            warn_if_never_faulted(handler, self.peer_pid)
         if reason not in ("interrupted", "duration"):
             return None                       # the peer is gone (or the run failed)
         pid = self.peer_pid
@@ -5014,10 +5605,23 @@ class FirecrackerTarget(Target):
             self._stop_listening()
 
 
-def _unlink_socket(path):
-    """Remove the socket file at ``path`` (nothing else; no error if it is gone)."""
+def warn_if_never_faulted(handler, pid):
+    """A peer that hangs up without a single fault was probably not served at all (its memory
+    not registered with the uffd it sent, or registered write-protect only): say so."""
+    st = handler.stats.count
+    if not any(v for k, v in st.items() if k.startswith("faults_")) and \
+            not st.get("prefetch_pages"):
+        handler.log.emit("warning", pid=pid, message="the peer hung up without a single page "
+                         "fault: was its memory registered (MISSING mode) with the uffd it "
+                         "sent, and did it touch it?")
+
+
+def _unlink_socket(path, ident):
+    """Remove the socket file at ``path`` if it is still the one this process bound (same
+    device and inode ``ident``: another handler may have bound a new one there since)."""
     try:
-        if path and (os.lstat(path).st_mode & 0o170000) == 0o140000:
+        if path and ident is not None and _file_id(path) == ident and \
+                (os.lstat(path).st_mode & 0o170000) == 0o140000:
             os.unlink(path)
     except OSError:
         pass
@@ -8090,6 +8694,8 @@ def _number_arg(conv, what, ok, need):
     return parse
 
 
+_uid_arg = _number_arg(int, "a numeric uid", lambda v: 0 <= v < (1 << 32) - 1,
+                       "a uid from 0 to 4294967294")
 _positive_int = _number_arg(lambda t: int(t, 0), "a whole number", lambda v: v >= 1,
                             "at least 1")
 _seconds = _number_arg(float, "a number of seconds", lambda v: v > 0, "> 0")
@@ -8263,6 +8869,10 @@ def build_parser():
     pf.add_argument("--kill-peer-on-error", action="store_true",
                     help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
                          "cannot hang or read zeros where file data belongs")
+    pf.add_argument("--peer-uid", metavar="UID", type=_uid_arg,
+                    help="with --firecracker-socket: also accept a peer of this uid (its "
+                         "SO_PEERCRED; default: only the tool's own uid) and give it the "
+                         "socket (mode 0600), e.g. the jailer's --uid")
     pf.set_defaults(func=cmd_serve_file)
 
     pr = sub.add_parser("report", help="draw a log: tables, heat maps, curves (terminal, HTML, "
@@ -8446,7 +9056,7 @@ def _serve_target(args, source, warn):
     --self, or --pid / -- CMD through watch's attach and spawn machinery, served from the
     source."""
     if args.firecracker_socket:
-        return FirecrackerTarget(args.firecracker_socket, args.accept_timeout)
+        return FirecrackerTarget(args.firecracker_socket, args.accept_timeout, args.peer_uid)
     if args.self_:
         return SelfServeTarget(args.size or (64 << 20))
     offsets = _range_offsets(args, source) if args.ranges else None
@@ -8600,8 +9210,7 @@ class Session:
             reason, error = self._serve(sig)
             target_status = self._stop(sig, reason, error)
         status = exit_status(error, target_status)
-        self._final_records(reason, status, error)
-        return status
+        return self._final_records(reason, status, error)
 
     def _serve(self, sig):
         """Set up and serve; returns (reason the serving ended, the exception or None)."""
@@ -8653,17 +9262,16 @@ class Session:
     def _failed(self, e):
         """A run that failed: the error record, and the peer killed (--kill-peer-on-error) or
         told about.  Returns ("error", the exception to report)."""
+        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
+        kill = peer and getattr(self.args, "kill_peer_on_error", False)
+        killed = kill and _kill_peer(peer)    # first: before anything else can fail
         if isinstance(e, OSError) and self.serving:
             e = TargetError("serving failed: %s" % (e.strerror or e))
         elif isinstance(e, OSError) and not isinstance(e, UffdError):
             e = tool_error(e)
-        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
-        if peer and getattr(self.args, "kill_peer_on_error", False):
-            try:
-                os.kill(peer, signal.SIGKILL)
+        if kill:
+            if killed:
                 self.log.emit("killed_peer", pid=peer)
-            except OSError:
-                pass
         elif peer and _alive(peer):
             # Its memory is registered and nobody serves it now: it would hang unnoticed.
             msg = ("%s; the peer (pid %d) now waits forever for its memory: stop it, or use "
@@ -8719,9 +9327,14 @@ class Session:
             extra["cpu_user_s"] = round(cpu1.ru_utime - self.cpu0.ru_utime, 6)
             extra["cpu_sys_s"] = round(cpu1.ru_stime - self.cpu0.ru_stime, 6)
         if self.record is not None and self.handler is not None:
-            write_working_set(self.args.record, self.record, self.handler.page_size,
-                              key=self.record_key)
-            extra["recorded_pages"] = len(self.record)
+            try:
+                write_working_set(self.args.record, self.record, self.handler.page_size,
+                                  key=self.record_key)
+                extra["recorded_pages"] = len(self.record)
+            except UffdToolError as e:        # the final records still go out
+                _json_only(self.log, "error", message=str(e))
+                self.failure = self.failure or e
+                status = status or e.exit_code
         extra.update(self.target.extra())
         emit = self.log.emit if self.attached else functools.partial(_json_only, self.log)
         emit("stats", **self._stats_record(**extra))
@@ -8737,6 +9350,7 @@ class Session:
         self.target.close()
         self.source.close()
         self.log.close()
+        return status
 
 
 def _record_list(args):
@@ -8754,6 +9368,16 @@ def _record_list(args):
 def _make_log(args, human_faults):
     dest = "-" if args.json else args.log
     return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
+
+
+def _kill_peer(pid):
+    """SIGKILL the peer whose memory nobody serves any more (True if sent): a failing handler
+    does this first, before any log write or cleanup that could fail in turn."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
 
 
 def _alive(pid):
@@ -8796,7 +9420,8 @@ def cmd_watch(args):
 
 #: counters every serve-file stats record has, even when zero
 SERVE_COUNTERS = ("faults_missing", "pages_copy", "bytes_copy", "pages_zero", "bytes_zero",
-                  "eexist", "eagain", "retries", "partial", "prefetch_pages")
+                  "eexist", "eagain", "retries", "partial", "prefetch_pages", "pages_hole",
+                  "outside_regions")
 
 
 class ServeSession(Session):

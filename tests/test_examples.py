@@ -263,3 +263,27 @@ def test_report_scale_benchmark_runs():
     assert rows[0].startswith("log: 20000 faults") and len(rows) == 5, r.stdout
     assert all(re.search(r" [\d.]+ s wall +[\d.]+ s CPU  peak RSS +[\d.]+ MiB$", row)
                for row in rows[1:]), r.stdout
+
+
+@needs_root
+def test_remove_stream_benchmark_runs():
+    """bench/remove_stream.py (README, "Hardening"), briefly: one JSON row per readahead, no
+    read lost or wrong (no timing is asserted)."""
+    assert "python3 bench/remove_stream.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "remove_stream.py"),
+                        "--seconds", "0.5", "--mib", "8", "--readahead", "1", "16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["readahead"] for row in rows] == [1, 16]
+    assert all(row["bad"] == 0 and row["removes"] > 0 and row["faults"] > 0 for row in rows)
+
+
+def test_log_emit_benchmark_runs():
+    """bench/log_emit.py (README, "Hardening"): one line with the median cost of a record."""
+    assert "python3 bench/log_emit.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "log_emit.py"),
+                        "--records", "2000", "--reps", "2"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"median [\d.]+ us/record", r.stdout), r.stdout
