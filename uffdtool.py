@@ -98,10 +98,10 @@ ARCH = platform.machine()
 SYSCALLS = {
     "x86_64": dict(userfaultfd=323, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
                    memfd_create=319, mremap=25, madvise=28, gettid=186,
-                   kcmp=312, seccomp=317, prctl=157),
+                   kcmp=312, seccomp=317, prctl=157, get_robust_list=274),
     "aarch64": dict(userfaultfd=282, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
                     memfd_create=279, mremap=216, madvise=233, gettid=178,
-                    kcmp=272, seccomp=277, prctl=167),
+                    kcmp=272, seccomp=277, prctl=167, get_robust_list=100),
 }
 
 _libc = None
@@ -1315,6 +1315,10 @@ class SnapshotSource:
         self.buf = None
         self.index = {}                  # page address -> offset in buf
 
+    def adopt(self, buf, index):
+        """Keep a ready snapshot: a ctypes buffer and ``{address: offset in it}``."""
+        self.buf, self.index = buf, index
+
     def load(self, pages):
         """Keep ``{address: bytes}`` (one page each)."""
         blob = b"".join(pages[a] for a in sorted(pages))
@@ -1338,8 +1342,10 @@ class SnapshotSource:
             done += PAGE_SIZE
         return done
 
-    def install_missing(self, served):
-        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
+    def install_missing(self, served, pending=None):
+        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages.
+        ``pending(served, attempt)`` (``Handler.read_pending``) is called on EAGAIN (an unread
+        event, e.g. the target forked meanwhile), then the page is tried again."""
         n = 0
         base = ctypes.addressof(self.buf) if self.buf is not None else 0
         for r in list(served.regions):
@@ -1348,14 +1354,21 @@ class SnapshotSource:
                 dst = r.start + (a - r.offset)
                 if src is None or served.is_removed(dst):
                     continue
-                try:
-                    served.uffd.copy(dst, base + src, PAGE_SIZE)
-                    n += 1
-                except UffdError as e:
-                    if e.errno in PEER_GONE:
-                        return n
-                    if e.errno != errno.EEXIST:
-                        raise
+                for attempt in range(FILL_RETRIES + 1):
+                    try:
+                        served.uffd.copy(dst, base + src, PAGE_SIZE)
+                        n += 1
+                    except UffdError as e:
+                        if e.errno in PEER_GONE or served.uffd.closed:
+                            return n
+                        if (e.errno == errno.EAGAIN and pending is not None and
+                                attempt < FILL_RETRIES):
+                            if not pending(served, attempt + 1):
+                                return n
+                            continue
+                        if e.errno != errno.EEXIST:
+                            raise
+                    break
         return n
 
     def address(self, offset):
@@ -2560,6 +2573,8 @@ class Handler:
         self.served = {}              # fd -> Served
         self.on_fork = None           # hook: callable(parent Served, child Served)
         self.on_gone = None           # hook: callable(Served) when a uffd's process is gone
+        self.on_lost = None           # hook: callable(Served): install every page it lacks
+        self.lost = []                # pids whose uffd could not be read any more (``lose``)
         self.stopping = False
         self._calls = []              # call_soon queue: (fn, args, kwargs), run by ``run``
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -2586,6 +2601,42 @@ class Handler:
             if self.on_gone:
                 self.on_gone(s)
             s.uffd.close()
+
+    @staticmethod
+    def _more_fds(err):
+        """On EMFILE (the kernel had no fd for a FORK event's new uffd; the event stays queued
+        and the forking process waits): raise our RLIMIT_NOFILE (root may raise the hard limit
+        too) so that the next read succeeds.  True if the limit went up."""
+        if getattr(err, "errno", None) != errno.EMFILE:
+            return False
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for new in ((soft + 1024, max(hard, soft + 1024)), (hard, hard)):
+            if new[0] > soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, new)
+                    return True
+                except (OSError, ValueError):
+                    pass
+        return False
+
+    def lose(self, s, err):
+        """``s``'s uffd cannot be read any more (EMFILE/ENFILE: no fd free for a FORK's new
+        uffd; anything else): closing it would leave its process without a handler, reading
+        zeros where data belongs.  So first install every page it still lacks (``on_lost``,
+        the target's way), then close it and remember it in ``lost``: the run then fails
+        (exit 1, never 0 after a lost uffd)."""
+        why = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
+        installed = 0
+        if self.on_lost is not None:
+            try:
+                installed = self.on_lost(s) or 0
+            except OSError:
+                pass
+        self.lost.append(s.pid)
+        self.stats.add("uffds_lost")
+        self.log.emit("error", message="the uffd of process %s could not be read (%s): %d "
+                      "page(s) installed, then closed" % (s.pid, why, installed), ufd=s.uffd.fileno())
+        self.drop(s, "lost", error=why)
 
     # -- events ---------------------------------------------------------------------------------
     def handle(self, s, events):
@@ -3054,7 +3105,8 @@ class Handler:
                 try:
                     evs = s.uffd.read_events()
                 except UffdError as e:
-                    self.drop(s, "read: %s" % e)
+                    if not self._more_fds(e):
+                        self.lose(s, e)
                     continue
                 if evs:
                     got = True
@@ -3267,7 +3319,8 @@ class Handler:
                     continue
                 except OSError as e:
                     flush()
-                    self.drop(s, "read: %s" % os.strerror(e.errno))
+                    if not self._more_fds(e):
+                        self.lose(s, e)
                     return None
                 spin_until = 0.0
                 ev, flags, addr, _ = unpack(msg)
@@ -3526,6 +3579,7 @@ def _merge_range(ranges, start, end):
 # The syscalls injected into / filtered for an x86_64 target (asm/unistd_64.h).  These are the
 # *target's* numbers, so they stay x86_64 even if the tool ever runs elsewhere.
 NR_close, NR_mmap, NR_brk, NR_mremap, NR_madvise, NR_getpid = 3, 9, 12, 25, 28, 39
+NR_sigaltstack = 131
 NR_userfaultfd = 323
 KCMP_VM = 1
 UFFD_TARGET_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK   #: flags of the uffd created in a target
@@ -3549,6 +3603,7 @@ PTRACE_GETSIGINFO, PTRACE_SETSIGINFO = 0x4202, 0x4203
 PTRACE_GETREGSET, PTRACE_SETREGSET = 0x4204, 0x4205
 PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_LISTEN = 0x4206, 0x4207, 0x4208
 PTRACE_GETSIGMASK, PTRACE_SETSIGMASK = 0x420a, 0x420b
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
 PTRACE_O_TRACESYSGOOD, PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK = 0x1, 0x2, 0x4
 PTRACE_O_TRACECLONE, PTRACE_O_TRACEEXEC, PTRACE_O_TRACESECCOMP = 0x8, 0x10, 0x80
 PTRACE_O_EXITKILL = 0x100000
@@ -3765,23 +3820,159 @@ def find_syscall_insn(pid, regs):
     raise PtraceError(errno.ENOEXEC, "no syscall instruction found in process %d" % pid, pid)
 
 
+# The self-restoring injection (README "What --pid guarantees").  The tool may be SIGKILLed at
+# any instruction, and the kernel then detaches the target with whatever registers, signal mask
+# and pending stop it has at that moment.  So every injected syscall runs at a `syscall; ret`
+# found in the target's own code, with the stack pointer at an x86_64 rt_sigframe that the
+# tool wrote below the red zone; its return address is a `mov $15,%rax; syscall`
+# (rt_sigreturn) gadget.  Left alone, the target finishes the injected syscall, returns into
+# rt_sigreturn and restores its own registers (an interrupted syscall rewound to run again),
+# signal mask and FPU state.  The tool never writes code.  Stops are syscall stops with
+# TRACESYSGOOD (a vanished tracer leaves SIGTRAP|0x80, which is not a signal, so nothing is
+# delivered), never single-steps (a vanished tracer would leave TF set and SIGTRAP kill).  The
+# mask is blocked only after the registers point at the frame and restored before they are put
+# back.  In the normal case the tool restores the saved registers itself at the last
+# syscall-exit stop (exact restart semantics, restart_block kept) and detaches.
+SYSCALL_RET = b"\x0f\x05\xc3"                          # syscall; ret
+SIGRETURN_GADGETS = (b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05",   # mov $15,%rax; syscall
+                     b"\xb8\x0f\x00\x00\x00\x0f\x05")               # mov $15,%eax; syscall
+NT_X86_XSTATE = 0x202
+FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
+UC_FP_XSTATE, UC_SIGCONTEXT_SS = 1, 2
+RED_ZONE = 128
+SIGFRAME_BYTES = 8 + 304 + 128                 #: pretcode + ucontext + siginfo (x86_64)
+ALL_SIGNALS = 0xFFFFFFFFFFFFFFFF
+
+#: The named steps of the injection where the test-only ``UFFDTOOL_TEST_PAUSE`` hook
+#: (``_test_pause``, CLI section) can stop the tool, so that a test's SIGKILL lands exactly there.
+INJECTION_STEPS = ("seized", "frame-written", "regs-injected", "mask-blocked", "syscall-entry",
+                   "syscall-exit", "mask-restored", "regs-restored", "armed")
+
+
+def _test_kill_timer():
+    """Test-only hook: UFFDTOOL_TEST_KILL_AFTER_US=N arms a POSIX timer that SIGKILLs the tool N
+    microseconds from now (called right after the target is seized): a real asynchronous kill
+    at an arbitrary instruction of the injection."""
+    us = os.environ.get("UFFDTOOL_TEST_KILL_AFTER_US")
+    if not us:
+        return
+    sev = (ctypes.c_int * 16)()
+    sev[2], sev[3] = signal.SIGKILL, 0                  # sigev_signo, sigev_notify = SIGEV_SIGNAL
+    tid = ctypes.c_void_p()
+    libc().timer_create(1, ctypes.byref(sev), ctypes.byref(tid))    # CLOCK_MONOTONIC
+    ns = max(1, int(float(us) * 1000))
+    its = (ctypes.c_long * 4)(0, 0, ns // 10 ** 9, ns % 10 ** 9)
+    libc().timer_settime(tid, 0, ctypes.byref(its), None)
+
+
+def find_gadgets(pid):
+    """(address of ``syscall; ret``, address of an rt_sigreturn gadget) in pid's file-backed
+    executable mappings (ld.so and libc first), or None.  Read before the target is stopped;
+    the Injector checks the bytes again once it is."""
+    maps = [m for m in read_maps(pid) if m.perms[2] == "x" and m[5] != 0]
+    maps.sort(key=lambda m: ("/ld-" not in m.path, "libc" not in m.path))
+    sc = sr = None
+    with open("/proc/%d/mem" % pid, "rb", buffering=0) as mem:
+        for m in maps:
+            try:
+                data = os.pread(mem.fileno(), m.end - m.start, m.start)
+            except OSError:
+                continue
+            if sc is None and data.find(SYSCALL_RET) >= 0:
+                sc = m.start + data.find(SYSCALL_RET)
+            for g in SIGRETURN_GADGETS:
+                if sr is None and data.find(g) >= 0:
+                    sr = m.start + data.find(g)
+            if sc is not None and sr is not None:
+                return sc, sr
+    return None
+
+
+def get_xstate(tid):
+    """PTRACE_GETREGSET(NT_X86_XSTATE): the XSAVE image, whose sw_reserved bytes the kernel
+    fills like a signal frame's (so it can go into one as it is), or None."""
+    buf = ctypes.create_string_buffer(16384)
+    iov = iovec(ctypes.addressof(buf), len(buf))
+    try:
+        ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
+    except PtraceError:
+        return None
+    return buf.raw[:iov.iov_len]
+
+
+def _sigframe(saved, mask, xstate, frame, fpstate, sigreturn):
+    """The bytes of an rt_sigframe at ``frame`` (+ FPU state at ``fpstate``) that rt_sigreturn
+    turns back into the state ``saved``/``mask``.  An interrupted syscall (-ERESTART*) is
+    rewound to run again (for -ERESTART_RESTARTBLOCK the original call, with its full timeout:
+    rt_sigreturn voids the restart block).  uc_stack has invalid flags, so rt_sigreturn leaves
+    the thread's sigaltstack as it is (restore_altstack ignores all but EFAULT)."""
+    r = copy_regs(saved)
+    if signed(r.orig_rax) >= 0 and signed(r.rax) in RESTART_ERRNOS:
+        r.rip, r.rax = r.rip - 2, r.orig_rax
+    sc = struct.pack("<18Q4H5Q64x", r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi,
+                     r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip, r.eflags,
+                     r.cs & 0xffff, r.gs & 0xffff, r.fs & 0xffff, r.ss & 0xffff,
+                     0, 0, 0, 0, fpstate if xstate else 0)
+    uc = struct.pack("<QQQi4xQ", UC_FP_XSTATE | UC_SIGCONTEXT_SS, 0, 0, 3, 0) + sc + \
+        struct.pack("<Q", mask)
+    out = struct.pack("<Q", sigreturn) + uc + bytes(128)
+    assert len(out) == SIGFRAME_BYTES
+    if xstate:     # ptrace puts XCR0 into sw_reserved; a signal frame wants _fpx_sw_bytes there
+        n, xcr0 = len(xstate), struct.unpack_from("<Q", xstate, 464)[0]
+        sw = struct.pack("<IIQI28x", FP_XSTATE_MAGIC1, n + 4, xcr0, n)
+        fp = xstate[:464] + sw + xstate[512:] + struct.pack("<I", FP_XSTATE_MAGIC2)
+        out += bytes(fpstate - frame - len(out)) + fp
+    return out
+
+
 class Injector:
     """Run syscalls inside one stopped tracee thread; restores everything in `restore()`.
 
     Usage (the thread must be in a ptrace-stop, attached by the calling thread):
-        inj = Injector(tid, pid); try: inj.syscall(NR_getpid) ... finally: inj.restore()
-    After restore() the tracee sits at a signal-delivery-stop (or the original stop) with its
-    original registers and mask; the caller resumes it with `inj.resume_signal` (DETACH/CONT).
+        inj = Injector(tid, pid, gadgets); try: inj.syscall(NR_getpid) ... finally: inj.restore()
+    With ``gadgets`` (``find_gadgets``) the injection is self-restoring (see above); without
+    (no gadget, or no room for the frame) it single-steps a `syscall` at rip-2 or in [vdso]
+    and relies on `restore()` alone.  After restore() the tracee has its original registers
+    and mask; the caller resumes it with `inj.resume_signal` (DETACH/CONT).
     """
 
-    def __init__(self, tid, pid=None):
+    def __init__(self, tid, pid=None, gadgets=None):
         self.tid, self.pid = tid, pid or tid
         self.saved = get_regs(tid)
         self.saved_mask = get_sigmask(tid)
-        set_sigmask(tid, ~0 & 0xFFFFFFFFFFFFFFFF)   # block all; SIGKILL/SIGSTOP cannot be
         self.insn = None
         self.parked = []           # (signo, siginfo) that slipped in; re-delivered on resume
-        self.injected = False
+        self.injected = self.blocked = False
+        self.frame = None          # (sp, low, high) of the self-restoring frame
+        self.scratch = None        # the bytes the frame overwrote
+        if gadgets is not None:
+            self.frame = self._write_frame(gadgets)
+        if self.frame is None:     # single-stepping: block signals for the whole stop
+            set_sigmask(tid, ALL_SIGNALS)
+            self.blocked = True
+
+    def _write_frame(self, gadgets):
+        """Check the gadgets, write the rt_sigframe below the red zone; (sp, low, high) or None."""
+        sc, sr = gadgets
+        try:
+            with open("/proc/%d/mem" % self.pid, "r+b", buffering=0) as mem:
+                ret = os.pread(mem.fileno(), 9, sr)
+                if (os.pread(mem.fileno(), 3, sc) != SYSCALL_RET or
+                        not any(ret.startswith(g) for g in SIGRETURN_GADGETS)):
+                    return None
+                xstate = get_xstate(self.tid)
+                top = self.saved.rsp - RED_ZONE
+                fpstate = (top - len(xstate or b"") - 8) & ~63
+                frame = (fpstate - SIGFRAME_BYTES) & ~15
+                data = _sigframe(self.saved, self.saved_mask, xstate, frame, fpstate, sr)
+                self.scratch = os.pread(mem.fileno(), len(data), frame)
+                if len(self.scratch) != len(data) or os.pwrite(mem.fileno(), data, frame) != len(data):
+                    return None
+        except OSError:
+            return None
+        self.insn = sc
+        _test_pause("frame-written")
+        return frame, frame, frame + len(data)
 
     def syscall(self, nr, *args):
         """Execute syscall nr(args) in the tracee; return the result, raise InjectError on -errno."""
@@ -3789,30 +3980,65 @@ class Injector:
             self.insn = find_syscall_insn(self.pid, self.saved)
         r = copy_regs(self.saved)
         r.rax, r.orig_rax, r.rip = nr, (1 << 64) - 1, self.insn
+        if self.frame is not None:
+            r.rsp = self.frame[0]
         for name, a in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
             setattr(r, name, a & 0xFFFFFFFFFFFFFFFF)
         set_regs(self.tid, r)
         self.injected = True
+        _test_pause("regs-injected")
+        if not self.blocked:       # only now: the frame would unblock them again
+            set_sigmask(self.tid, ALL_SIGNALS)
+            self.blocked = True
+            _test_pause("mask-blocked")
+        res = self._run_stops(r) if self.frame is not None else self._run_steps()
+        if -4096 < res < 0:
+            raise InjectError(-res, "%s in process %d: %s" % (
+                _NR_NAMES.get(nr, nr), self.pid, os.strerror(-res)), self.pid)
+        return res
+
+    def _stopped(self):
+        """Wait for the tracee's next stop; (signal, event); raises if it died."""
+        _, status = wait_tid(self.tid)
+        if not os.WIFSTOPPED(status):
+            raise PtraceError(errno.ESRCH, "process %d died during injection" % self.pid, self.pid)
+        sig, ev = stop_event(status)
+        if not ev and sig not in (signal.SIGTRAP, signal.SIGTRAP | 0x80):
+            self.parked.append((sig, get_siginfo(self.tid)))    # a signal slipped in: park it
+        return sig, ev
+
+    def _run_stops(self, regs):
+        """The syscall runs between a syscall-entry and a syscall-exit stop (PTRACE_SYSCALL)."""
+        entered = False
+        while True:
+            ptrace(PTRACE_SYSCALL, self.tid, 0, 0)
+            sig, ev = self._stopped()
+            if sig != signal.SIGTRAP | 0x80 or ev:
+                continue
+            if not entered:
+                entered = True
+                _test_pause("syscall-entry")
+                continue
+            _test_pause("syscall-exit")
+            res = signed(get_regs(self.tid).rax)
+            if res not in RESTART_ERRNOS:
+                return res
+            set_regs(self.tid, regs)               # interrupted: run it again
+            entered = False
+
+    def _run_steps(self):
+        """Fallback: single-step over the `syscall` (ptrace.md, Register save/restore)."""
         while True:
             ptrace(PTRACE_SINGLESTEP, self.tid, 0, 0)
-            _, status = wait_tid(self.tid)
-            if not os.WIFSTOPPED(status):
-                raise PtraceError(errno.ESRCH, "process %d died during injection" % self.pid, self.pid)
-            sig, ev = stop_event(status)
+            sig, ev = self._stopped()
             if sig != signal.SIGTRAP or ev:
-                if not ev:                         # a signal slipped in: park it
-                    self.parked.append((sig, get_siginfo(self.tid)))
                 continue
             now = get_regs(self.tid)
             if now.rip != self.insn + 2:
                 continue                           # rewound for a restart: step again
             res = signed(now.rax)
-            if res in RESTART_ERRNOS:
-                continue                           # kernel re-executes it on the next step
-            if -4096 < res < 0:
-                raise InjectError(-res, "%s in process %d: %s" % (
-                    _NR_NAMES.get(nr, nr), self.pid, os.strerror(-res)), self.pid)
-            return res
+            if res not in RESTART_ERRNOS:          # else the kernel re-executes it
+                return res
 
     def userfaultfd(self, flags=UFFD_TARGET_FLAGS):
         """Create a uffd in the tracee, take our copy (pidfd_getfd), close the tracee's.
@@ -3833,16 +4059,43 @@ class Injector:
         finally:
             self.syscall(NR_close, tfd)
 
+    def sigaltstack(self):
+        """The tracee thread's alternate signal stack as (start, length), or None (disabled,
+        or no frame to receive it: the scratch is the frame's unused siginfo slot)."""
+        if self.frame is None:
+            return None
+        scratch = self.frame[0] + 8 + 304
+        self.syscall(NR_sigaltstack, 0, scratch)
+        with open("/proc/%d/mem" % self.pid, "rb", buffering=0) as mem:
+            sp, flags, size = struct.unpack("<Qi4xQ", os.pread(mem.fileno(), 24, scratch))
+        return None if flags & 2 or not size else (sp, size)         # SS_DISABLE
+
     def restore(self):
-        """Put back the saved registers and mask (at the current signal-delivery-stop)."""
+        """Put back the saved mask, then the registers (in this order: until the registers
+        are back, the frame would restore the mask if the tool vanished)."""
+        if self.blocked:
+            set_sigmask(self.tid, self.saved_mask)
+            _test_pause("mask-restored")
         if self.injected:
             set_regs(self.tid, self.saved)
-        set_sigmask(self.tid, self.saved_mask)
+            _test_pause("regs-restored")
+        if self.frame is not None and self.scratch is not None:
+            self._put_back_scratch()
+
+    def _put_back_scratch(self):
+        """Put back the bytes the frame overwrote below the red zone: dead stack for C, but a
+        runtime may keep data below its stack pointer's red zone (Go's goroutine stacks are
+        small and sit among other memory), so the normal path leaves memory as it was."""
+        try:
+            with open("/proc/%d/mem" % self.pid, "r+b", buffering=0) as mem:
+                os.pwrite(mem.fileno(), self.scratch, self.frame[1])
+        except OSError:
+            pass
+        self.scratch = None
 
     @property
     def resume_signal(self):
-        """Signal to pass when resuming (the first parked one; the rest are re-sent to the
-        process with kill)."""
+        """Signal to pass when resuming (the first parked one; the rest are re-sent with tgkill)."""
         for sig, _ in self.parked[1:]:
             try:
                 os.kill(self.pid, sig)
@@ -3855,21 +4108,32 @@ class Injector:
 
 
 _NR_NAMES = {NR_userfaultfd: "userfaultfd()", NR_close: "close()", NR_madvise: "madvise()",
-             NR_getpid: "getpid()", NR_mmap: "mmap()"}
+             NR_getpid: "getpid()", NR_mmap: "mmap()", NR_sigaltstack: "sigaltstack()"}
+
+
+def check_pid(pid):
+    """/proc/PID/status of a process that can be watched; ProcessLookupError naming what the
+    pid really is otherwise: gone, a zombie, or a thread of another process."""
+    try:
+        st = proc_status(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(errno.ESRCH, "no such process: %d" % pid) from None
+    if st.get("State", "").startswith("Z"):
+        raise ProcessLookupError(errno.ESRCH, "PID %d is a zombie (it has exited; its parent "
+                                 "has not reaped it)" % pid)
+    if st.get("Tgid", str(pid)) != str(pid):
+        raise ProcessLookupError(errno.ESRCH, "%d is a thread of PID %s: give the process id"
+                                 % (pid, st["Tgid"]))
+    return st
 
 
 def check_attachable(pid):
     """Refuse early (clear OSError) for targets we cannot or must not inject into."""
-    try:
-        st = proc_status(pid)
-    except FileNotFoundError:
-        raise ProcessLookupError(errno.ESRCH, "no such process: %d" % pid) from None
+    st = check_pid(pid)
     if pid == os.getpid():
         raise PtraceError(errno.EINVAL, "cannot attach to the tool itself (use --self)", pid)
     if os.uname().machine != "x86_64":
         raise PtraceError(errno.ENOSYS, "--pid needs x86_64 (this machine is %s)" % os.uname().machine, pid)
-    if st.get("State", "").startswith("Z"):
-        raise ProcessLookupError(errno.ESRCH, "process %d is a zombie" % pid)
     if st.get("Seccomp", "0") != "0":
         raise PtraceError(errno.EPERM, "process %d runs under seccomp (Seccomp: %s); an injected "
                           "userfaultfd() could be denied or kill it, refusing" % (pid, st["Seccomp"]), pid)
@@ -3886,8 +4150,9 @@ def check_attachable(pid):
 
 
 def _seize_stop(tid):
-    """PTRACE_SEIZE + INTERRUPT, wait for the PTRACE_EVENT_STOP; pass on signals seen first."""
-    ptrace(PTRACE_SEIZE, tid, 0, 0)
+    """PTRACE_SEIZE + INTERRUPT, wait for the PTRACE_EVENT_STOP; pass on signals seen first.
+    TRACESYSGOOD: the injection's syscall stops must not be SIGTRAP stops (see Injector)."""
+    ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD)
     ptrace(PTRACE_INTERRUPT, tid, 0, 0)
     while True:
         _, status = wait_tid(tid)
@@ -3912,10 +4177,16 @@ class Attachment:
 
     def __enter__(self):
         check_attachable(self.pid)
+        try:
+            gadgets = find_gadgets(self.pid)       # before the stop: it reads the libraries
+        except OSError:
+            gadgets = None
         self.t0 = time.monotonic()
         try:
             try:
                 _seize_stop(self.pid)
+                _test_kill_timer()
+                _test_pause("seized")
             except PtraceError as e:
                 if e.errno == errno.ESRCH:
                     raise ProcessLookupError(errno.ESRCH, "no such process: %d" % self.pid) from None
@@ -3927,7 +4198,7 @@ class Attachment:
             self.tids.append(self.pid)
             if self.all_threads:
                 self._stop_all_threads()
-            self.inj = Injector(self.pid)
+            self.inj = Injector(self.pid, gadgets=gadgets)
             if signed(self.inj.saved.cs) != 0x33:        # __USER_CS: 64-bit code segment
                 raise PtraceError(errno.ENOEXEC, "process %d runs 32-bit code" % self.pid, self.pid)
             return self
@@ -3968,6 +4239,125 @@ class Attachment:
 
     def __exit__(self, *exc):
         self.detach()
+
+    def kernel_pages(self):
+        """Pages the kernel itself accesses in kernel mode, where it cannot wait for a userfault
+        (or not at that moment): ``--dontneed`` must never drop them.  Per stopped thread: its
+        rseq area (written on every return to user space, also between our madvise and
+        UFFDIO_REGISTER, which re-populated the dropped page with zeros: the redis crash), its
+        robust futex list (walked at thread exit, where userfaults are refused), its TCB page(s)
+        at fs_base (clear_child_tid cannot be read from outside; glibc and musl keep it there),
+        and for the injected thread its sigaltstack and the injection frame.  A set of page
+        addresses; all threads must be stopped."""
+        keep = set()
+
+        def span(addr, n):
+            if addr:
+                keep.update(range(addr & -PAGE_SIZE, addr + max(n, 1), PAGE_SIZE))
+        with open("/proc/%d/mem" % self.pid, "rb", buffering=0) as mem:
+            for tid in self.tids:
+                try:
+                    span(get_regs(tid).fs_base, TCB_KEEP)
+                    span(*get_rseq(tid))
+                    for a, n in robust_list(tid, mem.fileno()):
+                        span(a, n)
+                except OSError:
+                    pass                            # the thread is gone; so is its kernel use
+        if self.inj.frame is not None:
+            span(self.inj.frame[1], self.inj.frame[2] - self.inj.frame[1])
+        try:
+            span(*(self.inj.sigaltstack() or (0, 0)))
+        except OSError:
+            pass
+        return keep
+
+    def drop(self, runs, keep=()):
+        """MADV_DONTNEED the page runs ``[(start, end)]`` minus the pages in ``keep``, merging
+        adjacent runs so that few madvise calls are injected; returns the number of calls."""
+        calls = 0
+        for a, b in merge_runs(subtract_pages(runs, keep)):
+            self.inj.syscall(NR_madvise, a, b - a, MADV_DONTNEED)
+            calls += 1
+        return calls
+
+
+TCB_KEEP = 4096        #: bytes kept from fs_base: glibc's struct pthread (tid, robust head, rseq)
+
+
+def get_rseq(tid):
+    """(address, size) of a thread's registered rseq area (PTRACE_GET_RSEQ_CONFIGURATION), or
+    (0, 0) if none or the kernel lacks the request."""
+    buf = ctypes.create_string_buffer(32)
+    try:
+        ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 32, ctypes.addressof(buf))
+    except PtraceError:
+        return 0, 0
+    addr, size = struct.unpack_from("<QI", buf.raw)
+    return addr, size
+
+
+def robust_list(tid, memfd, limit=2048):
+    """[(address, length)] the kernel touches at thread exit for tid's robust futex list: the
+    head, each entry, each entry's futex word and the pending one (get_robust_list(2))."""
+    head, size = ctypes.c_void_p(), ctypes.c_size_t()
+    syscall("get_robust_list", tid, ctypes.addressof(head), ctypes.addressof(size))
+    if not head.value:
+        return []
+    h = head.value
+
+    def word(a, fmt="<Q"):
+        return struct.unpack(fmt, os.pread(memfd, 8, a))[0]
+    out = [(h, 24)]
+    offset, pending = word(h + 8, "<q"), word(h + 16)
+    entry = word(h)
+    while entry and entry != h and len(out) < limit:
+        out += [(entry, 8), (entry + offset, 4)]
+        entry = word(entry)
+    if pending:
+        out += [(pending, 8), (pending + offset, 4)]
+    return out
+
+
+def subtract_pages(runs, pages):
+    """The runs ``[(start, end)]`` with the given page addresses cut out."""
+    out = []
+    cuts = sorted(pages)
+    for a, b in runs:
+        i = bisect.bisect_left(cuts, a)
+        while i < len(cuts) and cuts[i] < b:
+            if cuts[i] > a:
+                out.append((a, cuts[i]))
+            a = max(a, cuts[i] + PAGE_SIZE)
+            i += 1
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def merge_runs(runs):
+    """Sorted runs with touching neighbours joined."""
+    out = []
+    for a, b in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
+def page_runs(pages):
+    """Sorted page addresses -> [(start, end)] runs of contiguous pages."""
+    out = []
+    start = prev = None
+    for p in pages:
+        if p != prev:
+            if start is not None:
+                out.append((start, prev))
+            start = p
+        prev = p + PAGE_SIZE
+    if start is not None:
+        out.append((start, prev))
+    return out
 
 
 def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_stopped=None):
@@ -4315,21 +4705,31 @@ def _start_brk(pid):
     return int(fields[47 - 3])      # field 47 (1-based) is start_brk; fields[0] is field 3
 
 
-def present_pages(pid, start, end):
+#: pagemap entry's top byte -> b"\x01" if present or swapped (bits 63/62), else b"\x00"
+_PRESENT_BYTE = bytes(1 if b & 0xC0 else 0 for b in range(256))
+
+
+#: ... -> b"\x01" if present and still write-protected by a uffd (bit 57, PM_UFFD_WP)
+_CLEAN_BYTE = bytes(1 if b & 0x80 and b & 0x02 else 0 for b in range(256))
+
+
+def present_pages(pid, start, end, table=_PRESENT_BYTE):
     """Page addresses in [start, end) that are present or swapped (/proc/PID/pagemap bits 63/62).
 
-    Never-touched pages are skipped: reading them would only copy zeros.
+    Never-touched pages are skipped: reading them would only copy zeros.  (The top byte of
+    each entry is mapped to 0/1 and the runs of 1 found with a regex: big reservations such as
+    thread stacks and malloc arenas cost no Python loop per page.)  ``table=_CLEAN_BYTE``:
+    the present pages not written since a (WP_ASYNC) write-protect instead.
     """
     page = PAGE_SIZE
     out = []
     with open("/proc/%d/pagemap" % pid, "rb", buffering=0) as f:
-        step = 4096 * page                               # 4096 entries (32 KiB) per read
+        step = 65536 * page                              # 64 Ki entries (512 KiB) per read
         for s in range(start, end, step):
             n = (min(end, s + step) - s) // page
-            data = os.pread(f.fileno(), 8 * n, (s // page) * 8)
-            for i, (e,) in enumerate(struct.iter_unpack("<Q", data)):
-                if e >> 62:
-                    out.append(s + i * page)
+            flags = os.pread(f.fileno(), 8 * n, (s // page) * 8)[7::8].translate(table)
+            for m in re.finditer(b"\x01+", flags):
+                out.extend(range(s + m.start() * page, s + m.end() * page, page))
     return out
 
 
@@ -4377,6 +4777,193 @@ def read_target_pages(pid, pages):
             out[pages[i + k]] = raw[k * page:(k + 1) * page]
         i = j if got == n else i + max(1, got // page)
     return out
+
+
+def snapshot_buffer(pid, regions, margin=1.25):
+    """A populated buffer for a later ``snapshot_target_pages`` of ``regions``, made *before* the
+    target is stopped (faulting in our own pages would otherwise count as stop time): room for
+    the pages present now, plus a margin."""
+    n = sum(len(present_pages(pid, s, s + length)) for s, length in regions)
+    size = (int(n * margin) + 256) * PAGE_SIZE
+    m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
+    return (ctypes.c_char * size).from_buffer(m)
+
+
+def snapshot_target_pages(pid, pages, buf=None):
+    """The given pages of pid in one buffer: (ctypes buffer, {address: offset in it}), read with
+    process_vm_readv, up to 1024 contiguous runs a call; ``buf`` (``snapshot_buffer``) is used
+    if it is big enough.  Like read_target_pages: only on memory that is not registered yet."""
+    pages = sorted(pages)
+    if buf is None or len(buf) < len(pages) * PAGE_SIZE:
+        buf = ctypes.create_string_buffer(max(1, len(pages) * PAGE_SIZE))
+    lib = libc()
+    lib.process_vm_readv.restype = ctypes.c_ssize_t
+    runs, off = page_runs(pages), 0
+    for i in range(0, len(runs), 1024):
+        chunk = runs[i:i + 1024]
+        n = sum(b - a for a, b in chunk)
+        remote = (iovec * len(chunk))(*[iovec(a, b - a) for a, b in chunk])
+        local = iovec(ctypes.addressof(buf) + off, n)
+        got = lib.process_vm_readv(pid, ctypes.byref(local), 1, remote, len(chunk), 0)
+        if got != n:
+            e = ctypes.get_errno() if got < 0 else errno.EFAULT
+            raise OSError(e, "process_vm_readv(%d): %s" % (pid, os.strerror(e)))
+        off += n
+    return buf, {a: i * PAGE_SIZE for i, a in enumerate(pages)}
+
+
+def read_pages_into(pid, buf, pairs):
+    """process_vm_readv each page of ``pairs`` ``[(address, offset in buf)]`` (sorted by
+    address) into ``buf``; contiguous pages with contiguous offsets go in one iovec, up to 1024
+    a call.  Returns the pages that could not be read (unmapped meanwhile)."""
+    lib = libc()
+    lib.process_vm_readv.restype = ctypes.c_ssize_t
+    runs = []                                   # [remote, local, length]
+    for a, off in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == off:
+            runs[-1][2] += PAGE_SIZE
+        else:
+            runs.append([a, off, PAGE_SIZE])
+    base, failed = ctypes.addressof(buf), []
+    for i in range(0, len(runs), 1024):
+        chunk = runs[i:i + 1024]
+        n = sum(r[2] for r in chunk)
+        remote = (iovec * len(chunk))(*[iovec(r[0], r[2]) for r in chunk])
+        local = (iovec * len(chunk))(*[iovec(base + r[1], r[2]) for r in chunk])
+        if lib.process_vm_readv(pid, local, len(chunk), remote, len(chunk), 0) == n:
+            continue
+        for r in chunk:                         # short: find the pages that are gone
+            for k in range(0, r[2], PAGE_SIZE):
+                one_l, one_r = iovec(base + r[1] + k, PAGE_SIZE), iovec(r[0] + k, PAGE_SIZE)
+                if lib.process_vm_readv(pid, ctypes.byref(one_l), 1, ctypes.byref(one_r), 1,
+                                        0) != PAGE_SIZE:
+                    failed.append(r[0] + k)
+    return failed
+
+
+class Precopy:
+    """The first of two stops of ``--dontneed`` (README "What --pid guarantees"): copying
+    4,000 pages takes 5-15 ms here, so the copy is made while the target runs.  Stop 1 injects
+    a uffd with only UFFD_FEATURE_WP_ASYNC (no events: nothing in the target ever waits for
+    it), registers the regions MODE_WP and write-protects their present pages; after the
+    detach they are copied.  At stop 2 (``refresh``) pagemap tells which present pages lost
+    the uffd-wp bit (written since) or were not copied: only those are copied then; the WP uffd
+    is closed (unregistering clears the bits).  If the tool dies in between, closing that uffd
+    is all that happens: nothing was dropped yet."""
+    FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_PAGEFAULT_FLAG_WP
+
+    def __init__(self, pid, regions):
+        self.pid, self.regions = pid, regions
+        self.uffd, self.buf, self.index, self.free = None, None, {}, 0
+        self.stopped_seconds = 0.0
+        self.recopied = 0
+
+    @classmethod
+    def available(cls):
+        """Whether this kernel offers WP_ASYNC (6.7+)."""
+        probe = Userfaultfd()
+        try:
+            return int(probe.api(0)[0]) & cls.FEATURES == cls.FEATURES
+        finally:
+            probe.close()
+
+    def run(self):
+        """Stop 1, then the copy with the target running."""
+        pid, present = self.pid, []
+
+        def while_stopped(att, fd):
+            self.uffd = Userfaultfd.adopt(os.dup(fd))
+            self.uffd.api(self.FEATURES)
+            for start, length in self.regions:
+                pp = present_pages(pid, start, start + length)
+                present.extend(pp)
+                self.uffd.register(start, length, UFFDIO_REGISTER_MODE_WP)
+                for a, b in page_runs(pp):
+                    self.uffd.writeprotect(a, b - a, True)
+        try:
+            fd, self.stopped_seconds = inject_userfaultfd(pid, while_stopped=while_stopped)
+            os.close(fd)
+            present.sort()
+            size = (int(len(present) * 1.25) + 256) * PAGE_SIZE
+            m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
+            self.buf = (ctypes.c_char * size).from_buffer(m)
+            pairs = [(p, i * PAGE_SIZE) for i, p in enumerate(present)]
+            gone = set(read_pages_into(pid, self.buf, pairs))
+            self.index = {p: off for p, off in pairs if p not in gone}
+            self.free = len(present) * PAGE_SIZE
+        except BaseException:
+            self.close()
+            raise
+
+    def refresh(self, present):
+        """At stop 2: (buffer, {address: offset}) for ``present`` (sorted page addresses, the
+        kernel's pages already left out): pages written since stop 1 are copied again now."""
+        clean = set()
+        for start, length in self.regions:
+            clean.update(present_pages(self.pid, start, start + length, _CLEAN_BYTE))
+        index, todo = {}, []
+        for p in present:
+            off = self.index.get(p)
+            if off is not None and p in clean:
+                index[p] = off
+                continue
+            if off is None:
+                if self.free + PAGE_SIZE > len(self.buf):
+                    raise OSError(errno.ENOMEM, "precopy buffer full")
+                off, self.free = self.free, self.free + PAGE_SIZE
+            todo.append((p, off))
+            index[p] = off
+        if read_pages_into(self.pid, self.buf, todo):
+            raise OSError(errno.EFAULT, "process_vm_readv(%d): a present page vanished" % self.pid)
+        self.recopied = len(todo)
+        self.close()
+        return self.buf, index
+
+    def close(self):
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
+
+
+def drop_present(att, regions, snapshot=True, buf=None, pre=None):
+    """``--dontneed`` while every thread is stopped: snapshot (if ``snapshot``) the present
+    pages of ``regions`` that the kernel does not need (``Attachment.kernel_pages``), then drop
+    them with as few injected madvise calls as possible: one per region's span from its first
+    to its last present page, split only around kept pages.  Only private anonymous memory may
+    be passed (MADV_DONTNEED on shared memory would not drop it, on a private file mapping it
+    would revert to the file).  ``buf``: see ``snapshot_buffer``; ``pre``: a ``Precopy``
+    that ran (then only pages written since are copied now).  Returns (buffer,
+    {address: offset}, dropped runs)."""
+    keep = att.kernel_pages()
+    present, spans = [], []
+    for start, length in sorted(regions):
+        pp = present_pages(att.pid, start, start + length)
+        if pp:
+            present += [p for p in pp if p not in keep]
+            spans.append((pp[0], pp[-1] + PAGE_SIZE))
+    if snapshot and pre is not None:
+        present.sort()
+        buf, index = pre.refresh(present)
+    else:
+        buf, index = snapshot_target_pages(att.pid, present, buf) if snapshot else (None, {})
+    runs = merge_runs(subtract_pages(spans, keep))
+    att.drop(runs)
+    return buf, index, runs
+
+
+def repopulated(pid, runs, buf, index):
+    """After registering: pages of the dropped ``runs`` that are present again (something in
+    the kernel wrote them between madvise and UFFDIO_REGISTER, so they hold zeros and will
+    never fault).  Puts the snapshot back into those through /proc/PID/mem (a present page does
+    not fault) and returns their addresses."""
+    back = [p for a, b in runs for p in present_pages(pid, a, b)]
+    if back and buf is not None:
+        base = ctypes.addressof(buf)
+        with open("/proc/%d/mem" % pid, "r+b", buffering=0) as mem:
+            for p in back:
+                if p in index:
+                    os.pwrite(mem.fileno(), ctypes.string_at(base + index[p], PAGE_SIZE), p)
+    return back
 
 
 ###################################################################################################
@@ -4767,6 +5354,7 @@ class PidTarget(Target):
         self.pidfd = -1
         self.snapshot_pages = 0
         self.drained = 0
+        self.recopied = self.precopy_stop_s = None
         self.exit_fields = None               # set once the process has ended
 
     def ready_fields(self):
@@ -4778,14 +5366,17 @@ class PidTarget(Target):
 
     def attach(self, handler):
         pid = self.pid
+        self.handler, self.handler_source = handler, handler.source
         try:
+            check_pid(pid)
             self.pidfd = syscall("pidfd_open", pid, 0)
             maps = read_maps(pid)
         except OSError as e:
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise NotPermitted("process %d: cannot read its memory map (%s): needs "
                                    "CAP_SYS_PTRACE over it" % (pid, os.strerror(e.errno)))
-            raise UsageError("no such process: %d" % pid)
+            raise UsageError(e.strerror if isinstance(e, ProcessLookupError) else
+                             "no such process: %d" % pid)
         if self.all_anon:
             regions = [(m.start, m.end - m.start) for m in maps if m.is_private_anon()]
             if not regions:
@@ -4793,28 +5384,54 @@ class PidTarget(Target):
         else:
             regions = _check_ranges(pid, self.ranges, maps)
         box = {}
+        spare = pre = None
+        if self.snapshot and self.mode == "missing" and Precopy.available():
+            pre = Precopy(pid, regions)
+            try:
+                pre.run()
+            except ProcessLookupError as e:
+                raise UsageError(str(e.strerror or e))
+            except PtraceError as e:
+                raise (NotPermitted if e.errno in (errno.EPERM, errno.EACCES, errno.ENOEXEC,
+                                                   errno.ENOSYS) else TargetError)(str(e))
+            except OSError as e:
+                if isinstance(e, UffdError) and e.errno == errno.EBUSY:
+                    raise TargetError("process %d: another userfaultfd already watches this "
+                                      "range (%s)" % (pid, e))
+                raise TargetError("process %d: precopy: %s" % (pid, e))
+            self.precopy_stop_s = pre.stopped_seconds
+        elif self.snapshot:
+            spare = snapshot_buffer(pid, regions)
 
         def while_stopped(att, fd):
             uffd = Userfaultfd.adopt(os.dup(fd))     # ours; inject_userfaultfd closes fd
             box["uffd"] = uffd
             uffd.api(self.features)
-            if self.snapshot:
-                snap = {}
-                for start, length in regions:
-                    snap.update(read_target_pages(pid, present_pages(pid, start, start + length)))
-                handler.source.load(snap)
-                self.snapshot_pages = len(snap)
+            runs = ()
             if self.dontneed:
-                for start, length in regions:
-                    att.inj.syscall(NR_madvise, start, length, MADV_DONTNEED)
+                buf, index, runs = drop_present(att, regions, self.snapshot, spare, pre)
+                self.recopied = pre.recopied if pre is not None else None
+                if self.snapshot:
+                    handler.source.adopt(buf, index)
+                    self.snapshot_pages = len(index)
             for start, length in regions:
                 arm(uffd, start, length, self.mode)
+            _test_pause("armed")
+            if runs:
+                back = repopulated(pid, runs, handler.source.buf if self.snapshot else None,
+                                   handler.source.index if self.snapshot else {})
+                if back:
+                    handler.log.emit("warning", message="process %d: %d dropped page(s) were "
+                                     "written by the kernel before registration; their snapshot "
+                                     "was put back" % (pid, len(back)), pages=back[:16])
 
         try:
             fd, self.stopped_seconds = inject_userfaultfd(pid, while_stopped=while_stopped)
         except ProcessLookupError as e:
             raise UsageError(str(e.strerror or e))
         except PtraceError as e:
+            if pre is not None:
+                pre.close()
             if "uffd" in box:
                 box["uffd"].close()
             if e.errno == errno.EINVAL:
@@ -4822,8 +5439,13 @@ class PidTarget(Target):
             raise (NotPermitted if e.errno in (errno.EPERM, errno.EACCES, errno.ENOEXEC,
                                                errno.ENOSYS) else TargetError)(str(e))
         except OSError as e:                     # UffdError, process_vm_readv, /proc
+            if pre is not None:
+                pre.close()
             if "uffd" in box:
                 box["uffd"].close()
+            if isinstance(e, UffdError) and e.errno == errno.EBUSY:
+                raise TargetError("process %d: another userfaultfd already watches this range "
+                                  "(%s)" % (pid, e))
             raise TargetError("process %d: %s" % (pid, e))
         os.close(fd)
         if self.offsets is not None:
@@ -4832,7 +5454,28 @@ class PidTarget(Target):
             offs = [s if self.snapshot else None for s, _ in regions]
         handler.add(box["uffd"], [(s, n, o) for (s, n), o in zip(regions, offs)],
                     pid=pid, label="pid")
+        handler.on_fork, handler.on_lost = self._fork, self._install_all
         return [self.pidfd]
+
+    def _install_all(self, s, pid=None):
+        """Install every page ``s`` still lacks (snapshot or source pages); returns the count.
+        ``pid``: whose pagemap narrows the holes (None: unknown, try every page)."""
+        if self.snapshot:
+            return self.handler_source.install_missing(s, self.handler.read_pending)
+        if self.offsets is None:
+            return 0
+        holes = (lambda a, b: missing_runs(pid, a, b)) if pid else None
+        return self.handler.install_missing(s, holes)
+
+    def _fork(self, parent, child):
+        """A fork of the target: its children are not followed, so the child gets every page
+        it still lacks now, and its uffd is closed at once (fds never pile up; a child that
+        has exited already ends the install at its first ESRCH)."""
+        try:
+            self.drained += self._install_all(child)
+        except OSError:
+            pass
+        self.handler.drop(child, "not-followed")
 
     def detach(self, handler, reason):
         if self.exit_fields is not None:      # nothing to leave whole: say how it ended
@@ -4842,9 +5485,7 @@ class PidTarget(Target):
             return 1 if "signal" in self.exit_fields else None
         if self.snapshot or self.offsets is not None:
             for s in list(handler.served.values()):     # no zero page where data belongs
-                self.drained += (handler.source.install_missing(s) if self.snapshot else
-                                 handler.install_missing(
-                                     s, lambda a, b: missing_runs(self.pid, a, b)))
+                self.drained += self._install_all(s, self.pid)
         self.unregister_all(handler, "detached")
         self.abort()
         return None
@@ -4858,6 +5499,9 @@ class PidTarget(Target):
         out = super().extra()
         if self.snapshot:
             out.update(snapshot_pages=self.snapshot_pages, drained_pages=self.drained)
+            if self.recopied is not None:         # two stops: the first one, and the pages
+                out.update(precopy_stopped_s=round(self.precopy_stop_s, 6),   # copied in stop 2
+                           recopied_pages=self.recopied)
         elif self.offsets is not None:
             out.update(drained_pages=self.drained)
         return out
@@ -9149,14 +9793,24 @@ class _Signals(list):
 
 
 def _test_pause(step):
-    """Test-only: with ``UFFDTOOL_TEST_PAUSE=STEP:SECS`` in the environment, wait SECS seconds at
-    STEP (``start``: set up and attached, before serving), so that a test can land a signal
-    exactly there.  Signals that arrive are handled as usual (recorded)."""
+    """Test-only: with ``UFFDTOOL_TEST_PAUSE=STEP[@N]:SECS`` in the environment, wait SECS seconds
+    the Nth time (default: the first) the tool reaches STEP (``start``: set up and attached,
+    before serving; the injection steps in ``INJECTION_STEPS``), so that a test can land a
+    signal exactly there; stderr gets ``uffdtool: paused at STEP[@N]`` first.  Signals that
+    arrive are handled as usual (recorded)."""
     want, _, secs = os.environ.get("UFFDTOOL_TEST_PAUSE", "").partition(":")
-    if want == step:
+    name, _, nth = want.partition("@")
+    if name != step:
+        return
+    _PAUSES[step] = _PAUSES.get(step, 0) + 1
+    if _PAUSES[step] == int(nth or 1):
+        os.write(2, ("uffdtool: paused at %s\n" % want).encode())
         end = time.monotonic() + float(secs or 1)
         while time.monotonic() < end:
             time.sleep(end - time.monotonic())
+
+
+_PAUSES = {}
 
 
 def _json_only(log, event, **fields):
@@ -9296,6 +9950,8 @@ class Session:
             if self.attached:
                 status = t.detach(self.handler, "interrupted" if sig and error is None
                                   else reason)
+                if self.handler is not None and self.handler.lost and not status:
+                    status = 1                # a served uffd was lost (CLI.md: 1)
             else:
                 t.abort()
             if error is None:

@@ -287,3 +287,19 @@ def test_log_emit_benchmark_runs():
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert re.search(r"median [\d.]+ us/record", r.stdout), r.stdout
+
+
+@needs_uffd
+def test_pid_stop_benchmark_runs():
+    """bench/pid_stop.py (README "--dontneed"), at a small size: a line for the stop without and
+    one for the two stops with --dontneed (no timing is asserted)."""
+    assert "python3 bench/pid_stop.py" in readme()
+    need_program("gcc", "gcc")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "pid_stop.py"), "--pages",
+                        "400", "--threads", "1", "--runs", "1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert len(rows) == 2 and "register only" in rows[0] and "--dontneed" in rows[1]
+    stop = r" median +[\d.]+ ms  max +[\d.]+ ms  snapshot_pages \d+"
+    assert all(re.search(stop, x) for x in rows)
