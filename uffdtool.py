@@ -15,7 +15,8 @@ Contents (each section starts with a boxed banner; grep for ``#  N.``):
      5. Userfaultfd              the object that owns one uffd
      6. Events                   PageFault/Fork/Remap/Remove/Unmap and ``decode_msgs``
      7. Event log and stats      the JSON-lines writer and the counters
-     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets, prefetch
+     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets, prefetch,
+                                 a URL (Range GETs, the cache directory)
      9. Handler loop             serves faults and events on one or more uffds (one fault policy)
     10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process, spawning CMD
     11. Targets                  one Target protocol: --self, -- CMD, --pid, Firecracker socket
@@ -74,10 +75,10 @@ __all__ = [
     # errors
     "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError", "PtraceError",
     # page sources and working sets
-    "ZeroSource", "FileSource", "SnapshotSource", "read_working_set", "write_working_set",
-    "Prefetcher",
+    "ZeroSource", "FileSource", "SnapshotSource", "UrlSource", "read_working_set",
+    "write_working_set", "Prefetcher",
     # serving: the Handler, what Handler.add returns (Served) and its Regions, log and stats
-    "Handler", "Served", "Region", "EventLog", "Stats",
+    "Handler", "Served", "Region", "EventLog", "Stats", "IdleFill",
     # targets (one protocol) and the pieces for other processes (ptrace, x86_64)
     "Target", "SelfTarget", "PidTarget", "SpawnTarget", "SelfServeTarget", "FirecrackerTarget",
     "parse_handshake", "inject_userfaultfd", "read_maps",
@@ -1074,6 +1075,7 @@ class Stats:
         self._keep_every = 1
         self._seen = 0
         self.t0 = time.monotonic()
+        self.providers = []           # callables returning more fields (a UrlSource's counters)
 
     def add(self, key, n=1):
         self.count[key] = self.count.get(key, 0) + n
@@ -1122,6 +1124,8 @@ class Stats:
         rec["latency_us"] = self.percentiles()
         rec["latency_hist"] = self.histogram()
         rec["wall_s"] = round(time.monotonic() - self.t0, 6)
+        for fn in self.providers:
+            rec.update(fn())
         rec.update(extra)
         return rec
 
@@ -1604,6 +1608,817 @@ class Prefetcher:
         self.starts.insert(0, run[0])
 
 
+# -- a URL: Range GETs with a local cache (README "Restoring from a URL") -------------------------
+
+#: --chunk default: bytes per Range GET (the choice is measured in README "Restoring from a URL")
+URL_CHUNK = 2 << 20
+URL_FETCHERS, URL_RETRIES, URL_TIMEOUT = 4, 3, 10.0
+#: fetch priorities, most urgent first: a waiting fault, sequential readahead, --prefetch, --fill
+PRIO_DEMAND, PRIO_READAHEAD, PRIO_PREFETCH, PRIO_FILL = 0, 1, 2, 3
+#: chunk states in ``UrlSource.have``: absent; present and used; present from readahead, not used
+#: yet (its first use queues the next chunks); present in the cache, not counted as a hit yet
+_ABSENT, _SEEN, _AHEAD, _CACHED = 0, 1, 2, 3
+#: seconds a fetched chunk may wait for the cache writer while fetches are running
+CACHE_WRITE_DELAY = 1.0
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class FetchError(TargetError):
+    """A Range GET failed for good (exit 1: a serving failure).  ``fatal``: the object itself is
+    wrong (changed, gone, a wrong Content-Range), so every later fetch would fail too."""
+
+    def __init__(self, msg, fatal=False):
+        super().__init__(msg)
+        self.fatal = fatal
+
+
+class _Transient(Exception):
+    """A fetch failure worth retrying (network error, timeout, HTTP 5xx/408/429)."""
+
+
+def redact_url(url):
+    """``url`` without query string, fragment and user info: the only form logs and errors
+    show (a presigned URL's signature is its query string)."""
+    import urllib.parse
+    p = urllib.parse.urlsplit(url)
+    host = p.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host
+    if p.port:
+        host += ":%d" % p.port
+    return "%s://%s%s" % (p.scheme, host, p.path or "/")
+
+
+def redact_argv(argv):
+    """``argv`` for the ``start`` record: ``--url`` values redacted, ``--header`` values hidden
+    (also in the ``--opt=value`` form and argparse's abbreviations)."""
+    out, hide = [], None
+    for a in argv:
+        if hide is not None:
+            out.append(hide(a))
+            hide = None
+            continue
+        name, eq, value = a.partition("=")
+        kind = (redact_url if len(name) > 2 and "--url".startswith(name) else
+                _hide_header if len(name) > 3 and "--header".startswith(name) else None)
+        if kind is None:
+            out.append(a)
+        elif eq:
+            out.append(name + "=" + kind(value))
+        else:
+            out.append(a)
+            hide = kind
+    return out
+
+
+def _hide_header(text):
+    return text.partition(":")[0] + ": ***"
+
+
+def parse_header(text):
+    """``'NAME: VALUE'`` of --header -> (name, value).  Errors never show the value (a token)."""
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not _TOKEN.match(name):
+        raise UsageError("--header needs 'NAME: VALUE' with a valid header NAME")
+    if any(ch in value for ch in "\r\n\0"):
+        raise UsageError("--header %s: the value contains a line break or NUL" % name)
+    if name.lower() in ("range", "if-match", "if-range", "if-unmodified-since", "host"):
+        raise UsageError("--header %s: uffdtool sets that header itself" % name)
+    return name, value
+
+
+def _boot_id():
+    return read_sysfs("/proc/sys/kernel/random/boot_id", "unknown")
+
+
+class UrlSource:
+    """Fills from an object on an HTTP(S) server (any object store: a presigned URL is a plain
+    GET) with Range GETs of ``chunk`` bytes over keep-alive connections.
+
+    The chunks land in one local mapping of the object's size (``base``, like FileSource's),
+    from which UFFDIO_COPY copies: anonymous memory, or with ``cache`` a MAP_SHARED mapping of
+    the cache entry's sparse file, where each chunk fetched now gets anonymous memory over it
+    and is written to the file behind the serving (``_writer``).  ``ensure(off, n)`` makes the chunk holding ``off``
+    present (waiting for its fetch) before a fill; ``fetchers`` threads fetch, one of them only
+    for waiting faults, so background work (readahead, ``plan`` of a --prefetch list,
+    ``ready`` for --fill idle) never delays a fault by more than the fetch it waits for.
+
+    The object is pinned at start (strong ETag, else Last-Modified, plus the size from the
+    first ranged GET's Content-Range): every request carries If-Match/If-Range (or
+    If-Unmodified-Since/If-Range), so a changed object answers 412 or 200, which is a serving
+    failure (FetchError), never a page of the new object."""
+    kind = "copy"
+
+    def __init__(self, url, cache=None, chunk=URL_CHUNK, fetchers=URL_FETCHERS,
+                 retries=URL_RETRIES, timeout=URL_TIMEOUT, headers=(), cacert=None, log=None):
+        import urllib.parse
+        if any(ord(ch) <= 32 or ord(ch) == 127 for ch in url):
+            raise UsageError("--url: the URL contains spaces or control characters")
+        p = urllib.parse.urlsplit(url)
+        if p.scheme not in ("http", "https") or not p.hostname:
+            raise UsageError("--url needs an http:// or https:// URL with a host (got %s)"
+                             % (p.scheme + "://..." if p.scheme else "no scheme"))
+        try:
+            self.port = p.port or (443 if p.scheme == "https" else 80)
+        except ValueError:
+            raise UsageError("--url: bad port in %s://%s" % (p.scheme, p.hostname))
+        if chunk < PAGE_SIZE or chunk & (chunk - 1):
+            raise UsageError("--chunk must be a power of two of at least %d bytes" % PAGE_SIZE)
+        if fetchers < 1 or retries < 0:
+            raise UsageError("--fetchers must be at least 1 and --retries at least 0")
+        self.display = redact_url(url)
+        self.host, self.https = p.hostname, p.scheme == "https"
+        self.target = (p.path or "/") + ("?" + p.query if p.query else "")
+        self.user_headers = dict(parse_header(h) for h in headers)
+        self.retries, self.timeout, self.nfetchers = retries, timeout, fetchers
+        self.log = log or EventLog(None, human=None)
+        self.ctx = self._ssl_context(cacert) if self.https else None
+        self.pin = {}
+        self.etag = self.last_modified = None
+        self.chunk = chunk
+        self.waker = None                 # the Handler's wake(): a background fetch completed
+        self._handler = None              # the Handler serving from us (its regions)
+        self.page_size = PAGE_SIZE
+        self.failed = None                # a fatal FetchError: every later need raises it
+        self.base = self._map = 0
+        self._data_fd = self._map_fd = self._lock_fd = self._users_fd = -1
+        self.cache_dir = None
+        self.caching = False              # chunks are written to the cache directory
+        self._shared = False              # the mapping is the cache file's
+        self._cv = threading.Condition()
+        self._queue, self._queued, self._pending, self._errors = [], {}, {}, {}
+        self._running = set()
+        self._to_write = []               # fetched chunks the writer has still to persist
+        self._seq = 0
+        self._threads = []
+        self._closing = False
+        self._lat = array.array("f")     # fetch latencies (µs)
+        self.counts = {"fetches": 0, "fetched_bytes": 0, "fetch_retries": 0, "cache_hits": 0,
+                       "cache_misses": 0, "fetch_waits": 0, "fetch_wait_s": 0.0}
+        first = self._probe(1 if cache else chunk)
+        self.nchunks = -(-self.size // self.chunk)
+        self._maplen = -(-self.size // PAGE_SIZE) * PAGE_SIZE
+        self.have = bytearray(self.nchunks)
+        if cache:
+            self._open_cache(cache)
+        self._anon = bytearray(self.nchunks)   # chunks where anonymous memory covers the file
+        if not self._map:
+            self._map = mmap_anon(self._maplen, PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_NORESERVE)
+        self.base = self._map
+        if len(first) == min(self.chunk, self.size) and not self.have[0]:
+            self._store(0, first, PRIO_DEMAND)
+        self._start_fetchers()
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _ssl_context(self, cacert):
+        import ssl
+        try:
+            return ssl.create_default_context(cafile=cacert)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError("--cacert %s: %s" % (cacert, getattr(e, "strerror", None) or e))
+
+    def _connect(self):
+        import http.client
+        if self.https:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                               context=self.ctx)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _request(self, conn, a, b, pin=True):
+        """Send ``GET`` of bytes ``[a, b)`` on ``conn[0]`` (connecting if needed); returns the
+        response with its headers read.  Network failures raise _Transient."""
+        import http.client
+        hdrs = {"Range": "bytes=%d-%d" % (a, b - 1)}
+        if pin:
+            hdrs.update(self.pin)
+        hdrs.update(self.user_headers)
+        try:
+            if conn[0] is None:
+                conn[0] = self._connect()
+            conn[0].request("GET", self.target, headers=hdrs)
+            return conn[0].getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(conn)
+            raise _Transient(self._net_reason(e))
+
+    @staticmethod
+    def _net_reason(e):
+        import ssl
+        if isinstance(e, ssl.SSLCertVerificationError):
+            raise FetchError("TLS: %s (a private CA: give --cacert FILE)"
+                             % (e.verify_message or "certificate verify failed"), fatal=True)
+        if isinstance(e, TimeoutError):
+            return "timed out"
+        if isinstance(e, ssl.SSLError):
+            return "TLS: %s" % (e.reason or type(e).__name__)
+        if isinstance(e, OSError):
+            return e.strerror or type(e).__name__
+        return type(e).__name__     # an HTTPException: its text may quote the request
+
+    @staticmethod
+    def _drop(conn):
+        if conn[0] is not None:
+            conn[0].close()
+            conn[0] = None
+
+    def _with_retries(self, what, fn):
+        """``fn()`` with up to ``retries`` retries of a _Transient (backoff 0.1 s doubling, at
+        most 2 s, each counted in ``fetch_retries``); then FetchError."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except _Transient as e:
+                reason = str(e)
+                if attempt == self.retries:
+                    break
+                with self._cv:
+                    self.counts["fetch_retries"] += 1
+                time.sleep(min(2.0, 0.1 * (1 << attempt)))
+        raise FetchError("GET %s %s: %s (after %d retries)"
+                         % (self.display, what, reason, self.retries))
+
+    def _status(self, resp):
+        return "HTTP %d %s" % (resp.status, resp.reason)
+
+    def _probe(self, length):
+        """The first ranged GET: the object's size from Content-Range (a presigned GET URL
+        allows no HEAD), its ETag/Last-Modified to pin, and its first bytes."""
+        conn = [None]
+
+        def once():
+            resp = self._request(conn, 0, length, pin=False)
+            st = resp.status
+            if st in (500, 502, 503, 504, 408, 429) or st > 504:
+                self._drop(conn)
+                raise _Transient(self._status(resp))
+            return resp
+        resp = self._with_retries("bytes=0-%d" % (length - 1), once)
+        try:
+            where = "%s: %s" % (self.display, self._status(resp))
+            if resp.status == 200:
+                raise UsageError("%s: the server does not support Range requests (HTTP 200 "
+                                 "with the whole object)" % self.display)
+            if resp.status in (401, 403):
+                raise NotPermitted(where + " (the URL's signature or the --header token is "
+                                           "refused or expired?)")
+            if resp.status == 416 and (resp.getheader("Content-Range") or "").endswith("/0"):
+                raise UsageError("%s: the object is empty" % self.display)
+            if resp.status != 206:
+                raise UsageError(where)
+            m = re.match(r"^bytes 0-(\d+)/(\d+)$", resp.getheader("Content-Range") or "")
+            if not m or int(m.group(1)) + 1 != min(length, int(m.group(2))):
+                raise FetchError("%s: wrong Content-Range %r for bytes=0-%d"
+                                 % (self.display, resp.getheader("Content-Range"), length - 1))
+            self.size = int(m.group(2))
+            self.etag = resp.getheader("ETag")
+            self.last_modified = resp.getheader("Last-Modified")
+            if self.etag and not self.etag.startswith("W/"):
+                self.pin = {"If-Match": self.etag, "If-Range": self.etag}
+            elif self.last_modified:
+                self.pin = {"If-Unmodified-Since": self.last_modified,
+                            "If-Range": self.last_modified}
+            else:
+                self.log.emit("warning", message="%s has no ETag or Last-Modified: a change of "
+                              "the object during the restore cannot be detected" % self.display)
+            try:
+                return resp.read()
+            except (OSError, Exception):
+                return b""
+        finally:
+            self._drop(conn)
+
+    @property
+    def validator(self):
+        return self.etag or self.last_modified or ""
+
+    # -- the cache directory --------------------------------------------------------------------
+    def _open_cache(self, root):
+        """Open (or create) the cache entry ``root/<key>``: ``data`` (sparse, the object's
+        bytes), ``map`` (one byte per chunk, set only once the chunk is completely written),
+        ``meta.json``, ``state``, ``lock`` (held exclusively to set up or close the entry) and
+        ``users`` (held shared by every process using it).  Any failure: serve without a
+        cache, said once."""
+        import hashlib
+        key = hashlib.sha256(("%s\n%d\n%s" % (self.display, self.size, self.validator))
+                             .encode()).hexdigest()[:32]
+        d = os.path.join(root, key)
+        try:
+            os.makedirs(d, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._lock_fd = os.open(os.path.join(d, "lock"), flags, 0o600)
+            self._users_fd = os.open(os.path.join(d, "users"), flags, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._init_entry(d)
+                fcntl.flock(self._users_fd, fcntl.LOCK_SH)   # held while we use the entry
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._map = mmap_anon(self._maplen, PROT_READ, MAP_SHARED, fd=self._data_fd)
+        except OSError as e:
+            self._cache_failed(root, e)
+            self._close_fds()
+            return
+        self.cache_dir = d
+        self.caching = self._shared = True
+        present = os.pread(self._map_fd, self.nchunks, 0)
+        for c, v in enumerate(present):
+            if v:
+                self.have[c] = _CACHED
+        self._populate_present()
+
+    def _init_entry(self, d):
+        """Under the exclusive lock: meta (the chunk size of an existing entry wins), data and
+        map sized, and a map written before a host crash (state dirty, another boot) reset:
+        the page cache may have lost data whose map byte reached the disk."""
+        path = os.path.join(d, "meta.json")
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = None
+        if not meta or meta.get("size") != self.size or not isinstance(meta.get("chunk"), int):
+            meta = {"url": self.display, "size": self.size, "validator": self.validator,
+                    "chunk": self.chunk}
+            with open(path + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.rename(path + ".tmp", path)
+            stale = True
+        else:
+            stale = False
+        if meta["chunk"] != self.chunk:
+            self.log.emit("warning", message="the cache entry uses --chunk %d: using that"
+                          % meta["chunk"])
+            self.chunk = meta["chunk"]
+            self.nchunks = -(-self.size // self.chunk)
+            self.have = bytearray(self.nchunks)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._data_fd = os.open(os.path.join(d, "data"), flags, 0o600)
+        self._map_fd = os.open(os.path.join(d, "map"), flags, 0o600)
+        spath = os.path.join(d, "state")
+        try:
+            with open(spath) as f:
+                boot, dirty = f.read().split()
+        except (OSError, ValueError):
+            boot, dirty = "", "1"
+        if stale or (dirty == "1" and boot != _boot_id()):
+            os.ftruncate(self._map_fd, 0)
+        if os.fstat(self._data_fd).st_size != self.size:
+            os.ftruncate(self._data_fd, self.size)
+        os.ftruncate(self._map_fd, self.nchunks)
+        with open(spath, "w") as f:
+            f.write("%s 1\n" % _boot_id())
+
+    def _cache_failed(self, root, e):
+        """Serve without the cache from now on, and say so once.  The fds stay open until
+        ``close`` (another fetcher may be using them)."""
+        with self._cv:
+            warn, self.caching = self.caching or self.cache_dir is None, False
+        if warn:
+            self.log.emit("warning", message="cache %s unusable (%s): serving without a cache"
+                          % (root, e.strerror or e))
+
+    def _close_fds(self):
+        for name in ("_data_fd", "_map_fd", "_lock_fd", "_users_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def _populate_present(self):
+        """Map the cached chunks now (as FileSource's MAP_POPULATE does), not at fault time."""
+        c = 0
+        while c < self.nchunks:
+            if not self.have[c]:
+                c += 1
+                continue
+            e = c
+            while e < self.nchunks and self.have[e]:
+                e += 1
+            self._populate(c * self.chunk, min(self._maplen, e * self.chunk) - c * self.chunk)
+            c = e
+
+    def _populate(self, off, n):
+        try:
+            madvise(self._map + off, n, MADV_POPULATE_READ)
+        except OSError:
+            pass                              # only an optimisation (kernels < 5.14)
+
+    # -- storing chunks -------------------------------------------------------------------------
+    def _span(self, c):
+        a = c * self.chunk
+        return a, min(self.size, a + self.chunk)
+
+    def _into(self, c):
+        """Writable memory for chunk ``c`` in the mapping.  Where the mapping is the cache file,
+        anonymous memory is put over the chunk first: the fetch lands there directly (one copy,
+        from the socket) and is written to the cache behind the serving (``_writer``), so a
+        slow disk does not slow a cold restore."""
+        a, n = self._page_span(c)
+        if self._shared and not self._anon[c]:
+            mmap_anon(n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, addr=self._map + a)
+            self._anon[c] = 1
+        try:                                    # one call instead of a page fault per page
+            madvise(self._map + a, n, MADV_POPULATE_WRITE)
+        except OSError:
+            pass
+        return (ctypes.c_char * (self._span(c)[1] - a)).from_address(self._map + a)
+
+    def _from_cache(self, c):
+        """Chunk ``c`` is complete in the cache file (another process wrote it): map it."""
+        a, n = self._page_span(c)
+        if self._anon[c]:                       # a failed fetch of ours left anonymous memory
+            mmap_anon(n, PROT_READ, MAP_SHARED | MAP_FIXED, fd=self._data_fd, offset=a,
+                      addr=self._map + a)
+            self._anon[c] = 0
+        self._populate(a, n)
+        self.have[c] = _CACHED
+
+    def _store(self, c, buf, prio):
+        """Chunk ``c`` has arrived (``buf``: bytes still to be copied into place, or None):
+        mark it present and hand it to the cache writer."""
+        if buf is not None:
+            ctypes.memmove(self._into(c), bytes(buf), len(buf))
+        self.have[c] = _AHEAD if prio == PRIO_READAHEAD else _SEEN
+        if self.caching:
+            with self._cv:
+                self._to_write.append((c, time.monotonic()))
+                self._cv.notify_all()
+            return True
+        return False
+
+    def _writer(self):
+        """Writes fetched chunks to the cache file, then sets their map byte (a chunk is
+        visible to other processes only once completely written), then releases the chunk's
+        lock.  It writes while no fetch is running (or a chunk has waited CACHE_WRITE_DELAY),
+        because a disk write costs CPU that a cold restore needs (README "Restoring from a
+        URL").  A full or failing disk: serve without the cache from then on (said once)."""
+        while True:
+            with self._cv:
+                while True:
+                    q = self._to_write
+                    if q and (self._closing or not self._running or
+                              time.monotonic() - q[0][1] > CACHE_WRITE_DELAY):
+                        break
+                    if not q and self._closing:
+                        return
+                    self._cv.wait(0.1 if q else None)
+                c = q.pop(0)[0]
+            a, b = self._span(c)
+            try:
+                if self.caching:
+                    view = memoryview((ctypes.c_char * (b - a)).from_address(self._map + a))
+                    view = view.cast("B")
+                    done = 0
+                    while done < b - a:
+                        done += os.pwrite(self._data_fd, view[done:], a + done)
+                    os.pwrite(self._map_fd, b"\x01", c)
+            except OSError as e:
+                self._cache_failed(os.path.dirname(self.cache_dir), e)
+            finally:
+                self._unlock_chunk(c)
+
+    # -- fetchers -------------------------------------------------------------------------------
+    def _start_fetchers(self):
+        if self.caching:
+            t = threading.Thread(target=self._writer, name="uffdtool-cache-writer", daemon=True)
+            t.start()
+            self._threads.append(t)
+        for i in range(self.nfetchers):
+            t = threading.Thread(target=self._fetcher, args=(i == 0 and self.nfetchers > 1,),
+                                 name="uffdtool-fetch-%d" % i, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _take(self, reserved):
+        """The most urgent queued chunk this fetcher may take (the reserved one: demand only)."""
+        from heapq import heappop
+        q = self._queue
+        while q:
+            prio, _, c = q[0]
+            if self._queued.get(c) != prio:    # stale: taken at a higher priority, or done
+                heappop(q)
+                continue
+            if reserved and prio != PRIO_DEMAND:
+                return None
+            heappop(q)
+            del self._queued[c]
+            self._running.add(c)
+            return prio, c
+        return None
+
+    def _fetcher(self, reserved):
+        conn = [None]
+        while True:
+            with self._cv:
+                item = None
+                while not self._closing:
+                    item = self._take(reserved)
+                    if item is not None:
+                        break
+                    self._cv.wait()
+                if item is None:
+                    self._drop(conn)
+                    return
+                prio, c = item
+            err = None
+            try:
+                self._fetch_chunk(c, conn, prio)
+            except FetchError as e:
+                err = e
+            except Exception as e:             # never leave a waiter waiting
+                err = FetchError("fetching %s: %s" % (self.display, type(e).__name__))
+            with self._cv:
+                if err is not None:
+                    self._errors[c] = err
+                    if err.fatal and self.failed is None:
+                        self.failed = err
+                ev = self._pending.pop(c, None)
+                self._running.discard(c)
+                self._cv.notify_all()
+            if ev is not None:
+                ev.set()
+            if self.waker is not None:
+                self.waker()
+
+    def _fetch_chunk(self, c, conn, prio):
+        if self.have[c]:
+            return
+        locked = self.caching and self._lock_chunk(c)
+        try:
+            if locked and os.pread(self._map_fd, 1, c) == b"\x01":
+                self._from_cache(c)                # another process fetched it meanwhile
+                return
+            a, b = self._span(c)
+            t = time.perf_counter()
+            into = self._into(c)
+            self._with_retries("bytes=%d-%d" % (a, b - 1),
+                               lambda: self._get_into(conn, a, b, into))
+            us = (time.perf_counter() - t) * 1e6
+            if self._store(c, None, prio):
+                locked = False                     # the writer unlocks once written
+            with self._cv:
+                if len(self._lat) >= 1 << 16:     # bounded: keep every other sample
+                    self._lat = self._lat[::2]
+                self._lat.append(us)
+                self.counts["fetches"] += 1
+                self.counts["fetched_bytes"] += b - a
+                self.counts["cache_misses"] += 1
+        finally:
+            if locked:
+                self._unlock_chunk(c)
+
+    def _page_span(self, c):
+        a, b = self._span(c)
+        return a, -(-(b - a) // PAGE_SIZE) * PAGE_SIZE
+
+    def _lock_chunk(self, c):
+        """A record lock on byte ``c`` of the map: processes sharing the cache fetch each chunk
+        once (the kernel may call a lock wait between two processes EDEADLK although each
+        holder only fetches: wait a little and try again)."""
+        for _ in range(1000):
+            try:
+                fcntl.lockf(self._map_fd, fcntl.LOCK_EX, 1, c, 0)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EDEADLK, errno.EINTR):
+                    return False
+                time.sleep(0.001)
+        return False
+
+    def _unlock_chunk(self, c):
+        try:
+            fcntl.lockf(self._map_fd, fcntl.LOCK_UN, 1, c, 0)
+        except OSError:
+            pass
+
+    def _get_into(self, conn, a, b, into):
+        """One ranged GET of ``[a, b)`` read into ``into``; checks status, Content-Range, size
+        and validator."""
+        resp = self._request(conn, a, b)
+        st = resp.status
+        if st != 206:
+            self._drop(conn)
+            status = self._status(resp)
+            if st in (500, 502, 503, 504, 408, 429) or st > 504:
+                raise _Transient(status)
+            if st in (200, 412):
+                raise FetchError("%s changed during the restore (%s to a request pinned to %s)"
+                                 % (self.display, status, self.validator or "its size"),
+                                 fatal=True)
+            raise FetchError("GET %s bytes=%d-%d: %s" % (self.display, a, b - 1, status),
+                             fatal=st in (404, 410, 416))
+        want = "bytes %d-%d/%d" % (a, b - 1, self.size)
+        got = resp.getheader("Content-Range")
+        etag, lm = resp.getheader("ETag"), resp.getheader("Last-Modified")
+        if got != want or resp.length != b - a:
+            self._drop(conn)
+            raise FetchError("%s: wrong Content-Range %r (Content-Length %s) for bytes=%d-%d"
+                             % (self.display, got, resp.length, a, b - 1), fatal=True)
+        if (self.etag and etag and etag != self.etag) or (
+                not self.etag and self.last_modified and lm and lm != self.last_modified):
+            self._drop(conn)
+            raise FetchError("%s changed during the restore (validator %s, pinned %s)"
+                             % (self.display, etag or lm, self.validator), fatal=True)
+        view = memoryview(into).cast("B")[:b - a]
+        got = 0
+        try:
+            while got < b - a:
+                k = resp.readinto(view[got:])
+                if not k:
+                    raise _Transient("connection closed after %d of %d bytes" % (got, b - a))
+                got += k
+        except (OSError, ValueError) as e:
+            self._drop(conn)
+            raise _Transient(self._net_reason(e) if isinstance(e, OSError) else "short body")
+        except _Transient:
+            self._drop(conn)
+            raise
+
+    def _submit(self, c, prio):
+        """Queue chunk ``c`` at ``prio`` (or raise a queued one to it); returns its Event.
+        Caller holds ``_cv``."""
+        import heapq
+        if self.have[c]:
+            return None
+        ev = self._pending.get(c)
+        if ev is None:
+            ev = self._pending[c] = threading.Event()
+        if c in self._running:
+            return ev                               # in flight: wait for it, no second fetch
+        old = self._queued.get(c)
+        if old is None or prio < old:
+            self._queued[c] = prio
+            self._seq += 1
+            heapq.heappush(self._queue, (prio, self._seq, c))
+            self._cv.notify_all()
+        return ev
+
+    def _want(self, c, prio):
+        """Ask for chunk ``c`` in the background (no wait)."""
+        if self.have[c] or c in self._errors:
+            return
+        with self._cv:
+            if not self.have[c]:
+                self._submit(c, prio)
+
+    def _demand(self, c):
+        """Wait until chunk ``c`` is present (a fault needs it): FetchError if it cannot be."""
+        if self.failed is not None:
+            raise self.failed
+        err = self._errors.get(c)
+        if err is not None:
+            raise err
+        if self.caching and os.pread(self._map_fd, 1, c) == b"\x01":
+            self._from_cache(c)                   # another process has fetched it
+            return self._seen(c)
+        with self._cv:
+            ev = None if self.have[c] else self._submit(c, PRIO_DEMAND)
+        if ev is not None:
+            t = time.perf_counter()
+            ev.wait()
+            with self._cv:                       # faults that had to wait for the network
+                self.counts["fetch_waits"] += 1
+                self.counts["fetch_wait_s"] += time.perf_counter() - t
+        if not self.have[c]:
+            raise self.failed or self._errors.get(c) or FetchError(
+                "%s: chunk %d was not fetched" % (self.display, c))
+        if c and self.have[c - 1]:                # sequential: fetch ahead of the faults
+            self._readahead(c)
+        self._seen(c)
+
+    def _readahead(self, c):
+        for k in range(c + 1, min(self._needed(), c + 1 + max(1, self.nfetchers - 1))):
+            self._want(k, PRIO_READAHEAD)
+
+    def _needed(self):
+        """Chunks up to the end of the served regions' data (readahead stops there: an object
+        store bills every byte)."""
+        h = self._handler
+        if h is None:
+            return self.nchunks
+        top = max((r.offset + r.end - r.start for s in list(h.served.values())
+                   for r in s.regions if r.offset is not None), default=self.size)
+        return min(self.nchunks, -(-top // self.chunk))
+
+    def _seen(self, c):
+        h = self.have[c]
+        if h == _CACHED:
+            with self._cv:
+                self.counts["cache_hits"] += 1
+        elif h == _AHEAD:
+            self._readahead(c)
+        self.have[c] = _SEEN
+
+    # -- the source interface -------------------------------------------------------------------
+    def ensure(self, off, n):
+        """Make ``[off, off+n)`` fillable: wait for the chunk of ``off``; a longer fill is cut
+        at the first chunk not here yet (which is then fetched in the background).  Returns the
+        bytes that may be copied now (a whole number of pages)."""
+        sh = self.chunk
+        c = off // sh
+        if self.have[c] != _SEEN:
+            if self.have[c]:
+                self._seen(c)
+            else:
+                self._demand(c)
+        last = (off + n - 1) // sh
+        k = c + 1
+        while k <= last:
+            if self.have[k] != _SEEN:
+                if not self.have[k]:
+                    if self.page_size > sh:         # huge pages: a fill is at least one page
+                        self._demand(k)
+                        k += 1
+                        continue
+                    self._want(k, PRIO_READAHEAD)
+                    return k * sh - off
+                self._seen(k)
+            k += 1
+        return n
+
+    def fill(self, uffd, dst, length, offset, hugetlb=False):
+        n = self.ensure(offset, length)
+        return uffd.copy(dst, self.base + offset, n)
+
+    def ready(self, off, n, prio=PRIO_PREFETCH):
+        """Whether ``[off, off+n)`` can be filled without waiting; queues what is missing (for
+        background work, which must not block the serving thread)."""
+        if self.failed is not None:
+            raise self.failed
+        ok = True
+        for c in range(off // self.chunk, min(self.nchunks, (off + n - 1) // self.chunk + 1)):
+            if not self.have[c]:
+                err = self._errors.get(c)
+                if err is not None:
+                    raise err
+                ok = False
+                self._want(c, prio)
+            elif self.have[c] != _SEEN:
+                self._seen(c)
+        return ok
+
+    def plan(self, runs, prio=PRIO_PREFETCH):
+        """Queue the chunks of source-offset ``runs`` in their order (a --prefetch list in
+        first-fault order: the chunks come in the order the last run needed them)."""
+        for a, b in runs:
+            for c in range(a // self.chunk, min(self.nchunks, (b - 1) // self.chunk + 1)):
+                self._want(c, prio)
+
+    def address(self, offset):
+        return self.base + offset
+
+    def bind(self, handler):
+        """Called by the Handler: its page size, its wake-up, its stats records."""
+        self.page_size = handler.page_size
+        self.waker = handler.wake
+        self._handler = handler
+        handler.stats.providers.append(self.stats_fields)
+
+    def stats_fields(self):
+        with self._cv:
+            rec = dict(self.counts)
+            rec["fetch_wait_s"] = round(rec["fetch_wait_s"], 6)
+            lat = sorted(self._lat)
+            rec["fetch_latency_us"] = {} if not lat else {
+                "p50": round(lat[len(lat) // 2], 1),
+                "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1)}
+            rec["in_flight"] = len(self._running)
+            rec["chunk"] = self.chunk
+            rec["cached"] = self.cache_dir is not None
+        return rec
+
+    def close(self):
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        deadline = time.monotonic() + 2
+        for t in self._threads:             # the cache writer may need longer (a slow disk)
+            t.join(max(0.0, deadline - time.monotonic()) + (8 if t.name.endswith("writer")
+                                                             else 0))
+        busy = any(t.is_alive() for t in self._threads)     # a fetch still waits on the network
+        if self._lock_fd >= 0 and not busy:
+            self._close_cache()
+        if self._map and not busy:
+            munmap(self._map, self._maplen)
+            self._map = self.base = 0
+
+    def _close_cache(self):
+        """The last user of the entry syncs data, then map, and marks the state clean (under
+        ``lock``, so that no process sets the entry up meanwhile)."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fdatasync(self._data_fd)
+            os.fdatasync(self._map_fd)
+            with open(os.path.join(self.cache_dir, "state"), "w") as f:
+                f.write("%s 0\n" % _boot_id())
+        except OSError:
+            pass                               # another process still uses it: it will
+        self._close_fds()
+
+
 ###################################################################################################
 #  9. Handler loop
 ###################################################################################################
@@ -1806,6 +2621,9 @@ class Handler:
         self.stopping = False
         self._calls = []              # call_soon queue: (fn, args, kwargs), run by ``run``
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        bind = getattr(self.source, "bind", None)     # a UrlSource: page size, wake, stats
+        if bind is not None:
+            bind(self)
 
     # -- setup ----------------------------------------------------------------------------------
     def add(self, uffd, regions, pid=None, label=None):
@@ -2050,6 +2868,10 @@ class Handler:
                         return True
                     if -span < n:
                         n = max(ps, -(span // ps) * ps)
+                ready = getattr(self.source, "ready", None)
+                if ready is not None and not ready(a, n):
+                    self._prefetch_rest(a, b)
+                    return None                   # fetching: wake() calls us again
                 try:
                     done = self.source.fill(s.uffd, dst, n, a, self.hugetlb)
                 except UffdError as err:
@@ -2287,11 +3109,14 @@ class Handler:
         user_idle = [idle]
 
         def idle_step():
+            # None from a step: it waits for a background fetch; wake() makes the loop busy again
             if self.prefetch:
-                return self.prefetch_step() or user_idle[0] is not None
+                more = self.prefetch_step()
+                return more is not None and (more or user_idle[0] is not None)
             if user_idle[0] is not None:
-                if user_idle[0]():
-                    return True
+                more = user_idle[0]()
+                if more or more is None:
+                    return bool(more)
                 user_idle[0] = None
             return False
         busy = True
@@ -2360,6 +3185,7 @@ class Handler:
                         os.read(self._wake_r, 4096)     # drain, or poll spins from now on
                     except OSError:
                         pass
+                    busy = True                         # maybe idle work can go on (wake())
                     continue
                 if fd in extra:
                     return fd
@@ -2368,6 +3194,14 @@ class Handler:
                     if s is not None:
                         self.drop(s, "hangup")
         return "stopped"
+
+    def wake(self):
+        """Make ``run`` try its idle work again (thread-safe; a UrlSource calls it when a
+        background fetch completes)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
 
     def call_soon(self, fn, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` on the thread in ``run``, before it reads the next batch
@@ -2408,6 +3242,7 @@ class Handler:
             arg, req, res_off = bytearray(40), UFFDIO_COPY, 32          # uffdio_copy
             put = struct.Struct("=QQQ").pack_into                       # dst, src, len
             base = src.base
+        ensure = getattr(src, "ensure", None)          # a UrlSource: wait for the chunk
         how = src.kind
         # Readahead hint: pages this loop has filled, by source page.  A fill is cut short before
         # a page we know is present, so that the kernel need not stop there (a partial fill is
@@ -2514,7 +3349,15 @@ class Handler:
                         elif pfd == src_fd:
                             flush()
                             src.check()               # raises SourceChanged
-                        elif pfd != wake_r:
+                        elif pfd == wake_r:           # wake(): idle work may go on
+                            try:
+                                read(wake_r, 4096)
+                            except OSError:
+                                pass
+                            if self._calls:
+                                return None
+                            busy = True
+                        else:
                             return None               # a newly added uffd: general loop
                     continue
                 except OSError as e:
@@ -2554,6 +3397,8 @@ class Handler:
                 if zero:
                     put(arg, 0, addr, n)
                 else:
+                    if ensure is not None:
+                        n = ensure(off, n)
                     put(arg, 0, addr, base + off, n)
                 sample = not faults & LAT_MASK      # latency of 1 fault in 8 (saves ~0.1 µs)
                 if sample:
@@ -2618,6 +3463,135 @@ class Handler:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+
+
+class IdleFill:
+    """``serve-file --fill idle``: the Handler's ``idle`` work.  When no fault is waiting and the
+    prefetch list is done, install every source page not present yet, in runs of up to
+    PREFETCH_RUN bytes (one ioctl per call), region by region in source-offset order, so that
+    the restore completes and the source is no longer needed.  A UrlSource fetches ahead in
+    the background (``ready``); meanwhile the step returns None and the Handler sleeps until
+    ``wake``.  Writes ``fill_done`` when everything is installed, and a progress line on the
+    human stream about once a second."""
+
+    def __init__(self, handler, log):
+        self.h, self.log = handler, log
+        self.todo = None
+        self.cur = None
+        self.total = self.passed = self.pages = 0
+        self.t0 = self.next_line = 0.0
+        self.finished = False
+
+    def _plan(self):
+        h = self.h
+        size = h.source.size
+        regs = sorted(((r.offset, s, r) for s in h.served.values() for r in s.regions
+                       if r.offset is not None), key=lambda x: x[0])
+        self.todo = []
+        for off, s, r in regs:
+            end = r.end if size is None else min(r.end, r.start + max(0, size - off))
+            end = -(-end // h.page_size) * h.page_size if end > r.start else r.start
+            if end > r.start:
+                self.todo.append((s, r, end))
+                self.total += end - r.start
+        plan = getattr(h.source, "plan", None)
+        if plan is not None:
+            plan([(r.offset, r.offset + end - r.start) for s, r, end in self.todo], PRIO_FILL)
+        self.t0 = self.next_line = time.monotonic()
+
+    def __call__(self):
+        """One step: True (more to do now), None (waiting for a fetch), False (done)."""
+        if self.finished:
+            return False
+        if self.todo is None:
+            self._plan()
+        while True:
+            if self.cur is None:
+                if not self.todo:
+                    return self._finish()
+                s, r, end = self.todo.pop(0)
+                self.cur = [s, r, r.start, end]
+            s, r, a, end = self.cur
+            if s.uffd.closed or s.uffd.fileno() not in self.h.served or s.find(a) is not r:
+                self.passed += end - a             # gone or changed: nothing to keep there
+                self.cur = None
+                continue
+            a = self._skip_present(r, a, end)
+            if a >= end:
+                self.cur = None
+                continue
+            self.cur[2] = a
+            return self._step(s, r, a, end)
+
+    def _skip_present(self, r, a, end):
+        """The first page from ``a`` that the fast loop's readahead hint does not know as filled
+        (only a hint: a page filled elsewhere costs one EEXIST)."""
+        hint, shift = self.h._present, self.h.page_size.bit_length() - 1
+        if hint is None:
+            return a
+        i = (r.offset + a - r.start) >> shift
+        j = (r.offset + end - r.start) >> shift
+        top = min(j, len(hint))                    # pages past the hint are not known filled
+        k = hint.find(0, i, top) if i < top else i
+        k = top if k < 0 else k
+        self.passed += (k - i) << shift
+        return a + ((k - i) << shift)
+
+    def _step(self, s, r, a, end):
+        h, ps = self.h, self.h.page_size
+        n = min(PREFETCH_RUN, end - a)
+        for x, y in s.removed:                     # never put source data over a removed page
+            if x <= a < y:
+                self.cur[2] = min(y, end)
+                self.passed += self.cur[2] - a
+                return True
+            if a < x < a + n:
+                n = x - a
+        off = r.offset + (a - r.start)
+        ready = getattr(h.source, "ready", None)
+        if ready is not None and not ready(off, n, PRIO_FILL):
+            return None
+        try:
+            done = h.source.fill(s.uffd, a, n, off, h.hugetlb)
+        except UffdError as e:
+            if e.errno == errno.EAGAIN:            # an event is pending: the loop reads it
+                h.stats.add("eagain")
+                return True
+            if e.errno in (errno.ESRCH, errno.ENOMEM):
+                h.drop(s, "exited")
+                self.cur = None
+                return True
+            if e.errno not in (errno.EEXIST, errno.ENOENT, errno.EINVAL):
+                raise
+            done, n = 0, ps if e.errno == errno.EEXIST else n
+        # nothing done: skip the present page (EEXIST) or the unmapped run; a short fill stopped
+        # at a present page: skip that page too
+        step = n if not done or done >= n else done + ps
+        self.pages += done // ps
+        h.stats.add("fill_pages", done // ps)
+        self.cur[2] = a + step
+        self.passed += step
+        self._progress()
+        return True
+
+    def _progress(self):
+        now = time.monotonic()
+        if now < self.next_line or self.log.human is None:
+            return
+        self.next_line = now + 1.0
+        try:
+            self.log.human.write("fill: %.1f of %.1f MiB (%d%%), %d pages installed\n" % (
+                self.passed / 1048576, self.total / 1048576,
+                100 * self.passed // max(1, self.total), self.pages))
+            self.log.human.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _finish(self):
+        self.finished = True
+        self.log.emit("fill_done", pages=self.pages, bytes=self.pages * self.h.page_size,
+                      seconds=round(time.monotonic() - self.t0, 6))
+        return False
 
 
 def _merge_range(ranges, start, end):
@@ -8513,6 +9487,31 @@ def _add_stop_options(g, dontneed_help):
                    help="DESTRUCTIVE, with --pid: " + dontneed_help)
 
 
+def _add_url_options(g):
+    """serve-file's --url SOURCE and its options (README "Restoring from a URL")."""
+    g.add_argument("--url", metavar="URL",
+                   help="the page at region offset X is byte X of the object at URL (http:// "
+                        "or https://, e.g. a presigned S3/GCS URL), fetched with Range GETs")
+    g.add_argument("--cache", metavar="DIR", help="with --url: keep fetched chunks in DIR "
+                   "(shared by concurrent serve-file processes; keyed by URL without query, "
+                   "size and ETag)")
+    g.add_argument("--chunk", type=_positive_size, default=URL_CHUNK, metavar="SIZE",
+                   help="with --url: bytes per Range GET, a power of two (default %s)"
+                        % ("%dK" % (URL_CHUNK >> 10)))
+    g.add_argument("--fetchers", type=_positive_int, default=URL_FETCHERS, metavar="N",
+                   help="with --url: parallel connections, one kept for faults (default %d)"
+                        % URL_FETCHERS)
+    g.add_argument("--retries", type=int, default=URL_RETRIES, metavar="N",
+                   help="with --url: retries of a failed GET, with backoff (default %d)"
+                        % URL_RETRIES)
+    g.add_argument("--timeout", type=_seconds, default=URL_TIMEOUT, metavar="SECS",
+                   help="with --url: connect/read timeout (default %g)" % URL_TIMEOUT)
+    g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="with --url: send this header (repeatable; values never logged)")
+    g.add_argument("--cacert", metavar="FILE",
+                   help="with https: trust the CA certificates in FILE (default: system CAs)")
+
+
 def build_parser():
     """The argparse parser of the CLI (sub-commands info, selftest, watch, serve-file, report)."""
     p = _Parser(prog="uffdtool", description=__doc__.split("\n\n")[0],
@@ -8569,6 +9568,7 @@ def build_parser():
     g.add_argument("--offset", type=_size_arg, default=0, metavar="BYTES",
                    help="with --file: where region offset 0 is in PATH (default 0)")
     g.add_argument("--zero", action="store_true", help="fill with zero pages (UFFDIO_ZEROPAGE)")
+    _add_url_options(g)
     g.add_argument("--prefetch", metavar="FILE",
                    help="install the pages listed in FILE (a --record working set) early")
     _add_target(pf)
@@ -8587,6 +9587,9 @@ def build_parser():
     _add_stop_options(pf, "drop the present pages of the ranges (MADV_DONTNEED injected, all "
                           "threads stopped) so that they fault and get the file's data: "
                           "restores the ranges from the file")
+    pf.add_argument("--fill", choices=("idle",),
+                    help="idle: with --file or --url, install the rest of the memory in the "
+                         "background when no fault waits (a fill_done record says when)")
     pf.add_argument("--kill-peer-on-error", action="store_true",
                     help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
                          "cannot hang or read zeros where file data belongs")
@@ -8670,6 +9673,8 @@ examples:
   uffdtool serve-file --file dump.bin --self
   sudo uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
   sudo uffdtool serve-file --file img.bin --range 0x600000000000:1M -- ./app
+  uffdtool serve-file --url "$(aws s3 presign s3://b/vm.mem)" --cache /var/cache/uffdtool \\
+      --firecracker-socket /tmp/uffd.sock --fill idle
 """
 
 
@@ -8772,7 +9777,8 @@ def _range_offsets(args, source):
     need = offsets[-1] + args.ranges[-1][1]
     if source.size is not None and need > source.size:
         raise UsageError("%s is too short for the ranges: they need %d bytes from --offset %d, "
-                         "the file has %d" % (args.file, need, args.offset, source.size))
+                         "the file has %d" % (getattr(source, "display", args.file), need,
+                                              args.offset, source.size))
     return offsets
 
 
@@ -8917,6 +9923,7 @@ class Session:
     ``error`` record.  The commands configure it: ``counters`` (stats fields that are always
     there), ``record_key``, ``prepare(handler)`` and ``finish(reason)`` (a status or None)."""
     counters = ()
+    idle = None                               # Handler idle work (serve-file --fill idle)
     record_key = "address"
     failure = None                            # the exception that ended the run, if any
     final_stats = None                        # the final stats record, once written
@@ -8984,7 +9991,8 @@ class Session:
         deadline = None if self.args.duration is None else time.monotonic() + self.args.duration
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            res = h.run(fds, timeout=left, tick=tick, tick_interval=self.args.stats_interval)
+            res = h.run(fds, timeout=left, tick=tick, tick_interval=self.args.stats_interval,
+                        idle=self.idle)
             if sig:
                 return "interrupted"
             if res == "timeout":
@@ -9170,11 +10178,14 @@ class ServeSession(Session):
 
     def __init__(self, args, log, target, source, working_set):
         super().__init__("serve-file", args, log, target, source, dict(
-            source=args.file or "zero", offset=args.offset, readahead=args.readahead,
+            source=getattr(source, "display", None) or args.file or "zero", offset=args.offset,
+            readahead=args.readahead,
             on_remove=args.on_remove))
         self.working_set = working_set
 
     def prepare(self, handler):
+        if self.args.fill:
+            self.idle = IdleFill(handler, self.log)
         if self.working_set is None:
             return
         _, rec_ps, pages = self.working_set
@@ -9183,6 +10194,8 @@ class ServeSession(Session):
         runs = split_runs(coalesce_pages(pages, rec_ps, handler.page_size), bounds)
         handler.prefetch = Prefetcher(runs)
         self.stats.add("prefetch_listed", sum(b - a for a, b in runs) // handler.page_size)
+        if hasattr(self.source, "plan"):          # a UrlSource fetches the list ahead,
+            self.source.plan((o, o + rec_ps) for o in pages)    # in first-fault order
 
     def finish(self, reason):
         if isinstance(self.target, SelfServeTarget) and reason == "workload done":
@@ -9192,10 +10205,11 @@ class ServeSession(Session):
 
 def cmd_serve_file(args):
     """serve-file: fill missing pages of the TARGET from --file (or with --zero)."""
-    if bool(args.file) == bool(args.zero):
-        raise UsageError("serve-file needs exactly one source: --file PATH or --zero")
+    if sum(1 for x in (args.file, args.zero, args.url) if x) != 1:
+        raise UsageError("serve-file needs exactly one source: --file PATH, --url URL or --zero")
     if args.offset and not args.file:
         raise UsageError("--offset needs --file")
+    _check_url_args(args)
     _check_target_args(args, "serve-file")
     if args.peers != 1 and not args.firecracker_socket:
         raise UsageError("--peers goes with --firecracker-socket")
@@ -9210,7 +10224,7 @@ def cmd_serve_file(args):
     log.json_faults = not args.no_fault_log
     source = None
     try:
-        source = FileSource(args.file, args.offset) if args.file else ZeroSource()
+        source = open_serve_source(args, log)
         if args.peers != 1:
             session = PeerDaemon(args, log, source, ws)
         else:
@@ -9222,6 +10236,34 @@ def cmd_serve_file(args):
         log.close()
         raise
     return session.run()
+
+
+def _check_url_args(args):
+    """--url's options only with --url; --fill idle only with a file or URL source."""
+    if not args.url:
+        given = [f for f, v in (("--cache", args.cache), ("--header", args.header),
+                                ("--cacert", args.cacert),
+                                ("--chunk", args.chunk != URL_CHUNK),
+                                ("--fetchers", args.fetchers != URL_FETCHERS),
+                                ("--retries", args.retries != URL_RETRIES),
+                                ("--timeout", args.timeout != URL_TIMEOUT)) if v]
+        if given:
+            raise UsageError("%s goes with --url" % given[0])
+    if args.retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    if args.fill and args.zero:
+        raise UsageError("--fill idle needs --file or --url: with --zero it would fill the "
+                         "target's reserved memory with zero pages")
+
+
+def open_serve_source(args, log):
+    """The page source of serve-file's SOURCE flags."""
+    if args.url:
+        args.argv = redact_argv(getattr(args, "argv", []))     # the start record's argv
+        return UrlSource(args.url, cache=args.cache, chunk=args.chunk, fetchers=args.fetchers,
+                         retries=args.retries, timeout=args.timeout, headers=args.header,
+                         cacert=args.cacert, log=log)
+    return FileSource(args.file, args.offset) if args.file else ZeroSource()
 
 
 def _finish_self(args, target, source, stats, log):
@@ -9237,7 +10279,8 @@ def _finish_self(args, target, source, stats, log):
     if not args.quiet:
         sys.stderr.write("self: %.1f MiB served from %s in %.3f s: %.0f MiB/s, %d faults, "
                          "readahead %d: %s\n" % (
-                             mib, args.file or "zero pages", target.elapsed, rate,
+                             mib, getattr(source, "display", None) or args.file or "zero pages",
+                             target.elapsed, rate,
                              sum(v for k, v in stats.count.items() if k.startswith("faults_")),
                              args.readahead,
                              "every byte verified" if ok else "MISMATCH at offset %d" % bad))
@@ -9302,6 +10345,12 @@ class PeerDaemon:
         self.stopping = None                  # why the daemon stopped serving, once it has
         self.error = None
         _record_list(args)                    # --record FILE checked writable now
+        if isinstance(source, UrlSource):
+            # its fetcher threads would not survive a fork (and their locks might be copied
+            # held): the parent has checked the URL by opening it, each worker opens its own
+            # (a --cache directory is shared by all of them)
+            source.close()
+            self.source = None
 
     def run(self):
         args = self.args
@@ -9335,7 +10384,8 @@ class PeerDaemon:
         self.log.emit("exit", reason=reason, status=status)
         if self.error is not None:
             _complain(self.error)
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
         self.log.close()
         return status
 
@@ -9524,9 +10574,10 @@ class PeerDaemon:
             if args.record:
                 args.record = "%s.%d" % (self.args.record, peer)
             log = self.log.fork_copy(peer=peer)
+            source = self.source or open_serve_source(args, log)
             target = FirecrackerTarget(args.firecracker_socket, args.accept_timeout,
                                        args.peer_uid, conn=conn)
-            session = ServeSession(args, log, target, self.source, self.working_set)
+            session = ServeSession(args, log, target, source, self.working_set)
             status = session.run()
             report = {"stats": session.final_stats, "pss_anon_kib": pss_anon_kib(),
                       "error": None if session.failure is None else str(session.failure)}

@@ -213,6 +213,23 @@ def test_watch_overhead_benchmark_runs(tmp_path):
     assert all(re.search(r" median +[\d.]+ s  \(x[\d.]+\)  runs: [\d.]+$", row) for row in rows)
 
 
+@needs_root
+def test_url_benchmark_runs():
+    """bench/url_bench.py (README "Restoring from a URL"), at a small size: a real nginx, the
+    shared C toucher, every configuration once; each run verified (no timing is asserted)."""
+    need_program("nginx", "nginx")
+    need_program("gcc", "gcc")
+    assert "python3 bench/url_bench.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "url_bench.py"),
+                        "--size-mib", "8", "--reps", "1", "--chunks", "256K", "--chunk", "256K"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode and "no ../shared/bench/uffd_bench.c" in r.stderr:
+        pytest.skip("the shared C toucher is not beside this checkout")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 6 and "verified: True" in r.stdout     # header + configurations
+
+
 # -- report -----------------------------------------------------------------------------------
 
 @needs_root
