@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,6 +17,7 @@ import uffdtool as u
 from conftest import Tool, needs_root, needs_uffd, run_tool
 from test_fc_hostile import NOBODY, _peer, _records_of, _tool, _verified, shared_dir  # noqa: F401
 from test_serve import uffd_bench  # noqa: F401  (the C toucher fixture)
+from test_url import SIZE as URL_SIZE, chunk_gets, ngx  # noqa: F401  (nginx on 127.0.0.1)
 
 pytestmark = needs_uffd
 PS = u.PAGE_SIZE
@@ -381,3 +383,33 @@ def test_refused_uid_is_not_a_peer(shared_dir):  # noqa: F811
     assert sorted(r["peer"] for r in recs if r["event"] == "peer-accepted") == sorted(
         p.pid for p in good)
     assert sorted(recs[-2]["peers_served"]) == sorted(p.pid for p in good)
+
+
+def test_url_source_shared_through_the_cache(ngx, tmp_path, daemons):  # noqa: F811
+    """--url --cache with --peers 2: the parent checks the URL, each worker opens its own
+    source (fetcher threads do not survive a fork) on the one cache: both peers get every
+    page of the object, and every chunk is fetched from the server once."""
+    cache = str(tmp_path / "cache")
+    t = daemon(daemons, tmp_path, "--url", ngx.url("mem.bin"), "--cache", cache, "--chunk",
+               "256K", "--peers", 2)
+    sys.path.insert(0, HERE)
+    from fc_client import FcClient
+    clients = [FcClient([URL_SIZE]) for _ in range(2)]
+    bad = []
+    try:
+        for c in clients:
+            c.handshake(t.sock)
+        ts = [threading.Thread(target=lambda c=c: bad.append(c.mismatches(0, ngx.data)))
+              for c in clients]
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join(LONG)
+    finally:
+        for c in clients:
+            c.close()
+    assert bad == [[], []]
+    assert t.finish(timeout=LONG) == 0, t.stderr
+    assert len(t.events("peer-done")) == 2
+    ranges = [r[1] for r in chunk_gets(ngx)]
+    assert sorted(ranges) == sorted(set(ranges)) and len(ranges) == URL_SIZE // (256 << 10)
