@@ -1153,17 +1153,18 @@ class Prefetcher:
 
 class Region:
     """A registered range ``[start, end)`` of one uffd; ``offset`` is the source offset of
-    ``start`` (None: no source data, zero-fill)."""
-    __slots__ = ("start", "end", "offset")
+    ``start`` (None: no source data, zero-fill); ``name`` what the mapping is (``mappings``
+    records: ``[heap]``, ``[anon]``, ``[shmem]``, ``[thread-stack]``...; None: unknown)."""
+    __slots__ = ("start", "end", "offset", "name")
 
-    def __init__(self, start, end, offset=None):
-        self.start, self.end, self.offset = start, end, offset
+    def __init__(self, start, end, offset=None, name=None):
+        self.start, self.end, self.offset, self.name = start, end, offset, name
 
     def __repr__(self):
         return "Region(0x%x-0x%x off=%s)" % (self.start, self.end, self.offset)
 
 
-def file_regions(start, end, file_ranges):
+def file_regions(start, end, file_ranges, name=None):
     """``[start, end)`` as Regions: the parts inside a ``(lo, hi, offset)`` of ``file_ranges``
     (sorted, disjoint) take their source offsets from it, the rest has none (zero-filled)."""
     out, at = [], start
@@ -1172,11 +1173,11 @@ def file_regions(start, end, file_ranges):
         if a >= b:
             continue
         if at < a:
-            out.append(Region(at, a))
-        out.append(Region(a, b, off + (a - lo)))
+            out.append(Region(at, a, None, name))
+        out.append(Region(a, b, off + (a - lo), name))
         at = b
     if at < end:
-        out.append(Region(at, end))
+        out.append(Region(at, end, None, name))
     return out
 
 
@@ -1188,12 +1189,28 @@ class Served:
         self.regions = sorted(regions, key=lambda r: r.start)
         self.starts = [r.start for r in self.regions]
         self.removed = []           # sorted, disjoint [start, end) ranges for on-remove=zero
-        self.pid = pid
+        self.pid = pid              # the process whose mm this uffd belongs to (tgid)
         self.label = label
+        self.comm = None            # its command name (/proc/PID/comm), read when first needed
+        self.mapped = None          # the mappings last logged (a ``mappings`` record) or None
+        self.left = []              # ranges unregistered by on-remove=unregister: not followed
 
     def reindex(self):
         self.regions = [r for r in sorted(self.regions, key=lambda r: r.start) if r.end > r.start]
         self.starts = [r.start for r in self.regions]
+        self.mapped = None          # changed: log the mappings again
+
+    def mappings(self):
+        """The registered mappings as ``mappings`` record entries: adjacent regions of the same
+        name merged, ``{"start", "len", "name"}``."""
+        out = []
+        for r in self.regions:
+            name = r.name or "[anon]"
+            if out and out[-1][1] == r.start and out[-1][2] == name:
+                out[-1][1] = r.end
+            else:
+                out.append([r.start, r.end, name])
+        return [{"start": a, "len": b - a, "name": n} for a, b, n in out]
 
     def find(self, addr):
         """The region holding ``addr``, or None."""
@@ -1212,10 +1229,10 @@ class Served:
                 out.append(r)
                 continue
             if r.start < start:
-                out.append(Region(r.start, start, r.offset))
+                out.append(Region(r.start, start, r.offset, r.name))
             if r.end > end:
                 off = None if r.offset is None else r.offset + (end - r.start)
-                out.append(Region(end, r.end, off))
+                out.append(Region(end, r.end, off, r.name))
         self.regions = out
         self.reindex()
 
@@ -1231,15 +1248,16 @@ FAST_LATENCY_EVERY = 8
 
 
 class _Clock:
-    """Deadline and periodic tick of ``Handler.run``."""
+    """Deadline, periodic tick and timers (``Handler.every``) of ``Handler.run``."""
 
-    def __init__(self, timeout, tick, interval):
+    def __init__(self, timeout, tick, interval, timers=()):
         now = time.monotonic()
         self.deadline = None if timeout is None else now + timeout
         self.tick = tick if interval else None
         self.interval = interval
         self.next_tick = now + interval if self.tick else None
-        self.active = self.deadline is not None or self.tick is not None
+        self.timers = [[now + every, every, fn] for every, fn in timers]
+        self.active = self.deadline is not None or self.tick is not None or bool(self.timers)
 
     def check(self):
         """Run a due tick; return 'timeout' when the deadline has passed, else None."""
@@ -1249,13 +1267,18 @@ class _Clock:
         if self.next_tick is not None and now >= self.next_tick:
             self.tick()
             self.next_tick = now + self.interval
+        for t in self.timers:
+            if now >= t[0]:
+                t[2]()
+                t[0] = now + t[1]
         if self.deadline is not None and now >= self.deadline:
             return "timeout"
         return None
 
     def wait_ms(self):
-        """poll() timeout until the next tick or the deadline (None: wait forever)."""
+        """poll() timeout until the next tick, timer or the deadline (None: wait forever)."""
         limits = [t for t in (self.deadline, self.next_tick) if t is not None]
+        limits += [t[0] for t in self.timers]
         if not limits:
             return None
         return max(0, int((min(limits) - time.monotonic()) * 1000) + 1)
@@ -1308,9 +1331,12 @@ class Handler:
         self._present = None          # fast loop's readahead hint (bytearray by source page)
         self._recorded = set()
         self._zeros = None
+        self._tgid = {}               # ptid -> tgid (CLI.md ``pid`` of a pagefault record)
         self.served = {}              # fd -> Served
         self.on_fork = None           # hook: callable(parent Served, child Served)
         self.on_gone = None           # hook: callable(Served) when a uffd's process is gone
+        self.on_event = None          # hook: callable(Served, event) after a non-fault event
+        self.timers = []              # (seconds, callable): run every so often by ``run``
         self.stopping = False
         self._calls = []              # call_soon queue: (fn, args, kwargs), run by ``run``
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -1323,7 +1349,35 @@ class Handler:
                 for r in regions]
         s = Served(uffd, regs, pid, label)
         self.served[uffd.fileno()] = s
+        self.announce(s)
         return s
+
+    def fault_pid(self, s, ptid):
+        """The tgid of faulting thread ``ptid``: ``s.pid`` for the threads of the uffd's own
+        process, the child's own tgid for a vfork child running in its parent's memory
+        (/proc/PTID/status, cached; ``forget_tid`` when a thread is gone)."""
+        t = self._tgid.get(ptid)
+        if t is None:
+            if not ptid:
+                return s.pid
+            t = self._tgid[ptid] = _tgid_of(ptid)
+            if s.pid is None:         # a FORK child not yet named: its first faulting thread
+                s.pid = t
+        return t
+
+    def forget_tid(self, tid):
+        self._tgid.pop(tid, None)
+
+    def announce(self, s):
+        """Log ``s``'s mappings (a ``mappings`` record) if they changed since last logged, when
+        per-fault records are written: so that a reader can place every fault address."""
+        if s.mapped is not None or not self.log.wants_faults:
+            return
+        s.mapped = s.mappings()
+        if s.comm is None and s.pid:
+            s.comm = _comm_of(s.pid)
+        self.log.emit("mappings", pid=s.pid, comm=s.comm, ufd=s.uffd.fileno(),
+                      mappings=s.mapped)
 
     def drop(self, s, reason):
         """Stop serving ``s`` (its process exited or its fd hung up) and close its uffd."""
@@ -1354,9 +1408,10 @@ class Handler:
         rec = ev.record()
         if type(ev) is Fork:
             child = Served(Userfaultfd.adopt(ev.ufd, s.uffd.features),
-                           [Region(r.start, r.end, r.offset) for r in s.regions],
+                           [Region(r.start, r.end, r.offset, r.name) for r in s.regions],
                            label="fork-of-%s" % (s.pid or s.uffd.fileno()))
             child.removed = list(s.removed)
+            child.comm = s.comm               # fork keeps the command name
             self.served[ev.ufd] = child
             rec["parent_ufd"] = s.uffd.fileno()
             if self.on_fork:
@@ -1370,6 +1425,12 @@ class Handler:
             rec["policy"] = self.on_remove
         rec.setdefault("ufd", s.uffd.fileno())      # a Fork record's ufd is the child's
         self.log.emit(rec.pop("event"), **rec)
+        if type(ev) is Unmap and s.left:
+            s.left = _cut_range(s.left, ev.start, ev.end)
+        if self.on_event:
+            self.on_event(s, ev)
+        if type(ev) in (Remap, Unmap, Remove) and s.uffd.fileno() in self.served:
+            self.announce(s)
 
     def _remap(self, s, ev):
         moved = []
@@ -1378,7 +1439,7 @@ class Handler:
             a, b = max(r.start, lo), min(r.end, hi)
             if a < b:
                 off = None if r.offset is None else r.offset + (a - r.start)
-                moved.append(Region(a - lo + ev.to, b - lo + ev.to, off))
+                moved.append(Region(a - lo + ev.to, b - lo + ev.to, off, r.name))
         s.cut(lo, hi)
         s.cut(ev.to, ev.to + ev.len)
         s.regions.extend(moved)
@@ -1386,9 +1447,14 @@ class Handler:
 
     def _remove(self, s, start, end):
         if self.on_remove == "zero":
-            s.removed = _merge_range(s.removed, start, end)
+            # Only pages with source data need remembering (they must not get it back); a
+            # page without (watch) gets a zero page either way.
+            if any(r.offset is not None and r.start < end and start < r.end
+                   for r in s.regions):
+                s.removed = _merge_range(s.removed, start, end)
             return
         # unregister each registered piece (the kernel wakes waiters in it)
+        s.left = _merge_range(s.left, start, end)
         for r in list(s.regions):
             a, b = max(r.start, start), min(r.end, end)
             if a < b:
@@ -1423,11 +1489,13 @@ class Handler:
             self._retry(s, s.uffd.wake, addr, ps)
         elif kind == "wp":
             how = "wp"
+            self._note(s, r, addr)            # a page written first is in the working set too
             self._retry(s, s.uffd.writeprotect, addr, ps, False)
         elif kind == "minor":
+            self._note(s, r, addr)
             how, pages = self._fill(s, s.uffd.continue_, addr, ps, "continue")
         else:
-            self._note(r, addr)
+            self._note(s, r, addr)
             if r.offset is None or (s.removed and s.is_removed(addr)):
                 off, how = None, "zero"
                 fill = self._zero_fill
@@ -1451,15 +1519,26 @@ class Handler:
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
         if self.log.wants_faults:
+            pid = self.fault_pid(s, f[2])
+            self.announce(s)
             rec = f.record()
             rec.pop("event")
-            rec.update(resolved=how, pages=pages, us=round(us, 1), ufd=s.uffd.fileno())
+            rec.update(pid=pid, resolved=how, pages=pages, us=round(us, 1), ufd=s.uffd.fileno())
+            if pid != s.pid and s.pid is not None:
+                rec["mm_pid"] = s.pid        # a vfork child: the address is in s.pid's mappings
             self.log.emit("pagefault", **rec)
 
-    def _note(self, r, addr):
-        if self.record is not None:
+    def _note(self, s, r, addr):
+        """Add the faulting page to the working set: ``record`` is a list, or a dict of lists by
+        process (``s.pid``: each address space has its own set)."""
+        if self.record is not None and r is not None:
             key = addr if r.offset is None else r.offset + (addr - r.start)
-            if key not in self._recorded:
+            if type(self.record) is dict:
+                k2 = (s.pid, key)
+                if k2 not in self._recorded:
+                    self._recorded.add(k2)
+                    self.record.setdefault(s.pid, []).append(key)
+            elif key not in self._recorded:
                 self._recorded.add(key)
                 self.record.append(key)
 
@@ -1717,7 +1796,7 @@ class Handler:
             fd = fd if isinstance(fd, int) else fd.fileno()
             extra.add(fd)
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        clock = _Clock(timeout, tick, tick_interval)
+        clock = _Clock(timeout, tick, tick_interval, self.timers)
         user_idle = [idle]
 
         def idle_step():
@@ -1809,6 +1888,7 @@ class Handler:
 
     def _fast_ok(self):
         return (self.fast and len(self.served) == 1 and not self.log.wants_faults
+                and type(self.record) is not dict
                 and self.source.kind in ("copy", "zero")
                 and not (self.hugetlb and self.source.kind == "zero"))
 
@@ -2037,6 +2117,34 @@ class Handler:
         self._wake_r = self._wake_w = -1
 
 
+def _cut_range(ranges, start, end):
+    """Remove ``[start, end)`` from a sorted list of disjoint ranges."""
+    out = []
+    for a, b in ranges:
+        if b <= start or a >= end:
+            out.append((a, b))
+            continue
+        if a < start:
+            out.append((a, start))
+        if b > end:
+            out.append((end, b))
+    return out
+
+
+def _gaps(start, end, covered):
+    """The parts of ``[start, end)`` outside the sorted, disjoint ``(a, b)`` ranges."""
+    out, at = [], start
+    for a, b in covered:
+        if b <= at or a >= end:
+            continue
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < end:
+        out.append((at, end))
+    return out
+
+
 def _merge_range(ranges, start, end):
     """Insert ``[start, end)`` into a sorted list of disjoint ranges, merging overlaps."""
     out = []
@@ -2065,6 +2173,7 @@ def _merge_range(ranges, start, end):
 # The syscalls injected into / filtered for an x86_64 target (asm/unistd_64.h).  These are the
 # *target's* numbers, so they stay x86_64 even if the tool ever runs elsewhere.
 NR_close, NR_mmap, NR_brk, NR_mremap, NR_madvise, NR_getpid = 3, 9, 12, 25, 28, 39
+NR_ptrace = 101
 NR_userfaultfd = 323
 KCMP_VM = 1
 UFFD_TARGET_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK   #: flags of the uffd created in a target
@@ -2230,6 +2339,22 @@ class Mapping(tuple):
     def is_anon_private_or_stack(self):
         """is_private_anon() or the main thread's ``[stack]``: what ``--range`` accepts."""
         return self.is_private_anon() or (self[2][3] == "p" and self[6] == "[stack]")
+
+    def is_shared_anon(self):
+        """``mmap(MAP_SHARED|MAP_ANONYMOUS)``: shmem (the kernel names it ``/dev/zero
+        (deleted)``), e.g. Python's default ``mmap.mmap(-1, n)`` and multiprocessing's."""
+        return self[2][3] == "s" and self[6] == "/dev/zero (deleted)"
+
+    def is_anon(self):
+        """What watch registers: private anonymous memory and shared anonymous (shmem)."""
+        return self.is_private_anon() or self.is_shared_anon()
+
+    def name(self):
+        """The ``mappings`` record name: ``[heap]``, ``[stack]``, ``[anon:NAME]``, ``[shmem]``,
+        ``[anon]`` (an anonymous mmap) or the file's path."""
+        if self.is_shared_anon():
+            return "[shmem]"
+        return self[6] or "[anon]"
 
 
 def parse_maps(text):
@@ -2533,6 +2658,7 @@ def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_sto
 AUDIT_ARCH_X86_64 = 0xC000003E
 SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_TYPE = 0x02, 0x20, 0x0F
+MAP_SHARED_VALIDATE, MAP_STACK = 0x03, 0x20000
 
 
 class sock_filter(ctypes.Structure):
@@ -2545,23 +2671,27 @@ class sock_fprog(ctypes.Structure):
 
 
 def _bpf_watch_filter():
-    """BPF: SECCOMP_RET_TRACE for brk, mremap and private-anonymous mmap; allow the rest.
+    """BPF: SECCOMP_RET_TRACE for brk, mremap, anonymous mmap (private or shared: shmem) and
+    ptrace (a CMD that traces cannot be watched: SpawnTracer says so); allow the rest.
 
     seccomp_data: nr@0, arch@4, args[i]@16+8i (low word first). Jumps are relative, forward.
     """
     LD, JEQ, AND, RET = 0x20, 0x15, 0x54, 0x06
     prog = [
         (LD, 0, 0, 4),                                    # 0 A = arch
-        (JEQ, 0, 7, AUDIT_ARCH_X86_64),                   # 1 other arch -> 9 allow
+        (JEQ, 0, 10, AUDIT_ARCH_X86_64),                  # 1 other arch -> 12 allow
         (LD, 0, 0, 0),                                    # 2 A = nr
-        (JEQ, 6, 0, NR_brk),                              # 3 -> 10 trace
-        (JEQ, 5, 0, NR_mremap),                           # 4 -> 10 trace
-        (JEQ, 0, 3, NR_mmap),                             # 5 not mmap -> 9 allow
-        (LD, 0, 0, 16 + 3 * 8),                           # 6 A = low word of flags
-        (AND, 0, 0, MAP_TYPE | MAP_ANONYMOUS),            # 7
-        (JEQ, 1, 0, MAP_PRIVATE | MAP_ANONYMOUS),         # 8 -> 10 trace
-        (RET, 0, 0, SECCOMP_RET_ALLOW),                   # 9
-        (RET, 0, 0, SECCOMP_RET_TRACE),                   # 10
+        (JEQ, 9, 0, NR_brk),                              # 3 -> 13 trace
+        (JEQ, 8, 0, NR_mremap),                           # 4 -> 13 trace
+        (JEQ, 7, 0, NR_ptrace),                           # 5 -> 13 trace
+        (JEQ, 0, 5, NR_mmap),                             # 6 not mmap -> 12 allow
+        (LD, 0, 0, 16 + 3 * 8),                           # 7 A = low word of flags
+        (AND, 0, 0, MAP_TYPE | MAP_ANONYMOUS),            # 8
+        (JEQ, 3, 0, MAP_PRIVATE | MAP_ANONYMOUS),         # 9 -> 13 trace
+        (JEQ, 2, 0, MAP_SHARED | MAP_ANONYMOUS),          # 10 -> 13 trace
+        (JEQ, 1, 0, MAP_SHARED_VALIDATE | MAP_ANONYMOUS),  # 11 -> 13 trace
+        (RET, 0, 0, SECCOMP_RET_ALLOW),                   # 12
+        (RET, 0, 0, SECCOMP_RET_TRACE),                   # 13
     ]
     arr = (sock_filter * len(prog))(*[sock_filter(*i) for i in prog])
     return sock_fprog(len(prog), arr), arr
@@ -2587,7 +2717,7 @@ class SpawnError(OSError):
     """CMD could not be started (not found, not executable); carries `cmd`."""
 
 
-def spawn_traced(argv):
+def spawn_traced(argv, stdout_to_stderr=False):
     """Fork CMD, PTRACE_SEIZE it with SPAWN_OPTIONS, then let it install the filter and exec.
 
     SEIZE (not TRACEME) because PTRACE_LISTEN, needed to keep group-stops (SIGSTOP/SIGTSTP)
@@ -2596,7 +2726,8 @@ def spawn_traced(argv):
     otherwise the child's own mmap/brk would fail with ENOSYS (seccomp(2), RET_TRACE).
     The child only reads a pipe, calls seccomp via ctypes (prepared here) and execs.
     Returns (pid, fd): fd is the read end of the CLOEXEC pipe on which a failed exec reports
-    ``Name:hex-errno:message`` (EOF when exec succeeded).
+    ``Name:hex-errno:message`` (EOF when exec succeeded).  ``stdout_to_stderr``: CMD's stdout
+    is the tool's stderr (when the tool's stdout carries the JSON log).
     """
     fprog, keep = _bpf_watch_filter()
     go_r, go_w = os.pipe()
@@ -2610,6 +2741,8 @@ def spawn_traced(argv):
             os.close(go_r)
             for s in (signal.SIGPIPE, signal.SIGXFSZ):    # Python ignores these; exec keeps SIG_IGN
                 signal.signal(s, signal.SIG_DFL)
+            if stdout_to_stderr:
+                os.dup2(2, 1)
             _install_seccomp(fprog)
             os.execvp(argv[0], argv)
         except BaseException as e:
@@ -2641,14 +2774,25 @@ class SpawnTracer:
     Callbacks (all called in this thread, while the reporting tracee is stopped):
       on_exec(pid, fd)              a new program image runs in pid; fd = our copy of its uffd
                                     (None if injection failed) - register its anon mappings now
-      on_map(pid, start, end)       [start, end) became private anonymous memory in pid's mm
+      on_map(pid, start, end, name) [start, end) became anonymous memory in pid's mm (private
+                                    or shared); name: '[heap]' (brk), '[thread-stack]' (mmap
+                                    with MAP_STACK), '[shmem]', '[anon]', None (mremap: the
+                                    moved mapping's own)
       on_fork(parent, child, same)  a new task; same=True if it shares the parent's mm
       on_exit(pid, status)          a traced task is gone (status from waitpid)
     `run()` returns CMD's exit status (128+signal if killed) once every tracee is gone.
+
+    A tracee that calls ptrace itself (strace, gdb: PTRACE_TRACEME would fail, it is already
+    traced) is stopped before the call: every tracee is killed and ``run`` raises UsageError.
+    vfork/posix_spawn children (CLONE_VM|CLONE_VFORK) run in the parent's mm, so they have no
+    uffd of their own until they exec (no FORK uffd event either); ``tasks`` maps them to their
+    own tgid, which their faults on the parent's uffd are attributed to.
     """
 
-    def __init__(self, argv, on_exec, on_map, on_fork=None, on_exit=None, inject_flags=UFFD_TARGET_FLAGS):
+    def __init__(self, argv, on_exec, on_map, on_fork=None, on_exit=None, inject_flags=UFFD_TARGET_FLAGS,
+                 stdout_to_stderr=False):
         self.argv = argv
+        self.stdout_to_stderr = stdout_to_stderr
         self.on_exec, self.on_map = on_exec, on_map
         self.on_fork, self.on_exit = on_fork or (lambda *a: None), on_exit or (lambda *a: None)
         self.inject_flags = inject_flags
@@ -2661,11 +2805,12 @@ class SpawnTracer:
         self.inject_error = None
         self.stopped_seconds = 0.0
         self.held = set()               # new tasks stopped until their parent's event names them
+        self.refused = None             # UsageError: a tracee called ptrace
         self._err_r = None
 
     def start(self):
         """Fork and seize CMD; raises SpawnError/PtraceError."""
-        self.root, self._err_r = spawn_traced(self.argv)
+        self.root, self._err_r = spawn_traced(self.argv, self.stdout_to_stderr)
         self.tasks[self.root] = self.root
         return self.root
 
@@ -2703,6 +2848,8 @@ class SpawnTracer:
             self._check_exec_error()
         if self.exec_error is not None:
             raise self.exec_error
+        if self.refused is not None:
+            raise self.refused
         return self.status
 
     def _gone(self, tid, status):
@@ -2741,6 +2888,8 @@ class SpawnTracer:
             return
         if ev == PTRACE_EVENT_SECCOMP:
             r = get_regs(tid)
+            if r.orig_rax == NR_ptrace:
+                return self._refuse_ptrace(tid)
             self.pending[tid] = ("seccomp", r.orig_rax, (r.rdi, r.rsi, r.rdx, r.r10, r.r8))
             ptrace(PTRACE_SYSCALL, tid, 0, 0)
         elif ev == PTRACE_EVENT_EXEC:
@@ -2776,6 +2925,15 @@ class SpawnTracer:
         else:                                       # signal-delivery-stop: deliver it
             ptrace(PTRACE_CONT, tid, 0, sig)
 
+    def _refuse_ptrace(self, tid):
+        """CMD (or a descendant) is about to call ptrace: it cannot, since we trace it."""
+        if self.refused is None:
+            self.refused = UsageError(
+                "CMD calls ptrace (process %d, %s): a program that traces others (strace, gdb) "
+                "cannot run under 'watch -- CMD', which traces it already; start it alone and "
+                "watch the traced program with --pid PID" % (tid, _comm_of(tid) or "?"))
+        self.kill_all()
+
     def _syscall_exit(self, tid):
         p = self.pending.pop(tid, None)
         tgid = self.tasks.get(tid, tid)
@@ -2797,11 +2955,16 @@ class SpawnTracer:
             if old is None:
                 old = _start_brk(tgid)
             if res > old:
-                self.on_map(tgid, (old + page - 1) & -page, (res + page - 1) & -page)
+                self.on_map(tgid, (old + page - 1) & -page, (res + page - 1) & -page, "[heap]")
             self.brk[tgid] = res
         elif not -4096 < res < 0 and nr in (NR_mmap, NR_mremap):
             length = args[1] if nr == NR_mmap else args[2]
-            self.on_map(tgid, res, res + ((length + page - 1) & -page))
+            name = None
+            if nr == NR_mmap:
+                flags = args[3]
+                name = ("[thread-stack]" if flags & MAP_STACK else "[shmem]" if flags & MAP_TYPE
+                        in (MAP_SHARED, MAP_SHARED_VALIDATE) else "[anon]")
+            self.on_map(tgid, res, res + ((length + page - 1) & -page), name)
         ptrace(PTRACE_CONT, tid, 0, 0)
 
     def _inject_at_exec(self, tid):
@@ -2835,12 +2998,27 @@ class SpawnTracer:
                 pass
 
 
+def _log_on_stdout(log):
+    """Whether the JSON log goes to the tool's stdout (``--json`` / ``--log -``): then nothing
+    else may write there (CMD's stdout goes to stderr)."""
+    return getattr(log, "out", None) is sys.stdout
+
+
 def _tgid_of(tid):
     """The thread-group id of a task (/proc/TID/status), or tid itself if it is gone."""
     try:
         return int(proc_status(tid).get("Tgid", tid))
     except (OSError, ValueError):
         return tid
+
+
+def _comm_of(pid):
+    """The command name of a process (/proc/PID/comm), or None if it is gone."""
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _start_brk(pid):
@@ -2955,6 +3133,8 @@ def watch_features(events, mode, warn):
         if not int(avail) & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
             raise NotPermitted("--mode wp: this kernel lacks UFFD_FEATURE_PAGEFAULT_FLAG_WP")
         want |= UFFD_FEATURE_PAGEFAULT_FLAG_WP
+        # write-protecting shmem (shared anonymous memory) needs this one too
+        want |= int(avail) & UFFD_FEATURE_WP_HUGETLBFS_SHMEM
     if want & UFFD_FEATURE_EVENT_FORK and not has_cap(CAP_SYS_PTRACE):
         warn("fork events need CAP_SYS_PTRACE: watching without them (forked children run "
              "unwatched)")
@@ -3202,6 +3382,47 @@ class SelfTarget(WatchTarget):
         return {"workload": self.result} if self.result else {}
 
 
+#: --pid --all-anon: how often (seconds) the target's maps are read for new anonymous mappings;
+#: also after a REMAP/UNMAP event, at most every PID_RESCAN_MIN
+PID_RESCAN, PID_RESCAN_MIN = 0.1, 0.01
+
+
+def _mapping_names(pid, maps):
+    """{mapping start: name} for the anonymous mappings of pid: ``Mapping.name``, and
+    ``[thread-stack]`` for a mapping holding the stack pointer of a thread other than the main
+    one (/proc/PID/task/TID/syscall; a running thread is not seen)."""
+    names = {m.start: m.name() for m in maps if m.is_anon() or m.path == "[stack]"}
+    sps = []
+    try:
+        for tid in os.listdir("/proc/%d/task" % pid):
+            if int(tid) != pid:
+                with open("/proc/%d/task/%s/syscall" % (pid, tid)) as f:
+                    words = f.read().split()
+                if len(words) >= 3:
+                    sps.append(int(words[-2], 16))
+    except (OSError, ValueError):
+        pass
+    for sp in sps:
+        m = next((m for m in maps if m.start <= sp < m.end), None)
+        if m is not None and names.get(m.start) == "[anon]":
+            names[m.start] = "[thread-stack]"
+    return names
+
+
+def _name_at(names, addr):
+    """The name of the mapping that starts at or before ``addr`` (``_mapping_names``)."""
+    best = None
+    for start in names:
+        if start <= addr and (best is None or start > best):
+            best = start
+    return names.get(best, "[anon]")
+
+
+def _in_starts(maps, starts, addr):
+    """Whether ``addr`` lies in a mapping whose start is in ``starts``."""
+    return any(m.start in starts and m.start <= addr < m.end for m in maps)
+
+
 def _check_ranges(pid, ranges, maps):
     """Validate --range pairs against the target's maps: page-aligned start, inside private
     anonymous mappings.  Returns [(start, length)] (length rounded up to pages)."""
@@ -3217,9 +3438,9 @@ def _check_ranges(pid, ranges, maps):
             if m is None:
                 raise UsageError("range 0x%x:%d: 0x%x is not mapped in process %d"
                                  % (start, length, a, pid))
-            if not m.is_anon_private_or_stack():
-                raise UsageError("range 0x%x:%d: 0x%x is not private anonymous memory (%s %s)"
-                                 % (start, length, a, m.perms, m.path or "anonymous shared"))
+            if not (m.is_anon_private_or_stack() or m.is_shared_anon()):
+                raise UsageError("range 0x%x:%d: 0x%x is not private anonymous memory nor "
+                                 "shared anonymous (%s %s)" % (start, length, a, m.perms, m.path))
             a = m.end
         out.append((start, length))
     return out
@@ -3258,11 +3479,15 @@ class PidTarget(WatchTarget):
                                    "CAP_SYS_PTRACE over it" % (pid, os.strerror(e.errno)))
             raise UsageError("no such process: %d" % pid)
         if self.all_anon:
-            regions = [(m.start, m.end - m.start) for m in maps if m.is_private_anon()]
+            regions = [(m.start, m.end - m.start) for m in maps if m.is_anon()]
             if not regions:
-                raise UsageError("process %d has no private anonymous memory" % pid)
+                raise UsageError("process %d has no anonymous memory" % pid)
         else:
             regions = _check_ranges(pid, self.ranges, maps)
+        names = _mapping_names(pid, maps)
+        shared = {m.start for m in maps if m.is_shared_anon()}
+        # --dontneed never drops the pages of a shared mapping (other processes map them)
+        private = [(a, n) for a, n in regions if not _in_starts(maps, shared, a)]
         box = {}
 
         def while_stopped(att, fd):
@@ -3271,12 +3496,12 @@ class PidTarget(WatchTarget):
             uffd.api(self.features)
             if self.snapshot:
                 snap = {}
-                for start, length in regions:
+                for start, length in private:
                     snap.update(read_target_pages(pid, present_pages(pid, start, start + length)))
                 handler.source.load(snap)
                 self.snapshot_pages = len(snap)
             if self.dontneed:
-                for start, length in regions:
+                for start, length in private:
                     att.inj.syscall(NR_madvise, start, length, MADV_DONTNEED)
             for start, length in regions:
                 arm(uffd, start, length, self.mode)
@@ -3300,10 +3525,52 @@ class PidTarget(WatchTarget):
         if self.offsets is not None:
             offs = self.offsets
         else:
-            offs = [s if self.snapshot else None for s, _ in regions]
-        handler.add(box["uffd"], [(s, n, o) for (s, n), o in zip(regions, offs)],
-                    pid=pid, label="pid")
+            offs = [s if self.snapshot and (s, n) in private else None for s, n in regions]
+        self.served = handler.add(box["uffd"], [Region(s, s + n, o, _name_at(names, s))
+                                                for (s, n), o in zip(regions, offs)],
+                                  pid=pid, label="pid")
+        if self.all_anon:                       # follow the mappings created from now on
+            self.handler = handler
+            self._scanned = 0.0
+            handler.timers.append((PID_RESCAN, self.follow))
+            handler.on_event = lambda s, ev: type(ev) in (Remap, Unmap) and self.follow(
+                PID_RESCAN_MIN)
         return [self.pidfd]
+
+    def follow(self, min_age=0.0):
+        """Register the anonymous mappings of the target that are not registered yet (new ones
+        since attach: mmap, brk growth, thread stacks...).  Runs in the handler thread, every
+        PID_RESCAN seconds and after REMAP/UNMAP events (at most every ``min_age``).  The uffd
+        registers in the target's mm from here: no stop needed."""
+        now = time.monotonic()
+        s = self.served
+        if now - self._scanned < min_age or s.uffd.closed or \
+                self.handler.served.get(s.uffd.fileno()) is not s:
+            return
+        self._scanned = now
+        try:
+            maps = read_maps(self.pid)
+        except OSError:
+            return
+        covered = sorted([(r.start, r.end) for r in s.regions] + s.left)
+        names = None
+        added = 0
+        for m in maps:
+            if not m.is_anon():
+                continue
+            for a, b in _gaps(m.start, m.end, covered):
+                try:
+                    arm(s.uffd, a, b - a, self.mode)
+                except UffdError:
+                    continue          # gone meanwhile, or not registrable
+                if names is None:
+                    names = _mapping_names(self.pid, maps)
+                s.regions.append(Region(a, b, None, _name_at(names, m.start)))
+                added += 1
+        if added:
+            s.reindex()
+            self.handler.stats.add("followed_mappings", added)
+            self.handler.announce(s)
 
     def finish(self, handler, reason):
         if self.snapshot or self.offsets is not None:
@@ -3368,6 +3635,10 @@ class SpawnTarget(WatchTarget):
         self.handler = handler
         self.cv = threading.Condition()
         handler.on_fork = self._uffd_fork
+        self.stdout_to_stderr = _log_on_stdout(handler.log)
+        if self.stdout_to_stderr:
+            handler.log.emit("warning", message="CMD's standard output goes to stderr: stdout "
+                                                "carries only the JSON log")
         self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
         started = threading.Event()
         self.thread = threading.Thread(target=self._trace, args=(started,), name="uffdtool-tracer",
@@ -3380,7 +3651,8 @@ class SpawnTarget(WatchTarget):
         return [self.done_r]
 
     def _trace(self, started):
-        self.tracer = SpawnTracer(self.argv, self._exec, self._map, self._fork, self._exit)
+        self.tracer = SpawnTracer(self.argv, self._exec, self._map, self._fork, self._exit,
+                                  stdout_to_stderr=self.stdout_to_stderr)
         try:
             try:
                 self.tracer.start()
@@ -3422,10 +3694,10 @@ class SpawnTarget(WatchTarget):
             uffd.api(self.features)
             regions = []
             for m in read_maps(pid):
-                if m.is_private_anon():
+                if m.is_anon():
                     try:
                         arm(uffd, m.start, m.end - m.start, self.mode)
-                        regions.extend(file_regions(m.start, m.end, self.file_ranges))
+                        regions.extend(file_regions(m.start, m.end, self.file_ranges, m.name()))
                     except UffdError:
                         pass
         except (UffdError, OSError) as e:
@@ -3434,11 +3706,11 @@ class SpawnTarget(WatchTarget):
             return
         self.uffd_of[pid] = uffd
         self.owner[uffd.fileno()] = pid
+        self.handler.call_soon(self.handler.log.emit, "exec", pid=pid, comm=_comm_of(pid),
+                               ufd=uffd.fileno(), regions=len(regions))
         self.handler.call_soon(self.handler.add, uffd, regions, pid, "cmd")
-        self.handler.call_soon(self.handler.log.emit, "exec", pid=pid, ufd=uffd.fileno(),
-                               regions=len(regions))
 
-    def _map(self, tgid, start, end):
+    def _map(self, tgid, start, end, name=None):
         uffd = self.uffd_of.get(tgid)
         if uffd is None or uffd.closed or end <= start:
             return
@@ -3446,13 +3718,16 @@ class SpawnTarget(WatchTarget):
             arm(uffd, start, end - start, self.mode)
         except UffdError:
             return          # not registrable (e.g. an mremap of file memory): not ours
-        self.handler.call_soon(self._add_region, uffd.fileno(), start, end)
+        self.handler.call_soon(self._add_region, uffd.fileno(), start, end, name)
 
-    def _add_region(self, fd, start, end):
+    def _add_region(self, fd, start, end, name=None):
         s = self.handler.served.get(fd)
         if s is not None:
+            if name is None:            # mremap: the moved mapping keeps its name
+                name = next((r.name for r in s.regions if r.start < end and start < r.end
+                             and r.name), "[anon]")
             s.cut(start, end)
-            s.regions.extend(file_regions(start, end, self.file_ranges))
+            s.regions.extend(file_regions(start, end, self.file_ranges, name))
             s.reindex()
 
     def _fork(self, parent, child, same):
@@ -3478,6 +3753,7 @@ class SpawnTarget(WatchTarget):
         self.handler.call_soon(setattr, cs, "pid", child)
 
     def _exit(self, tid, status):
+        self.handler.call_soon(self.handler.forget_tid, tid)     # tids are reused
         uffd = self.uffd_of.pop(tid, None)
         if uffd is not None and self.owner.get(uffd.fileno()) == tid:
             self._drop(uffd)
@@ -5861,9 +6137,11 @@ def _add_resolve(p):
     g = p.add_argument_group("resolution policy (RESOLVE)")
     g.add_argument("--readahead", metavar="PAGES", type=_positive_int, default=1,
                    help="fill up to PAGES pages per fault from the faulting page (default 1)")
-    g.add_argument("--on-remove", choices=("unregister", "zero"), default="unregister",
-                   help="what a page removed by MADV_DONTNEED/REMOVE gets later "
-                        "(default unregister: the kernel's own zero page)")
+    g.add_argument("--on-remove", choices=("unregister", "zero"), default=None,
+                   help="what a page removed by MADV_DONTNEED/REMOVE gets later: unregister "
+                        "(the kernel's own zero page, no more faults there) or zero (it stays "
+                        "watched and gets a zero page).  Default: zero for watch (it keeps "
+                        "watching), unregister for serve-file (what Firecracker's handler does)")
     g.add_argument("--record", metavar="FILE",
                    help="write the working set (pages that faulted, in first-fault order)")
     g.add_argument("--spin", metavar="USEC", type=_usec, default=DEFAULT_SPIN * 1e6,
@@ -6115,6 +6393,7 @@ def cmd_watch(args):
         events = parse_events(args.events)
     except ValueError as e:
         raise UsageError("--events: %s" % e)
+    args.on_remove = args.on_remove or "zero"        # keep watching after MADV_DONTNEED
     if (args.pid is not None or args.cmd) and ARCH != "x86_64":
         raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
     log = _make_log(args, human_faults=True)
@@ -6249,6 +6528,7 @@ def cmd_serve_file(args):
             raise UsageError("%s records addresses (key=%s); serve-file needs a working set of "
                              "source offsets (record it with serve-file --record)"
                              % (args.prefetch, ws[0]))
+    args.on_remove = args.on_remove or "unregister"
     record = _record_list(args)
     log = _make_log(args, human_faults=args.verbose)
     log.json_faults = not args.no_fault_log
