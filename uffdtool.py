@@ -51,6 +51,7 @@ import platform
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -823,6 +824,7 @@ class EventLog:
         self.human = human
         self.human_faults = human_faults
         self.json_faults = True       # False: pagefault records stay out of the JSON log too
+        self.names = {}               # pid -> command name, for the human lines (format_human)
 
     @property
     def wants_faults(self):
@@ -845,7 +847,7 @@ class EventLog:
                 self.out = None          # reader went away: keep serving, stop logging
         if self.human is not None and (event != "pagefault" or self.human_faults):
             try:
-                self.human.write(format_human(rec) + "\n")
+                self.human.write(format_human(rec, self.names) + "\n")
                 self.human.flush()
             except (BrokenPipeError, ValueError):
                 self.human = None
@@ -857,22 +859,41 @@ class EventLog:
         self.out = None
 
 
+#: record fields that hold a command line: shown as a shell would quote it
+_ARGV_FIELDS = ("cmd", "argv")
+
+
 def _fmt_value(k, v):
-    if isinstance(v, int) and not isinstance(v, bool) and k in (
-            "address", "start", "end", "from", "to", "base", "dst"):
+    """``k=v`` for a human line: addresses in hex, a command line shell-quoted, lists joined
+    with commas, dicts as ``{k=v ...}``, booleans as yes/no; never Python syntax."""
+    if isinstance(v, bool):
+        return "%s=%s" % (k, "yes" if v else "no")
+    if isinstance(v, int) and k in ("address", "start", "end", "from", "to", "base", "dst"):
         return "%s=0x%x" % (k, v)
+    if isinstance(v, list) and k in _ARGV_FIELDS:
+        line = shlex.join(str(x) for x in v)
+        return '%s="%s"' % (k, line.replace('"', '\\"')) if " " in line else "%s=%s" % (k, line)
     if isinstance(v, list):
         return "%s=%s" % (k, ",".join(
-            "{%s}" % " ".join(_fmt_value(a, b) for a, b in x.items()) if isinstance(x, dict)
-            else str(x) for x in v) or "-")
+            "{%s}" % _fmt_fields(x) if isinstance(x, dict) else str(x) for x in v) or "-")
     if isinstance(v, dict):
-        return "%s={%s}" % (k, " ".join(_fmt_value(a, b) for a, b in v.items()))
+        return "%s={%s}" % (k, _fmt_fields(v))
     return "%s=%s" % (k, v)
 
 
-def format_human(rec):
-    """One readable line for a record: ``  1.234567 pagefault address=0x7f.. flags=write``."""
-    rest = " ".join(_fmt_value(k, v) for k, v in rec.items() if k not in ("t", "event"))
+def _fmt_fields(d):
+    """The ``k=v`` pairs of a dict, fields without a value (None) left out."""
+    return " ".join(_fmt_value(k, v) for k, v in d.items() if v is not None)
+
+
+def format_human(rec, names=None):
+    """One readable line for a record: ``  1.234567 pagefault address=0x7f.. flags=write``.
+    Fields without a value (None) are left out; ``names`` ({pid: command name}) adds the
+    command name to a ``pid`` field: ``pid=1234/sort``."""
+    rest = _fmt_fields({k: v for k, v in rec.items() if k not in ("t", "event")})
+    if names and rec.get("pid") in names and rec.get("comm") is None:
+        rest = rest.replace("pid=%d" % rec["pid"], "pid=%d/%s" % (rec["pid"], names[rec["pid"]]),
+                            1)
     return "%10.6f %-9s %s" % (rec["t"], rec["event"], rest)
 
 
@@ -1013,7 +1034,7 @@ def _blkdev_size(fd):
 WORKING_SET_MAGIC = "# uffdtool working-set v1"
 
 
-def write_working_set(path, pages, page_size, key="offset"):
+def write_working_set(path, pages, page_size, key="offset", pid=None):
     """Write a working set: a header line, then one hex number per line, in first-fault order.
 
     Format (text)::
@@ -1024,9 +1045,11 @@ def write_working_set(path, pages, page_size, key="offset"):
         ...
 
     ``key=offset``: offsets into the source (serve-file; they survive a restore at new host
-    addresses).  ``key=address``: virtual addresses (watch, where there is no source)."""
+    addresses).  ``key=address``: virtual addresses (watch, where there is no source).
+    ``pid``: the process whose address space the addresses are in (``pid=N`` in the header)."""
     with open(path, "w") as f:
-        f.write("%s page_size=%d key=%s\n" % (WORKING_SET_MAGIC, page_size, key))
+        f.write("%s page_size=%d key=%s%s\n" % (WORKING_SET_MAGIC, page_size, key,
+                                                "" if pid is None else " pid=%d" % pid))
         f.write("".join("0x%x\n" % p for p in pages))
 
 
@@ -1058,6 +1081,22 @@ def read_working_set(path):
     except ValueError:
         raise UsageError("%s: bad page_size in header" % path)
     return meta.get("key", "offset"), page_size, pages
+
+
+def write_working_sets(path, sets, page_size, key="address"):
+    """Write per-process working sets (``{pid: [pages]}``, in first-fault order of the
+    processes): the first process's to ``path``, each other's to ``path.PID`` beside it (an
+    address means something only in its own address space).  Returns the paths written."""
+    if not isinstance(sets, dict):
+        write_working_set(path, sets, page_size, key)
+        return [path]
+    items = list(sets.items()) or [(None, [])]
+    out = []
+    for i, (pid, pages) in enumerate(items):
+        p = path if i == 0 else "%s.%s" % (path, pid)
+        write_working_set(p, pages, page_size, key, pid)
+        out.append(p)
+    return out
 
 
 #: largest fill issued by a prefetch step (one ioctl; demand faults are served between steps)
@@ -1363,6 +1402,8 @@ class Handler:
             t = self._tgid[ptid] = _tgid_of(ptid)
             if s.pid is None:         # a FORK child not yet named: its first faulting thread
                 s.pid = t
+            elif t != s.pid and t not in self.log.names:     # a vfork child: name it
+                self.log.names[t] = _comm_of(t) or "?"
         return t
 
     def forget_tid(self, tid):
@@ -1376,6 +1417,8 @@ class Handler:
         s.mapped = s.mappings()
         if s.comm is None and s.pid:
             s.comm = _comm_of(s.pid)
+        if s.comm and s.pid:
+            self.log.names[s.pid] = s.comm
         self.log.emit("mappings", pid=s.pid, comm=s.comm, ufd=s.uffd.fileno(),
                       mappings=s.mapped)
 
@@ -1471,6 +1514,8 @@ class Handler:
     def serve_fault(self, s, f):
         """Resolve one PageFault on ``s``; logs it when the log wants faults."""
         t = time.perf_counter()
+        if s.pid is None:
+            self.fault_pid(s, f[2])
         ps = self.page_size
         addr = f[0] & ~(ps - 1)
         kind = f.kind
@@ -3330,6 +3375,29 @@ def self_workload(area, size):
     return checks
 
 
+def _size_error(size):
+    return UsageError("--size %s: cannot map that much memory here (out of memory: more than "
+                      "RAM and vm.overcommit allow); use a smaller --size" % _human_bytes(size))
+
+
+def _human_bytes(n):
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and not n % (1 << shift):
+            return "%d%s" % (n >> shift, unit)
+    return str(n)
+
+
+def self_memory(size):
+    """The --self area: ``size`` bytes of fresh anonymous memory; a size this machine cannot map
+    is a usage error (one line, exit 2), not a traceback."""
+    try:
+        return mmap_anon(size)
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise _size_error(size) from None
+        raise
+
+
 class SelfTarget(WatchTarget):
     """``--self``: a range of the tool's own memory and the built-in workload (a thread)."""
     name = "self"
@@ -3341,9 +3409,9 @@ class SelfTarget(WatchTarget):
         self.guard = None
 
     def start(self, handler):
+        self.area = self_memory(self.size)
         uffd = Userfaultfd()
         uffd.api(self.features)
-        self.area = mmap_anon(self.size)
         try:   # a PROT_NONE page right after the area makes the workload's mremap grow move it
             self.guard = mmap_anon(PAGE_SIZE, PROT_NONE, MAP_PRIVATE | MAP_FIXED_NOREPLACE,
                                    addr=self.area + self.size)
@@ -4168,9 +4236,14 @@ class SelfServeTarget(ServeTarget):
         super().__init__()
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
         self.chunk = chunk
+        self.addr = self_memory(self.size)
+        try:
+            self.copy = bytearray(self.size)
+        except MemoryError:
+            munmap(self.addr, self.size)
+            raise _size_error(self.size) from None
         self.uffd = Userfaultfd()
         self.uffd.api(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID)
-        self.addr = mmap_anon(self.size)
         try:
             madvise(self.addr, self.size, MADV_NOHUGEPAGE)
         except OSError:
@@ -4178,7 +4251,6 @@ class SelfServeTarget(ServeTarget):
         self.uffd.register(self.addr, self.size)
         self.uffds = [(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(),
                        "self")]
-        self.copy = bytearray(self.size)
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         self.watch_fds = [self._r]
         self.elapsed = None
@@ -6070,16 +6142,17 @@ def _positive_size(text):
     return size
 
 
-def _record_list(args):
-    """[] to collect the working set when --record FILE was given (FILE checked writable now,
-    not after the work is done), else None."""
+def _record_list(args, per_process=False):
+    """[] (``per_process``: {} for one list per process) to collect the working set when
+    --record FILE was given (FILE checked writable now, not after the work is done), else
+    None."""
     if not args.record:
         return None
     try:
         open(args.record, "a").close()
     except OSError as e:
         raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
-    return []
+    return {} if per_process else []
 
 
 def _range_arg(text):
@@ -6404,7 +6477,7 @@ def cmd_watch(args):
         features = watch_features(events, args.mode, warn)
         target = _watch_target(args, features, warn)
         stats = Stats()
-        record = _record_list(args)
+        record = _record_list(args, per_process=True)
         handler = Handler(SnapshotSource() if args.dontneed else ZeroSource(), log, stats,
                           readahead=args.readahead, on_remove=args.on_remove, record=record,
                           spin=args.spin / 1e6)
@@ -6447,7 +6520,7 @@ def cmd_watch(args):
                     status = 130 if reason == "interrupted" else None
             finally:
                 if record is not None:
-                    write_working_set(args.record, record, PAGE_SIZE, key="address")
+                    write_working_sets(args.record, record, PAGE_SIZE, key="address")
                 log.emit("stats", **stats.record(reason=reason, **target.extra()))
                 log.emit("exit", status=status, reason=reason)
                 signal.signal(signal.SIGINT, old[0])
