@@ -4,7 +4,8 @@
 A command-line tool and an importable module.  It opens userfaultfds, registers memory of the
 tool itself, of a child it starts or of a running process, logs every ``uffd_msg`` as JSON lines
 and resolves the faults: with zero pages, or with the contents of a file (including as a drop-in
-Firecracker page-fault handler).  The interface contract (flags, records, exit codes) is CLI.md.
+Firecracker page-fault handler).  The interface contract (flags, records, exit codes) is the
+README's "CLI contract" section; changes to it are listed in CHANGELOG.md.
 
 Contents (each section starts with a boxed banner; grep for ``#  N.``):
      1. Platform and libc        lazy libc, checked syscalls, per-arch syscall numbers, mmap helpers
@@ -192,11 +193,6 @@ def madvise(addr, length, advice):
     _check(libc().madvise(addr, length, advice), "madvise")
 
 
-def memmove(dst, src, length):
-    """ctypes memmove: copies without holding the GIL (safe on registered memory)."""
-    ctypes.memmove(dst, src, length)
-
-
 def read_sysfs(path, default=None):
     """The stripped text of a /proc or /sys file, or ``default`` when it cannot be read."""
     try:
@@ -261,7 +257,6 @@ UFFDIO_POISON = _IOWR(UFFD_API, _UFFDIO_POISON, 32)      # 0xC020AA08
 # uffd_msg.event
 UFFD_EVENT_PAGEFAULT, UFFD_EVENT_FORK, UFFD_EVENT_REMAP = 0x12, 0x13, 0x14
 UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP = 0x15, 0x16
-EVENT_NAMES = {0x12: "pagefault", 0x13: "fork", 0x14: "remap", 0x15: "remove", 0x16: "unmap"}
 
 # uffd_msg.arg.pagefault.flags
 UFFD_PAGEFAULT_FLAG_WRITE, UFFD_PAGEFAULT_FLAG_WP, UFFD_PAGEFAULT_FLAG_MINOR = 1, 2, 4
@@ -383,11 +378,6 @@ FaultFlags = type("FaultFlags", (Flags,), {
 
 UFFD_API_FEATURES = (1 << 17) - 1                  # every feature bit 6.18 knows
 UFFD_API_IOCTLS = Ioctls(1 << _UFFDIO_REGISTER | 1 << _UFFDIO_UNREGISTER | 1 << _UFFDIO_API)
-UFFD_API_RANGE_IOCTLS = Ioctls(0x1FC)
-UFFD_API_RANGE_IOCTLS_BASIC = Ioctls(0x1CC)
-#: the features that produce non-cooperative events, by the event name used in --events.
-EVENT_FEATURES = {"fork": UFFD_FEATURE_EVENT_FORK, "remap": UFFD_FEATURE_EVENT_REMAP,
-                  "remove": UFFD_FEATURE_EVENT_REMOVE, "unmap": UFFD_FEATURE_EVENT_UNMAP}
 
 
 ###################################################################################################
@@ -444,7 +434,7 @@ assert UFFD_MSG.size == UFFD_MSG_SIZE
 ###################################################################################################
 
 class UffdToolError(Exception):
-    """Base of the tool's own errors; ``exit_code`` is the CLI.md exit status."""
+    """Base of the tool's own errors; ``exit_code`` is the exit status (README, "CLI contract")."""
     exit_code = 1
 
 
@@ -510,6 +500,10 @@ class Userfaultfd:
     stopped early and returned EAGAIN with progress) returns fewer bytes than asked for, so the
     caller can retry from there.  Failures with nothing done raise ``UffdError`` (EAGAIN whether
     the kernel wrote 0 or -EAGAIN into the result field).
+
+    Threads: wake, copy, zeropage and continue reuse preallocated ioctl arguments, which belong
+    to the one thread that resolves faults; register, unregister and writeprotect build their
+    own, so another thread (watch's tracer, arming new mappings) may call them meanwhile.
     """
 
     def __init__(self, *, nonblock=True, cloexec=True, user_mode_only=False, route=None, fd=None):
@@ -527,7 +521,6 @@ class Userfaultfd:
         self._copy = uffdio_copy()
         self._zero = uffdio_zeropage()
         self._cont = uffdio_continue()
-        self._wp = uffdio_writeprotect()
         self._buf = bytearray(UFFD_MSG_SIZE * 64)
 
     def _open(self, flags, route):
@@ -604,7 +597,7 @@ class Userfaultfd:
         """Run a fill ioctl; return bytes done (partial < length); raise when nothing was done.
 
         The result field is -errno or bytes done; EAGAIN with a positive count is partial
-        progress (the real error is discarded by the kernel, kernel.md §1.7).  Nothing done is
+        progress (the kernel then discards the real error: mm/userfaultfd.c).  Nothing done is
         reported as 0 or -EAGAIN depending on the kernel: both raise UffdError(EAGAIN)."""
         try:
             fcntl.ioctl(self._fd, req, arg, True)
@@ -667,10 +660,9 @@ class Userfaultfd:
 
     def writeprotect(self, start, length, protect=True, dontwake=False):
         """UFFDIO_WRITEPROTECT: protect, or (protect=False) unprotect and wake the range."""
-        w = self._wp
-        w.range.start, w.range.len = start, length
-        w.mode = (UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
+        mode = (UFFDIO_WRITEPROTECT_MODE_WP if protect else 0) | (
             UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0)
+        w = uffdio_writeprotect(uffdio_range(start, length), mode)   # own argument: see class doc
         self._ioctl(UFFDIO_WRITEPROTECT, w, "UFFDIO_WRITEPROTECT", start, length)
 
     def continue_(self, start, length, mode=0):
@@ -693,8 +685,9 @@ class Userfaultfd:
     def read_events(self, max_msgs=64):
         """Every pending uffd_msg (up to ``max_msgs``) as typed events; [] when none is pending.
 
-        On a blocking fd this waits for the first message.  A FORK event's ``ufd`` is a new fd in
-        this process; wrap it with ``Userfaultfd.adopt``."""
+        On a blocking fd this waits for the first message.  A FORK event's ``ufd`` is the child's
+        new uffd, already adopted as a ``Userfaultfd`` (with this one's features): closing it is
+        the receiver's job (``decode_msgs`` alone gives the raw fd number)."""
         if max_msgs > len(self._buf) // UFFD_MSG_SIZE:
             self._buf = bytearray(UFFD_MSG_SIZE * max_msgs)
         try:
@@ -703,7 +696,11 @@ class Userfaultfd:
             return []
         except OSError as e:
             raise UffdError(e.errno, "read") from None
-        return decode_msgs(self._buf, n)
+        evs = decode_msgs(self._buf, n)
+        for i, ev in enumerate(evs):
+            if type(ev) is Fork:
+                evs[i] = Fork(Userfaultfd.adopt(ev.ufd, self.features))
+        return evs
 
 
 ###################################################################################################
@@ -716,7 +713,7 @@ class _Event(tuple):
     name = "?"
 
     def record(self):
-        """The CLI.md JSON-lines fields of this event (without ``t``)."""
+        """The JSON-lines fields of this event (without ``t``; README, "CLI contract")."""
         return {"event": self.name}
 
 
@@ -742,6 +739,9 @@ def _event(cls_name, name, fields, json_names=None):
 
 
 Fork = _event("Fork", "fork", ("ufd",))
+Fork.__doc__ = """A UFFD_EVENT_FORK: ``ufd`` is the child's uffd (an fd number from ``decode_msgs``, a
+Userfaultfd from ``Userfaultfd.read_events``)."""
+Fork.record = lambda self: {"event": "fork", "ufd": getattr(self.ufd, "fileno", lambda: self.ufd)()}
 Remap = _event("Remap", "remap", ("from_", "to", "len"), ("from", "to", "len"))
 Remove = _event("Remove", "remove", ("start", "end"))
 Unmap = _event("Unmap", "unmap", ("start", "end"))
@@ -799,7 +799,7 @@ def decode_msgs(buf, n=None):
 ###################################################################################################
 
 class EventLog:
-    """The one writer of JSON-lines records (CLI.md) and of the human lines on stderr.
+    """The one writer of JSON-lines records (README, "CLI contract") and of the human lines on stderr.
 
     ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
     ``t`` (seconds since ``t0``) and ``event`` and is flushed.  ``human`` is where the
@@ -1220,6 +1220,25 @@ def file_regions(start, end, file_ranges, name=None):
     return out
 
 
+#: errnos of a uffd ioctl that mean the uffd's process (its mm) is gone: nothing left to serve
+PEER_GONE = frozenset((errno.ESRCH, errno.ENOMEM))
+
+#: attempts at one ioctl that keeps failing with EAGAIN (an event is pending: read it, retry)
+FILL_RETRIES = 1000
+
+
+def data_end(r, size, page_size):
+    """End of the part of region ``r`` whose pages come from a source of ``size`` bytes (None:
+    no limit), rounded up to a page: a fill from address A takes at most ``data_end - A``
+    bytes, and a page at or past it lies past the end of the source (it gets a zero page).
+    A region without a source offset has no data (returns its start)."""
+    if r.offset is None:
+        return r.start
+    if size is None:
+        return r.end
+    return min(r.end, r.start + max(0, -(-(size - r.offset) // page_size) * page_size))
+
+
 class Served:
     """The state kept per uffd: the fd, its regions (sorted), pages removed (on-remove=zero)."""
 
@@ -1279,8 +1298,6 @@ class Served:
         i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
-
-_PF_HEAD = struct.Struct("<B7xQQ")     # the first 24 bytes of a uffd_msg: event, flags, address
 
 #: the fast loop times 1 fault in this many (a power of two); the general path times every fault
 FAST_LATENCY_EVERY = 8
@@ -1450,12 +1467,13 @@ class Handler:
         st.add("events_" + ev.name)
         rec = ev.record()
         if type(ev) is Fork:
-            child = Served(Userfaultfd.adopt(ev.ufd, s.uffd.features),
-                           [Region(r.start, r.end, r.offset, r.name) for r in s.regions],
+            uffd = ev.ufd if isinstance(ev.ufd, Userfaultfd) else Userfaultfd.adopt(
+                ev.ufd, s.uffd.features)
+            child = Served(uffd, [Region(r.start, r.end, r.offset, r.name) for r in s.regions],
                            label="fork-of-%s" % (s.pid or s.uffd.fileno()))
             child.removed = list(s.removed)
             child.comm = s.comm               # fork keeps the command name
-            self.served[ev.ufd] = child
+            self.served[uffd.fileno()] = child
             rec["parent_ufd"] = s.uffd.fileno()
             if self.on_fork:
                 self.on_fork(s, child)
@@ -1504,7 +1522,7 @@ class Handler:
                 try:
                     s.uffd.unregister(a, b - a)
                 except UffdError as e:
-                    if e.errno in (errno.ENOMEM, errno.ESRCH):
+                    if e.errno in PEER_GONE:
                         return self.drop(s, "exited")
                     if e.errno != errno.EINVAL:
                         raise
@@ -1548,18 +1566,18 @@ class Handler:
                 off = r.offset + (addr - r.start)
                 fill = self._source_fill
                 how = self.source.kind
-            length = min(self.readahead * ps, r.end - addr)
+            end = r.end
+            if off is not None:
+                end = data_end(r, self.source.size, ps)
+                if addr >= end:                     # past the end of the source: zeros
+                    off, how, fill, end = None, "zero", self._zero_fill, r.end
+            length = min(self.readahead * ps, end - addr)
             if off is not None and self.prefetch:
                 # a recorded page: take the rest of its prefetch run now (demand first)
-                e = self.prefetch.claim(off, min(PREFETCH_RUN, r.end - addr))
+                e = self.prefetch.claim(off, min(PREFETCH_RUN, end - addr))
                 if e is not None and e - off > length:
                     length = e - off
                     st.add("prefetch_claimed")
-            if off is not None and self.source.size is not None:
-                if off >= self.source.size:         # past the end of the file: zeros
-                    off, how, fill = None, "zero", self._zero_fill
-                else:
-                    length = min(length, -(-(self.source.size - off) // ps) * ps)
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
@@ -1626,7 +1644,7 @@ class Handler:
                         st.add("eagain")
                         self._prefetch_rest(a, b)
                         return True
-                    if err.errno in (errno.ESRCH, errno.ENOMEM):
+                    if err.errno in PEER_GONE:
                         self.drop(s, "exited")
                         return bool(pf)
                     if err.errno in (errno.ENOENT, errno.EINVAL):
@@ -1662,7 +1680,7 @@ class Handler:
         """Fill ``[addr, addr+length)`` with ``fill(dst, n)``; returns (resolution, pages)."""
         ps = self.page_size
         st = self.stats
-        for attempt in range(1000):
+        for attempt in range(FILL_RETRIES):
             try:
                 done = fill(addr, length)
             except UffdError as e:
@@ -1672,13 +1690,13 @@ class Handler:
                     return "exists", 0
                 if e.errno == errno.EAGAIN:
                     st.add("eagain")
-                    if not self._drain_events(s, attempt):
+                    if not self.read_pending(s, attempt):
                         return "gone", 0
                     if s.uffd.closed or s.find(addr) is None:
                         return self._give_up(s, addr)
                     st.add("retries")
                     continue
-                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                if e.errno in PEER_GONE:
                     self.drop(s, "exited")
                     return "gone", 0
                 if e.errno == errno.ENOENT and length > ps:
@@ -1689,7 +1707,7 @@ class Handler:
                     st.add("readahead_clipped")
                     continue
                 if e.errno == errno.ENOENT:        # the range went away under us
-                    self._drain_events(s, attempt)
+                    self.read_pending(s, attempt)
                     return self._give_up(s, addr)
                 raise
             pages = done // ps
@@ -1700,7 +1718,7 @@ class Handler:
             return how, pages
         raise UffdError(errno.EAGAIN, "fill retries exhausted", addr, length)
 
-    def drain(self, s, holes=None):
+    def install_missing(self, s, holes=None):
         """Install every page of ``s``'s source-backed regions that has not been filled yet
         (runs of up to PREFETCH_RUN bytes per ioctl; EEXIST: the page is already there), so
         that unregistering leaves no zero page where source data belongs.  Pages past the end
@@ -1713,30 +1731,27 @@ class Handler:
         if self.source.kind == "zero":
             return 0
         for _ in range(10):             # again from the start if events changed the regions
-            n, changed = self._drain_regions(s, holes)
+            n, changed = self._install_regions(s, holes)
             installed += n
             if not changed:
                 break
         return installed
 
-    def _drain_regions(self, s, holes):
-        ps = self.page_size
-        size = self.source.size
+    def _install_regions(self, s, holes):
         installed = attempt = 0
         for r in list(s.regions):
-            if r.offset is None:
+            end = data_end(r, self.source.size, self.page_size)
+            if end <= r.start:
                 continue
-            end = r.end if size is None else min(r.end, r.start + max(0, size - r.offset))
-            end = -(-end // ps) * ps if end > r.start else r.start
             runs = [(r.start, end)] if holes is None or end <= r.start else holes(r.start, end)
             for a, end in runs:
-                n, changed = self._drain_run(s, r, a, end, attempt)
+                n, changed = self._install_run(s, r, a, end, attempt)
                 installed += n
                 if changed is not None:         # regions changed (True) or s is gone
                     return installed, changed
         return installed, False
 
-    def _drain_run(self, s, r, a, end, attempt):
+    def _install_run(self, s, r, a, end, attempt):
         """Install the missing pages of ``[a, end)`` in region ``r``: (pages, changed) where
         changed is None to go on, True when events changed the regions, False when ``s`` is
         gone."""
@@ -1760,15 +1775,15 @@ class Handler:
                 if e.errno == errno.EEXIST:
                     a += ps
                     continue
-                if e.errno == errno.EAGAIN and attempt < 1000:
+                if e.errno == errno.EAGAIN and attempt < FILL_RETRIES:
                     self.stats.add("eagain")
                     attempt += 1
-                    if not self._drain_events(s, attempt):
+                    if not self.read_pending(s, attempt):
                         return installed, False
                     if s.find(a) is not r:
                         return installed, True
                     continue
-                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                if e.errno in PEER_GONE:
                     self.drop(s, "exited")
                     return installed, False
                 if e.errno in (errno.ENOENT, errno.EINVAL, errno.EAGAIN):
@@ -1793,15 +1808,15 @@ class Handler:
 
     def _retry(self, s, op, *args):
         """Run a non-fill ioctl (wake, writeprotect), retrying EAGAIN after reading events."""
-        for attempt in range(1000):
+        for attempt in range(FILL_RETRIES):
             try:
                 return op(*args)
             except UffdError as e:
                 if e.errno == errno.EAGAIN:
                     self.stats.add("eagain")
-                    self._drain_events(s, attempt)
+                    self.read_pending(s, attempt)
                     continue
-                if e.errno in (errno.ESRCH, errno.ENOMEM):
+                if e.errno in PEER_GONE:
                     return self.drop(s, "exited")
                 if e.errno in (errno.ENOENT, errno.EINVAL) and s.find(args[0]) is None:
                     if op != s.uffd.wake:         # e.g. WP on a range gone meanwhile
@@ -1809,7 +1824,7 @@ class Handler:
                     return None
                 raise
 
-    def _drain_events(self, s, attempt):
+    def read_pending(self, s, attempt):
         """Read and handle what is pending on ``s`` (after EAGAIN); back off a little more on
         each attempt (at most 10 ms).  Returns False when ``s`` is gone."""
         if s.uffd.closed:
@@ -1942,7 +1957,7 @@ class Handler:
         general loop (returns None) or ``run`` must return (returns its result).
 
         Per fault: one ``os.read`` of 32 bytes (read first, poll only when the queue is empty:
-        reference/serving-costs.md), one ``unpack_from``, one ``pack_into`` into a preallocated
+        a poll costs a syscall and, when it sleeps, two wake-ups), one ``unpack_from``, one ``pack_into`` into a preallocated
         ioctl argument and one ``fcntl.ioctl(fd, req, buf, True)``; counters are locals, flushed
         into ``self.stats`` when the loop leaves or ticks."""
         st = self.stats
@@ -1956,11 +1971,11 @@ class Handler:
         if zero:
             arg, req, res_off = bytearray(32), UFFDIO_ZEROPAGE, 24     # uffdio_zeropage
             put = struct.Struct("=QQ").pack_into                        # range.start, range.len
-            base, limit = 0, None
+            base = 0
         else:
             arg, req, res_off = bytearray(40), UFFDIO_COPY, 32          # uffdio_copy
             put = struct.Struct("=QQQ").pack_into                       # dst, src, len
-            base, limit = src.base, src.size
+            base = src.base
         how = src.kind
         # Readahead hint: pages this loop has filled, by source page.  A fill is cut short before
         # a page we know is present, so that the kernel need not stop there (a partial fill is
@@ -1977,7 +1992,7 @@ class Handler:
             ones = b"\x01" * (ra >> shift)
             find = hint.find
         read = os.read
-        unpack = _PF_HEAD.unpack_from                  # event, flags, address
+        unpack = UFFD_MSG.unpack_from                  # event, flags, address, ptid
         ioctl = fcntl.ioctl
         perf = time.perf_counter
         lat = array.array("d")
@@ -2066,7 +2081,7 @@ class Handler:
                     self.drop(s, "read: %s" % os.strerror(e.errno))
                     return None
                 spin_until = 0.0
-                ev, flags, addr = unpack(msg)
+                ev, flags, addr, _ = unpack(msg)
                 if ev != PF or flags & SPECIAL or slow:
                     if not general(msg):
                         return None
@@ -2075,12 +2090,14 @@ class Handler:
                     continue
                 addr &= mask
                 if not lo <= addr < hi:
+                    # a new region: [lo, hi) is the part with source data (data_end), so a
+                    # page past the end of the file, or of a region without data, goes general
                     r = s.find(addr)
-                    if r is None or r.offset is None:
+                    if r is None or addr >= data_end(r, src.size, ps):
                         if not general(msg):
                             return None
                         continue
-                    lo, hi, roff = r.start, r.end, r.offset
+                    lo, hi, roff = r.start, data_end(r, src.size, ps), r.offset
                 n = hi - addr
                 if n > ra:
                     n = ra
@@ -2093,12 +2110,6 @@ class Handler:
                 if zero:
                     put(arg, 0, addr, n)
                 else:
-                    if off + n > limit:
-                        if off >= limit:            # past the end of the file: zero-fill
-                            if not general(msg):
-                                return None
-                            continue
-                        n = -(-(limit - off) // ps) * ps
                     put(arg, 0, addr, base + off, n)
                 sample = not faults & LAT_MASK      # latency of 1 fault in 8 (saves ~0.1 µs)
                 if sample:
@@ -2114,7 +2125,7 @@ class Handler:
                         if e.errno == errno.EAGAIN:
                             eagain += 1
                             flush()
-                            self._drain_events(s, 0)
+                            self.read_pending(s, 0)
                             st.add("retries")
                         if not general(msg):
                             return None
@@ -2550,7 +2561,8 @@ class Injector:
 
     @property
     def resume_signal(self):
-        """Signal to pass when resuming (the first parked one; the rest are re-sent with tgkill)."""
+        """Signal to pass when resuming (the first parked one; the rest are re-sent to the
+        process with kill)."""
         for sig, _ in self.parked[1:]:
             try:
                 os.kill(self.pid, sig)
@@ -3165,7 +3177,7 @@ def parse_events(text):
 def watch_features(events, mode, warn):
     """Features a watch uffd asks for: THREAD_ID, the chosen events, PAGEFAULT_FLAG_WP for
     ``mode == 'wp'``; limited to what the kernel offers.  EVENT_FORK is dropped, with a
-    warning, without CAP_SYS_PTRACE (UFFDIO_API would fail with EPERM, kernel.md §1.2)."""
+    warning, without CAP_SYS_PTRACE (UFFDIO_API would fail with EPERM)."""
     probe = Userfaultfd()
     try:
         avail, _ = probe.api(0)
@@ -3206,7 +3218,7 @@ def arm(uffd, start, length, mode):
 class SnapshotSource:
     """Page source of ``watch --pid --dontneed``: the page at address A comes from a snapshot of
     A taken before MADV_DONTNEED (regions carry ``offset = original address``, which stays
-    right after a REMAP); pages that were never present get zero pages.  ``drain`` puts every
+    right after a REMAP); pages that were never present get zero pages.  ``install_missing`` puts every
     page back that has not faulted yet, so detaching leaves the target's data complete."""
     kind = "copy"
     size = None
@@ -3238,7 +3250,7 @@ class SnapshotSource:
             done += PAGE_SIZE
         return done
 
-    def drain(self, served):
+    def install_missing(self, served):
         """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
         n = 0
         base = ctypes.addressof(self.buf) if self.buf is not None else 0
@@ -3252,7 +3264,7 @@ class SnapshotSource:
                     served.uffd.copy(dst, base + src, PAGE_SIZE)
                     n += 1
                 except UffdError as e:
-                    if e.errno in (errno.ESRCH, errno.ENOMEM):
+                    if e.errno in PEER_GONE:
                         return n
                     if e.errno != errno.EEXIST:
                         raise
@@ -3522,7 +3534,7 @@ class PidTarget(WatchTarget):
 
     ``snapshot=False`` (serve-file): the handler's source is a file (or zeros), not a snapshot;
     ``offsets`` gives each range's source offset, ``dontneed`` drops the present pages without
-    a snapshot, and ``finish`` installs every source page not faulted yet (``Handler.drain``)
+    a snapshot, and ``finish`` installs every source page not faulted yet (``Handler.install_missing``)
     before unregistering."""
     name = "pid"
 
@@ -3643,8 +3655,8 @@ class PidTarget(WatchTarget):
     def finish(self, handler, reason):
         if self.snapshot or self.offsets is not None:
             for s in list(handler.served.values()):     # no zero page where data belongs
-                self.drained += (handler.source.drain(s) if self.snapshot else
-                                 handler.drain(s, lambda a, b: missing_runs(self.pid, a, b)))
+                self.drained += (handler.source.install_missing(s) if self.snapshot else
+                                 handler.install_missing(s, lambda a, b: missing_runs(self.pid, a, b)))
         status = super().finish(handler, reason)
         self.abort()
         return status
@@ -3926,7 +3938,7 @@ class ServeTarget:
         self.uffds = []
 
 
-# -- Firecracker (reference/peers.md section 1) ---------------------------------------------------
+# -- Firecracker's UFFD handshake (README, "Firecracker") ------------------------------------
 
 #: handshake receive buffer and fd limit (Firecracker sends ~110 bytes per region and 1 fd)
 FC_HANDSHAKE_MAX = 64 << 10
@@ -4179,12 +4191,12 @@ class FirecrackerTarget(ServeTarget):
             # pagemap says which pages are missing (per 4 KiB page: not for hugetlb)
             holes = (lambda a, b: missing_runs(pid, a, b)) if pid and not handler.hugetlb \
                 else None
-            installed += handler.drain(s, holes)
+            installed += handler.install_missing(s, holes)
             for r in s.regions:
                 try:
                     s.uffd.unregister(r.start, r.end - r.start)
                 except UffdError as e:
-                    if e.errno not in (errno.ENOMEM, errno.ESRCH, errno.EINVAL):
+                    if e.errno not in PEER_GONE | {errno.EINVAL}:
                         raise
         self.drained = installed
         return 0
@@ -4229,7 +4241,7 @@ def _unlink_socket(path):
 class SelfServeTarget(ServeTarget):
     """A fresh anonymous mapping of this process, registered MISSING on a new uffd.  A worker
     thread reads it with ``ctypes.memmove`` (which runs without the GIL, so the handler in the
-    main thread can serve it: reference/peers.md section 4), then its bytes are compared with
+    main thread can serve it; ``string_at`` would hold the GIL and deadlock), then its bytes are compared with
     the source.  The done-pipe is the watch fd."""
 
     def __init__(self, size, chunk=256 << 10):
@@ -4577,9 +4589,10 @@ def format_info(info):
 ###################################################################################################
 
 # A registry of checks (name -> Check), modelled on the kernel's uffd-unit-tests and CRIU's
-# uffd-events test (kernel.md §3.1).  A check is a function of no arguments: it returns a detail
+# uffd-events test.  A check is a function of no arguments: it returns a detail
 # string (or None) on success, raises CheckSkip when this machine cannot run it, and anything
-# else is a failure.  The GIL trap (kernel.md §2.7, DEVELOPERS.md): memory is always faulted by a
+# else is a failure.  The GIL trap (a thread of this process that faults while holding the GIL
+# blocks the handler thread that would resolve it): memory is always faulted by a
 # *forked child* (``_Peer``) or, inside such a child, by a thread that touches it only through
 # ``ctypes.memmove`` (which releases the GIL); whoever forks/mremaps/madvises/munmaps a
 # registered range is never the process that reads that uffd.  Every wait has a deadline, and
@@ -4738,7 +4751,7 @@ def _mem(kind, npages):
         raise
 
 
-#: the features a memory kind needs for each register mode (kernel.md §1.8)
+#: the features a memory kind needs for each register mode (UFFDIO_API feature bits)
 _MEM_FEATURES = {
     ("anon", "missing"): 0, ("anon", "wp"): UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     ("shmem", "missing"): UFFD_FEATURE_MISSING_SHMEM,
@@ -4911,7 +4924,7 @@ class _Peer:
             if not ready:
                 raise CheckFail("timed out (%d uffd messages so far: %s)" % (
                     len(served.events), ", ".join(type(e).__name__ for _, e in served.events)))
-            served.drain()
+            served.read_pending()
             if any(fd == self.sock.fileno() for fd, _ in ready):
                 return self.recv()
 
@@ -4980,7 +4993,7 @@ class _Served:
         self.faults = []               # (uffd, PageFault)
         self._bufs = []
 
-    def drain(self):
+    def read_pending(self):
         for u in list(self.uffds):
             if not u.closed:
                 for ev in u.read_events():
@@ -4989,14 +5002,14 @@ class _Served:
     def handle(self, u, ev):
         self.events.append((u, ev))
         if type(ev) is Fork:
-            self.uffds.append(Userfaultfd.adopt(ev.ufd, u.features))
+            self.uffds.append(ev.ufd)
         elif type(ev) is PageFault:
             self.faults.append((u, ev))
             self.resolve(u, ev)
 
     def resolve(self, u, ev):
         page = ev.address & ~(self.ps - 1)
-        for _ in range(200):
+        for _ in range(FILL_RETRIES):
             try:
                 if self.how == "copy":
                     buf = _src(_pattern(len(self.faults), self.ps))
@@ -5289,7 +5302,7 @@ def _minor_continue(kind):
             _expect(Ioctls.CONTINUE in ioctls, "register returned %s", ioctls)
             u = served.uffds[0]
             _expect(peer._wait_readable(u.fileno()), "no minor fault arrived")
-            served.drain()
+            served.read_pending()
             f = [ev for _, ev in served.faults]
             _expect(len(f) == 1 and f[0].kind == "minor" and f[0].address == addr and
                     not f[0].write, "faults %r", f)
@@ -5392,7 +5405,7 @@ def check_wake():
         try:
             u = served.uffds[0]
             _expect(peer._wait_readable(u.fileno()), "no fault arrived")
-            served.drain()
+            served.read_pending()
             _expect(len(served.faults) == 1, "faults: %r", served.faults)
             src = _src(_pattern(5, PAGE_SIZE))
             n = u.copy(msg["addr"], ctypes.addressof(src), PAGE_SIZE, UFFDIO_COPY_MODE_DONTWAKE)
@@ -5568,7 +5581,7 @@ def check_event_fork():
     _expect(m.get("grandchild") == _digest(_pattern(1, PAGE_SIZE)),
             "the forked child read other data")
     _expect(m.get("fork_status") == 0, "the forked child failed")
-    return "ufd %d" % forks[0].ufd
+    return "ufd %d" % forks[0].ufd.fileno()
 
 
 def _check_remap(fixed):
@@ -6012,7 +6025,7 @@ def _classify(e):
     if isinstance(e, CheckFail):
         return "FAIL", str(e)
     if isinstance(e, UffdError):
-        if e.errno in (errno.EPERM, errno.EACCES) and e.op == "open userfaultfd":
+        if e.errno in (errno.EPERM, errno.EACCES) and e.op == "cannot open a userfaultfd":
             return "SKIP", _NOT_PERMITTED
         return "FAIL", str(e)
     return "FAIL", "%s: %s" % (type(e).__name__, e)
@@ -6785,7 +6798,7 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv=None):
-    """Run the CLI; returns the exit status (CLI.md): never lets a traceback reach the user
+    """Run the CLI; returns the exit status (README, "CLI contract"): never lets a traceback reach the user
     for an expected failure."""
     parser = build_parser()
     args = parser.parse_args(argv)
