@@ -1299,6 +1299,9 @@ class Served:
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
 
+#: the fast loop's ``flags`` of a plain missing fault, by UFFD_PAGEFAULT_FLAG_WRITE (bit 0)
+FLAG_NAMES = ([], ["write"])
+
 #: the fast loop times 1 fault in this many (a power of two); the general path times every fault
 FAST_LATENCY_EVERY = 8
 
@@ -1383,6 +1386,7 @@ class Handler:
         self.record = record
         self.prefetch = prefetch
         self.fast = fast
+        self.fast_log = False         # the fast loop may write pagefault records (watch)
         self.spin = spin              # seconds to keep reading before sleeping in poll
         self._present = None          # fast loop's readahead hint (bytearray by source page)
         self._recorded = set()
@@ -1947,10 +1951,17 @@ class Handler:
             pass
 
     def _fast_ok(self):
-        return (self.fast and len(self.served) == 1 and not self.log.wants_faults
+        return (self.fast and len(self.served) == 1 and self._fast_log_ok()
                 and type(self.record) is not dict
                 and self.source.kind in ("copy", "zero")
                 and not (self.hugetlb and self.source.kind == "zero"))
+
+    def _fast_log_ok(self):
+        """The fast loop writes per-fault records when ``fast_log`` (watch) and only to the JSON
+        log (a human line per fault takes the general path)."""
+        log = self.log
+        return not log.wants_faults or self.fast_log and (log.human is None or
+                                                          not log.human_faults)
 
     def _run_fast(self, s, poller, extra, clock, idle_step, busy):
         """The hot loop for one uffd (see the class doc).  Serves until something needs the
@@ -1999,6 +2010,9 @@ class Handler:
         lat_append = lat.append
         rec = self.record
         recorded = self._recorded
+        logged = self.log.wants_faults          # JSON records only (_fast_log_ok)
+        emit, tgids, fault_pid = self.log.emit, self._tgid, self.fault_pid
+        uffd_no = fd
         poll = poller.poll
         wake_r = self._wake_r
         POLLIN = select.POLLIN
@@ -2009,6 +2023,7 @@ class Handler:
         faults = nbytes = partial = eagain = waits = 0      # faults: never reset (sampling)
         flushed = 0                                          # faults already in st
         lo = hi = roff = 0
+        rhint = None
         slow = bool(s.removed) or bool(self.prefetch)
 
         def flush():
@@ -2043,6 +2058,8 @@ class Handler:
                     # the queue is empty: background work, then wait
                     if self.stopping:
                         return "stopped"
+                    if self._calls:                   # call_soon work (watch's tracer)
+                        return None
                     if busy:
                         flush()
                         busy = idle_step()
@@ -2073,15 +2090,15 @@ class Handler:
                                 return None
                         elif pfd in extra:
                             return pfd
-                        elif pfd != wake_r:
-                            return None               # a newly added uffd: general loop
+                        elif pfd != wake_r or self._calls:
+                            return None               # a newly added uffd, call_soon work
                     continue
                 except OSError as e:
                     flush()
                     self.drop(s, "read: %s" % os.strerror(e.errno))
                     return None
                 spin_until = 0.0
-                ev, flags, addr, _ = unpack(msg)
+                ev, flags, addr, ptid = unpack(msg)
                 if ev != PF or flags & SPECIAL or slow:
                     if not general(msg):
                         return None
@@ -2092,17 +2109,23 @@ class Handler:
                 if not lo <= addr < hi:
                     # a new region: [lo, hi) is the part with source data (data_end), so a
                     # page past the end of the file, or of a region without data, goes general
+                    # (with --zero, or watch, a region without data is zero-filled as a whole)
                     r = s.find(addr)
-                    if r is None or addr >= data_end(r, src.size, ps):
+                    end = r.end if zero and r is not None else data_end(r, src.size, ps) \
+                        if r is not None else 0
+                    if r is None or addr >= end:
                         if not general(msg):
                             return None
                         continue
-                    lo, hi, roff = r.start, data_end(r, src.size, ps), r.offset
+                    lo, hi = r.start, end
+                    # no source offset: the working set keys by address, no readahead hint
+                    roff = r.offset if r.offset is not None else lo
+                    rhint = hint if r.offset is not None else None
                 n = hi - addr
                 if n > ra:
                     n = ra
                 off = roff + addr - lo
-                if hint is not None:
+                if rhint is not None:
                     i = off >> shift
                     k = find(1, i + 1, i + (n >> shift))
                     if k >= 0:
@@ -2111,7 +2134,7 @@ class Handler:
                     put(arg, 0, addr, n)
                 else:
                     put(arg, 0, addr, base + off, n)
-                sample = not faults & LAT_MASK      # latency of 1 fault in 8 (saves ~0.1 µs)
+                sample = logged or not faults & LAT_MASK   # 1 fault in 8 (saves ~0.1 µs)
                 if sample:
                     t0 = perf()
                 try:
@@ -2133,18 +2156,32 @@ class Handler:
                         slow = bool(s.removed) or bool(self.prefetch)
                         continue
                 if sample:
-                    lat_append(perf() - t0)
-                if hint is not None:
+                    dt = perf() - t0
+                    lat_append(dt)
+                if rhint is not None:
                     i = off >> shift
-                    hint[i:i + (n >> shift)] = ones[:n >> shift]
+                    rhint[i:i + (n >> shift)] = ones[:n >> shift]
                 faults += 1
                 nbytes += n
                 if rec is not None and off not in recorded:
                     recorded.add(off)
                     rec.append(off)
+                if logged:                          # the record serve_fault would write
+                    ptid &= 0xFFFFFFFF
+                    pid = tgids.get(ptid) or fault_pid(s, ptid)
+                    if s.mapped is None:
+                        self.announce(s)
+                    if pid == s.pid or s.pid is None:
+                        emit("pagefault", address=addr, flags=FLAG_NAMES[flags & 1],
+                             ptid=ptid, pid=pid, resolved=how, pages=n >> shift,
+                             us=round(dt * 1e6, 1), ufd=uffd_no)
+                    else:
+                        emit("pagefault", address=addr, flags=FLAG_NAMES[flags & 1],
+                             ptid=ptid, pid=pid, resolved=how, pages=n >> shift,
+                             us=round(dt * 1e6, 1), ufd=uffd_no, mm_pid=s.pid)
                 if not faults & 1023:              # a long burst: stop() and ticks still work
-                    if self.stopping:
-                        return "stopped"
+                    if self.stopping or self._calls:
+                        return "stopped" if self.stopping else None
                     if timed:
                         flush()
                         res = clock.check()
@@ -6494,10 +6531,9 @@ def cmd_watch(args):
         handler = Handler(SnapshotSource() if args.dontneed else ZeroSource(), log, stats,
                           readahead=args.readahead, on_remove=args.on_remove, record=record,
                           spin=args.spin / 1e6)
-        # watch always takes the general serving path (if the Handler has a specialised
-        # single-uffd loop, as serve-file may add): -- CMD adds uffds and regions from the
-        # tracer thread through call_soon, and SnapshotSource fills page by page.
-        handler.fast = False
+        # one uffd, JSON log only: the fast loop (it leaves for call_soon work); SnapshotSource
+        # fills page by page: the general path
+        handler.fast, handler.fast_log = not args.dontneed, True
         log.emit("start", target=target.name, mode=args.mode, features=features.names(),
                  readahead=args.readahead, pid=args.pid, cmd=args.cmd or None)
         reason, status, started = "done", None, False
