@@ -1545,6 +1545,12 @@ class Handler:
         st.add("faults_" + kind)
         pages = 0
         r = s.find(addr)
+        if r is None and self._calls:
+            # the tracer registered it and queued the bookkeeping before the tracee went on
+            self.run_calls()
+            if s.uffd.closed:
+                return
+            r = s.find(addr)
         if r is None and kind == "missing":
             # Registered memory the bookkeeping does not know: a VMA grown in place by mremap
             # (no event) or past a REMAP's old length.  A wake alone would re-fault forever;
@@ -1874,9 +1880,7 @@ class Handler:
         busy = True
         spin_until = 0.0
         while not self.stopping:
-            while self._calls:
-                fn, a, kw = self._calls.pop(0)
-                fn(*a, **kw)
+            self.run_calls()
             for fd in list(self.served):
                 if fd not in polled:
                     poller.register(fd, select.POLLIN)
@@ -1939,6 +1943,12 @@ class Handler:
                     if s is not None:
                         self.drop(s, "hangup")
         return "stopped"
+
+    def run_calls(self):
+        """Run the ``call_soon`` queue (in the thread in ``run``)."""
+        while self._calls:
+            fn, a, kw = self._calls.pop(0)
+            fn(*a, **kw)
 
     def call_soon(self, fn, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` on the thread in ``run``, before it reads the next batch
@@ -3430,7 +3440,7 @@ def _size_error(size):
 
 
 def _human_bytes(n):
-    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
         if n >= 1 << shift and not n % (1 << shift):
             return "%d%s" % (n >> shift, unit)
     return str(n)
