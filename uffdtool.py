@@ -3105,7 +3105,8 @@ class SpawnTracer:
 def _log_on_stdout(log):
     """Whether the JSON log goes to the tool's stdout (``--json`` / ``--log -``): then nothing
     else may write there (CMD's stdout goes to stderr)."""
-    return getattr(log, "out", None) is sys.stdout
+    return (getattr(log, "out", None) is sys.stdout or getattr(log, "name", None) == "stdout"
+            or getattr(log, "fd", -1) == 1)
 
 
 def _tgid_of(tid):
