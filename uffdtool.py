@@ -15,13 +15,13 @@ Contents (each section starts with a boxed banner; grep for ``#  N.``):
      5. Userfaultfd              the object that owns one uffd
      6. Events                   PageFault/Fork/Remap/Remove/Unmap and ``decode_msgs``
      7. Event log and stats      the JSON-lines writer and the counters
-     8. Page sources             zero, file + offset, working-set files (record / prefetch)
-     9. Handler loop             serves faults and events on one or more uffds
-    10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process
-    11. Targets                  self, child (-- CMD), pid, Firecracker socket
+     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets, prefetch
+     9. Handler loop             serves faults and events on one or more uffds (one fault policy)
+    10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process, spawning CMD
+    11. Targets                  one Target protocol: --self, -- CMD, --pid, Firecracker socket
     12. info
-    13. selftest
-    14. CLI
+    13. selftest                 a registry of checks, each run in a forked child
+    14. CLI                      parser, target checks, exit status, the session runner, main
 
 Library example::
 
@@ -36,7 +36,7 @@ Library example::
                 uffd.zeropage(ev.address & ~(uffdtool.PAGE_SIZE - 1), uffdtool.PAGE_SIZE)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import argparse
 import array
@@ -45,6 +45,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import json
 import mmap
 import os
@@ -62,24 +63,23 @@ import threading
 import time
 
 __all__ = [
-    # binding
+    # the binding
     "Userfaultfd", "Features", "Ioctls", "RegisterMode", "FaultFlags", "Flags", "PAGE_SIZE",
+    # events
     "PageFault", "Fork", "Remap", "Remove", "Unmap", "UnknownEvent", "decode_msgs",
     # errors
-    "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError",
-    # serving
-    "EventLog", "Stats", "ZeroSource", "FileSource", "Handler", "Region", "Prefetcher",
-    "read_working_set", "write_working_set",
-    # Firecracker
-    "FirecrackerTarget", "parse_handshake",
-    # watch: ptrace (x86_64) and targets
-    "PtraceError", "Attachment", "inject_userfaultfd", "read_maps", "SpawnTracer",
-    "SnapshotSource",
-    # selftest
-    "SELFTEST_CHECKS", "run_check",
-    # memory helpers
-    "mmap_anon", "munmap", "mremap", "madvise",
-    "parse_size", "parse_range", "main",
+    "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError", "PtraceError",
+    # page sources and working sets
+    "ZeroSource", "FileSource", "SnapshotSource", "read_working_set", "write_working_set",
+    "Prefetcher",
+    # serving: the Handler, what Handler.add returns (Served) and its Regions, log and stats
+    "Handler", "Served", "Region", "EventLog", "Stats",
+    # targets (one protocol) and the pieces for other processes (ptrace, x86_64)
+    "Target", "SelfTarget", "PidTarget", "SpawnTarget", "SelfServeTarget", "FirecrackerTarget",
+    "parse_handshake", "inject_userfaultfd", "read_maps",
+    # memory helpers and the CLI
+    "mmap_anon", "munmap", "mremap", "madvise", "parse_size", "parse_range", "exit_status",
+    "main",
 ]  # the UAPI constants (UFFD_*, UFFDIO_*) are module globals, deliberately not listed
 
 
@@ -434,8 +434,10 @@ assert UFFD_MSG.size == UFFD_MSG_SIZE
 ###################################################################################################
 
 class UffdToolError(Exception):
-    """Base of the tool's own errors; ``exit_code`` is the exit status (README, "CLI contract")."""
+    """Base of the tool's own errors: ``exit_code`` is the exit status (README, "CLI
+    contract"); ``fields`` go into the ``error`` record (e.g. the handshake that was refused)."""
     exit_code = 1
+    fields = {}
 
 
 class UsageError(UffdToolError):
@@ -452,6 +454,12 @@ class TargetError(UffdToolError):
     """The target (process, peer, check) failed: exit 1."""
     exit_code = 1
 
+
+#: errnos of a uffd ioctl that mean the uffd's process (its mm) is gone: nothing left to serve
+PEER_GONE = frozenset((errno.ESRCH, errno.ENOMEM))
+
+#: attempts at one ioctl that keeps failing with EAGAIN (an event is pending: read it, retry)
+FILL_RETRIES = 1000
 
 #: errno -> hint appended to errors of opening a uffd.
 OPEN_HINTS = {
@@ -957,6 +965,8 @@ class Stats:
 #  8. Page sources
 ###################################################################################################
 
+# -- zero and file sources ------------------------------------------------------------------------
+
 class ZeroSource:
     """Fills with zero pages (UFFDIO_ZEROPAGE); on hugetlb, where ZEROPAGE is EINVAL, with a
     COPY from a zero-filled buffer."""
@@ -1030,6 +1040,72 @@ class FileSource:
 def _blkdev_size(fd):
     return os.lseek(fd, 0, os.SEEK_END)
 
+
+# -- watch --pid --dontneed: the target's own pages, snapshotted ----------------------------------
+
+class SnapshotSource:
+    """Page source of ``watch --pid --dontneed``: the page at address A comes from a snapshot of
+    A taken before MADV_DONTNEED (regions carry ``offset = original address``, which stays
+    right after a REMAP); pages that were never present get zero pages.  ``install_missing`` puts every
+    page back that has not faulted yet, so detaching leaves the target's data complete."""
+    kind = "copy"
+    size = None
+
+    def __init__(self):
+        self.buf = None
+        self.index = {}                  # page address -> offset in buf
+
+    def load(self, pages):
+        """Keep ``{address: bytes}`` (one page each)."""
+        blob = b"".join(pages[a] for a in sorted(pages))
+        self.buf = ctypes.create_string_buffer(blob, max(1, len(blob)))
+        self.index = {a: i * PAGE_SIZE for i, a in enumerate(sorted(pages))}
+
+    def fill(self, uffd, dst, length, offset, hugetlb=False):
+        done = 0
+        base = ctypes.addressof(self.buf) if self.buf is not None else 0
+        while done < length:
+            src = self.index.get(offset + done)
+            try:
+                if src is None:
+                    uffd.zeropage(dst + done, PAGE_SIZE)
+                else:
+                    uffd.copy(dst + done, base + src, PAGE_SIZE)
+            except UffdError:
+                if done:
+                    return done          # stop at a present page; the faulting one is done
+                raise
+            done += PAGE_SIZE
+        return done
+
+    def install_missing(self, served):
+        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
+        n = 0
+        base = ctypes.addressof(self.buf) if self.buf is not None else 0
+        for r in list(served.regions):
+            for a in range(r.offset, r.offset + (r.end - r.start), PAGE_SIZE):
+                src = self.index.get(a)
+                dst = r.start + (a - r.offset)
+                if src is None or served.is_removed(dst):
+                    continue
+                try:
+                    served.uffd.copy(dst, base + src, PAGE_SIZE)
+                    n += 1
+                except UffdError as e:
+                    if e.errno in PEER_GONE:
+                        return n
+                    if e.errno != errno.EEXIST:
+                        raise
+        return n
+
+    def address(self, offset):
+        return None
+
+    def close(self):
+        self.buf, self.index = None, {}
+
+
+# -- working-set files (--record / --prefetch) and prefetch runs ----------------------------------
 
 WORKING_SET_MAGIC = "# uffdtool working-set v1"
 
@@ -1152,8 +1228,6 @@ class Prefetcher:
     def __init__(self, runs):
         self.runs = list(runs)                 # pending, sorted by start
         self.starts = [a for a, b in self.runs]
-        self.pages = 0
-        self.bytes = 0
 
     def __bool__(self):
         return bool(self.runs)
@@ -1190,6 +1264,8 @@ class Prefetcher:
 #  9. Handler loop
 ###################################################################################################
 
+# -- regions, the fault policy's span helper, per-uffd state --------------------------------------
+
 class Region:
     """A registered range ``[start, end)`` of one uffd; ``offset`` is the source offset of
     ``start`` (None: no source data, zero-fill); ``name`` what the mapping is (``mappings``
@@ -1218,13 +1294,6 @@ def file_regions(start, end, file_ranges, name=None):
     if at < end:
         out.append(Region(at, end, None, name))
     return out
-
-
-#: errnos of a uffd ioctl that mean the uffd's process (its mm) is gone: nothing left to serve
-PEER_GONE = frozenset((errno.ESRCH, errno.ENOMEM))
-
-#: attempts at one ioctl that keeps failing with EAGAIN (an event is pending: read it, retry)
-FILL_RETRIES = 1000
 
 
 def data_end(r, size, page_size):
@@ -1298,6 +1367,8 @@ class Served:
         i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
+
+# -- the Handler ----------------------------------------------------------------------------------
 
 #: the fast loop's ``flags`` of a plain missing fault, by UFFD_PAGEFAULT_FLAG_WRITE (bit 0)
 FLAG_NAMES = ([], ["write"])
@@ -1443,11 +1514,12 @@ class Handler:
         self.log.emit("mappings", pid=s.pid, comm=s.comm, ufd=s.uffd.fileno(),
                       mappings=s.mapped)
 
-    def drop(self, s, reason):
-        """Stop serving ``s`` (its process exited or its fd hung up) and close its uffd."""
+    def drop(self, s, reason, **fields):
+        """Stop serving ``s`` (its process exited or its fd hung up) and close its uffd;
+        ``fields`` go into the ``gone`` record (e.g. how the process ended)."""
         if self.served.pop(s.uffd.fileno(), None) is not None:
             self.stats.add("uffds_closed")
-            self.log.emit("gone", ufd=s.uffd.fileno(), pid=s.pid, reason=reason)
+            self.log.emit("gone", ufd=s.uffd.fileno(), pid=s.pid, reason=reason, **fields)
             if self.on_gone:
                 self.on_gone(s)
             s.uffd.close()
@@ -3204,6 +3276,8 @@ def read_target_pages(pid, pages):
 #  11. Targets
 ###################################################################################################
 
+# -- watch's events, features and arming ----------------------------------------------------------
+
 #: --events names -> the feature bit that makes the kernel send that non-cooperative event.
 WATCH_EVENTS = {"fork": UFFD_FEATURE_EVENT_FORK, "remap": UFFD_FEATURE_EVENT_REMAP,
                 "remove": UFFD_FEATURE_EVENT_REMOVE, "unmap": UFFD_FEATURE_EVENT_UNMAP}
@@ -3263,93 +3337,74 @@ def arm(uffd, start, length, mode):
         uffd.writeprotect(start, length, True)
 
 
-class SnapshotSource:
-    """Page source of ``watch --pid --dontneed``: the page at address A comes from a snapshot of
-    A taken before MADV_DONTNEED (regions carry ``offset = original address``, which stays
-    right after a REMAP); pages that were never present get zero pages.  ``install_missing`` puts every
-    page back that has not faulted yet, so detaching leaves the target's data complete."""
-    kind = "copy"
-    size = None
+# -- the target protocol --------------------------------------------------------------------------
 
-    def __init__(self):
-        self.buf = None
-        self.index = {}                  # page address -> offset in buf
+class Target:
+    """Whose memory a session registers and serves: the one interface of every target (the
+    tool itself, ``-- CMD``, ``--pid``, a Firecracker peer), for watch and serve-file alike.
 
-    def load(self, pages):
-        """Keep ``{address: bytes}`` (one page each)."""
-        blob = b"".join(pages[a] for a in sorted(pages))
-        self.buf = ctypes.create_string_buffer(blob, max(1, len(blob)))
-        self.index = {a: i * PAGE_SIZE for i, a in enumerate(sorted(pages))}
+    The session runner (CLI section) calls, in this order:
 
-    def fill(self, uffd, dst, length, offset, hugetlb=False):
-        done = 0
-        base = ctypes.addressof(self.buf) if self.buf is not None else 0
-        while done < length:
-            src = self.index.get(offset + done)
-            try:
-                if src is None:
-                    uffd.zeropage(dst + done, PAGE_SIZE)
-                else:
-                    uffd.copy(dst + done, base + src, PAGE_SIZE)
-            except UffdError:
-                if done:
-                    return done          # stop at a present page; the faulting one is done
-                raise
-            done += PAGE_SIZE
-        return done
+      ``open(log, source, wake_fd)``  before the Handler exists (Firecracker: listen, write
+                                 ``ready``, accept the peer, read its handshake: this sets
+                                 ``page_size`` and ``hugetlb``); a readable ``wake_fd`` means
+                                 a signal came: give up waiting (KeyboardInterrupt)
+      ``attach(handler)``        register the memory and hand its uffds to the Handler;
+                                 returns the fds whose readiness means "the target may be done"
+      ``ready_fields()``         the fields of the ``ready`` record (None: ``open`` wrote it)
+      ``start()``                begin a built-in workload, once everything is set up
+      ``fired(fd)``              an fd from ``attach`` fired: a reason to stop, or None
+      ``detach(handler, reason)``  always once ``attach`` succeeded: leave the target whole
+                                 (unregister; pages that must not read as zeros installed
+                                 first); returns the exit status the target decides (CMD's, a
+                                 failed workload's) or None
+      ``abort()``                ``attach`` failed or never ran
+      ``extra()``                extra fields of the ``stats`` record
+      ``close()``                release everything (idempotent)
 
-    def install_missing(self, served):
-        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
-        n = 0
-        base = ctypes.addressof(self.buf) if self.buf is not None else 0
-        for r in list(served.regions):
-            for a in range(r.offset, r.offset + (r.end - r.start), PAGE_SIZE):
-                src = self.index.get(a)
-                dst = r.start + (a - r.offset)
-                if src is None or served.is_removed(dst):
-                    continue
-                try:
-                    served.uffd.copy(dst, base + src, PAGE_SIZE)
-                    n += 1
-                except UffdError as e:
-                    if e.errno in PEER_GONE:
-                        return n
-                    if e.errno != errno.EEXIST:
-                        raise
-        return n
-
-    def address(self, offset):
-        return None
-
-    def close(self):
-        self.buf, self.index = None, {}
-
-
-class WatchTarget:
-    """What ``watch`` registers.  The CLI calls ``start(handler)`` (register memory, add uffds
-    to the handler; returns fds whose readiness ends the watch), runs the handler, then always
-    ``finish(handler, reason)`` (undo everything; returns the exit status).
-
-    Raises from ``start``: UsageError (bad range, no such pid, CMD not found), NotPermitted
-    (ptrace or the kernel refuses), TargetError.  ``extra()`` adds fields to ``stats``."""
+    ``fast``: the Handler may use its single-uffd loop.  ``peer_pid``: whom
+    ``--kill-peer-on-error`` kills.  ``stopped_seconds``: how long the target was stopped.
+    ``attach`` raises UsageError (bad range, no such pid, CMD not found), NotPermitted (ptrace
+    or the kernel refuses) or TargetError."""
     name = "?"
+    page_size = PAGE_SIZE
+    hugetlb = False
+    fast = True
+    peer_pid = None
     stopped_seconds = None
 
-    def start(self, handler):
+    def open(self, log, source, wake_fd=None):
+        pass
+
+    def attach(self, handler):
         raise NotImplementedError
 
-    def finish(self, handler, reason):
+    def ready_fields(self):
+        return {"target": self.name}
+
+    def start(self):
+        pass
+
+    def fired(self, fd):
+        return "done"
+
+    def detach(self, handler, reason):
+        self.unregister_all(handler, "detached")
+        return None
+
+    @staticmethod
+    def unregister_all(handler, why):
+        """Unregister every region the Handler serves and close their uffds."""
         for s in list(handler.served.values()):
             for r in list(s.regions):
                 try:
                     s.uffd.unregister(r.start, r.end - r.start)
                 except UffdError:
                     pass              # already gone (process exited, range unmapped)
-            handler.drop(s, "detached")
-        return 0
+            handler.drop(s, why)
 
     def abort(self):
-        """Release what a failed ``start`` left (the handler closes the uffds)."""
+        pass
 
     def extra(self):
         out = {}
@@ -3357,6 +3412,11 @@ class WatchTarget:
             out["target_stopped_s"] = round(self.stopped_seconds, 6)
         return out
 
+    def close(self):
+        pass
+
+
+# -- watch --self: the built-in workload ----------------------------------------------------------
 
 # The --self workload's forked child is this x86_64 code, called through ctypes (which releases
 # the GIL): fork() with a raw syscall; the child writes byte dl to every page of [rdi, rdi+rsi)
@@ -3458,17 +3518,22 @@ def self_memory(size):
         raise
 
 
-class SelfTarget(WatchTarget):
-    """``--self``: a range of the tool's own memory and the built-in workload (a thread)."""
+class SelfTarget(Target):
+    """watch ``--self``: a range of the tool's own memory and the built-in workload (a thread).
+    Ends when the workload is done; a failed check of the workload is exit status 1, SIGINT
+    130 (``stop_signal``, set by the runner)."""
     name = "self"
+    fast = False
+    stop_signal = None
 
     def __init__(self, size, mode, features):
         self.size = max(8 * PAGE_SIZE, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         self.mode, self.features = mode, features
         self.result, self.error = None, None
         self.guard = None
+        self.thread = None
 
-    def start(self, handler):
+    def attach(self, handler):
         self.area = self_memory(self.size)
         uffd = Userfaultfd()
         uffd.api(self.features)
@@ -3480,23 +3545,30 @@ class SelfTarget(WatchTarget):
         arm(uffd, self.area, self.size, self.mode)
         handler.add(uffd, [(self.area, self.size)], pid=os.getpid(), label="self")
         self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
+        return [self.done_r]
+
+    def ready_fields(self):
+        return {"target": "self", "size": self.size}
+
+    def start(self):
         self.thread = threading.Thread(target=self._run, name="uffdtool-workload", daemon=True)
         self.thread.start()
-        return [self.done_r]
 
     def _run(self):
         try:
             self.result = self_workload(self.area, self.size)
-        except BaseException as e:           # reported by finish()
+        except BaseException as e:           # reported by detach()
             self.error = e
         finally:
             os.write(self.done_w, b"x")
 
-    def finish(self, handler, reason):
-        status = super().finish(handler, reason)     # closing the uffd wakes a blocked workload
-        self.thread.join(5)
+    def detach(self, handler, reason):
+        self.unregister_all(handler, "detached")      # closing the uffd wakes a blocked workload
+        if self.thread is not None:
+            self.thread.join(5)
         if self.guard is not None:
             munmap(self.guard, PAGE_SIZE)
+            self.guard = None
         for fd in (self.done_r, self.done_w):
             os.close(fd)
         if reason == "done" and (self.error is not None or not self.result or not all(
@@ -3504,11 +3576,13 @@ class SelfTarget(WatchTarget):
                 self.result.get("child_exit", 0) != 0):
             handler.log.emit("error", message="workload failed: %s" % (self.error or self.result))
             return 1
-        return status
+        return 130 if self.stop_signal == signal.SIGINT else None
 
     def extra(self):
         return {"workload": self.result} if self.result else {}
 
+
+# -- --pid: a running process ---------------------------------------------------------------------
 
 #: --pid --all-anon: how often (seconds) the target's maps are read for new anonymous mappings;
 #: also after a REMAP/UNMAP event, at most every PID_RESCAN_MIN
@@ -3574,29 +3648,94 @@ def _check_ranges(pid, ranges, maps):
     return out
 
 
-class PidTarget(WatchTarget):
+#: PIDFD_GET_INFO (linux/pidfd.h, Linux 6.15+): _IOWR(0xFF, 11, struct pidfd_info), 64 bytes in
+#: its first version; with PIDFD_INFO_EXIT in ``mask`` it returns the wait status of a process
+#: that has been reaped, in ``exit_code`` (offset 60).
+PIDFD_GET_INFO = _IOWR(0xFF, 11, 64)
+PIDFD_INFO_EXIT = 1 << 3
+
+
+def pidfd_wait_status(pidfd, pid, wait=1.0):
+    """The wait status of the exited process behind ``pidfd`` (not our child, so no waitpid):
+    while it is a zombie from /proc/PID/stat (field 52, exit_code), once its parent reaped it
+    from PIDFD_INFO_EXIT.  None if neither tells within ``wait`` seconds (an older kernel, or a
+    parent that does not reap)."""
+    deadline = time.monotonic() + wait
+    while True:
+        info = bytearray(64)
+        struct.pack_into("=Q", info, 0, PIDFD_INFO_EXIT)
+        try:
+            fcntl.ioctl(pidfd, PIDFD_GET_INFO, info, True)
+            if struct.unpack_from("=Q", info, 0)[0] & PIDFD_INFO_EXIT:
+                return struct.unpack_from("=i", info, 60)[0]
+        except OSError:
+            pass                              # ESRCH: exited, not reaped yet; ENOTTY: old kernel
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[0] in ("Z", "X") and len(fields) >= 50:
+                return int(fields[49])        # field 52 of stat, counted after the comm field
+        except (OSError, IndexError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def describe_wait_status(st):
+    """Record fields for a wait status: ``status`` (the exit code, 128+N when killed by signal
+    N, as a shell reports it; "unknown" when None) and ``signal`` (its name) when killed."""
+    if st is None:
+        return {"status": "unknown"}
+    if os.WIFSIGNALED(st):
+        sig = os.WTERMSIG(st)
+        return {"status": 128 + sig, "signal": _signal_name(sig)}
+    return {"status": os.waitstatus_to_exitcode(st)}
+
+
+def _signal_name(sig):
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return "signal %d" % sig
+
+
+class PidTarget(Target):
     """``--pid PID``: inject ``userfaultfd()`` with ptrace (x86_64), register ranges or every
     private anonymous mapping, detach, serve.  Non-destructive unless ``dontneed``: then the
     present pages are snapshotted, dropped with an injected MADV_DONTNEED (all threads stopped)
-    and served back from the snapshot; ``finish`` drains every page not faulted yet.
+    and served back from the snapshot; ``detach`` installs every page not faulted yet.
 
     ``snapshot=False`` (serve-file): the handler's source is a file (or zeros), not a snapshot;
     ``offsets`` gives each range's source offset, ``dontneed`` drops the present pages without
-    a snapshot, and ``finish`` installs every source page not faulted yet (``Handler.install_missing``)
-    before unregistering."""
+    a snapshot, and ``detach`` installs every source page not faulted yet
+    (``Handler.install_missing``) before unregistering.
+
+    When the process ends while watched, its pidfd fires: ``exit_fields`` then says how it
+    ended (``describe_wait_status``), and ``detach`` returns 1 if a signal killed it."""
     name = "pid"
 
     def __init__(self, pid, ranges, all_anon, mode, features, dontneed=False, offsets=None,
-                 snapshot=True):
+                 snapshot=True, done_reason="done"):
         self.pid, self.ranges, self.all_anon = pid, ranges, all_anon
         self.mode, self.features, self.dontneed = mode, features, dontneed
         self.offsets = offsets
         self.snapshot = dontneed and snapshot
+        self.fast = not self.snapshot         # SnapshotSource fills page by page
+        self.done_reason = done_reason
         self.pidfd = -1
         self.snapshot_pages = 0
         self.drained = 0
+        self.exit_fields = None               # set once the process has ended
 
-    def start(self, handler):
+    def ready_fields(self):
+        return {"target": "pid", "pid": self.pid, "comm": _comm_of(self.pid)}
+
+    def fired(self, fd):
+        self.exit_fields = describe_wait_status(pidfd_wait_status(self.pidfd, self.pid))
+        return self.done_reason
+
+    def attach(self, handler):
         pid = self.pid
         try:
             self.pidfd = syscall("pidfd_open", pid, 0)
@@ -3700,14 +3839,20 @@ class PidTarget(WatchTarget):
             self.handler.stats.add("followed_mappings", added)
             self.handler.announce(s)
 
-    def finish(self, handler, reason):
+    def detach(self, handler, reason):
+        if self.exit_fields is not None:      # nothing to leave whole: say how it ended
+            for s in list(handler.served.values()):
+                handler.drop(s, "exited", **self.exit_fields)
+            self.abort()
+            return 1 if "signal" in self.exit_fields else None
         if self.snapshot or self.offsets is not None:
             for s in list(handler.served.values()):     # no zero page where data belongs
                 self.drained += (handler.source.install_missing(s) if self.snapshot else
-                                 handler.install_missing(s, lambda a, b: missing_runs(self.pid, a, b)))
-        status = super().finish(handler, reason)
+                                 handler.install_missing(
+                                     s, lambda a, b: missing_runs(self.pid, a, b)))
+        self.unregister_all(handler, "detached")
         self.abort()
-        return status
+        return None
 
     def abort(self):
         if self.pidfd >= 0:
@@ -3723,7 +3868,9 @@ class PidTarget(WatchTarget):
         return out
 
 
-class SpawnTarget(WatchTarget):
+# -- -- CMD: a child under ptrace -----------------------------------------------------------------
+
+class SpawnTarget(Target):
     """``-- CMD``: start CMD under ptrace, inject a uffd at every exec, register its private
     anonymous memory and every new mmap/brk/mremap result, follow forks.
 
@@ -3739,9 +3886,11 @@ class SpawnTarget(WatchTarget):
     ``file_ranges`` (serve-file): sorted ``(start, end, source offset)`` address ranges whose
     pages come from the source; every other page is zero-filled."""
     name = "cmd"
+    fast = True       # the fast loop leaves for the tracer's call_soon work (regions, uffds)
 
-    def __init__(self, argv, mode, features, warn=None, file_ranges=()):
+    def __init__(self, argv, mode, features, warn=None, file_ranges=(), done_reason="done"):
         self.argv, self.mode, self.features = argv, mode, features
+        self.done_reason = done_reason
         self.file_ranges = sorted(file_ranges)
         self._warn = warn or (lambda msg: None)
         self.uffd_of = {}       # tgid -> Userfaultfd of its mm (shared by vfork children/threads)
@@ -3754,7 +3903,15 @@ class SpawnTarget(WatchTarget):
         """Warn from the tracer thread (the message is written by the handler thread)."""
         self.handler.call_soon(self._warn, msg)
 
-    def start(self, handler):
+    def ready_fields(self):
+        # comm: what the kernel will name it after exec (the first 15 bytes of the file name)
+        return {"target": "cmd", "cmd": self.argv, "pid": self.tracer.root,
+                "comm": os.path.basename(self.argv[0])[:15]}
+
+    def fired(self, fd):
+        return self.done_reason
+
+    def attach(self, handler):
         exe = self.argv[0]
         found = shutil.which(exe) if "/" not in exe else (
             exe if os.path.isfile(exe) and os.access(exe, os.X_OK) else None)
@@ -3775,6 +3932,8 @@ class SpawnTarget(WatchTarget):
         started.wait()
         if self.error is not None and self.tracer.root is None:
             self.thread.join()
+            for fd in (self.done_r, self.done_w):
+                os.close(fd)
             raise self.error
         return [self.done_r]
 
@@ -3788,7 +3947,7 @@ class SpawnTarget(WatchTarget):
                 self.error = self._error(e)
                 return
             finally:
-                started.set()                 # after self.error is set: start() checks it
+                started.set()                 # after self.error is set: attach() checks it
             self.status = self.tracer.run()
         except BaseException as e:            # reported by the main thread (finish)
             self.error = self._error(e)
@@ -3812,7 +3971,7 @@ class SpawnTarget(WatchTarget):
     def _exec(self, pid, fd):
         old = self.uffd_of.pop(pid, None)
         if old is not None and self.owner.get(old.fileno()) == pid:
-            self._drop(old)
+            self._drop(old, "exec")
         if fd is None:
             self.warn("process %d: could not inject userfaultfd (%s): not watched"
                       % (pid, self.tracer.inject_error))
@@ -3884,9 +4043,9 @@ class SpawnTarget(WatchTarget):
         self.handler.call_soon(self.handler.forget_tid, tid)     # tids are reused
         uffd = self.uffd_of.pop(tid, None)
         if uffd is not None and self.owner.get(uffd.fileno()) == tid:
-            self._drop(uffd)
+            self._drop(uffd, "exited", **describe_wait_status(status))
 
-    def _drop(self, uffd):
+    def _drop(self, uffd, reason, **fields):
         self.owner.pop(uffd.fileno(), None)
 
         def drop():
@@ -3894,7 +4053,7 @@ class SpawnTarget(WatchTarget):
             if s is not None and s.uffd is uffd:
                 with self.cv:                 # its fd number may be reused: no stale FIFO
                     self.forks.pop(uffd.fileno(), None)
-                self.handler.drop(s, "exited")
+                self.handler.drop(s, reason, **fields)
         self.handler.call_soon(drop)
 
     # -- handler-thread hook ----------------------------------------------------------------
@@ -3903,7 +4062,7 @@ class SpawnTarget(WatchTarget):
             self.forks.setdefault(parent.uffd.fileno(), []).append(child)
             self.cv.notify_all()
 
-    def finish(self, handler, reason):
+    def detach(self, handler, reason):
         """Wait for CMD and its descendants; on interrupt/duration give them a moment, then
         SIGTERM, then SIGKILL.  Returns CMD's exit status (128+signal if killed)."""
         if self.thread.is_alive():
@@ -3921,7 +4080,7 @@ class SpawnTarget(WatchTarget):
                 if handler.run(watch_fds=[self.done_r], timeout=wait) == self.done_r:
                     break
             self.thread.join(5)
-        super().finish(handler, reason)
+        self.unregister_all(handler, "detached")
         for u in list(self.uffd_of.values()):
             u.close()
         for fd in (self.done_r, self.done_w):
@@ -3937,56 +4096,7 @@ class SpawnTarget(WatchTarget):
         return out
 
 
-# -- the target interface (serve-file) ------------------------------------------------------------
-
-class ServeTarget:
-    """Whose memory serve-file fills: the result of ``open_serve_target``.
-
-    ``uffds``: list of ``(Userfaultfd, [Region], pid, label)`` to hand to ``Handler.add``;
-    ``page_size`` (and ``hugetlb``); ``watch_fds``: fds whose readiness means "stop serving"
-    (a peer's socket hang-up, a pidfd, a workload's done pipe); ``peer_pid``: whom
-    ``--kill-peer-on-error`` kills.  ``attach(handler)`` hands the uffds to the Handler;
-    ``start()`` runs once the Handler is set up; ``fired(fd)`` is told which watch fd fired
-    and returns a reason to stop (or None to keep serving); ``detach(handler, reason)`` runs
-    after serving if ``attach`` succeeded (returns an exit status, or None: keep the CLI's);
-    ``abort()`` if it failed; ``extra()`` returns extra fields for the final record;
-    ``close()`` releases everything (idempotent).  ``fast``: the Handler may use its
-    single-uffd loop."""
-    page_size = PAGE_SIZE
-    hugetlb = False
-    peer_pid = None
-    fast = True
-
-    def __init__(self):
-        self.uffds = []
-        self.watch_fds = []
-
-    def attach(self, handler):
-        for uffd, regs, pid, label in self.uffds:
-            handler.add(uffd, regs, pid, label)
-
-    def start(self):
-        pass
-
-    def fired(self, fd):
-        return "hangup"
-
-    def detach(self, handler, reason):
-        return None
-
-    def abort(self):
-        pass
-
-    def extra(self):
-        return {}
-
-    def close(self):
-        for u, _, _, _ in self.uffds:
-            u.close()
-        self.uffds = []
-
-
-# -- Firecracker's UFFD handshake (README, "Firecracker") ------------------------------------
+# -- Firecracker's UFFD handshake (README, "Firecracker") -----------------------------------------
 
 #: handshake receive buffer and fd limit (Firecracker sends ~110 bytes per region and 1 fd)
 FC_HANDSHAKE_MAX = 64 << 10
@@ -4159,35 +4269,48 @@ def _is_userfaultfd(fd):
         return True                           # no /proc: trust the peer
 
 
-class FirecrackerTarget(ServeTarget):
-    """Listen on a Unix socket, accept Firecracker (or anything speaking its UFFD handshake),
-    receive the regions and the uffd.  ``listen()`` then ``accept(timeout)``."""
+class FirecrackerTarget(Target):
+    """serve-file ``--firecracker-socket PATH``: listen on a Unix socket, accept Firecracker (or
+    anything speaking its UFFD handshake), receive the regions and the uffd.  ``open`` does it
+    all (``ready`` is written once listening); the peer's socket and pidfd are the fds whose
+    readiness ends the session."""
+    name = "firecracker"
 
-    def __init__(self, path):
-        super().__init__()
+    def __init__(self, path, accept_timeout=None):
         self.path = path
+        self.accept_timeout = accept_timeout
         self.sock = None
         self.conn = None
         self.pidfd = -1
-        self.regions_json = []
-        self.raw_handshake = None
+        self.uffd = None
+        self.regions = []
         self.drained = None
 
-    def listen(self):
+    def open(self, log, source, wake_fd=None):
         self.sock = listen_unix(self.path)
+        log.emit("ready", socket=self.path)
+        regions = self.accept(self.accept_timeout, source.size, wake_fd)
+        log.emit("handshake", pid=self.peer_pid, page_size=self.page_size,
+                 regions=len(regions), bytes=sum(r["size"] for r in regions),
+                 layout=[{"base": r["base_host_virt_addr"], "size": r["size"],
+                          "offset": r["offset"]} for r in regions])
 
-    def accept(self, timeout=None, source_size=None):
-        """Wait for the peer (TargetError after ``timeout`` s), receive and validate its
-        handshake; ``source_size``: bytes the source has (a shorter one is a UsageError)."""
-        r, _, _ = select.select([self.sock], [], [], timeout)
+    def accept(self, timeout=None, source_size=None, wake_fd=None):
+        """Wait for the peer (TargetError after ``timeout`` s; KeyboardInterrupt when
+        ``wake_fd`` becomes readable first), receive and validate its handshake;
+        ``source_size``: bytes the source has (a shorter one is a UsageError).  Returns the
+        regions (dicts, as in the handshake)."""
+        waits = [self.sock] + ([wake_fd] if wake_fd is not None else [])
+        r, _, _ = select.select(waits, [], [], timeout)
         if not r:
             raise TargetError("no connection on %s within %g s" % (self.path, timeout))
+        if self.sock not in r:
+            raise KeyboardInterrupt
         self.conn, _ = self.sock.accept()
         self._stop_listening()      # one peer: a second one must fail at connect, not hang
         self.conn.setblocking(True)
         self.peer_pid = peer_pid_of(self.conn)
         data, fds = receive_handshake(self.conn, first_timeout=timeout)
-        self.raw_handshake = data[:2048].decode("utf-8", "replace")
         try:
             if len(fds) != 1:
                 raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
@@ -4201,25 +4324,32 @@ class FirecrackerTarget(ServeTarget):
                     raise UsageError(
                         "source too short: the regions need %d bytes (offset+size up to 0x%x), "
                         "the file has %d from --offset" % (need, need, source_size))
-        except BaseException:
+        except UffdToolError as e:
             for fd in fds:
                 os.close(fd)
+            e.fields = {"handshake": data[:2048].decode("utf-8", "replace")}  # what was refused
             raise
         self.page_size = ps
         self.hugetlb = ps != PAGE_SIZE
-        self.regions_json = regions
-        uffd = Userfaultfd.adopt(fds[0])
+        self.regions = regions
+        self.uffd = Userfaultfd.adopt(fds[0])
+        return regions
+
+    def attach(self, handler):
         regs = [Region(r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"],
-                       r["offset"]) for r in regions]
-        self.uffds = [(uffd, regs, self.peer_pid, "firecracker")]
-        self.watch_fds = [self.conn.fileno()]
+                       r["offset"]) for r in self.regions]
+        handler.add(self.uffd, regs, self.peer_pid, "firecracker")
+        fds = [self.conn.fileno()]
         if self.peer_pid:
             try:
                 self.pidfd = os.pidfd_open(self.peer_pid)
-                self.watch_fds.append(self.pidfd)
+                fds.append(self.pidfd)
             except (AttributeError, OSError):
                 self.pidfd = -1
-        return regions
+        return fds
+
+    def ready_fields(self):
+        return None                           # written by open(), before the peer connects
 
     def _stop_listening(self):
         if self.sock is not None:
@@ -4247,7 +4377,7 @@ class FirecrackerTarget(ServeTarget):
                     if e.errno not in PEER_GONE | {errno.EINVAL}:
                         raise
         self.drained = installed
-        return 0
+        return None
 
     def extra(self):
         return {} if self.drained is None else {"drained_pages": self.drained}
@@ -4264,7 +4394,8 @@ class FirecrackerTarget(ServeTarget):
         return None if data else "peer closed the socket"
 
     def close(self):
-        super().close()
+        if self.uffd is not None:
+            self.uffd.close()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -4284,23 +4415,33 @@ def _unlink_socket(path):
         pass
 
 
-# -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove ----------------
+# -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove -------------------
 
-class SelfServeTarget(ServeTarget):
-    """A fresh anonymous mapping of this process, registered MISSING on a new uffd.  A worker
-    thread reads it with ``ctypes.memmove`` (which runs without the GIL, so the handler in the
-    main thread can serve it; ``string_at`` would hold the GIL and deadlock), then its bytes are compared with
-    the source.  The done-pipe is the watch fd."""
+class SelfServeTarget(Target):
+    """serve-file ``--self``: a fresh anonymous mapping of this process, registered MISSING on
+    a new uffd.  A worker thread reads it with ``ctypes.memmove`` (which runs without the GIL,
+    so the handler in the main thread can serve it; ``string_at`` would hold the GIL and
+    deadlock), then its bytes are compared with the source (``verify``).  The done-pipe is the
+    fd that ends the session."""
+    name = "self"
 
     def __init__(self, size, chunk=256 << 10):
-        super().__init__()
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
         self.chunk = chunk
+        self.uffd = None
+        self.addr = 0
+        self._r = self._w = -1
+        self.elapsed = None
+        self.error = None
+        self._thread = None
+
+    def attach(self, handler):
         self.addr = self_memory(self.size)
         try:
             self.copy = bytearray(self.size)
         except MemoryError:
             munmap(self.addr, self.size)
+            self.addr = 0
             raise _size_error(self.size) from None
         self.uffd = Userfaultfd()
         self.uffd.api(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID)
@@ -4309,16 +4450,14 @@ class SelfServeTarget(ServeTarget):
         except OSError:
             pass
         self.uffd.register(self.addr, self.size)
-        self.uffds = [(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(),
-                       "self")]
+        handler.add(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(), "self")
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
-        self.watch_fds = [self._r]
-        self.elapsed = None
-        self.error = None
-        self._thread = None
+        return [self._r]
+
+    def ready_fields(self):
+        return {"target": "self", "size": self.size}
 
     def start(self):
-        import threading
         self._thread = threading.Thread(target=self._touch, name="uffdtool-self", daemon=True)
         self._thread.start()
 
@@ -4363,7 +4502,8 @@ class SelfServeTarget(ServeTarget):
     def close(self):
         if self._thread is not None:
             self._thread.join(5)
-        super().close()
+        if self.uffd is not None:
+            self.uffd.close()
         if self.addr:
             munmap(self.addr, self.size)
             self.addr = 0
@@ -4371,113 +4511,6 @@ class SelfServeTarget(ServeTarget):
             if fd >= 0:
                 os.close(fd)
         self._r = self._w = -1
-
-
-# -- serve-file --pid / -- CMD: watch's attach and spawn machinery, served from the source -------
-
-class AttachedServeTarget(ServeTarget):
-    """serve-file driving a WatchTarget (a PidTarget or SpawnTarget built for a source): its
-    ``start`` registers the memory and adds the uffds to the Handler, its ``finish`` detaches
-    (PidTarget: after installing every source page not faulted yet) or ends CMD and returns
-    the exit status (CMD's, as in watch)."""
-
-    def __init__(self, target):
-        super().__init__()
-        self.target = target
-        self.name = target.name
-        # -- CMD adds uffds and regions from the tracer thread through call_soon, which only
-        # the general serving loop runs.
-        self.fast = not isinstance(target, SpawnTarget)
-
-    def attach(self, handler):
-        self.watch_fds = list(self.target.start(handler))
-
-    def fired(self, fd):
-        return "target exited" if self.name == "pid" else "command exited"
-
-    def detach(self, handler, reason):
-        return self.target.finish(handler, reason)
-
-    def abort(self):
-        self.target.abort()
-
-    def extra(self):
-        return self.target.extra()
-
-
-def _range_offsets(args, source):
-    """Source offsets of ``--range`` arguments: cumulative in the order given, each LEN rounded
-    up to whole pages (like Firecracker's regions).  UsageError if the file is too short."""
-    offsets, off = [], 0
-    for _, length in args.ranges:
-        offsets.append(off)
-        off += -(-length // PAGE_SIZE) * PAGE_SIZE
-    need = offsets[-1] + args.ranges[-1][1]
-    if source.size is not None and need > source.size:
-        raise UsageError("%s is too short for the ranges: they need %d bytes from --offset %d, "
-                         "the file has %d" % (args.file, need, args.offset, source.size))
-    return offsets
-
-
-def _serve_attach_target(args, log, source):
-    """serve-file --pid PID --range START:LEN [...] / [--range ...] -- CMD (UsageError for bad
-    input)."""
-    cmd = list(args.cmd or [])
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if args.pid is not None and cmd:
-        raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
-    if args.size is not None:
-        raise UsageError("--size goes with --self")
-    if args.all_anon and args.pid is None:
-        raise UsageError("--all-anon goes with --pid")
-    if args.dontneed and args.pid is None:
-        raise UsageError("--dontneed goes with --pid")
-    if ARCH != "x86_64":
-        raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
-    offsets = _range_offsets(args, source) if args.ranges else None
-    if args.pid is not None:
-        if args.all_anon and source.kind != "zero":
-            raise UsageError("--all-anon with --file: the mappings have no file offsets; give "
-                             "--range START:LEN (cumulative offsets) or use --zero")
-        if bool(args.ranges) == bool(args.all_anon):
-            raise UsageError("--pid needs --range START:LEN (repeatable), or --all-anon with "
-                             "--zero")
-        if args.pid <= 0:
-            raise UsageError("no such process: %d" % args.pid)
-    else:
-        if args.prefetch:
-            raise UsageError("--prefetch needs fixed regions: not with -- CMD")
-        if source.kind != "zero" and not args.ranges:
-            raise UsageError("-- CMD with --file needs --range START:LEN (repeatable): the "
-                             "addresses whose pages come from the file (CMD's other memory "
-                             "gets zero pages, as the kernel would give)")
-
-    def warn(msg):
-        log.emit("warning", message=msg)
-    features = watch_features(set(WATCH_EVENTS), "missing", warn)
-    if args.pid is not None:
-        return AttachedServeTarget(PidTarget(args.pid, args.ranges, args.all_anon, "missing",
-                                             features, args.dontneed, offsets, snapshot=False))
-    file_ranges = [(a, a + n, off) for (a, n), off in zip(args.ranges, offsets or [])]
-    return AttachedServeTarget(SpawnTarget(cmd, "missing", features, warn, file_ranges))
-
-
-def open_serve_target(args, log, source):
-    """The ServeTarget for serve-file's TARGET flags (one small interface: the Firecracker
-    socket, --self, and --pid / -- CMD through watch's attach/spawn machinery).
-    Firecracker: returns after ``listen()`` (the caller writes ``ready`` and then calls
-    ``accept``)."""
-    if args.firecracker_socket:
-        t = FirecrackerTarget(args.firecracker_socket)
-        t.listen()
-        return t
-    if args.self_:
-        return SelfServeTarget(args.size or (64 << 20))
-    if args.pid is not None or args.cmd:
-        return _serve_attach_target(args, log, source)
-    raise UsageError("serve-file needs a TARGET: --firecracker-socket PATH, --self, "
-                     "--pid PID --range START:LEN, or -- CMD")
 
 
 ###################################################################################################
@@ -6155,6 +6188,8 @@ def run_selftest(checks, timeout=CHECK_TIMEOUT):
 #  14. CLI
 ###################################################################################################
 
+# -- sizes, ranges and argument types -------------------------------------------------------------
+
 _SUFFIX = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
            "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
            "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
@@ -6203,19 +6238,6 @@ def _positive_size(text):
     return size
 
 
-def _record_list(args, per_process=False):
-    """[] (``per_process``: {} for one list per process) to collect the working set when
-    --record FILE was given (FILE checked writable now, not after the work is done), else
-    None."""
-    if not args.record:
-        return None
-    try:
-        open(args.record, "a").close()
-    except OSError as e:
-        raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
-    return {} if per_process else []
-
-
 def _range_arg(text):
     try:
         return parse_range(text)
@@ -6242,6 +6264,8 @@ _seconds = _number_arg(float, "a number of seconds", lambda v: v > 0, "> 0")
 _usec = _number_arg(float, "a number of microseconds", lambda v: 0 <= v <= 1e6,
                     "0 to 1000000 microseconds")
 
+
+# -- the parser -----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one line (``uffdtool: error: ...``) on bad usage."""
@@ -6440,6 +6464,8 @@ examples:
 """
 
 
+# -- info and selftest ----------------------------------------------------------------------------
+
 def cmd_info(args):
     info = gather_info()
     if args.json:
@@ -6484,38 +6510,389 @@ def cmd_selftest(args):
     return 1 if counts["FAIL"] else 0
 
 
-def _watch_target(args, features, warn):
-    """The WatchTarget the watch arguments name (UsageError for a bad combination)."""
-    cmd = list(args.cmd or [])
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    chosen = [n for n, on in (("--self", args.self_), ("--pid", args.pid is not None),
-                              ("-- CMD", bool(cmd))) if on]
+# -- choosing the target: one set of checks for watch and serve-file ----------------------------
+
+def _check_target_args(args, command):
+    """The one check of the TARGET flags (watch and serve-file): exactly one target, and each
+    flag only with the target it goes with.  UsageError (NotPermitted off x86_64)."""
+    choices = [("--self", args.self_), ("--pid PID", args.pid is not None),
+               ("-- CMD", bool(args.cmd))]
+    if command == "serve-file":
+        choices.insert(0, ("--firecracker-socket PATH", bool(args.firecracker_socket)))
+    chosen = [name for name, on in choices if on]
     if len(chosen) != 1:
-        raise UsageError("watch needs exactly one target: --self, --pid PID or -- CMD"
-                         + (" (got %s)" % " and ".join(chosen) if chosen else ""))
+        names = [name for name, _ in choices]
+        raise UsageError("%s needs exactly one TARGET: %s or %s%s" % (
+            command, ", ".join(names[:-1]), names[-1],
+            " (got %s)" % " and ".join(chosen) if chosen else ""))
     if args.size is not None and not args.self_:
         raise UsageError("--size goes with --self")
-    if (args.ranges or args.all_anon) and args.pid is None:
-        raise UsageError("--range/--all-anon go with --pid")
+    if args.all_anon and args.pid is None:
+        raise UsageError("--all-anon goes with --pid")
     if args.dontneed and args.pid is None:
         raise UsageError("--dontneed goes with --pid")
-    if args.self_:
-        return SelfTarget(args.size or (1 << 20), args.mode, features)
+    if args.ranges and args.pid is None and not (command == "serve-file" and args.cmd):
+        raise UsageError("--range goes with --pid" + (" or -- CMD" if command == "serve-file"
+                                                       else ""))
+    if (args.pid is not None or args.cmd) and ARCH != "x86_64":
+        raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
     if args.pid is not None:
         if bool(args.ranges) == bool(args.all_anon):
             raise UsageError("--pid needs either --range START:LEN (repeatable) or --all-anon")
         if args.pid <= 0:
             raise UsageError("no such process: %d" % args.pid)
+
+
+def _watch_target(args, features, warn):
+    """The Target of watch's TARGET flags (already checked)."""
+    if args.self_:
+        return SelfTarget(args.size or (1 << 20), args.mode, features)
+    if args.pid is not None:
         return PidTarget(args.pid, args.ranges, args.all_anon, args.mode, features,
                          args.dontneed)
-    return SpawnTarget(cmd, args.mode, features, warn)
+    return SpawnTarget(args.cmd, args.mode, features, warn)
+
+
+def _range_offsets(args, source):
+    """Source offsets of ``--range`` arguments: cumulative in the order given, each LEN rounded
+    up to whole pages (like Firecracker's regions).  UsageError if the file is too short."""
+    offsets, off = [], 0
+    for _, length in args.ranges:
+        offsets.append(off)
+        off += -(-length // PAGE_SIZE) * PAGE_SIZE
+    need = offsets[-1] + args.ranges[-1][1]
+    if source.size is not None and need > source.size:
+        raise UsageError("%s is too short for the ranges: they need %d bytes from --offset %d, "
+                         "the file has %d" % (args.file, need, args.offset, source.size))
+    return offsets
+
+
+def _serve_target(args, source, warn):
+    """The Target of serve-file's TARGET flags (already checked): the Firecracker socket,
+    --self, or --pid / -- CMD through watch's attach and spawn machinery, served from the
+    source."""
+    if args.firecracker_socket:
+        return FirecrackerTarget(args.firecracker_socket, args.accept_timeout)
+    if args.self_:
+        return SelfServeTarget(args.size or (64 << 20))
+    offsets = _range_offsets(args, source) if args.ranges else None
+    if args.pid is not None and args.all_anon and source.kind != "zero":
+        raise UsageError("--all-anon with --file: the mappings have no file offsets; give "
+                         "--range START:LEN (cumulative offsets) or use --zero")
+    if args.pid is None and args.prefetch:
+        raise UsageError("--prefetch needs fixed regions: not with -- CMD")
+    if args.pid is None and source.kind != "zero" and not args.ranges:
+        raise UsageError("-- CMD with --file needs --range START:LEN (repeatable): the "
+                         "addresses whose pages come from the file (CMD's other memory "
+                         "gets zero pages, as the kernel would give)")
+    features = watch_features(set(WATCH_EVENTS), "missing", warn)
+    if args.pid is not None:
+        return PidTarget(args.pid, args.ranges, args.all_anon, "missing", features,
+                         args.dontneed, offsets, snapshot=False, done_reason="target exited")
+    file_ranges = [(a, a + n, off) for (a, n), off in zip(args.ranges, offsets or [])]
+    return SpawnTarget(args.cmd, "missing", features, warn, file_ranges,
+                       done_reason="command exited")
+
+
+# -- exit status: the one mapping (README, "CLI contract") ---------------------------------------
+
+#: errno -> exit status of an OSError that ends a run: 3 where the kernel or the permissions
+#: refuse (the message names the fix); every other errno is 1
+_ERRNO_EXIT = {errno.EPERM: 3, errno.EACCES: 3, errno.ENOSYS: 3, errno.ENOEXEC: 3}
+
+
+def exit_status(error=None, status=None):
+    """The exit status of a run that ended with ``error`` (an exception, or None) or, without
+    one, with the ``status`` its target decided (CMD's; None: success)."""
+    if error is None:
+        return status or 0
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, UffdToolError):
+        return error.exit_code
+    if isinstance(error, OSError):
+        return _ERRNO_EXIT.get(error.errno, 1)
+    return 1
+
+
+def tool_error(e, context=None, usage=()):
+    """The UffdToolError for an OSError ``e`` (message prefixed with ``context``): NotPermitted
+    for the errnos that ``exit_status`` maps to 3, UsageError for those in ``usage``, else
+    TargetError."""
+    msg = "%s: %s" % (context, e) if context else str(e)
+    if e.errno in _ERRNO_EXIT:
+        return NotPermitted(msg)
+    return (UsageError if e.errno in usage else TargetError)(msg)
+
+
+# -- the session runner: watch and serve-file --------------------------------------------------
+
+class _Signals(list):
+    """SIGINT/SIGTERM during a session: a signal never cuts a step short (an ioctl sequence, an
+    injection, a detach).  It is recorded (the list holds the signals received), asks the
+    Handler, once there is one, to stop after the current batch, and makes ``wake_r``
+    readable, which ends a wait for a peer.  However many arrive, the session then detaches
+    or drains once, to the end.  A signal that was ignored when the tool started (SIGINT of a
+    background job) stays ignored."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        super().__init__()
+        self.handler = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def _on_signal(self, signum, frame):
+        self.append(signum)
+        if self.handler is not None:
+            self.handler.stop()
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def __enter__(self):
+        self.old = [signal.getsignal(s) for s in self.SIGNALS]
+        for sig, h in zip(self.SIGNALS, self.old):
+            if h is not signal.SIG_IGN:
+                signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, h in zip(self.SIGNALS, self.old):
+            signal.signal(sig, h)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+def _test_pause(step):
+    """Test-only: with ``UFFDTOOL_TEST_PAUSE=STEP:SECS`` in the environment, wait SECS seconds at
+    STEP (``start``: set up and attached, before serving), so that a test can land a signal
+    exactly there.  Signals that arrive are handled as usual (recorded)."""
+    want, _, secs = os.environ.get("UFFDTOOL_TEST_PAUSE", "").partition(":")
+    if want == step:
+        end = time.monotonic() + float(secs or 1)
+        while time.monotonic() < end:
+            time.sleep(end - time.monotonic())
+
+
+def _json_only(log, event, **fields):
+    """A record for the JSON log only (the human line is the CLI's own message)."""
+    human, log.human = log.human, None
+    try:
+        return log.emit(event, **fields)
+    finally:
+        log.human = human
+
+
+class Session:
+    """One run of watch or serve-file against one Target, from start to the final records:
+
+      start record -> ``target.open`` -> Handler -> ``target.attach`` -> ready record ->
+      ``prepare`` (prefetch) -> ``target.start`` -> serve until the target's fds fire, the
+      duration passes, a signal comes or serving fails -> ``target.detach`` (or, after a
+      failure, kill the peer when asked) -> ``finish`` -> working set, stats and exit records.
+
+    ``run()`` returns the exit status; an error is one line on stderr (``_complain``) and an
+    ``error`` record.  The commands configure it: ``counters`` (stats fields that are always
+    there), ``record_key``, ``prepare(handler)`` and ``finish(reason)`` (a status or None)."""
+    counters = ()
+    record_key = "address"
+    per_process = True                        # one working set per address space (watch)
+    fast_log = True                           # the fast loop may write pagefault records
+    failure = None                            # the exception that ended the run, if any
+
+    def __init__(self, command, args, log, target, source, start_fields):
+        self.command, self.args, self.log = command, args, log
+        self.target, self.source = target, source
+        self.start_fields = start_fields
+        self.stats = Stats()
+        self.record = _record_list(args, self.per_process)
+        self.handler = None
+        self.cpu0 = None
+        self.attached = self.serving = False
+
+    def prepare(self, handler):
+        """After attach, before the target starts (serve-file: the prefetch list)."""
+
+    def finish(self, reason):
+        """After detach: a status that overrides the target's, or None."""
+        return None
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self):
+        _json_only(self.log, "start", command=self.command, version=__version__,
+                   argv=["uffdtool"] + list(self.args.argv), time=round(time.time(), 6),
+                   **self.start_fields)
+        with _Signals() as sig:
+            reason, error = self._serve(sig)
+            target_status = self._stop(sig, reason, error)
+        status = exit_status(error, target_status)
+        self._final_records(reason, status, error)
+        return status
+
+    def _serve(self, sig):
+        """Set up and serve; returns (reason the serving ended, the exception or None)."""
+        t, args = self.target, self.args
+        try:
+            t.open(self.log, self.source, sig.wake_r)
+            h = self.handler = Handler(self.source, self.log, self.stats,
+                                       readahead=args.readahead, on_remove=args.on_remove,
+                                       page_size=t.page_size, record=self.record,
+                                       hugetlb=t.hugetlb, spin=args.spin / 1e6)
+            h.fast, h.fast_log = t.fast, self.fast_log
+            sig.handler = h
+            fds = t.attach(h)
+            self.attached = True
+            ready = t.ready_fields()
+            if ready is not None:
+                regs = [r for s in h.served.values() for r in s.regions]
+                self.log.emit("ready", regions=len(regs),
+                              bytes=sum(r.end - r.start for r in regs), **ready)
+            self.prepare(h)
+            _test_pause("start")
+            t.start()
+            self.cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            self.serving = True
+            return ("interrupted" if sig else self._loop(h, fds, sig)), None
+        except KeyboardInterrupt:             # only a wait for a peer: nothing is attached
+            return "interrupted", None
+        except BaseException as e:
+            return self._failed(e)
+
+    def _loop(self, h, fds, sig):
+        tick = (lambda: self.log.emit("stats", **self._stats_record())) \
+            if self.args.stats_interval else None
+        deadline = None if self.args.duration is None else time.monotonic() + self.args.duration
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            res = h.run(fds, timeout=left, tick=tick, tick_interval=self.args.stats_interval)
+            if sig:
+                return "interrupted"
+            if res == "timeout":
+                return "duration"
+            if not isinstance(res, int):
+                return "done" if self.command == "watch" else "target gone"
+            reason = self.target.fired(res)
+            if reason:
+                return reason
+
+    def _failed(self, e):
+        """A run that failed: the error record, and the peer killed (--kill-peer-on-error) or
+        told about.  Returns ("error", the exception to report)."""
+        if isinstance(e, OSError) and self.serving:
+            e = TargetError("serving failed: %s" % (e.strerror or e))
+        elif isinstance(e, OSError) and not isinstance(e, UffdError):
+            e = tool_error(e)
+        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
+        if peer and getattr(self.args, "kill_peer_on_error", False):
+            try:
+                os.kill(peer, signal.SIGKILL)
+                self.log.emit("killed_peer", pid=peer)
+            except OSError:
+                pass
+        elif peer and _alive(peer):
+            # Its memory is registered and nobody serves it now: it would hang unnoticed.
+            msg = ("%s; the peer (pid %d) now waits forever for its memory: stop it, or use "
+                   "--kill-peer-on-error" % (e, peer))
+            fields = getattr(e, "fields", {})
+            e = (type(e)(msg) if isinstance(e, UffdToolError) else TargetError(msg))
+            e.fields = fields
+        self.failure = e
+        _json_only(self.log, "error", message=str(e), **getattr(e, "fields", {}))
+        return "error", e
+
+    def _stop(self, sig, reason, error):
+        """Detach (signals stay deferred: a half-done detach could leave the target stopped or
+        short of its data); returns the status the target or ``finish`` decided, or None."""
+        t = self.target
+        t.stop_signal = sig[0] if sig else None
+        sig.handler = None                    # from here on a signal only waits its turn
+        if self.handler is not None:
+            self.handler.stopping = False     # detach may serve a while longer
+        status = None
+        try:
+            if self.attached:
+                status = t.detach(self.handler, "interrupted" if sig and error is None
+                                  else reason)
+            else:
+                t.abort()
+            if error is None:
+                done = self.finish(reason)
+                status = done if done is not None else status
+        except BaseException as e:
+            late = e if isinstance(e, UffdToolError) else TargetError("detach failed: %s" % e)
+            _json_only(self.log, "error", message=str(late))
+            if error is None:
+                self.failure = late
+                status = late.exit_code
+        return None if error is not None else status
+
+    def _stats_record(self, **extra):
+        rec = self.stats.record(**extra)
+        for k in self.counters:
+            rec.setdefault(k, 0)
+        if self.counters:
+            rec["faults"] = sum(v for k, v in rec.items() if k.startswith("faults_"))
+        return rec
+
+    def _final_records(self, reason, status, error):
+        """The working set, the final stats and the exit record (always, whatever happened);
+        then the error line.  Human lines only once something was attached: a run refused at
+        the start says one line, its error."""
+        extra = {"reason": reason}
+        if self.cpu0 is not None:             # CPU time of the serving phase (this process)
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            extra["cpu_user_s"] = round(cpu1.ru_utime - self.cpu0.ru_utime, 6)
+            extra["cpu_sys_s"] = round(cpu1.ru_stime - self.cpu0.ru_stime, 6)
+        if self.record is not None and self.handler is not None:
+            write_working_sets(self.args.record, self.record, self.handler.page_size,
+                               key=self.record_key)
+            extra["recorded_pages"] = sum(map(len, self.record.values())) if \
+                isinstance(self.record, dict) else len(self.record)
+        extra.update(self.target.extra())
+        emit = self.log.emit if self.attached else functools.partial(_json_only, self.log)
+        emit("stats", **self._stats_record(**extra))
+        ended = getattr(self.target, "exit_fields", None)
+        fields = {"target_" + k: v for k, v in (ended or {}).items()}
+        if self.failure is not None:
+            _json_only(self.log, "exit", reason=reason, status=status, **fields)
+            _complain(self.failure)
+        else:
+            emit("exit", reason=reason, status=status, **fields)
+        if self.handler is not None:
+            self.handler.close()
+        self.target.close()
+        self.source.close()
+        self.log.close()
+
+
+def _record_list(args, per_process=False):
+    """[] (``per_process``: {} for one list per process) to collect the working set when
+    --record FILE was given (FILE checked writable now, not after the work is done), else
+    None."""
+    if not args.record:
+        return None
+    try:
+        open(args.record, "a").close()
+    except OSError as e:
+        raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
+    return {} if per_process else []
 
 
 def _make_log(args, human_faults):
     dest = "-" if args.json else args.log
     return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
 
+
+def _alive(pid):
+    """Whether process ``pid`` exists (and is not a zombie)."""
+    try:
+        return proc_status(pid).get("State", "Z")[:1] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+# -- watch and serve-file ------------------------------------------------------------------------
 
 def cmd_watch(args):
     """``uffdtool watch``: register a target's memory, resolve and log every fault and event.
@@ -6528,94 +6905,22 @@ def cmd_watch(args):
     except ValueError as e:
         raise UsageError("--events: %s" % e)
     args.on_remove = args.on_remove or "zero"        # keep watching after MADV_DONTNEED
-    if (args.pid is not None or args.cmd) and ARCH != "x86_64":
-        raise NotPermitted("--pid and -- CMD need x86_64 (this machine is %s)" % ARCH)
+    _check_target_args(args, "watch")
     log = _make_log(args, human_faults=True)
-    handler = None
     try:
         def warn(msg):
             log.emit("warning", message=msg)
         features = watch_features(events, args.mode, warn)
         target = _watch_target(args, features, warn)
-        stats = Stats()
-        record = _record_list(args, per_process=True)
-        handler = Handler(SnapshotSource() if args.dontneed else ZeroSource(), log, stats,
-                          readahead=args.readahead, on_remove=args.on_remove, record=record,
-                          spin=args.spin / 1e6)
-        # one uffd, JSON log only: the fast loop (it leaves for call_soon work); SnapshotSource
-        # fills page by page: the general path
-        handler.fast, handler.fast_log = not args.dontneed, True
-        log.emit("start", target=target.name, mode=args.mode, features=features.names(),
-                 readahead=args.readahead, pid=args.pid, cmd=args.cmd or None)
-        reason, status, started = "done", None, False
-        try:
-            fds = target.start(handler)
-            started = True
-            log.emit("ready", ufds=sorted(handler.served), pid=args.pid,
-                     regions=sum(len(s.regions) for s in handler.served.values()),
-                     **target.extra())
-
-            def tick():
-                log.emit("stats", **stats.record(**target.extra()))
-
-            with _StopOnSignal(handler) as signals:
-                r = handler.run(watch_fds=fds, timeout=args.duration, tick=tick,
-                                tick_interval=args.stats_interval)
-            handler.stopping = False          # finish() may serve a while longer
-            reason = "interrupted" if signals else "duration" if r == "timeout" else "done"
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        except BaseException:
-            reason = "error"
-            raise
-        finally:
-            # No second interruption while detaching: a half-done detach is the one thing
-            # that could leave the target stopped or (with --dontneed) short of pages.
-            old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
-            try:
-                if started:
-                    status = target.finish(handler, reason)
-                else:
-                    target.abort()
-                    status = 130 if reason == "interrupted" else None
-            finally:
-                if record is not None:
-                    write_working_sets(args.record, record, PAGE_SIZE, key="address")
-                log.emit("stats", **stats.record(reason=reason, **target.extra()))
-                log.emit("exit", status=status, reason=reason)
-                signal.signal(signal.SIGINT, old[0])
-                signal.signal(signal.SIGTERM, old[1])
-        return status
-    finally:
-        if handler is not None:
-            handler.close()
+        source = SnapshotSource() if args.dontneed else ZeroSource()
+        fields = {"target": target.name, "mode": args.mode, "features": features.names(),
+                  "readahead": args.readahead}
+        fields.update({k: v for k, v in (("pid", args.pid), ("cmd", args.cmd)) if v})
+        session = Session("watch", args, log, target, source, fields)
+    except BaseException:
         log.close()
-
-
-class _StopOnSignal(list):
-    """While serving, SIGINT/SIGTERM end ``handler.run`` after the current batch instead of
-    raising in the middle of it (a fault resolved but not yet logged, an ioctl sequence cut
-    short).  Before and after, KeyboardInterrupt does the cleanup.  The list holds the signals
-    received."""
-
-    def __init__(self, handler):
-        super().__init__()
-        self.handler = handler
-
-    def _on_signal(self, signum, frame):
-        self.append(signum)
-        self.handler.stop()
-
-    def __enter__(self):
-        self.old = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-        for sig, h in zip((signal.SIGINT, signal.SIGTERM), self.old):
-            if h is not signal.SIG_IGN:   # e.g. SIGINT of a background job stays ignored
-                signal.signal(sig, self._on_signal)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.old[0])
-        signal.signal(signal.SIGTERM, self.old[1])
+        raise
+    return session.run()
 
 
 #: counters every serve-file stats record has, even when zero
@@ -6623,21 +6928,33 @@ SERVE_COUNTERS = ("faults_missing", "pages_copy", "bytes_copy", "pages_zero", "b
                   "eexist", "eagain", "retries", "partial", "prefetch_pages")
 
 
-def _serve_stats(stats, **extra):
-    rec = stats.record(**extra)
-    for k in SERVE_COUNTERS:
-        rec.setdefault(k, 0)
-    rec["faults"] = sum(v for k, v in rec.items() if k.startswith("faults_"))
-    return rec
+class ServeSession(Session):
+    """serve-file's configuration of the session: the prefetch list, the source-offset working
+    set, the --self verification."""
+    counters = SERVE_COUNTERS
+    record_key = "offset"
+    per_process = fast_log = False
 
+    def __init__(self, args, log, target, source, working_set):
+        super().__init__("serve-file", args, log, target, source, dict(
+            source=args.file or "zero", offset=args.offset, readahead=args.readahead,
+            on_remove=args.on_remove))
+        self.working_set = working_set
 
-def _json_only(log, event, **fields):
-    """A record for the JSON log only (the human line is the CLI's own message)."""
-    human, log.human = log.human, None
-    try:
-        log.emit(event, **fields)
-    finally:
-        log.human = human
+    def prepare(self, handler):
+        if self.working_set is None:
+            return
+        _, rec_ps, pages = self.working_set
+        regs = [r for s in handler.served.values() for r in s.regions if r.offset is not None]
+        bounds = [r.offset for r in regs] + [r.offset + r.end - r.start for r in regs]
+        runs = split_runs(coalesce_pages(pages, rec_ps, handler.page_size), bounds)
+        handler.prefetch = Prefetcher(runs)
+        self.stats.add("prefetch_listed", sum(b - a for a, b in runs) // handler.page_size)
+
+    def finish(self, reason):
+        if isinstance(self.target, SelfServeTarget) and reason == "workload done":
+            return _finish_self(self.args, self.target, self.source, self.stats, self.log)
+        return None
 
 
 def cmd_serve_file(args):
@@ -6646,14 +6963,7 @@ def cmd_serve_file(args):
         raise UsageError("serve-file needs exactly one source: --file PATH or --zero")
     if args.offset and not args.file:
         raise UsageError("--offset needs --file")
-    targets = [bool(args.firecracker_socket), bool(args.self_),
-               args.pid is not None or bool(args.cmd)]
-    if sum(targets) > 1:
-        raise UsageError("give one TARGET: --firecracker-socket, --self, --pid or -- CMD")
-    if args.cmd and args.cmd[0] == "--":
-        args.cmd = args.cmd[1:]
-    if args.dontneed and args.pid is None:
-        raise UsageError("--dontneed goes with --pid")
+    _check_target_args(args, "serve-file")
     ws = None
     if args.prefetch:
         ws = read_working_set(args.prefetch)
@@ -6661,163 +6971,20 @@ def cmd_serve_file(args):
             raise UsageError("%s records addresses (key=%s); serve-file needs a working set of "
                              "source offsets (record it with serve-file --record)"
                              % (args.prefetch, ws[0]))
-    args.on_remove = args.on_remove or "unregister"
-    record = _record_list(args)
+    args.on_remove = args.on_remove or "unregister"  # what Firecracker's handler does
     log = _make_log(args, human_faults=args.verbose)
     log.json_faults = not args.no_fault_log
-    stats = Stats()
-    source = FileSource(args.file, args.offset) if args.file else ZeroSource()
-    target = handler = cpu0 = None
-    attached = attaching = errored = False
-    status, reason, wreason = 0, None, "error"
+    source = None
     try:
-        target = open_serve_target(args, log, source)
-        attaching = isinstance(target, AttachedServeTarget)
-
-        def emit_start():
-            log.emit("start", command="serve-file", source=args.file or "zero",
-                     offset=args.offset, readahead=args.readahead, on_remove=args.on_remove)
-        if not attaching:       # --pid / -- CMD: once attached (bad input stays one line)
-            emit_start()
-        if isinstance(target, FirecrackerTarget):
-            log.emit("ready", socket=target.path)
-            regions = target.accept(args.accept_timeout, source.size)
-            log.emit("handshake", pid=target.peer_pid, page_size=target.page_size,
-                     regions=len(regions), bytes=sum(r["size"] for r in regions),
-                     layout=[{"base": r["base_host_virt_addr"], "size": r["size"],
-                              "offset": r["offset"]} for r in regions])
-        handler = Handler(source, log, stats, readahead=args.readahead, on_remove=args.on_remove,
-                          page_size=target.page_size, record=record, hugetlb=target.hugetlb,
-                          spin=args.spin / 1e6)
-        handler.fast = target.fast
-        target.attach(handler)
-        attached = True
-        if isinstance(target, SelfServeTarget):
-            log.emit("ready", target="self", size=target.size)
-        elif attaching:
-            emit_start()
-            regs = [r for s in handler.served.values() for r in s.regions]
-            who = {"pid": args.pid} if target.name == "pid" else {"cmd": args.cmd}
-            log.emit("ready", target=target.name, regions=len(regs),
-                     bytes=sum(r.end - r.start for r in regs), **who)
-        if ws is not None:
-            regs = [r for s in handler.served.values() for r in s.regions if r.offset is not None]
-            bounds = [r.offset for r in regs] + [r.offset + r.end - r.start for r in regs]
-            runs = split_runs(coalesce_pages(ws[2], ws[1], target.page_size), bounds)
-            handler.prefetch = Prefetcher(runs)
-            stats.add("prefetch_listed", sum(b - a for a, b in runs) // target.page_size)
-        tick = (lambda: log.emit("stats", **_serve_stats(stats))) if args.stats_interval else None
-        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        target.start()
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        with _StopOnSignal(handler) as signals:
-            while True:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                res = handler.run(target.watch_fds, timeout=left, tick=tick,
-                                  tick_interval=args.stats_interval)
-                if not isinstance(res, int):
-                    reason = {"done": "target gone", "timeout": "duration"}.get(res, res)
-                    break
-                reason = target.fired(res)
-                if reason:
-                    break
-        handler.stopping = False              # detach may serve a while longer
-        wreason = "duration" if res == "timeout" else "done"
-        if signals:
-            reason = wreason = "interrupted"
-            status = 130
-    except BaseException as e:
-        errored = not isinstance(e, (KeyboardInterrupt, SystemExit))
-        status = getattr(e, "exit_code", 1)
-        if isinstance(e, KeyboardInterrupt):
-            reason, status = "interrupted", 130
-            wreason = reason
-        elif isinstance(e, (UffdError, OSError)) and handler is not None:
-            e = TargetError("serving failed: %s" % (e.strerror or e))
-            reason = str(e)
-        else:
-            reason = str(e) or type(e).__name__
-        peer = target.peer_pid if errored and target is not None else None
-        if peer and not args.kill_peer_on_error and _alive(peer):
-            # Its memory is registered and nobody serves it now: it would hang unnoticed.
-            reason += ("; the peer (pid %d) now waits forever for its memory: stop it, or "
-                       "use --kill-peer-on-error" % peer)
-            e = type(e)(reason) if isinstance(e, UffdToolError) else e
-        if errored:
-            fields = {}
-            if getattr(target, "raw_handshake", None) and not getattr(target, "regions_json",
-                                                                      None):
-                fields["handshake"] = target.raw_handshake       # what was rejected
-            _json_only(log, "error", message=reason, **fields)
-        if peer and args.kill_peer_on_error:
-            try:
-                os.kill(peer, signal.SIGKILL)
-                log.emit("killed_peer", pid=peer)
-            except OSError:
-                pass
-        if isinstance(e, OSError) and not isinstance(e, UffdError):
-            e = TargetError(str(e))
-        if isinstance(e, UffdError):
-            status = 3 if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) else 1
-        raise e
-    finally:
-        # No second interruption while detaching: a half-done detach is the one thing that
-        # could leave the target stopped or short of its file data.
-        old = [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)]
-        late = None                           # an error of the detach itself
-        from_target = False
-        try:
-            if attached:
-                try:
-                    st = target.detach(handler, wreason)
-                except BaseException as e:
-                    late = e if isinstance(e, UffdToolError) else TargetError(
-                        "detach failed: %s" % e)
-                    status = late.exit_code
-                    _json_only(log, "error", message=str(late))
-                else:
-                    if st is not None and not errored:
-                        status, from_target = st, True
-            elif target is not None:
-                target.abort()
-        finally:
-            signal.signal(signal.SIGINT, old[0])
-            signal.signal(signal.SIGTERM, old[1])
-        extra = {}
-        if cpu0 is not None:                  # CPU time of the serving phase (this process)
-            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-            extra["cpu_user_s"] = round(cpu1.ru_utime - cpu0.ru_utime, 6)
-            extra["cpu_sys_s"] = round(cpu1.ru_stime - cpu0.ru_stime, 6)
-        if isinstance(target, SelfServeTarget) and reason == "workload done":
-            status = _finish_self(args, target, source, stats, log)
-        if record is not None and handler is not None:
-            write_working_set(args.record, record, handler.page_size, key="offset")
-            extra["recorded_pages"] = len(record)
-        if target is not None:
-            extra.update(target.extra())
-        if attached or (target is not None and not attaching):   # not after bad --pid input
-            log.emit("stats", **_serve_stats(stats, **extra))
-        if status and reason != "interrupted" and not from_target:
-            _json_only(log, "exit", reason=reason, status=status)    # the CLI prints why
-        else:
-            log.emit("exit", reason=reason, status=status)
-        if handler is not None:
-            handler.close()
-        if target is not None:
-            target.close()
-        source.close()
+        source = FileSource(args.file, args.offset) if args.file else ZeroSource()
+        target = _serve_target(args, source, lambda msg: log.emit("warning", message=msg))
+        session = ServeSession(args, log, target, source, ws)
+    except BaseException:
+        if source is not None:
+            source.close()
         log.close()
-        if late is not None and not errored:
-            raise late
-    return status
-
-
-def _alive(pid):
-    """Whether process ``pid`` exists (and is not a zombie)."""
-    try:
-        return proc_status(pid).get("State", "Z")[:1] not in ("Z", "X")
-    except OSError:
-        return False
+        raise
+    return session.run()
 
 
 def _finish_self(args, target, source, stats, log):
@@ -6840,28 +7007,29 @@ def _finish_self(args, target, source, stats, log):
     return 0 if ok else 1
 
 
+# -- main ----------------------------------------------------------------------------------------
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def main(argv=None):
-    """Run the CLI; returns the exit status (README, "CLI contract"): never lets a traceback reach the user
-    for an expected failure."""
+    """Run the CLI; returns the exit status (``exit_status``): never lets a traceback reach the
+    user for an expected failure."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
+    if getattr(args, "cmd", None) and args.cmd[0] == "--":      # argparse.REMAINDER keeps it
+        args.cmd = args.cmd[1:]
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
-    except UffdToolError as e:
+    except (UffdToolError, OSError) as e:
         _complain(e)
-        return e.exit_code
-    except UffdError as e:
-        _complain(e)
-        return 3 if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS) else 1
+        return exit_status(e)
     except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 1
+        return exit_status(KeyboardInterrupt())
     finally:
         signal.signal(signal.SIGTERM, old)
 

@@ -589,7 +589,7 @@ def test_unreadable_file(tmp_path, src):
     (["--zero", "--firecracker-socket", "{file}"], "not a socket"),
     (["--firecracker-socket", "{sock}"], "exactly one source"),
     (["--zero", "--file", "{file}", "--firecracker-socket", "{sock}"], "exactly one source"),
-    (["--zero"], "needs a TARGET"),
+    (["--zero"], "needs exactly one TARGET"),
     (["--zero", "--pid", "4000000", "--range", "0x1000:4K"], "no such process"),
     (["--file", "{file}", "--pid", "1", "--all-anon"], "--all-anon with --file"),
     (["--zero", "--self", "--firecracker-socket", "{sock}"], "one TARGET"),

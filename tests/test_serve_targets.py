@@ -191,8 +191,12 @@ def test_pid_target_exits(target, src):
     target.p.kill()
     target.p.wait(5)
     recs, err = stop(p, None)
-    assert p.returncode == 0, err
-    assert recs[-1]["reason"] == "target exited"
+    # killed by a signal while served: exit 1, and the records say how it ended
+    assert p.returncode == 1, err
+    assert recs[-1]["reason"] == "target exited" and recs[-1]["status"] == 1
+    assert recs[-1]["target_status"] == 128 + 9 and recs[-1]["target_signal"] == "SIGKILL"
+    gone = [r for r in recs if r["event"] == "gone"]
+    assert gone and gone[0]["reason"] == "exited" and gone[0]["signal"] == "SIGKILL"
 
 
 # ------------------------------------------------------------------------------------ -- CMD

@@ -405,8 +405,8 @@ def _bad(*args, code, match):
 
 @x86_64
 def test_bad_inputs(target):
-    _bad(code=2, match="exactly one target")
-    _bad("--self", "--pid", "1", code=2, match="exactly one target")
+    _bad(code=2, match="exactly one TARGET")
+    _bad("--self", "--pid", "1", code=2, match="exactly one TARGET")
     _bad("--size", "1M", "--", "true", code=2, match="--size goes with --self")
     _bad("--self", "--events", "fork,bogus", code=2, match="unknown event")
     _bad("--self", "--size", "12Q", code=2, match="bad size")

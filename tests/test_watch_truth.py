@@ -164,8 +164,9 @@ def test_multiprocess_workload_record_by_record(workload, tmp_path):
     # every fault is placed by a mappings record, with names
     names = placed(recs)
     assert "[shmem]" in names[parent] and "[anon]" in names[parent]
-    first = next(x for x in recs if x.get("pid") == parent)
-    assert first["event"] == "exec" and first["comm"] == "workload"
+    first = next(x for x in recs if x.get("pid") == parent)       # ready, then exec
+    assert first["comm"] == "workload"
+    assert next(x for x in by_event(recs, "exec") if x["pid"] == parent)["comm"] == "workload"
     stats = by_event(recs, "stats")[-1]
     assert stats["faults_missing"] == len(faults)
     # one working set per address space: FILE = the first (parent), FILE.PID for the child
