@@ -6454,13 +6454,16 @@ EPILOG_WATCH = """targets:
               event's uffd), grows the area with mremap (a guard page forces a move), writes the
               grown part, moves it with MREMAP_FIXED, MADV_DONTNEEDs the second quarter and
               munmaps it all: every event type in one run.  'stats' reports its checks.
-  -- CMD      runs CMD under ptrace (x86_64) and registers its private anonymous memory at
-              each exec and at each mmap/brk/mremap; follows forks; exits with CMD's status.
+  -- CMD      runs CMD under ptrace (x86_64) and registers its anonymous memory (private and
+              shared) at each exec and at each mmap/brk/mremap; follows forks; exits with CMD's
+              status.  With --json CMD's stdout goes to stderr (stdout carries only JSON).  A
+              CMD that calls ptrace itself (strace, gdb) is refused: one line, exit 2.
               On SIGINT/SIGTERM CMD gets 1 s to end, then SIGTERM, then SIGKILL.  If uffdtool
               itself is SIGKILLed the kernel kills CMD too (PTRACE_O_EXITKILL).
   --pid PID   injects userfaultfd() into a running x86_64 process (stopped ~1 ms), registers
-              --range START:LEN or --all-anon ([heap], anonymous mmaps; not [stack]), detaches
-              and serves.  Non-destructive: MISSING sees untouched pages, --mode wp also the
+              --range START:LEN or --all-anon ([heap], anonymous mmaps private or shared; not
+              [stack]; with --all-anon also the mappings it creates later, within 0.1 s),
+              detaches and serves.  Non-destructive: MISSING sees untouched pages, --mode wp also the
               first write to present pages.  SIGINT/SIGTERM/--duration/target exit: ranges
               unregistered, uffd closed, target running with its data.  --dontneed is the one
               destructive option (see above).
@@ -6470,6 +6473,11 @@ examples:
   sudo uffdtool watch --json -- python3 -c 'bytearray(10**7)'
   sudo uffdtool watch --pid 1234 --all-anon --duration 10
   sudo uffdtool watch --pid 1234 --range 0x7f0000000000:64K --mode wp --record ws.txt
+  sudo uffdtool watch --json --record ws.txt -- make -j2 | jq -c 'select(.event=="mappings")'
+
+records: every pagefault carries pid (the faulting process) and, for a vfork child in its
+parent's memory, mm_pid; 'mappings' records name each process's registered mappings when first
+seen and when they change.  --record with several processes: FILE, then FILE.PID for the others.
 """
 
 EPILOG_SERVE = """targets:
