@@ -861,13 +861,13 @@ class EventLog:
                 self.human = None
         return rec
 
-    def write_records(self, text, n):
-        """Write ``n`` records already encoded as JSON lines (``text``, whole lines: the
-        Handler's fast loop formats its pagefault records itself and batches them)."""
+    def write_records(self, lines):
+        """Write pagefault records already encoded as JSON lines (a list of whole lines, in
+        one write: the Handler's fast loop formats its records itself and batches them)."""
         if self.out is None or not self.json_faults:
             return
         try:
-            self.out.write(text)
+            self.out.write("".join(lines))
             self.out.flush()
         except (BrokenPipeError, ValueError):
             self.out = None
@@ -2131,11 +2131,10 @@ class Handler:
         def put_lines():
             """Write the batched pagefault records: whole records, at most LOG_LINES_BATCH
             bytes per write (PIPE_BUF: atomic on a pipe)."""
-            nonlocal line_bytes
+            nonlocal lines, line_bytes
             if lines:
-                self.log.write_records("".join(lines), len(lines))
-                del lines[:]
-                line_bytes = 0
+                self.log.write_records(lines)
+                lines, line_bytes = [], 0
 
         def flush():
             nonlocal flushed, nbytes, partial, eagain, waits
