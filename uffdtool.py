@@ -3831,6 +3831,7 @@ class PidTarget(Target):
         if self.all_anon:                       # follow the mappings created from now on
             self.handler = handler
             self._scanned = 0.0
+            self._refused = set()
             handler.timers.append((PID_RESCAN, self.follow))
             handler.on_event = lambda s, ev: type(ev) in (Remap, Unmap) and self.follow(
                 PID_RESCAN_MIN)
@@ -3858,10 +3859,13 @@ class PidTarget(Target):
             if not m.is_anon():
                 continue
             for a, b in _gaps(m.start, m.end, covered):
+                if (a, b) in self._refused:
+                    continue
                 try:
                     arm(s.uffd, a, b - a, self.mode)
                 except UffdError:
-                    continue          # gone meanwhile, or not registrable
+                    self._refused.add((a, b))   # gone meanwhile, or not registrable: once
+                    continue
                 if names is None:
                     names = _mapping_names(self.pid, maps)
                 s.regions.append(Region(a, b, None, _name_at(names, m.start)))
