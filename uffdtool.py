@@ -1578,6 +1578,8 @@ class Handler:
             self._remove(s, ev.start, ev.end)
             rec["policy"] = self.on_remove
         rec.setdefault("ufd", s.uffd.fileno())      # a Fork record's ufd is the child's
+        if s.pid is not None:
+            rec["pid"] = s.pid                # whose address space (a Fork's: the parent's)
         self.log.emit(rec.pop("event"), **rec)
         if type(ev) is Unmap and s.left:
             s.left = _cut_range(s.left, ev.start, ev.end)

@@ -131,6 +131,9 @@ def test_multiprocess_workload_record_by_record(workload, tmp_path):
     faults = by_event(recs, "pagefault")
     assert all(isinstance(f["pid"], int) and f["pid"] > 0 for f in faults)
     assert {f["pid"] for f in faults} == {parent, child, vchild}
+    about_processes = [x for x in recs if x["event"] in (
+        "pagefault", "fork", "remap", "remove", "unmap", "exec", "mappings", "gone")]
+    assert all(isinstance(x.get("pid"), int) for x in about_processes)   # a pid on every one
     N, M, G, D, S, V = (info[k] for k in "NMGDSV")
     # A: N writes before the move; after it the tail (G) and the re-written DONTNEED pages (D)
     # (later mappings may reuse A's old addresses: split the log at the remap record)
