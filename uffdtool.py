@@ -1019,7 +1019,7 @@ class FileSource:
             raise UsageError("cannot open %s: %s" % (path, e.strerror))
         try:
             st = os.fstat(fd)
-            if not (st.st_mode & 0o170000 in (0o100000, 0o060000)):
+            if st.st_mode & 0o170000 not in (0o100000, 0o060000):
                 raise UsageError("%s is not a regular file or block device" % path)
             total = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blkdev_size(fd)
             if offset < 0 or offset > total:

@@ -1,6 +1,7 @@
 """Shared test fixtures: the module from the checkout, and the real-kernel requirements."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,29 @@ sys.path.insert(0, ROOT)
 import uffdtool  # noqa: E402
 
 TOOL = os.path.join(ROOT, "uffdtool.py")
+
+
+def need_program(name, package):
+    """The path of program NAME; when it is absent, skip with the reason, but FAIL when the
+    environment variable CI is set (CI installs PACKAGE, see .ci/run)."""
+    path = shutil.which(name)
+    if path is None:
+        why = "needs %s (apt package %s)" % (name, package)
+        if os.environ.get("CI"):
+            pytest.fail(why + ": CI must install it")
+        pytest.skip(why)
+    return path
+
+
+def need_module(name, package):
+    """The same for a Python module NAME (pip package PACKAGE, from tests/requirements.txt)."""
+    try:
+        return __import__(name)
+    except ImportError:
+        why = "needs the Python module %s (pip install %s)" % (name, package)
+        if os.environ.get("CI"):
+            pytest.fail(why + ": CI must install it")
+        pytest.skip(why)
 
 
 def _uffd_usable():
@@ -55,6 +79,29 @@ def uffd():
     u.close()
 
 
+# -- a uffdtool command that fails: one clear line, the documented exit code ---------------------
+
+def check_error(returncode, stderr, code, match):
+    """A failed uffdtool run: exit status CODE, no traceback, exactly one error line (the lines
+    that start with "uffdtool"; a run without --quiet also has its human lines), and MATCH in
+    it. Returns that line."""
+    assert "Traceback" not in stderr, stderr
+    assert returncode == code, (returncode, stderr)
+    lines = [line for line in stderr.splitlines() if line.startswith("uffdtool")]
+    assert len(lines) == 1, stderr
+    assert match in lines[0], stderr
+    return lines[0]
+
+
+def expect_error(command, *args, code, match, timeout=20):
+    """Run ``uffdtool COMMAND -q ARGS``, which must fail: check_error, and nothing else on
+    stderr. Returns the CompletedProcess."""
+    r = run_tool(command, "-q", *args, timeout=timeout)
+    check_error(r.returncode, r.stderr, code, match)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    return r
+
+
 # -- a uffdtool command running in the background, logging to a file ----------------------------
 
 _running = []
@@ -62,43 +109,105 @@ _running = []
 
 @pytest.fixture(autouse=True)
 def _kill_running_tools():
-    """Whatever a test asserts, no uffdtool started by start_tool outlives it."""
+    """Whatever a test asserts, no uffdtool started as a Tool outlives it."""
     yield
     while _running:
-        p = _running.pop()
-        if p.poll() is None:
-            p.kill()
-            p.wait(5)
+        _running.pop().kill()
+
+
+class Tool:
+    """``uffdtool COMMAND --log LOG [--quiet] ARGS`` running in the background, by default once
+    its ``ready`` record is written. The log is a file, not a pipe: an unread pipe would block
+    the log writer and with it the faults (LOG: a temporary file unless given). After
+    ``finish``/``stop``: ``returncode``, ``stdout_text`` and ``stderr`` (text). ENV: variables
+    added to the environment."""
+
+    def __init__(self, command, *args, log=None, quiet=True, wait=True, env=None):
+        if log is None:
+            self._tmp = tempfile.NamedTemporaryFile("r", prefix="uffdtool-%s-" % command,
+                                                    suffix=".json")
+            log = self._tmp.name
+        self.log = str(log)
+        argv = [sys.executable, TOOL, command, "--log", self.log] + (["--quiet"] if quiet else [])
+        self.p = subprocess.Popen(argv + [str(a) for a in args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, **env) if env else None)
+        self.pid = self.p.pid
+        _running.append(self)
+        if wait:
+            self.wait_ready()
+
+    def wait_for(self, event, timeout=15):
+        """Wait until the log has an EVENT record; the tool must not exit before."""
+        deadline = time.monotonic() + timeout
+        while not self.events(event):
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                self.p.kill()
+                raise AssertionError("no %s record: %s" % (event, self.communicate(timeout=5)))
+            time.sleep(0.01)
+
+    def wait_ready(self, timeout=15):
+        self.wait_for("ready", timeout)
+
+    def records(self):
+        """The JSON records written so far (complete lines only)."""
+        try:
+            with open(self.log) as f:
+                return [json.loads(line) for line in f
+                        if line.startswith("{") and line.endswith("\n")]
+        except FileNotFoundError:
+            return []
+
+    def events(self, name):
+        return [r for r in self.records() if r["event"] == name]
+
+    def stats(self):
+        return self.events("stats")[-1]
+
+    @property
+    def returncode(self):
+        return self.p.returncode
+
+    def poll(self):
+        return self.p.poll()
+
+    def send_signal(self, sig):
+        self.p.send_signal(sig)
+
+    def communicate(self, timeout=15):
+        """Wait for the end; returns (stdout, stderr), the same on every later call."""
+        if not hasattr(self, "stderr"):
+            self.stdout_text, self.stderr = self.p.communicate(timeout=timeout)
+        return self.stdout_text, self.stderr
+
+    def finish(self, timeout=15):
+        """Wait for the tool to end by itself; returns its exit status."""
+        self.communicate(timeout)
+        return self.p.returncode
+
+    def stop(self, sig=signal.SIGINT):
+        """Signal the tool (None: just wait for it); returns (JSON records, stderr)."""
+        if sig is not None:
+            self.p.send_signal(sig)
+        self.communicate()
+        return self.records(), self.stderr
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.communicate(timeout=5)
+
+    wait = finish
 
 
 def start_tool(command, *args):
-    """Start ``uffdtool COMMAND --log TMPFILE --quiet ARGS`` and wait for its ``ready`` record
-    (a file, not a pipe: an unread pipe would block the log writer and with it the faults).
-    The Popen gets ``.log`` (the temporary file)."""
-    log = tempfile.NamedTemporaryFile("r", prefix="uffdtool-%s-" % command, suffix=".json")
-    p = subprocess.Popen([sys.executable, TOOL, command, "--log", log.name, "--quiet"] +
-                         [str(a) for a in args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    p.log = log
-    _running.append(p)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and p.poll() is None:
-        with open(log.name) as f:
-            if '"event":"ready"' in f.read():
-                return p
-        time.sleep(0.02)
-    p.kill()
-    raise AssertionError("no ready record: %s" % (p.communicate(timeout=5),))
+    """A Tool: ``uffdtool COMMAND --log TMPFILE --quiet ARGS``, once ``ready``."""
+    return Tool(command, *args)
 
 
 def stop_tool(p, sig=signal.SIGINT):
-    """Signal a start_tool process (None: just wait for it); returns (JSON records, stderr).
-    Its stdout is kept as ``p.stdout_text``."""
-    if sig is not None:
-        p.send_signal(sig)
-    p.stdout_text, err = p.communicate(timeout=15)
-    with open(p.log.name) as f:
-        return [json.loads(line) for line in f if line.startswith("{")], err
+    """``p.stop(sig)``: signal a Tool (None: just wait for it); returns (records, stderr)."""
+    return p.stop(sig)
 
 
 class ScriptTarget:

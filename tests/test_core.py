@@ -40,7 +40,8 @@ def test_all_17_features_named():
     assert u.Features.MOVE == 1 << 16 and u.Features.EVENT_FORK == 2
     assert set(u.Ioctls.NAMES.values()) == {"REGISTER", "UNREGISTER", "WAKE", "COPY", "ZEROPAGE",
                                            "MOVE", "WRITEPROTECT", "CONTINUE", "POISON", "API"}
-    assert u.SYSCALLS["x86_64"]["userfaultfd"] == 323 and u.SYSCALLS["aarch64"]["userfaultfd"] == 282
+    assert u.SYSCALLS["x86_64"]["userfaultfd"] == 323
+    assert u.SYSCALLS["aarch64"]["userfaultfd"] == 282
 
 
 def test_unknown_bits_are_kept_not_errors():
@@ -71,7 +72,8 @@ def test_decode_every_event_type():
            + _msg(0x15, 0x4000, 0x6000) + _msg(0x16, 0x8000, 0x9000) + _msg(0x7e, 1, 2, 3)
            + b"\x12" * 5)   # trailing partial record is ignored
     evs = u.decode_msgs(buf)
-    assert [type(e) for e in evs] == [u.PageFault, u.Fork, u.Remap, u.Remove, u.Unmap, u.UnknownEvent]
+    assert [type(e) for e in evs] == [u.PageFault, u.Fork, u.Remap, u.Remove, u.Unmap,
+                                      u.UnknownEvent]
     pf, fork, remap, rm, um, unk = evs
     assert (pf.address, pf.write, pf.wp, pf.minor, pf.ptid, pf.kind) == (
         0x7f0000001000, True, False, False, 4242, "missing")

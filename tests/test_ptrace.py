@@ -50,7 +50,8 @@ def child(code):
 
 SLEEPER = ("import sys, time\n"
            "print('go', flush=True); sys.stdin.readline()\n"
-           "t = time.monotonic(); time.sleep(0.6); print(round(time.monotonic() - t, 1), flush=True)\n"
+           "t = time.monotonic(); time.sleep(0.6)\n"
+           "print(round(time.monotonic() - t, 1), flush=True)\n"
            "print(sys.stdin.readline().strip())\n")
 
 

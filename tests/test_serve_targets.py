@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from conftest import (ScriptTarget, needs_root, needs_uffd, run_tool, start_tool, stop_tool,
-                      uffdtool)
+from conftest import (ScriptTarget, expect_error, needs_root, needs_uffd, run_tool, start_tool,
+                      stop_tool, uffdtool)
 
 PS = uffdtool.PAGE_SIZE
 pytestmark = [needs_uffd, needs_root,
@@ -233,31 +233,29 @@ def test_cmd_exit_status_and_zero(tmp_path):
 
 # --------------------------------------------------------------------------------- bad input
 
-def _bad(*args, code, match):
-    r = run_tool("serve-file", "-q", *args, timeout=20)
-    assert r.returncode == code, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    assert match in r.stderr, r.stderr
-
-
-def test_bad_inputs(target, src):
-    path, _ = src                                        # 64 pages
-    _bad("--file", path, "--pid", target.pid, "--range", target.rng(0, 32),
-         "--range", target.rng(0, 33), code=2, match="too short")
-    _bad("--file", path, "--offset", 60 * PS, "--pid", target.pid, "--range",
-         target.rng(0, 8), code=2, match="the file has %d" % (4 * PS))
-    _bad("--file", path, "--pid", target.pid, "--all-anon", code=2, match="--all-anon with --file")
-    _bad("--file", path, "--pid", "4000000", "--range", "0x1000:4K", code=2,
-         match="no such process")
-    _bad("--file", path, "--pid", target.pid, code=2, match="--range")
-    _bad("--file", path, "--dontneed", "--", "true", code=2, match="--dontneed goes with --pid")
-    _bad("--file", path, "--pid", target.pid, "--range", "0x1000:4K", code=2,
-         match="not mapped")
-    _bad("--file", path, "--range", "0x%x:4K" % CMD_AT, "--", "/nonexistent/cmd", code=2,
-         match="cannot run")
-    _bad("--file", path, "--", "true", code=2, match="needs --range")
+@pytest.mark.parametrize("args,match", [
+    (lambda t, f: ("--file", f, "--pid", t.pid, "--range", t.rng(0, 32), "--range", t.rng(0, 33)),
+     "too short"),
+    (lambda t, f: ("--file", f, "--offset", 60 * PS, "--pid", t.pid, "--range", t.rng(0, 8)),
+     "the file has %d" % (4 * PS)),
+    (lambda t, f: ("--file", f, "--pid", t.pid, "--all-anon"), "--all-anon with --file"),
+    (lambda t, f: ("--file", f, "--pid", "4000000", "--range", "0x1000:4K"), "no such process"),
+    (lambda t, f: ("--file", f, "--pid", t.pid), "--range"),
+    (lambda t, f: ("--file", f, "--dontneed", "--", "true"), "--dontneed goes with --pid"),
+    (lambda t, f: ("--file", f, "--pid", t.pid, "--range", "0x1000:4K"), "not mapped"),
+    (lambda t, f: ("--file", f, "--range", "0x%x:4K" % CMD_AT, "--", "/nonexistent/cmd"),
+     "cannot run"),
+    (lambda t, f: ("--file", f, "--", "true"), "needs --range"),
+], ids=["file-too-short", "offset-too-far", "all-anon-with-file", "no-such-pid",
+        "pid-without-range", "dontneed-without-pid", "range-not-mapped", "cmd-not-found",
+        "cmd-file-without-range"])
+def test_bad_inputs_exit_2_target_untouched(target, src, args, match):
+    expect_error("serve-file", *args(target, src[0]), code=2, match=match)   # src: 64 pages
     target.assert_running_untraced()
-    # --all-anon is fine with --zero (nothing to offset): serve, detach, exit 0
+
+
+def test_all_anon_with_zero_serves_and_detaches(target):
+    """--all-anon is fine with --zero (nothing to offset): serve, detach, exit 0."""
     p = start("--zero", "--pid", target.pid, "--all-anon")
     recs, err = stop(p)
     assert p.returncode == 0, err

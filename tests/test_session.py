@@ -2,17 +2,14 @@
 (README, "CLI contract"), a run refused at the start says one line, and signals at any moment
 of the setup still end in a drain and the final records."""
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import uffdtool as u
-from conftest import TOOL, ScriptTarget, needs_root, needs_uffd, run_tool, start_tool, stop_tool
+from conftest import ScriptTarget, Tool, needs_root, needs_uffd, run_tool, start_tool, stop_tool
 from fc_client import FcClient
 
 pytestmark = [needs_uffd, needs_root]
@@ -44,28 +41,9 @@ def last(recs, event):
     return [r for r in recs if r["event"] == event][-1]
 
 
-def paused(*args, pause):
-    """start_tool with the test-only pause at the step ``pause`` (STEP:SECS)."""
-    env = dict(os.environ, UFFDTOOL_TEST_PAUSE=pause)
-    log = "/tmp/uffdtool-session-%d.json" % random.randrange(1 << 30)
-    p = subprocess.Popen([sys.executable, TOOL] + [str(a) for a in args] + ["--log", log, "-q"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    p.logpath = log
-    return p
-
-
-def wait_for(path, event, p, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise AssertionError("tool exited early: %s" % (p.communicate(),))
-        try:
-            if any(r["event"] == event for r in records(path)):
-                return
-        except FileNotFoundError:
-            pass
-        time.sleep(0.01)
-    raise AssertionError("no %s record" % event)
+def paused(command, *args, pause):
+    """A Tool (conftest) with the test-only pause at the step ``pause`` (STEP:SECS)."""
+    return Tool(command, *args, env={"UFFDTOOL_TEST_PAUSE": pause}, wait=False)
 
 
 # -- the exit record is the real exit status ---------------------------------------------------
@@ -82,14 +60,13 @@ def test_cmd_status_is_the_exit_record(tmp_path):
 def test_watch_self_interrupted(sig, code):
     # the pause holds the run after attach, before the workload: the signal lands there
     p = paused("watch", "--self", pause="start:3")
-    wait_for(p.logpath, "ready", p)
+    p.wait_for("ready")
     p.send_signal(sig)
     p.communicate(timeout=15)
-    recs = records(p.logpath)
+    recs = p.records()
     assert p.returncode == code
     assert last(recs, "exit") == dict(last(recs, "exit"), status=code, reason="interrupted")
     assert last(recs, "gone")["reason"] == "detached"
-    os.unlink(p.logpath)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -155,11 +132,11 @@ def test_many_signals_between_handshake_and_serving_still_drain(tmp_path):
     sock = str(tmp_path / "s.sock")
     p = paused("serve-file", "--file", src, "--firecracker-socket", sock, "--prefetch", ws,
                "--no-fault-log", pause="start:2")
-    wait_for(p.logpath, "ready", p)
+    p.wait_for("ready")
     c = FcClient([48 * PS, 16 * PS])
     try:
         c.handshake(sock)
-        wait_for(p.logpath, "handshake", p)
+        p.wait_for("handshake")
         for _ in range(3):
             p.send_signal(signal.SIGTERM)
             time.sleep(0.01)
@@ -169,7 +146,6 @@ def test_many_signals_between_handshake_and_serving_still_drain(tmp_path):
         assert c.mismatches(1, data[48 * PS:]) == []
     finally:
         c.close()
-    recs = records(p.logpath)
-    os.unlink(p.logpath)
+    recs = p.records()
     assert last(recs, "exit")["reason"] == "interrupted" and last(recs, "exit")["status"] == 0
     assert last(recs, "stats")["drained_pages"] == 64
