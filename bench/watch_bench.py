@@ -34,7 +34,11 @@ TOUCHER = r"""
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
-static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
 int main(int argc, char **argv) {
     size_t size = (size_t)atol(argv[1]) << 20, ps = sysconf(_SC_PAGESIZE);
     int wait = argc > 2 && !strcmp(argv[2], "--wait");   /* --pid: touch after a line on stdin */
@@ -92,7 +96,7 @@ def _uffd_fds(pid):
 
 def _tracer(pid):
     with open("/proc/%d/status" % pid) as f:
-        return int(next(l for l in f if l.startswith("TracerPid:")).split()[1])
+        return int(next(x for x in f if x.startswith("TracerPid:")).split()[1])
 
 
 def run_pid(args, toucher, size):

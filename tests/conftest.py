@@ -53,19 +53,6 @@ needs_uffd = pytest.mark.skipif(_uffd_usable() is not None, reason=str(_uffd_usa
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
-def need_program(name):
-    """The path of program ``name``; if it is absent: skip (with the reason), but FAIL when the
-    environment variable CI is set (CI installs every program the tests need)."""
-    import shutil
-    path = shutil.which(name)
-    if path is None:
-        msg = "needs the program %r (not installed here)" % name
-        if os.environ.get("CI"):
-            pytest.fail(msg + "; CI must install it (.ci/run)")
-        pytest.skip(msg)
-    return path
-
-
 def run_tool(*args, timeout=60, **kw):
     """Run ``python3 uffdtool.py ARGS``; returns the CompletedProcess (text mode)."""
     return subprocess.run([sys.executable, TOOL] + [str(a) for a in args], capture_output=True,

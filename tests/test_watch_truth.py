@@ -78,7 +78,7 @@ int main(void) {
 
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory):
-    gcc = need_program("gcc")
+    gcc = need_program("gcc", "gcc")
     d = tmp_path_factory.mktemp("workload")
     src, exe = d / "workload.c", d / "workload"
     src.write_text(WORKLOAD)
@@ -226,7 +226,7 @@ int main(void) {
 """
     src, exe = tmp_path / "dn.c", tmp_path / "dn"
     src.write_text(code)
-    subprocess.run([need_program("gcc"), "-O1", "-o", str(exe), str(src)], check=True)
+    subprocess.run([need_program("gcc", "gcc"), "-O1", "-o", str(exe), str(src)], check=True)
     counts = {}
     for policy in (None, "unregister"):
         log = tmp_path / ("log-%s.jsonl" % policy)
@@ -269,7 +269,7 @@ def test_shared_anonymous_memory_is_watched_and_shared():
 
 
 def test_cmd_that_calls_ptrace_is_one_clear_line():
-    strace = need_program("strace")
+    strace = need_program("strace", "strace")
     r = run_tool("watch", "--quiet", "--", strace, "-o", os.devnull, "true", timeout=30)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -326,8 +326,7 @@ for line in sys.stdin:
 def _wait_log(p, pred, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with open(p.log.name) as f:
-            recs = [json.loads(x) for x in f if x.startswith("{")]
+        recs = p.records()
         if pred(recs):
             return recs
         time.sleep(0.02)
