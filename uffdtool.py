@@ -71,6 +71,7 @@ __all__ = [
     "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError", "PtraceError",
     # page sources and working sets
     "ZeroSource", "FileSource", "SnapshotSource", "read_working_set", "write_working_set",
+    "write_working_sets",
     "Prefetcher",
     # serving: the Handler, what Handler.add returns (Served) and its Regions, log and stats
     "Handler", "Served", "Region", "EventLog", "Stats",
