@@ -1396,7 +1396,7 @@ FAST_LATENCY_EVERY = 8
 
 
 class _Clock:
-    """Deadline, periodic tick and timers (``Handler.every``) of ``Handler.run``."""
+    """Deadline, periodic tick and timers (``Handler.timers``) of ``Handler.run``."""
 
     def __init__(self, timeout, tick, interval, timers=()):
         now = time.monotonic()
@@ -1480,7 +1480,7 @@ class Handler:
         self._present = None          # fast loop's readahead hint (bytearray by source page)
         self._recorded = set()
         self._zeros = None
-        self._tgid = {}               # ptid -> tgid (CLI.md ``pid`` of a pagefault record)
+        self._tgid = {}               # ptid -> tgid: the ``pid`` of a pagefault record
         self.served = {}              # fd -> Served
         self.on_fork = None           # hook: callable(parent Served, child Served)
         self.on_gone = None           # hook: callable(Served) when a uffd's process is gone
