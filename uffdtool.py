@@ -2207,6 +2207,11 @@ class Handler:
                             return pfd
                         elif pfd != wake_r or self._calls:
                             return None               # a newly added uffd, call_soon work
+                        else:                         # a stale wake-up (its work is done):
+                            try:                      # drain it, or every poll returns at once
+                                os.read(wake_r, 4096)
+                            except OSError:
+                                pass
                     continue
                 except OSError as e:
                     flush()
