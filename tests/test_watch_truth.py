@@ -376,3 +376,18 @@ def test_wp_faults_are_in_the_working_set(tmp_path):
         assert set(listed) == wp | missing == pages(t.addr, 16)
     finally:
         t.close()
+
+
+def test_idle_cmd_costs_no_cpu(tmp_path):
+    """While CMD sleeps after an mmap (the tracer's call_soon woke the handler), the fast loop
+    sleeps too: a stale wake-up used to make every poll return at once (200,000 polls and the
+    whole sleep's worth of CPU time)."""
+    log = tmp_path / "log.jsonl"
+    code = ("import mmap, time\n"
+            "m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+            "m[0] = 1\n"
+            "time.sleep(0.5)\n")
+    r = run_tool("watch", "--quiet", "--log", log, "--", sys.executable, "-c", code, timeout=30)
+    assert r.returncode == 0, r.stderr
+    stats = by_event(records(log.read_text()), "stats")[-1]
+    assert stats.get("waits", 0) < 1000, stats
