@@ -391,3 +391,22 @@ def test_idle_cmd_costs_no_cpu(tmp_path):
     assert r.returncode == 0, r.stderr
     stats = by_event(records(log.read_text()), "stats")[-1]
     assert stats.get("waits", 0) < 1000, stats
+
+
+def test_threads_faults_carry_their_process():
+    code = ("import threading, mmap\n"
+            "def w():\n"
+            "    m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+            "    for i in range(0, 1 << 20, 4096): m[i] = 1\n"
+            "ts = [threading.Thread(target=w) for _ in range(4)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n")
+    r = run_tool("watch", "--json", "--quiet", "--", sys.executable, "-c", code, timeout=60)
+    assert r.returncode == 0, r.stderr
+    recs = records(r.stdout)
+    faults = by_event(recs, "pagefault")
+    python = by_event(recs, "exec")[0]["pid"]
+    assert len({f["ptid"] for f in faults}) >= 5            # main thread + 4 workers
+    assert {f["pid"] for f in faults} == {python}            # ptid -> tgid, not the tid
+    assert not [f for f in faults if "mm_pid" in f]
+    names = placed(recs)
+    assert "[thread-stack]" in names[python]                # their stacks: mmap(MAP_STACK)
