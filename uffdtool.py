@@ -21,7 +21,8 @@ Contents (each section starts with a boxed banner; grep for ``#  N.``):
     11. Targets                  one Target protocol: --self, -- CMD, --pid, Firecracker socket
     12. info
     13. selftest                 a registry of checks, each run in a forked child
-    14. CLI                      parser, target checks, exit status, the session runner, main
+    14. report                   ``uffdtool report``: a log drawn as tables, heat maps and curves
+    15. CLI                      parser, target checks, exit status, the session runner, main
 
 Library example::
 
@@ -46,7 +47,9 @@ import ctypes.util
 import errno
 import fcntl
 import functools
+import itertools
 import json
+import math
 import mmap
 import os
 import platform
@@ -917,16 +920,31 @@ def format_human(rec, names=None):
     return "%10.6f %-9s %s" % (rec["t"], rec["event"], rest)
 
 
+#: power-of-two buckets of ``latency_hist``: upper bounds 1 µs, 2 µs, ... 2**24 µs (16.8 s)
+LAT_BUCKETS = 25
+
+
+def latency_bucket(us):
+    """Index k of the ``latency_hist`` bucket that holds ``us`` µs: the least k with
+    ``us <= 2**k`` (0 up to 1 µs; slower than 2**24 µs counts in the last bucket)."""
+    if us <= 1:
+        return 0
+    return min(LAT_BUCKETS - 1, (math.ceil(us) - 1).bit_length())
+
+
 class Stats:
     """Counters and fault-service latencies for the final (and periodic) ``stats`` record.
 
     ``count`` is a plain dict of counters (faults by kind, pages/bytes filled by copy and zero,
     eexist, eagain, retries, events by type...); ``latency(us)`` adds one sample (a bounded
-    array: beyond ``max_samples`` every other sample is dropped, which keeps percentiles fair)."""
+    array: beyond ``max_samples`` every other sample is dropped, which keeps percentiles fair).
+    ``hist`` counts every sample per power-of-two bucket (``latency_hist``), also the dropped
+    ones, so that consumers can add histograms of several runs or peers."""
 
     def __init__(self, max_samples=1 << 20):
         self.count = {}
         self.lat = array.array("f")
+        self.hist = [0] * LAT_BUCKETS
         self._max = max_samples
         self._keep_every = 1
         self._seen = 0
@@ -940,11 +958,15 @@ class Stats:
         if len(self.lat) + len(samples) < self._max and self._keep_every == 1:
             self._seen += len(samples)
             self.lat.extend(samples)
+            hist = self.hist
+            for us in samples:
+                hist[latency_bucket(us)] += 1
         else:
             for us in samples:
                 self.latency(us)
 
     def latency(self, us):
+        self.hist[latency_bucket(us)] += 1
         self._seen += 1
         if self._seen % self._keep_every:
             return
@@ -964,10 +986,16 @@ class Stats:
         return {"p50": pick(0.50), "p99": pick(0.99), "max": round(float(s[-1]), 1),
                 "samples": len(s)}
 
+    def histogram(self):
+        """``{"1": n, "2": n, "4": n, ...}``: samples per bucket, keyed by its upper bound in µs
+        (empty buckets left out)."""
+        return {str(1 << k): n for k, n in enumerate(self.hist) if n}
+
     def record(self, **extra):
         """The fields of a ``stats`` record."""
         rec = dict(sorted(self.count.items()))
         rec["latency_us"] = self.percentiles()
+        rec["latency_hist"] = self.histogram()
         rec["wall_s"] = round(time.monotonic() - self.t0, 6)
         rec.update(extra)
         return rec
@@ -6229,7 +6257,1236 @@ def run_selftest(checks, timeout=CHECK_TIMEOUT):
 
 
 ###################################################################################################
-#  14. CLI
+#  14. report
+###################################################################################################
+
+# ``uffdtool report`` reads a log (or a working-set file) once, as a stream, and keeps per process
+# only the first-touch time of each page touched (arrays of REPORT_CHUNK pages), the faults that
+# hit a page again (per coarse time bin), the mappings, the last stats record and the first
+# REPORT_EVENTS other records: memory follows the distinct pages and bins, never the records.
+# The views (terminal text, SVG heat maps, one HTML page) are drawn from that at the end.
+
+REPORT_CHUNK = 32                              #: pages per first-touch array
+_UNTOUCHED = array.array("d", [-1.0]) * REPORT_CHUNK
+REPORT_EVENTS = 2000                           #: non-fault records kept for the timeline
+REPORT_CLUSTER_GAP = 64 << 20                  #: without mappings: a new address cluster after
+#                                                 this many untouched bytes
+#: records that draw nothing on the timeline (they are counted)
+_REPORT_QUIET = ("pagefault", "stats", "start", "ready", "mappings", "verify")
+#: heat-map colours from 1 fault per cell to the maximum (yellow to dark red, visible on white)
+HEAT_COLOURS = ("#fde68a", "#fcd34d", "#fbbf24", "#f59e0b", "#f97316", "#ea580c", "#dc2626",
+                "#b91c1c", "#7f1d1d")
+
+
+class _Proc:
+    """One process of a log (or one uffd whose process the log does not name)."""
+
+    def __init__(self, key, shift):
+        self.key = key                     # ("pid", N) or ("ufd", N, generation)
+        self.pid = key[1] if key[0] == "pid" else None
+        self.shift = shift                 # log2 of its page size
+        self.chunks = {}                   # page // REPORT_CHUNK -> first-touch times (-1: none)
+        self.refaults = {}                 # (page, time bin) -> faults after the first touch
+        self.pages = self.faults = 0
+        self.maps = []                     # [start, end, name, source offset or None]
+        self.note = ""                     # e.g. "fork child", "Firecracker peer"
+        self.first = math.inf
+
+
+class Area:
+    """A mapping (or region, or address cluster) of one process, with the pages touched in it.
+
+    ``start``/``end``: bytes; ``pg``/``tt``: page numbers (ascending) and first-touch times;
+    ``offset``: the source offset of ``start`` (serve-file regions) or None."""
+
+    def __init__(self, proc, start, end, name, offset=None, cluster=False):
+        self.proc, self.start, self.end, self.name = proc, start, end, name
+        self.offset, self.cluster = offset, cluster
+        self.pg = array.array("q")
+        self.tt = array.array("d")
+        self.refaults = []                 # [(page, time bin, faults)]
+        self.faults = 0
+        self.ckey = None                   # comparison key (see LogReport.page_keys)
+
+    @property
+    def p0(self):
+        return self.start >> self.proc.shift
+
+    @property
+    def npages(self):
+        return max(1, -(-(self.end - self.start) >> self.proc.shift))
+
+    @property
+    def pages(self):
+        return len(self.pg)
+
+    @property
+    def label(self):
+        return self.name or "anon"
+
+
+class LogReport:
+    """A uffdtool log (or working-set file) reduced to what ``uffdtool report`` shows.
+
+    Feed it records (``feed``), then call ``finish()``; ``areas`` then lists every mapping
+    with touched pages.  ``warnings`` collects what the CLI should say about the input."""
+
+    def __init__(self, path):
+        self.path = path
+        self.kind = "log"                  # or "working-set" (then times are touch order)
+        self.start = self.exit = None
+        self.handshakes = []
+        self.stats = {}                    # peer (None: the tool) -> its last stats record
+        self.counts = {}                   # event name -> records
+        self.events = []                   # (t, event, detail) for the timeline
+        self.events_left_out = 0           # records beyond REPORT_EVENTS
+        self.phases = []                   # (lane, start, end, label): fill, peers
+        self._began = {}                   # peer (None: the tool) -> when it began serving
+        self.hist = [0] * LAT_BUCKETS      # from the pagefault records' "us"
+        self.timed = 0
+        self.procs = {}
+        self.warnings = []
+        self.t_end = 0.0
+        self.t_first = math.inf            # first and last fault
+        self.t_last = -math.inf
+        self.runs = 0
+        self.source_keyed = False          # pages compare by source offset (serve-file)
+        self._shift = PAGE_SIZE.bit_length() - 1
+        self._offset = 0.0                 # added to t (a log holding several runs)
+        self._ufd = {}                     # live ufd -> process key
+        self._gen = {}                     # ufd -> times it was closed (the number is reused)
+        self._default = None               # process of faults that name none (one FC peer)
+        self._rq = 1e-4                    # time bin of refaults (doubles as the log grows)
+        self._last = (None, None)          # (pid, its _Proc) of the last fault
+        self.areas = []
+
+    # -- reading ----------------------------------------------------------------------------
+    def _proc(self, key):
+        p = self.procs.get(key)
+        if p is None:
+            p = self.procs[key] = _Proc(key, self._shift)
+        return p
+
+    def _proc_of(self, rec):
+        pid = rec.get("pid")
+        if pid is None:
+            pid = rec.get("peer")
+        if pid is not None:
+            return self._proc(("pid", pid))
+        ufd = rec.get("ufd")
+        key = self._ufd.get(ufd)
+        if key is None:
+            key = self._default
+            if key is None:
+                key = self._ufd[ufd] = ("ufd", ufd, self._gen.get(ufd, 0))
+        return self._proc(key)
+
+    def fault(self, rec):
+        """One pagefault record (the hot path: a million of them must take seconds)."""
+        t = rec["t"] + self._offset
+        if not 0 <= t < 1e12:                 # NaN, Infinity (json takes them), negative
+            raise ValueError("bad t")
+        addr = rec.get("address")
+        if addr.__class__ is not int:
+            self.counts["bad pagefault"] = self.counts.get("bad pagefault", 0) + 1
+            return
+        pid = rec.get("pid")
+        if pid is not None and pid == self._last[0]:
+            proc = self._last[1]
+        else:
+            proc = self._proc_of(rec)
+            if pid is not None:
+                self._last = (pid, proc)
+        page = addr >> proc.shift
+        ch = proc.chunks.get(page // REPORT_CHUNK)
+        if ch is None:
+            ch = proc.chunks[page // REPORT_CHUNK] = array.array("d", _UNTOUCHED)
+        i = page % REPORT_CHUNK
+        if ch[i] < 0:
+            ch[i] = t
+            proc.pages += 1
+            if t < proc.first:
+                proc.first = t
+        else:
+            b = int(t / self._rq)
+            while b > 8192:
+                self._coarsen()
+                b = int(t / self._rq)
+            k = (page, b)
+            proc.refaults[k] = proc.refaults.get(k, 0) + 1
+        proc.faults += 1
+        if t < self.t_first:
+            self.t_first = t
+        if t > self.t_last:
+            self.t_last = t
+        us = rec.get("us")
+        if us.__class__ is float or us.__class__ is int:
+            self.hist[latency_bucket(us)] += 1
+            self.timed += 1
+
+    def _coarsen(self):
+        self._rq *= 2
+        for p in self.procs.values():
+            new = {}
+            for (page, b), n in p.refaults.items():
+                k = (page, b // 2)
+                new[k] = new.get(k, 0) + n
+            p.refaults = new
+
+    def feed(self, rec):
+        """One record other than a pagefault."""
+        ev, t = rec["event"], rec["t"]
+        if ev.__class__ is not str or not 0 <= t < 1e12:
+            raise ValueError("not a uffdtool record")
+        if ev == "start":
+            self.runs += 1
+            if self.start is None:
+                self.start = rec
+            else:        # a second run appended to the same file: keep the time axis monotonic
+                self._offset = self.t_end
+                self._ufd.clear()
+                self._default = None
+        t += self._offset
+        self.t_end = max(self.t_end, t)
+        self.counts[ev] = self.counts.get(ev, 0) + 1
+        getattr(self, "_on_" + ev.replace("-", "_"), self._on_other)(rec, t)
+        if ev not in _REPORT_QUIET:
+            if len(self.events) < REPORT_EVENTS:
+                self.events.append((t, ev, _event_detail(rec)))
+            else:
+                self.events_left_out += 1
+
+    def _on_other(self, rec, t):
+        pass
+
+    def _phase(self, lane, rec, t, label):
+        if len(self.phases) < REPORT_EVENTS:
+            peer = rec.get("peer")
+            start = self._began.get(peer, self._began.get(None, 0.0))
+            self.phases.append((lane, start, t, label))
+
+    def _on_fill_done(self, rec, t):
+        self._phase("fill", rec, t, "fill%s: done" % (
+            "" if rec.get("peer") is None else " of peer %s" % rec["peer"]))
+
+    def _on_peer_done(self, rec, t):
+        self._phase("peers", rec, t, "peer %s: done" % rec.get("peer"))
+
+    def _on_peer_failed(self, rec, t):
+        self._phase("peers", rec, t, "peer %s: FAILED" % rec.get("peer"))
+
+    def _on_ready(self, rec, t):
+        self._began.setdefault(None, t)
+        if isinstance(rec.get("pid"), int):
+            for ufd in rec.get("ufds") or ():
+                self._ufd[ufd] = ("pid", rec["pid"])
+
+    def _on_exec(self, rec, t):
+        if isinstance(rec.get("pid"), int):
+            self._ufd[rec.get("ufd")] = ("pid", rec["pid"])
+
+    def _on_fork(self, rec, t):
+        ufd = rec.get("ufd")
+        key = self._ufd[ufd] = ("ufd", ufd, self._gen.get(ufd, 0))
+        self._proc(key).note = "fork child"
+
+    def _on_gone(self, rec, t):
+        ufd = rec.get("ufd")
+        key = self._ufd.pop(ufd, None)
+        self._gen[ufd] = self._gen.get(ufd, 0) + 1
+        if key is not None and key[0] == "ufd" and isinstance(rec.get("pid"), int):
+            self._proc(key).pid = rec["pid"]          # merged into that pid by finish()
+
+    def _on_handshake(self, rec, t):
+        pid = rec.get("peer", rec.get("pid"))
+        if not isinstance(pid, int):
+            return
+        self.handshakes.append(rec)
+        self._began[rec.get("peer")] = t
+        ps = rec.get("page_size")
+        key = self._default = ("pid", pid)
+        p = self._proc(key)
+        if isinstance(ps, int) and ps > 0:
+            p.shift = ps.bit_length() - 1
+        p.note = "Firecracker peer"
+        for i, r in enumerate(rec.get("layout") or ()):
+            if isinstance(r, dict) and all(isinstance(r.get(k), int)
+                                           for k in ("base", "size", "offset")):
+                p.maps.append([r["base"], r["base"] + r["size"], "region %d" % i, r["offset"]])
+        self.source_keyed = True
+
+    def _on_mappings(self, rec, t):
+        if not isinstance(rec.get("pid"), int):
+            return
+        p = self._proc(("pid", rec["pid"]))
+        for m in rec.get("mappings") or ():
+            if isinstance(m, dict) and isinstance(m.get("start"), int) and \
+                    isinstance(m.get("len"), int):
+                off = m.get("offset") if isinstance(m.get("offset"), int) else None
+                p.maps.append([m["start"], m["start"] + m["len"], str(m.get("name") or ""), off])
+
+    def _on_stats(self, rec, t):
+        self.stats[rec.get("peer")] = rec
+
+    def _on_exit(self, rec, t):
+        self.exit = rec
+
+    # -- after the last record --------------------------------------------------------------
+    def finish(self):
+        """Merge the processes learned late, cut every process's pages into areas."""
+        if self.runs > 1:
+            self.warnings.append("%s holds %d runs (start records); the later runs are drawn "
+                                 "after the first" % (self.path, self.runs))
+        for key, p in list(self.procs.items()):
+            if key[0] == "ufd" and p.pid is not None:
+                self._merge(p, self._proc(("pid", p.pid)))
+                del self.procs[key]
+        self.areas = []
+        procs = sorted((p for p in self.procs.values() if p.pages or p.maps),
+                       key=lambda p: (p.first, str(p.key)))
+        for n, p in enumerate(procs):
+            self.areas.extend(_areas_of(p, n, self._rq))
+        self.procs_sorted = [p for p in procs if p.pages]
+        return self
+
+    @staticmethod
+    def _merge(src, dst):
+        for c, arr in src.chunks.items():
+            mine = dst.chunks.get(c)
+            if mine is None:
+                dst.chunks[c] = arr
+                dst.pages += sum(1 for t in arr if t >= 0)
+                continue
+            for i, t in enumerate(arr):
+                if t >= 0 and (mine[i] < 0 or t < mine[i]):
+                    if mine[i] < 0:
+                        dst.pages += 1
+                    mine[i] = t
+        for k, n in src.refaults.items():
+            dst.refaults[k] = dst.refaults.get(k, 0) + n
+        dst.faults += src.faults
+        dst.maps.extend(src.maps)
+        dst.first = min(dst.first, src.first)
+        dst.note = dst.note or src.note
+
+    # -- derived numbers --------------------------------------------------------------------
+    @property
+    def pages(self):
+        return sum(a.pages for a in self.areas)
+
+    @property
+    def faults(self):
+        return sum(p.faults for p in self.procs.values())
+
+    def stats_faults(self):
+        """Faults counted by the last stats record(s) (also without pagefault records)."""
+        return sum(sum(v for k, v in s.items() if k.startswith("faults_") and
+                       isinstance(v, int)) for s in self.stats.values())
+
+    def latency_hist(self):
+        """(counts per bucket, where from): the stats records' ``latency_hist`` (summed over
+        peers) when the log has them, else the pagefault records' ``us``."""
+        if any("latency_hist" in s for s in self.stats.values()):
+            h = [0] * LAT_BUCKETS
+            for s in self.stats.values():
+                for k, n in (s.get("latency_hist") or {}).items():
+                    try:
+                        h[latency_bucket(float(k))] += int(n)
+                    except (TypeError, ValueError):
+                        pass
+            return h, "stats"
+        return list(self.hist), "pagefault"
+
+    def percentiles(self):
+        """The last stats record's latency_us (one tool), else estimates from the histogram."""
+        if len(self.stats) == 1:
+            lat = next(iter(self.stats.values())).get("latency_us")
+            if isinstance(lat, dict) and lat:
+                return lat, True
+        h, _ = self.latency_hist()
+        n = sum(h)
+        if not n:
+            return {}, False
+        out = {"samples": n}
+        for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
+            acc = 0
+            for k, c in enumerate(h):
+                acc += c
+                if acc >= q * n:
+                    out[name] = float(1 << k)
+                    break
+        return out, False
+
+    def curve(self, tmax, bins=640, t0=0.0):
+        """The working-set curve: distinct pages first touched up to the end of each of
+        ``bins`` equal bins of [t0, t0 + tmax] (the last value is the number of distinct
+        pages)."""
+        counts = [0] * bins
+        last = bins - 1
+        for a in self.areas:
+            for t in a.tt:
+                k = int((t - t0) * bins / tmax)
+                counts[k if k < last else last if k > 0 else 0] += 1
+        acc, out = 0, []
+        for n in counts:
+            acc += n
+            out.append(acc)
+        return out
+
+    def page_keys(self, ids):
+        """The set of pages as position keys that survive ASLR and restores: source offset
+        (serve-file regions, --record key=offset files), else (process number, mapping name,
+        how many same-named mappings come before it, page inside it).  ``ids`` numbers the
+        mapping keys (shared by the two logs compared); a key is ``id << 64 | page``."""
+        keys = set()
+        for a in self.areas:
+            kid = ids.setdefault(a.ckey, len(ids))
+            base = (a.offset >> a.proc.shift) if a.offset is not None else 0
+            p0 = a.p0
+            keys.update((kid << 64) | (base + p - p0) for p in a.pg)
+        return keys
+
+    @property
+    def compare_by(self):
+        if self.source_keyed and all(a.offset is not None for a in self.areas):
+            return "source offset"
+        if all(not a.cluster for a in self.areas):
+            return "offset inside each mapping"
+        return "offset inside address clusters (approximate: no mappings records)"
+
+    @property
+    def title(self):
+        """The command line that made the log (``argv`` of the start record, if written)."""
+        s = self.start or {}
+        if isinstance(s.get("argv"), list):
+            return " ".join(str(a) for a in s["argv"])
+        if self.kind == "working-set":
+            return "working set %s" % self.path
+        bits = ["uffdtool", s.get("command") or "watch"]
+        if s.get("target"):
+            bits.append("--" + s["target"] if s["target"] == "self" else "")
+        if s.get("source"):
+            bits.append(str(s["source"]))
+        if s.get("cmd"):
+            bits.extend(str(c) for c in s["cmd"])
+        return " ".join(b for b in bits if b)
+
+    @property
+    def date(self):
+        s = self.start or {}
+        if isinstance(s.get("time"), (int, float)):
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["time"]))
+        try:
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC (log file modified)",
+                                 time.gmtime(os.stat(self.path).st_mtime))
+        except OSError:
+            return "unknown date"
+
+    @property
+    def exit_status(self):
+        return (self.exit or {}).get("status")
+
+
+def _event_detail(rec):
+    """A short text of a record's fields for the timeline (hover)."""
+    return format_human(rec).split(None, 2)[2][:160] if len(rec) > 2 else ""
+
+
+def _areas_of(proc, n, rq):
+    """Cut a process's touched pages into Areas: its mappings when the log lists them (a later
+    mapping over the same addresses wins), address clusters for the rest."""
+    shift = proc.shift
+    maps = _paint(proc.maps)
+    starts = [m[0] for m in maps]
+    areas = [Area(proc, a, b, name, off) for a, b, name, off in maps]
+    loose = []                                        # pages outside every listed mapping
+    for c in sorted(proc.chunks):
+        arr = proc.chunks[c]
+        base = c * REPORT_CHUNK
+        k = bisect.bisect_right(starts, base << shift) - 1
+        if k >= 0 and (base + REPORT_CHUNK) << shift <= maps[k][1]:   # all in one mapping
+            a = areas[k]
+            for i in range(REPORT_CHUNK):
+                if arr[i] >= 0:
+                    a.pg.append(base + i)
+                    a.tt.append(arr[i])
+            continue
+        for i in range(REPORT_CHUNK):
+            t = arr[i]
+            if t < 0:
+                continue
+            page = base + i
+            addr = page << shift
+            k = bisect.bisect_right(starts, addr) - 1
+            if k >= 0 and addr < maps[k][1]:
+                areas[k].pg.append(page)
+                areas[k].tt.append(t)
+            else:
+                loose.append((page, t))
+    if loose:
+        areas.extend(_clusters(proc, loose))
+    index = [(a.p0, a.p0 + a.npages, a) for a in areas]
+    index.sort(key=lambda x: x[0])
+    firsts = [x[0] for x in index]
+    for (page, b), cnt in proc.refaults.items():
+        k = bisect.bisect_right(firsts, page) - 1
+        if k >= 0 and page < index[k][1]:
+            index[k][2].refaults.append((page, (b + 0.5) * rq, cnt))
+    seen = {}
+    for a in sorted(areas, key=lambda a: a.start):
+        a.faults = a.pages + sum(x[2] for x in a.refaults)
+        if a.offset is not None:
+            a.ckey = ("source",)
+        else:
+            same = seen[(a.cluster, a.name)] = seen.get((a.cluster, a.name), -1) + 1
+            a.ckey = (n, "cluster" if a.cluster else a.name, same)
+    return [a for a in areas if a.pages]
+
+
+def _paint(maps):
+    """Listed mappings as sorted disjoint [start, end, name, offset]: later ones cover earlier."""
+    out = []
+    for a, b, name, off in maps:
+        if b <= a:
+            continue
+        keep = []
+        for m in out:
+            if m[1] <= a or m[0] >= b:
+                keep.append(m)
+                continue
+            if m[0] < a:
+                keep.append([m[0], a, m[2], m[3]])
+            if m[1] > b:
+                keep.append([b, m[1], m[2], None if m[3] is None else m[3] + (b - m[0])])
+        keep.append([a, b, name, off])
+        out = sorted(keep)
+    return out
+
+
+def _clusters(proc, loose):
+    """Areas for pages no listed mapping holds: split where REPORT_CLUSTER_GAP bytes lie
+    untouched."""
+    gap = REPORT_CLUSTER_GAP >> proc.shift
+    out = []
+    for page, t in loose:
+        if not out or page - out[-1].pg[-1] > gap:
+            out.append(Area(proc, page << proc.shift, 0, "", cluster=True))
+        out[-1].pg.append(page)
+        out[-1].tt.append(t)
+    for a in out:
+        a.end = (a.pg[-1] + 1) << proc.shift
+        a.name = "addresses"
+    return out
+
+
+# -- reading files ----------------------------------------------------------------------------
+
+def read_report(path):
+    """Read a uffdtool log (JSON lines) or working-set file into a finished LogReport.
+
+    One pass, line by line.  UsageError (exit 2) for what cannot be a report: a missing file,
+    no records, a first line that is not a uffdtool record.  A last line cut short is left out
+    with a warning; other lines that are not records are counted in a warning."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UsageError("cannot read %s: %s" % (path, e.strerror))
+    rep = LogReport(path)
+    with f:
+        if f.read(len(WORKING_SET_MAGIC) - 3) == WORKING_SET_MAGIC[:-3].encode():
+            return _read_ws_report(path, rep)
+        f.seek(0)
+        _read_records(f, rep)
+    return rep.finish()
+
+
+def _read_records(f, rep):
+    # The decoder's scanner on the decoded line: a third of json.loads's time per record
+    # (no encoding detection, no wrapper); anything it does not take goes to json.loads.
+    scan, loads, fault, feed = json.JSONDecoder().scan_once, json.loads, rep.fault, rep.feed
+    no = bad = 0
+    for line in f:
+        no += 1
+        try:
+            try:
+                s = line.decode()
+                rec, end = scan(s, 0)
+                if end != len(s) and s[end:].strip():
+                    raise ValueError("trailing data")
+            except StopIteration:
+                rec = loads(line)
+            if rec["event"] == "pagefault":
+                fault(rec)
+            else:
+                feed(rec)
+            continue
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        if not line.strip():
+            continue
+        if no == 1 and not line.startswith(b'{"t":'):
+            raise UsageError("%s is not a uffdtool log (line 1 is not a JSON record with 't' "
+                             "and 'event')" % rep.path)
+        if not line.endswith(b"\n"):
+            rep.warnings.append("%s:%d: the last line is cut short (the log was still being "
+                                "written, or truncated): left out" % (rep.path, no))
+            break
+        bad += 1
+    if bad:
+        rep.warnings.append("%s: %d line(s) that are not uffdtool records left out"
+                            % (rep.path, bad))
+    if not rep.counts and not rep.procs:
+        raise UsageError("%s is empty: no uffdtool records" % rep.path)
+
+
+def _read_ws_report(path, rep):
+    """A working-set file (--record, v1 or v2): the pages in first-touch order, t = the
+    touch's rank.  Unlike --prefetch, a v2 file without (or with a wrong) ``# end pages=N``
+    line is still drawn, with a warning."""
+    pages, end = [], None
+    with open(path, "rb") as f:
+        words = f.readline().decode("utf-8", "replace").split()
+        for no, line in enumerate(f, 2):
+            line = line.strip()
+            if line.startswith(b"# end pages="):
+                end = line[12:].decode("ascii", "replace")
+            elif line and not line.startswith(b"#"):
+                try:
+                    pages.append(int(line, 0))
+                except ValueError:
+                    raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
+    meta = dict(w.split("=", 1) for w in words if "=" in w)
+    if words[3:4] != ["v1"]:
+        if end is None:
+            rep.warnings.append("%s: no '# end pages=N' line: the file is cut short" % path)
+        elif end != str(len(pages)):
+            rep.warnings.append("%s: '# end pages=%s' but %d pages listed"
+                                % (path, end, len(pages)))
+    try:
+        page_size = int(meta.get("page_size", PAGE_SIZE))
+    except ValueError:
+        raise UsageError("%s: bad page_size in the header" % path)
+    key = meta.get("key", "offset")
+    if not pages:
+        raise UsageError("%s lists no pages" % path)
+    rep.kind = "working-set"
+    rep._shift = max(page_size, 1).bit_length() - 1
+    try:
+        pid = int(meta.get("pid", ""))
+    except ValueError:
+        pid = None
+    proc = rep._proc(("pid", pid) if pid is not None else ("file", path))
+    rep._default = proc.key
+    if key == "offset":
+        rep.source_keyed = True
+        span = max(pages) + page_size
+        proc.maps.append([0, span - span % page_size, "source", 0])
+    for i, p in enumerate(pages):
+        rep.fault({"t": float(i), "address": p})
+    rep.t_end = float(len(pages))
+    return rep.finish()
+
+
+# -- binning ----------------------------------------------------------------------------------
+
+def nice_step(x):
+    """The least of 1, 2, 5 x 10**k that is >= x (x > 0): the width of a time bin."""
+    if x <= 0:
+        return 1e-3
+    k = math.floor(math.log10(x))
+    for m in (1, 2, 5, 10):
+        step = m * 10.0 ** k
+        if step >= x * (1 - 1e-9):
+            return float("%.12g" % step)
+    return 10.0 ** (k + 1)
+
+
+def time_axis(rep, rows):
+    """(t0, dt, nrows) of the heat maps: the faults' span cut in at most ``rows`` bins of a
+    round width (at most one more bin for the rounding), t0 a multiple of it: the view zooms to
+    where the faults are."""
+    if rep.t_last < rep.t_first:
+        return 0.0, 1e-3, 1
+    dt = nice_step((rep.t_last - rep.t_first) / rows)
+    if rep.kind == "working-set":               # times are ranks: whole touches per bin
+        dt = max(1.0, dt)
+    t0 = math.floor(rep.t_first / dt) * dt
+    return t0, dt, int((rep.t_last - t0) / dt) + 1
+
+
+def pages_per_column(npages, cols):
+    """Pages per heat-map column: a whole number, so that every column is the same size."""
+    return max(1, -(-npages // cols))
+
+
+def heat_cells(area, t0, dt, nrows, lo, ppc):
+    """{(row, column): faults} for the area's pages from page ``lo`` on, ``ppc`` per column."""
+    cells = {}
+    last = nrows - 1
+    get = cells.get
+    for p, t, n in itertools.chain(zip(area.pg, area.tt, itertools.repeat(1)), area.refaults):
+        r = int((t - t0) / dt)
+        if r < 0 or r > last:                 # rounding at the ends of the axis
+            r = 0 if r < 0 else last
+        k = (r, (p - lo) // ppc)
+        cells[k] = get(k, 0) + n
+    return cells
+
+
+def heat_level(n, top):
+    """0..8: the colour (HEAT_COLOURS) or digit (1-9) of a cell with n faults, log scale."""
+    if top <= 1:
+        return 0
+    return min(8, int(round(8 * math.log(n) / math.log(top))))
+
+
+# -- the terminal view ------------------------------------------------------------------------
+
+def _fmt_bytes(n):
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return "%.1f %s" % (n / size, unit)
+    return "%d B" % n
+
+
+def _fmt_us(us):
+    if us < 1000:
+        return "%g µs" % us
+    if us < 1e6:
+        return "%g ms" % round(us / 1000, 3)
+    return "%g s" % round(us / 1e6, 3)
+
+
+def _proc_label(p):
+    who = "pid %s" % p.pid if p.pid is not None else "ufd %s" % p.key[1] \
+        if p.key[0] == "ufd" else "working set"
+    return who + (" (%s)" % p.note if p.note else "")
+
+
+def _time_fmt(dt):
+    """printf format of a time bin's start: as many decimals as the bin width needs."""
+    return "%%.%df" % max(0, min(6, -math.floor(math.log10(dt) + 1e-9)))
+
+
+def format_report(rep, width=80):
+    """The terminal summary of one log: every line at most ``width`` columns."""
+    out = []
+    what = "touches" if rep.kind == "working-set" else "s"
+    out.append("uffdtool report  %s" % rep.path)
+    out.extend(_wrap("run: %s" % rep.title, width))
+    st = rep.exit_status
+    out.append("date: %s   span %s %s%s" % (
+        rep.date, ("%d" if rep.kind == "working-set" else "%.3f") % rep.t_end, what,
+        "" if st is None else "   exit status %s" % st))
+    out.append("faults %d · distinct pages %d · processes %d · mappings touched %d" % (
+        rep.faults, rep.pages, len(rep.procs_sorted), len(rep.areas)))
+    ev = sorted((k, v) for k, v in rep.counts.items() if k != "pagefault")
+    if ev:
+        out.extend(_wrap("events: " + " · ".join("%s %d" % kv for kv in ev), width))
+    out.append("")
+    out.extend(_text_table(rep, width))
+    out.append("")
+    out.extend(_text_latency(rep, width))
+    out.append("")
+    if rep.areas:
+        out.extend(_text_heat(rep, width))
+    else:
+        out.extend(_wrap("no pagefault records in this log (written with --no-fault-log?): "
+                         "%s faults by the stats records" % rep.stats_faults(), width))
+    return "\n".join(line[:width] for line in out)
+
+
+def _wrap(text, width):
+    lines, cur = [], ""
+    for word in text.split(" "):
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            cur = "  " + word
+        else:
+            cur = (cur + " " + word) if cur else word
+    return lines + [cur]
+
+
+def _text_table(rep, width):
+    nw = max(12, width - 44)
+    ts = "%8d" if rep.kind == "working-set" else "%8.3f"
+    out = ["%-*s %7s %6s %8s %9s %9s" % (nw, "process / mapping", "pages", "%", "faults",
+                                          "first", "last")]
+    for p in rep.procs_sorted:
+        out.append(_proc_label(p)[:width])
+        for a in (a for a in rep.areas if a.proc is p):
+            name = "  %s 0x%x" % (a.label, a.start)
+            out.append("%-*s %7d %5.1f%% %8d %s %s" % (
+                nw, name[:nw], a.pages, 100.0 * a.pages / a.npages, a.faults,
+                ts % min(a.tt), ts % max(a.tt)))
+    return out
+
+
+def _text_latency(rep, width):
+    pct, exact = rep.percentiles()
+    h, src = rep.latency_hist()
+    if not pct:
+        return ["latency: no timed faults in this log"]
+    pre = "" if exact else "<= "
+    line = "latency: p50 %s%s · p99 %s%s · max %s%s · %d timed" % (
+        pre, _fmt_us(pct.get("p50", 0)), pre, _fmt_us(pct.get("p99", 0)), pre,
+        _fmt_us(pct.get("max", 0)), sum(h) if sum(h) else pct.get("samples", 0))
+    bars = " ".join("<=%s:%d" % (_fmt_us(1 << k).replace(" ", ""), n)
+                    for k, n in enumerate(h) if n)
+    if not bars:
+        return [line, "  (no latency histogram in this log)"]
+    return [line] + _wrap("  histogram (%s records): %s" % (src, bars), width)
+
+
+def _text_heat(rep, width, max_rows=20):
+    t0, dt, nrows = time_axis(rep, max_rows)
+    tf = _time_fmt(dt) if rep.kind != "working-set" else "%d"
+    lw = max(len(tf % (t0 + nrows * dt)), 4) + 1
+    avail = width - lw - 1
+    segs = sorted(rep.areas, key=lambda a: -a.pages)[:max(1, avail // 4)]
+    hidden = len(rep.areas) - len(segs)
+    segs.sort(key=lambda a: (rep.procs_sorted.index(a.proc), a.start))
+    cols = _share_columns(segs, avail - (len(segs) - 1))
+    grid = [[" "] * (avail) for _ in range(nrows)]
+    header = [" "] * avail
+    x, top, placed = 0, 1, []
+    cellmaps = []
+    for a, w in zip(segs, cols):
+        lo, hi = a.pg[0], a.pg[-1] + 1
+        ppc = pages_per_column(hi - lo, w)
+        w = -(-(hi - lo) // ppc)
+        cells = heat_cells(a, t0, dt, nrows, lo, ppc)
+        top = max([top] + list(cells.values()))
+        cellmaps.append((x, cells))
+        placed.append((a, x, w, lo, hi, ppc))
+        x += w + 1
+    for x0, cells in cellmaps:
+        for (r, c), n in cells.items():
+            grid[r][x0 + c] = "123456789"[heat_level(n, top)]
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    for i, (a, x0, w, lo, hi, ppc) in enumerate(placed):
+        header[x0] = letters[i % len(letters)]
+        if x0 + w < avail:
+            for row in grid:
+                row[x0 + w] = "|"
+            header[x0 + w] = "|"
+    unit = "touches" if rep.kind == "working-set" else "s"
+    out = ["heat map: rows = %s %s each; columns = address ranges A, B, ... (| = gap "
+           "collapsed); 1-9 = faults per cell, log scale, 9 = %d" % (
+               (tf % dt) if rep.kind != "working-set" else "%d" % dt, unit, top)]
+    out = _wrap(out[0], width)
+    out.append("%-*s %s" % (lw, "t" if rep.kind != "working-set" else "#", "".join(header)))
+    for r, row in enumerate(grid):
+        out.append("%*s %s" % (lw, tf % (t0 + r * dt), "".join(row).rstrip()))
+    prev = None
+    for i, (a, x0, w, lo, hi, ppc) in enumerate(placed):
+        if prev is not None and prev.proc is a.proc and a.start >= prev.end:
+            out.append("   gap %s" % _fmt_bytes(a.start - prev.end))
+        out.extend(_wrap(" %s %s %s 0x%x-0x%x: %d pages, %d per column" % (
+            letters[i % len(letters)], _proc_label(a.proc), a.label, lo << a.proc.shift,
+            hi << a.proc.shift, a.pages, ppc), width))
+        prev = a
+    if hidden:
+        out.append(" (%d smaller mappings not drawn; see the table)" % hidden)
+    return out
+
+
+def _share_columns(segs, avail):
+    """Columns per segment: proportional to its touched pages, at least 2 (or its page span),
+    never more than its page span."""
+    spans = [a.pg[-1] + 1 - a.pg[0] for a in segs]
+    want = [min(s, 2) for s in spans]
+    left = avail - sum(want)
+    total = sum(a.pages for a in segs) or 1
+    for i, a in enumerate(segs):
+        extra = min(spans[i] - want[i], int(left * a.pages / total))
+        want[i] += max(0, extra)
+    left = avail - sum(want)
+    for i in sorted(range(len(segs)), key=lambda i: -segs[i].pages):
+        if left <= 0:
+            break
+        more = min(left, spans[i] - want[i])
+        want[i] += more
+        left -= more
+    return want
+
+
+def format_compare(a, b, width=80):
+    """Terminal lines comparing two logs' working sets."""
+    c = compare_reports(a, b)
+    lines = _wrap("working sets compared by %s:" % c["by"], width) + [
+        "  A %s" % a.path, "  B %s" % b.path,
+        "  pages in both %d · only in A %d · only in B %d · Jaccard %.3f" % (
+            c["both"], c["only_a"], c["only_b"], c["jaccard"])]
+    return "\n".join(line[:width] for line in lines)
+
+
+def compare_reports(a, b):
+    """Overlap of two working sets: {'both','only_a','only_b','jaccard','by'}."""
+    ids = {}
+    ka, kb = a.page_keys(ids), b.page_keys(ids)
+    both = len(ka & kb)
+    union = len(ka) + len(kb) - both
+    by = a.compare_by if a.compare_by == b.compare_by else "%s (A) / %s (B)" % (
+        a.compare_by, b.compare_by)
+    return {"both": both, "only_a": len(ka) - both, "only_b": len(kb) - both,
+            "jaccard": both / union if union else 1.0, "by": by}
+
+
+# -- SVG and HTML -----------------------------------------------------------------------------
+
+def _esc(text):
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;"))
+
+
+_FONT = 'font-family="sans-serif" font-size="11"'
+HEAT_W, HEAT_COLS, HEAT_ROWS = 460, 128, 64
+
+
+def heat_maps(rep, axis, limit=12):
+    """([(area, cells, pages per column, columns)], most faults in a cell) of the ``limit``
+    areas with most pages: one colour scale for all the heat maps of a log."""
+    out, top = [], 1
+    for a in sorted(rep.areas, key=lambda a: -a.pages)[:limit]:
+        ppc = pages_per_column(a.npages, HEAT_COLS)
+        cells = heat_cells(a, axis[0], axis[1], axis[2], a.p0, ppc)
+        top = max([top] + list(cells.values()))
+        out.append((a, cells, ppc, -(-a.npages // ppc)))
+    return out, top
+
+
+def svg_heatmap(rep, axis, area, cells, ppc, ncols, top):
+    """(svg body, width, height) of one area's address x time heat map.  Every non-empty cell
+    is a ``rect class="cell"`` with ``data-r``/``data-c``/``data-n`` (row, column, faults);
+    the group carries the binning (t0, dt, first address, bytes per column)."""
+    t0, dt, nrows = axis
+    ch = max(3, min(8, 320 // nrows))
+    cw = HEAT_W / ncols
+    L, T = 60, 6
+    H = nrows * ch
+    bpc = ppc << area.proc.shift
+    ws = rep.kind == "working-set"
+    o = ['<g class="heatmap" data-area="%s" data-t0="%r" data-dt="%r" data-rows="%d" '
+         'data-cols="%d" data-a0="%d" data-bpc="%d" data-top="%d">' % (
+             _esc(area.label), t0, dt, nrows, ncols, area.start, bpc, top),
+         '<rect x="%d" y="%d" width="%d" height="%d" fill="#ffffff" stroke="#9ca3af"/>'
+         % (L, T, HEAT_W, H)]
+    for (r, c), n in sorted(cells.items()):
+        o.append('<rect class="cell" x="%.2f" y="%d" width="%.2f" height="%d" fill="%s" '
+                 'data-r="%d" data-c="%d" data-n="%d"/>' % (
+                     L + c * cw, T + r * ch, max(cw, 0.6), ch, HEAT_COLOURS[heat_level(n, top)],
+                     r, c, n))
+    tf = "%d" if ws else _time_fmt(dt)
+    step = max(1, -(-nrows // 8))
+    for r in range(0, nrows, step):
+        o.append('<text class="ylabel" x="%d" y="%d" text-anchor="end" %s>%s</text>' % (
+            L - 4, T + r * ch + 9, _FONT, tf % (t0 + r * dt)))
+    xstep = max(1, -(-ncols // 3))
+    for c in list(range(0, ncols, xstep)) + [ncols]:
+        if 0 < ncols - c < xstep * 0.9:
+            continue
+        anchor = "start" if c == 0 else "end" if c == ncols else "middle"
+        o.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#6b7280"/>' % (
+            L + c * cw, T + H, L + c * cw, T + H + 4))
+        o.append('<text class="xlabel" x="%.1f" y="%d" text-anchor="%s" %s>0x%x</text>' % (
+            L + c * cw, T + H + 16, anchor, _FONT, area.start + c * bpc))
+    o.append('<text x="%d" y="%d" text-anchor="middle" %s transform="rotate(-90 %d %d)">'
+             '%s</text>' % (12, T + H // 2, _FONT, 12, T + H // 2,
+                            "touch #" if ws else "seconds"))
+    o.append('<text x="%d" y="%d" %s>address (%s per column)</text>' % (
+        L, T + H + 30, _FONT, _fmt_bytes(bpc)))
+    o.append("</g>")
+    return "\n".join(o), L + HEAT_W + 10, T + H + 36
+
+
+def _area_caption(area):
+    off = "" if area.offset is None else ", source offset 0x%x" % area.offset
+    return "%s · %s 0x%x-0x%x (%s%s): %d of %d pages touched (%.1f%%), %d faults" % (
+        _proc_label(area.proc), area.label, area.start, area.end,
+        _fmt_bytes(area.end - area.start), off, area.pages, area.npages,
+        100.0 * area.pages / area.npages, area.faults)
+
+
+def render_svg(reps):
+    """One standalone SVG document: the heat maps of every log, one below the other."""
+    parts, y, w = [], 0, 400
+    for rep in reps:
+        axis = time_axis(rep, HEAT_ROWS)
+        parts.append('<text x="4" y="%d" font-family="sans-serif" font-size="13" '
+                     'font-weight="bold">%s</text>' % (y + 16, _esc(rep.title)))
+        y += 24
+        maps, top = heat_maps(rep, axis)
+        for m in maps:
+            parts.append('<text x="4" y="%d" %s>%s</text>' % (y + 12, _FONT,
+                                                             _esc(_area_caption(m[0]))))
+            body, bw, bh = svg_heatmap(rep, axis, *m, top)
+            parts.append('<g transform="translate(0,%d)">%s</g>' % (y + 16, body))
+            y += bh + 24
+            w = max(w, bw)
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg" '
+            'width="%d" height="%d" viewBox="0 0 %d %d">\n<rect width="100%%" height="100%%" '
+            'fill="white"/>\n%s\n</svg>\n' % (w, y, w, y, "\n".join(parts)))
+
+
+def _svg(body, w, h, cls=""):
+    return '<svg xmlns="http://www.w3.org/2000/svg" class="%s" width="%d" height="%d" ' \
+           'viewBox="0 0 %d %d">%s</svg>' % (cls, w, h, w, h, body)
+
+
+def svg_curve(reps):
+    """The cumulative working set (distinct pages vs time) of one log, or of two logs from
+    each one's first fault (their runs start at different times after the tool's start)."""
+    W, H, L, T = 640, 220, 64, 10
+    two = len(reps) == 2
+    t0s = [rep.t_first if two and rep.t_last >= rep.t_first else 0.0 for rep in reps]
+    tmax = max([rep.t_last - t0 for rep, t0 in zip(reps, t0s)] + [1e-6] +
+               ([] if two else [rep.t_end for rep in reps]))
+    series = [(rep, rep.curve(tmax, t0=t0)) for rep, t0 in zip(reps, t0s)]
+    pmax = max([s[-1] for _, s in series] + [1])
+    o = ['<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#9ca3af"/>'
+         % (L, T, W, H)]
+    for i in range(5):
+        v = pmax * i / 4
+        y = T + H - H * i / 4
+        o.append('<text x="%d" y="%.1f" text-anchor="end" %s>%d</text>' % (L - 4, y + 4,
+                                                                          _FONT, v))
+        x = L + W * i / 4
+        o.append('<text x="%.1f" y="%d" text-anchor="middle" %s>%s</text>' % (
+            x, T + H + 16, _FONT, ("%d" if reps[0].kind == "working-set" else "%.3g s")
+            % (tmax * i / 4)))
+    if two:
+        o.append('<text x="%d" y="%d" %s>time since each log\'s first fault</text>' % (
+            L, T + H + 30, _FONT))
+    colours = ("#2563eb", "#ea580c")
+    for k, (rep, cum) in enumerate(series):
+        n = cum[-1]
+        pts = ["%.1f,%.1f" % (L, T + H)] + ["%.1f,%.1f" % (
+            L + W * (i + 1) / len(cum), T + H - H * v / pmax) for i, v in enumerate(cum)]
+        o.append('<polyline class="curve" data-log="%s" data-last-pages="%d" fill="none" '
+                 'stroke="%s" stroke-width="2" points="%s"/>' % (
+                     "AB"[k], n, colours[k], " ".join(pts)))
+        o.append('<text x="%d" y="%d" fill="%s" %s>%s%s: %d pages</text>' % (
+            L + 8, T + 16 + 14 * k, colours[k], _FONT, ("AB"[k] + " ") if len(reps) > 1
+            else "", _esc(os.path.basename(rep.path)), n))
+    return _svg("\n".join(o), L + W + 30, T + H + 36, "curve")
+
+
+def svg_latency(rep):
+    """Bars of the fault-service latency histogram, 1 µs .. 16 s in powers of two."""
+    h, src = rep.latency_hist()
+    W, H, L, T = 640, 160, 64, 16
+    bw = W / LAT_BUCKETS
+    top = max(h + [1])
+    o = ['<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#9ca3af"/>'
+         % (L, T, W, H)]
+    for k, n in enumerate(h):
+        bh = H * n / top
+        o.append('<rect class="bar" x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="#2563eb" '
+                 'data-us="%d" data-n="%d"/>' % (L + k * bw + 1, T + H - bh, bw - 2, bh,
+                                                  1 << k, n))
+        if n:
+            o.append('<text x="%.1f" y="%.1f" text-anchor="middle" font-family="sans-serif" '
+                     'font-size="9">%d</text>' % (L + k * bw + bw / 2, T + H - bh - 2, n))
+        if k % 4 == 0 or k == LAT_BUCKETS - 1:
+            o.append('<text class="xlabel" x="%.1f" y="%d" text-anchor="middle" %s>%s</text>'
+                     % (L + k * bw + bw / 2, T + H + 14, _FONT,
+                        "16 s" if k == LAT_BUCKETS - 1 else _fmt_us(1 << k)))
+    o.append('<text x="%d" y="%d" %s>faults per bucket (upper bound; from the %s records, '
+             '%d timed)</text>' % (L, T + H + 30, _FONT, src, sum(h)))
+    return _svg("\n".join(o), L + W + 30, T + H + 36, "latency")
+
+
+def svg_timeline(rep):
+    """A lane per kind of event (fork, exec, remap, remove, unmap, peers, fill, ...), a tick per
+    record; the faults' span as a bar."""
+    kinds = []
+    for _, ev, _d in rep.events:
+        if ev not in kinds:
+            kinds.append(ev)
+    W, L, T, lane = 640, 110, 6, 16
+    phases = []
+    for p in rep.phases:
+        if p[0] not in phases:
+            phases.append(p[0])
+    lanes = ["faults"] + phases + kinds
+    H = lane * len(lanes)
+    tmax = max(rep.t_end, rep.t_last if rep.t_last > -math.inf else 0, 1e-6)
+    ws = rep.kind == "working-set"
+    o = ['<rect x="%d" y="%d" width="%d" height="%d" fill="#fafafa" stroke="#9ca3af"/>'
+         % (L, T, W, H)]
+    for i, name in enumerate(lanes):
+        o.append('<text x="%d" y="%d" text-anchor="end" %s>%s</text>' % (
+            L - 4, T + i * lane + 12, _FONT, _esc(name)))
+    if rep.t_last >= rep.t_first:
+        o.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="#fb923c">'
+                 '<title>faults from %.6g to %.6g</title></rect>' % (
+                     L + W * rep.t_first / tmax, T + 3, max(1, W * (rep.t_last - rep.t_first)
+                                                            / tmax), lane - 6,
+                     rep.t_first, rep.t_last))
+    for name, a, b, label in rep.phases:
+        o.append('<rect class="phase" x="%.1f" y="%d" width="%.1f" height="%d" fill="%s" '
+                 'data-tip="%s"><title>%s</title></rect>' % (
+                     L + W * a / tmax, T + lanes.index(name) * lane + 3,
+                     max(1.0, W * (b - a) / tmax), lane - 6,
+                     "#dc2626" if "FAILED" in label else "#16a34a" if name == "fill"
+                     else "#2563eb", _esc("%.6f-%.6f %s" % (a, b, label)),
+                     _esc("%.6f-%.6f %s" % (a, b, label))))
+    for t, ev, detail in rep.events:
+        i = lanes.index(ev)
+        x = L + W * t / tmax
+        o.append('<line class="ev" x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#111827" '
+                 'stroke-width="1.5" data-tip="%s"><title>%s</title></line>' % (
+                     x, T + i * lane + 2, x, T + (i + 1) * lane - 2,
+                     _esc("%.6f %s %s" % (t, ev, detail)), _esc("%.6f %s %s" % (t, ev, detail))))
+    for i in range(5):
+        o.append('<text x="%.1f" y="%d" text-anchor="middle" %s>%s</text>' % (
+            L + W * i / 4, T + H + 14, _FONT, ("%d" if ws else "%.3g s") % (tmax * i / 4)))
+    return _svg("\n".join(o), L + W + 30, T + H + 22, "timeline")
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#111827;max-width:1120px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb}
+.cmd{font-family:ui-monospace,monospace;background:#f3f4f6;padding:6px 10px;border-radius:4px}
+table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;text-align:right}
+th{background:#f3f4f6} td.l,th.l{text-align:left} tr.proc td{font-weight:bold;background:#f9fafb}
+figure{margin:10px 0 18px} figcaption{font-size:13px;margin-bottom:4px}
+.heats{display:flex;flex-wrap:wrap;gap:0 16px} .heats figure{flex:0 0 auto;margin:6px 0 14px}
+.heats figcaption{max-width:530px}
+.warn{color:#b45309} .legend .sw{display:inline-block;width:18px;height:10px}
+.hint{display:none;color:#6b7280;font-size:12px} .js .hint{display:inline}
+#tip{position:fixed;pointer-events:none;background:#111827;color:#fff;font-size:12px;
+padding:3px 6px;border-radius:3px;white-space:pre}
+"""
+
+# Hover only (the page reads the same without it): the heat-map cell or event under the
+# pointer, in words.
+_JS = """
+(function(){
+var tip=document.getElementById('tip');
+function hex(n){return '0x'+n.toString(16);}
+document.addEventListener('mousemove',function(e){
+  var el=e.target, s='';
+  if(el.classList&&el.classList.contains('cell')){
+    var g=el.parentNode, d=g.dataset, r=+el.dataset.r, c=+el.dataset.c;
+    var t0=+d.t0, dt=+d.dt, a0=+d.a0, b=+d.bpc;
+    s=el.dataset.n+' fault(s)\\n'+hex(a0+c*b)+' - '+hex(a0+(c+1)*b)+'\\n'+
+      (t0+r*dt).toPrecision(6)+' - '+(t0+(r+1)*dt).toPrecision(6);
+  } else if(el.dataset&&el.dataset.tip){ s=el.dataset.tip; }
+  else if(el.classList&&el.classList.contains('bar')){
+    s=el.dataset.n+' fault(s) <= '+el.dataset.us+' us'; }
+  if(s){tip.textContent=s;tip.hidden=false;tip.style.left=(e.clientX+12)+'px';
+        tip.style.top=(e.clientY+12)+'px';} else {tip.hidden=true;}
+});
+document.documentElement.className='js';
+})();
+"""
+
+
+def render_html(reps):
+    """The self-contained HTML report (inline SVG and CSS; a little JavaScript for hover)."""
+    o = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
+         '<meta name="viewport" content="width=device-width">',
+         '<title>uffdtool report: %s</title><style>%s</style></head><body>' % (
+             _esc(reps[0].title), _CSS),
+         '<h1>uffdtool report</h1>']
+    if len(reps) == 2:
+        c = compare_reports(*reps)
+        o.append('<h2 id="compare">Two working sets</h2>')
+        o.append('<p>A: <code>%s</code><br>B: <code>%s</code></p>' % (
+            _esc(reps[0].path), _esc(reps[1].path)))
+        o.append('<table><tr><th>pages in both</th><th>only in A</th><th>only in B</th>'
+                 '<th>Jaccard</th><th class="l">compared by</th></tr><tr class="overlap">'
+                 '<td>%d</td><td>%d</td><td>%d</td><td>%.3f</td><td class="l">%s</td></tr>'
+                 '</table>' % (c["both"], c["only_a"], c["only_b"], c["jaccard"],
+                               _esc(c["by"])))
+        o.append('<figure><figcaption>Working sets, distinct pages over time</figcaption>%s'
+                 '</figure>' % svg_curve(reps))
+    for k, rep in enumerate(reps):
+        o.extend(_html_one(rep, ("%s: " % "AB"[k]) if len(reps) == 2 else ""))
+    o.append('<p style="font-size:12px;color:#6b7280">made by uffdtool %s report</p>'
+             % __version__)
+    o.append('<div id="tip" hidden></div><script>%s</script></body></html>\n' % _JS)
+    return "\n".join(o)
+
+
+def _html_one(rep, tag):
+    o = ['<h2>%s%s</h2>' % (_esc(tag), _esc(rep.path)),
+         '<p class="cmd">$ %s</p>' % _esc(rep.title),
+         '<p>%s · span %s · %d faults · %d distinct pages (%s) · %d process(es)%s</p>' % (
+             _esc(rep.date), ("%d touches" if rep.kind == "working-set" else "%.3f s")
+             % rep.t_end, rep.faults, rep.pages,
+             _fmt_bytes(sum(a.pages << a.proc.shift for a in rep.areas)),
+             len(rep.procs_sorted), "" if rep.exit_status is None
+             else " · exit status %s" % _esc(rep.exit_status))]
+    for w in rep.warnings:
+        o.append('<p class="warn">warning: %s</p>' % _esc(w))
+    ev = sorted((k, v) for k, v in rep.counts.items())
+    if ev:
+        o.append('<p>records: %s</p>' % _esc(", ".join("%s %d" % kv for kv in ev)))
+    o.append('<h3>Processes and mappings</h3>')
+    o.append(_html_table(rep))
+    o.append('<h3>Heat map: address &#215; time</h3>')
+    if not rep.areas:
+        o.append('<p>No pagefault records in this log.</p>')
+    axis = time_axis(rep, HEAT_ROWS)
+    maps, top = heat_maps(rep, axis)
+    if maps:
+        o.append('<p class="legend">faults per cell, log scale: 1 %s %d <span class="hint">'
+                 '(point at a cell for its addresses and times)</span></p>' % (
+                     "".join('<span class="sw" style="background:%s"></span>' % c
+                             for c in HEAT_COLOURS),
+                     top))
+    o.append('<div class="heats">')
+    for m in maps:
+        body, w, h = svg_heatmap(rep, axis, *m, top)
+        o.append('<figure><figcaption>%s</figcaption>%s</figure>' % (
+            _esc(_area_caption(m[0])), _svg(body, w, h, "heat")))
+    o.append('</div>')
+    if len(rep.areas) > len(maps):
+        o.append('<p>%d smaller mappings not drawn (see the table).</p>'
+                 % (len(rep.areas) - len(maps)))
+    o.append('<h3>Working set</h3><figure>%s</figure>' % svg_curve([rep]))
+    pct, exact = rep.percentiles()
+    o.append('<h3>Fault-service latency</h3>')
+    if pct:
+        o.append('<p>p50 %s%s · p99 %s%s · max %s%s</p>' % tuple(
+            x for k in ("p50", "p99", "max") for x in ("" if exact else "&#8804; ",
+                                                        _esc(_fmt_us(pct.get(k, 0))))))
+    o.append('<figure>%s</figure>' % svg_latency(rep))
+    o.append('<h3>Events</h3><figure>%s</figure>' % svg_timeline(rep))
+    if rep.events_left_out:
+        o.append('<p>The timeline shows the first %d records; %d later ones are only '
+                 'counted above.</p>' % (REPORT_EVENTS, rep.events_left_out))
+    return o
+
+
+def _html_table(rep):
+    ws = rep.kind == "working-set"
+    tf = "%d" if ws else "%.6f"
+    o = ['<table class="areas"><tr><th class="l">process / mapping</th><th>start</th>'
+         '<th>size</th><th>pages touched</th><th>% of mapping</th><th>faults</th>'
+         '<th>first touch</th><th>last touch</th></tr>']
+    for p in rep.procs_sorted:
+        areas = [a for a in rep.areas if a.proc is p]
+        o.append('<tr class="proc"><td class="l">%s</td><td></td><td></td><td>%d</td><td></td>'
+                 '<td>%d</td><td>%s</td><td>%s</td></tr>' % (
+                     _esc(_proc_label(p)), sum(a.pages for a in areas), p.faults,
+                     tf % min(min(a.tt) for a in areas), tf % max(max(a.tt) for a in areas)))
+        for a in areas:
+            o.append('<tr><td class="l">%s</td><td>0x%x</td><td>%s</td><td>%d</td>'
+                     '<td>%.1f%%</td><td>%d</td><td>%s</td><td>%s</td></tr>' % (
+                         _esc(a.label), a.start, _fmt_bytes(a.end - a.start), a.pages,
+                         100.0 * a.pages / a.npages, a.faults, tf % min(a.tt),
+                         tf % max(a.tt)))
+    o.append("</table>")
+    return "\n".join(o)
+
+
+###################################################################################################
+#  15. CLI
 ###################################################################################################
 
 # -- sizes, ranges and argument types -------------------------------------------------------------
@@ -6376,11 +7633,11 @@ def _add_stop_options(g, dontneed_help):
 
 
 def build_parser():
-    """The argparse parser of the CLI (sub-commands info, selftest, watch, serve-file)."""
+    """The argparse parser of the CLI (sub-commands info, selftest, watch, serve-file, report)."""
     p = _Parser(prog="uffdtool", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="commands: info, selftest, watch, serve-file; "
-                       "'uffdtool COMMAND --help' for each.\n"
+                epilog="commands: info, selftest, watch, serve-file, "
+                       "report; 'uffdtool COMMAND --help' for each.\n"
                        "exit status: 0 ok, 1 a check or the target failed, 2 usage error, "
                        "3 not permitted by the kernel/permissions.")
     p.add_argument("--version", action="version", version="uffdtool " + __version__)
@@ -6449,6 +7706,18 @@ def build_parser():
                     help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
                          "cannot hang or read zeros where file data belongs")
     pf.set_defaults(func=cmd_serve_file)
+
+    pr = sub.add_parser("report", help="draw a log: tables, heat maps, curves (terminal, HTML, "
+                                       "SVG)", epilog=EPILOG_REPORT,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("logs", nargs="+", metavar="LOG", help="a --log file or a --record "
+                                                          "working-set file; a second one: compare")
+    pr.add_argument("-o", dest="output", metavar="FILE.html|FILE.svg",
+                    help="write an HTML page or the heat maps as SVG instead of the summary")
+    pr.add_argument("--width", type=_number_arg(int, "a whole number", lambda v: v >= 60,
+                                                "at least 60"),
+                    help="columns of the summary (default: the terminal's; 80 if not a terminal)")
+    pr.set_defaults(func=cmd_report)
     return p
 
 
@@ -7057,6 +8326,58 @@ def _finish_self(args, target, source, stats, log):
                              args.readahead,
                              "every byte verified" if ok else "MISMATCH at offset %d" % bad))
     return 0 if ok else 1
+
+
+# -- report --------------------------------------------------------------------------------------
+
+EPILOG_REPORT = """views:
+  (no -o)     a summary within the terminal's width (80 columns when not a terminal): per
+              process and mapping the pages touched, % of the mapping, first and last touch;
+              record counts; latency percentiles and histogram; a text heat map (rows = time,
+              columns = address ranges, gaps collapsed, digits 1-9 = faults, log scale)
+  -o x.html   one self-contained page (works offline): heat map per mapping, working-set curve,
+              latency histogram (1 us .. 16 s), event timeline, the table, command line and date
+  -o x.svg    the heat maps alone
+  LOG LOG2    also the overlap of the two working sets (pages in both, only in one, Jaccard),
+              by offset inside each mapping or by source offset (ASLR and restores move them)
+
+examples:
+  uffdtool watch --log gcc.jsonl -- gcc -c t.c && uffdtool report gcc.jsonl
+  uffdtool report vm.jsonl -o vm.html
+  uffdtool report restore1.jsonl restore2.jsonl -o compare.html
+  uffdtool report ws.txt                   a --record file: pages in first-touch order
+"""
+
+
+def cmd_report(args):
+    """``uffdtool report``: read one or two logs, print the summary or write -o FILE."""
+    if len(args.logs) > 2:
+        raise UsageError("report takes one or two logs (%d given)" % len(args.logs))
+    kind = None
+    if args.output:
+        kind = os.path.splitext(args.output)[1].lower().lstrip(".")
+        if kind not in ("html", "htm", "svg"):
+            raise UsageError("-o %s: the name must end in .html or .svg" % args.output)
+    reps = [read_report(path) for path in args.logs]
+    for rep in reps:
+        for w in rep.warnings:
+            _complain("warning: %s" % w)
+    if kind is None:
+        width = args.width or (shutil.get_terminal_size().columns if sys.stdout.isatty()
+                               else 80)
+        width = max(60, width)
+        texts = [format_report(rep, width) for rep in reps]
+        if len(reps) == 2:
+            texts.append(format_compare(reps[0], reps[1], width))
+        sys.stdout.write("\n\n".join(texts) + "\n")
+        return 0
+    text = render_svg(reps) if kind == "svg" else render_html(reps)
+    try:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise UsageError("cannot write %s: %s" % (args.output, e.strerror))
+    return 0
 
 
 # -- main ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, needs_root, needs_uffd, uffdtool
+from conftest import ROOT, need_program, needs_root, needs_uffd, uffdtool
 
 README = os.path.join(ROOT, "README.md")
 x86_64 = pytest.mark.skipif(uffdtool.ARCH != "x86_64", reason="ptrace is x86_64 only")
@@ -217,7 +217,6 @@ def test_watch_overhead_benchmark_runs(tmp_path):
 def test_watch_bench_runs(tmp_path):
     """bench/watch_bench.py (docs/benchmarks.md), at a small size: the table has the plain row,
     every mode and the fast loop (no timing is asserted)."""
-    from conftest import need_program
     need_program("gcc", "gcc")
     assert "python3 bench/watch_bench.py" in readme()
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "watch_bench.py"),
@@ -227,3 +226,37 @@ def test_watch_bench_runs(tmp_path):
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 1 + 5 + 1, r.stdout        # header, plain, 5 modes, the fast loop
     assert all(re.search(r"\d\.\d\d×", row) for row in rows[3:]), r.stdout
+
+# -- report -----------------------------------------------------------------------------------
+
+@needs_root
+@x86_64
+def test_report_of_gcc(tmp_path):
+    """The report block: watch gcc twice, the terminal summary (80 columns), the HTML and SVG
+    files, the comparison of the two runs, the --record file."""
+    need_program("gcc", "gcc")
+    out, err, rc = run_commands(console_block("uffdtool.py report gcc.jsonl"), tmp_path)
+    assert rc == 0 and err == "", out + err
+    lines = out.splitlines()
+    assert lines[0] == "uffdtool report  gcc.jsonl" and max(len(x) for x in lines) <= 80
+    assert lines[1].startswith("run: uffdtool watch --quiet --log gcc.jsonl --record ws.txt --")
+    assert re.search(r"^faults (\d+) · distinct pages \d+ · processes 3 ", out, re.M), out
+    assert re.search(r"^  pages in both \d+ · only in A \d+ · only in B \d+ · Jaccard "
+                     r"[01]\.\d{3}$", out, re.M), out
+    assert re.search(r"^faults \d+ · distinct pages \d+ · processes 1 ", lines[-1]), out
+    html = (tmp_path / "gcc.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and 'class="heatmap"' in html
+    assert 'class="heatmap"' in (tmp_path / "gcc.svg").read_text()
+
+
+def test_report_scale_benchmark_runs():
+    """bench/report_scale.py at a small size: the import line and one line per view (no timing
+    is asserted)."""
+    assert "python3 bench/report_scale.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "report_scale.py"),
+                        "--faults", "20000"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert rows[0].startswith("log: 20000 faults") and len(rows) == 5, r.stdout
+    assert all(re.search(r" [\d.]+ s wall +[\d.]+ s CPU  peak RSS +[\d.]+ MiB$", row)
+               for row in rows[1:]), r.stdout
