@@ -1504,6 +1504,7 @@ class Handler:
         self.prefetch = prefetch
         self.fast = fast
         self.fast_log = False         # the fast loop may write pagefault records (watch)
+        self.log_mappings = False     # write ``mappings`` records (watch: ``announce``)
         self.spin = spin              # seconds to keep reading before sleeping in poll
         self._present = None          # fast loop's readahead hint (bytearray by source page)
         self._recorded = set()
@@ -1513,6 +1514,8 @@ class Handler:
         self.on_fork = None           # hook: callable(parent Served, child Served)
         self.on_gone = None           # hook: callable(Served) when a uffd's process is gone
         self.on_event = None          # hook: callable(Served, event) after a non-fault event
+        self.on_unknown = None        # hook: callable(Served, addr) -> [Region]: the regions of
+        #                               registered memory the bookkeeping does not know
         self.timers = []              # (seconds, callable): run every so often by ``run``
         self.stopping = False
         self._calls = []              # call_soon queue: (fn, args, kwargs), run by ``run``
@@ -1550,7 +1553,7 @@ class Handler:
     def announce(self, s):
         """Log ``s``'s mappings (a ``mappings`` record) if they changed since last logged, when
         per-fault records are written: so that a reader can place every fault address."""
-        if s.mapped is not None or not self.log.wants_faults:
+        if s.mapped is not None or not self.log_mappings or not self.log.wants_faults:
             return
         s.mapped = s.mappings()
         if s.comm is None and s.pid:
@@ -1671,6 +1674,8 @@ class Handler:
             if s.uffd.closed:
                 return
             r = s.find(addr)
+        if r is None and self.on_unknown is not None:
+            r = self._adopt(s, addr)
         if r is None and kind == "missing":
             # Registered memory the bookkeeping does not know: a VMA grown in place by mremap
             # (no event) or past a REMAP's old length.  A wake alone would re-fault forever;
@@ -1720,6 +1725,20 @@ class Handler:
             if pid != s.pid and s.pid is not None:
                 rec["mm_pid"] = s.pid        # a vfork child: the address is in s.pid's mappings
             self.log.emit("pagefault", **rec)
+
+    def _adopt(self, s, addr):
+        """A fault in registered memory the bookkeeping does not know: take its regions from
+        ``on_unknown`` (the target reads /proc/PID/maps).  This happens when an UNMAP event of
+        an old mapping is read after the tracer registered a new one at the same addresses
+        (munmap returns once the event is read, so another thread can map there first)."""
+        regs = self.on_unknown(s, addr)
+        if not regs:
+            return None
+        s.cut(min(x.start for x in regs), max(x.end for x in regs))
+        s.regions.extend(regs)
+        s.reindex()
+        self.stats.add("regions_adopted")
+        return s.find(addr)
 
     def _note(self, s, r, addr):
         """Add the faulting page to the working set: ``record`` is a list, or a dict of lists by
@@ -2187,9 +2206,13 @@ class Handler:
             nbytes = partial = eagain = waits = 0
 
         def general(msg):
-            """Hand one message to the general code; False if the fast loop must stop."""
+            """Hand one message to the general code; False if the fast loop must stop.  The
+            cached region is forgotten: the general code may have read events that changed the
+            regions (an UNMAP, and a new mapping at the same addresses)."""
+            nonlocal lo, hi
             flush()
             self.handle(s, decode_msgs(msg))
+            lo = hi = 0
             return fd in self.served and len(self.served) == 1
 
         try:
@@ -3679,6 +3702,19 @@ def _mapping_names(pid, maps):
     return names
 
 
+def mapping_regions_at(pid, addr, file_ranges=()):
+    """The Regions of pid's anonymous mapping that holds ``addr`` (``Handler.on_unknown``),
+    or [] if there is none."""
+    try:
+        maps = read_maps(pid)
+    except (OSError, TypeError):
+        return []
+    m = next((m for m in maps if m.start <= addr < m.end), None)
+    if m is None or not m.is_anon():
+        return []
+    return file_regions(m.start, m.end, file_ranges, m.name())
+
+
 def _name_at(names, addr):
     """The name of the mapping that starts at or before ``addr`` (``_mapping_names``)."""
     best = None
@@ -3869,6 +3905,8 @@ class PidTarget(Target):
             self._scanned = 0.0
             self._refused = set()
             handler.timers.append((PID_RESCAN, self.follow))
+            if self.offsets is None and not self.snapshot:     # regions without source data
+                handler.on_unknown = lambda s, addr: mapping_regions_at(s.pid, addr)
             handler.on_event = lambda s, ev: type(ev) in (Remap, Unmap) and self.follow(
                 PID_RESCAN_MIN)
         return [self.pidfd]
@@ -3992,6 +4030,7 @@ class SpawnTarget(Target):
         self.handler = handler
         self.cv = threading.Condition()
         handler.on_fork = self._uffd_fork
+        handler.on_unknown = lambda s, addr: mapping_regions_at(s.pid, addr, self.file_ranges)
         self.stdout_to_stderr = _log_on_stdout(handler.log)
         if self.stdout_to_stderr:
             handler.log.emit("warning", message="CMD's standard output goes to stderr: stdout "
@@ -8020,6 +8059,7 @@ class Session:
     record_key = "address"
     per_process = True                        # one working set per address space (watch)
     fast_log = True                           # the fast loop may write pagefault records
+    log_mappings = True                       # ``mappings`` records (a report places faults)
     failure = None                            # the exception that ended the run, if any
 
     def __init__(self, command, args, log, target, source, start_fields):
@@ -8060,7 +8100,7 @@ class Session:
                                        readahead=args.readahead, on_remove=args.on_remove,
                                        page_size=t.page_size, record=self.record,
                                        hugetlb=t.hugetlb, spin=args.spin / 1e6)
-            h.fast, h.fast_log = t.fast, self.fast_log
+            h.fast, h.fast_log, h.log_mappings = t.fast, self.fast_log, self.log_mappings
             sig.handler = h
             fds = t.attach(h)
             self.attached = True
@@ -8254,7 +8294,7 @@ class ServeSession(Session):
     set, the --self verification."""
     counters = SERVE_COUNTERS
     record_key = "offset"
-    per_process = fast_log = False
+    per_process = fast_log = log_mappings = False
 
     def __init__(self, args, log, target, source, working_set):
         super().__init__("serve-file", args, log, target, source, dict(
