@@ -15,7 +15,8 @@ Contents (each section starts with a boxed banner; grep for ``#  N.``):
      5. Userfaultfd              the object that owns one uffd
      6. Events                   PageFault/Fork/Remap/Remove/Unmap and ``decode_msgs``
      7. Event log and stats      the JSON-lines writer and the counters
-     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets, prefetch
+     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets, prefetch,
+                                 a URL (Range GETs, the cache directory)
      9. Handler loop             serves faults and events on one or more uffds (one fault policy)
     10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process, spawning CMD
     11. Targets                  one Target protocol: --self, -- CMD, --pid, Firecracker socket
@@ -62,6 +63,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 
@@ -73,11 +75,10 @@ __all__ = [
     # errors
     "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError", "PtraceError",
     # page sources and working sets
-    "ZeroSource", "FileSource", "SnapshotSource", "read_working_set", "write_working_set",
-    "write_working_sets",
-    "Prefetcher",
+    "ZeroSource", "FileSource", "SnapshotSource", "UrlSource", "read_working_set",
+    "write_working_set", "write_working_sets", "Prefetcher",
     # serving: the Handler, what Handler.add returns (Served) and its Regions, log and stats
-    "Handler", "Served", "Region", "EventLog", "Stats",
+    "Handler", "Served", "Region", "EventLog", "Stats", "IdleFill",
     # targets (one protocol) and the pieces for other processes (ptrace, x86_64)
     "Target", "SelfTarget", "PidTarget", "SpawnTarget", "SelfServeTarget", "FirecrackerTarget",
     "parse_handshake", "inject_userfaultfd", "read_maps",
@@ -98,10 +99,10 @@ ARCH = platform.machine()
 SYSCALLS = {
     "x86_64": dict(userfaultfd=323, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
                    memfd_create=319, mremap=25, madvise=28, gettid=186,
-                   kcmp=312, seccomp=317, prctl=157),
+                   kcmp=312, seccomp=317, prctl=157, get_robust_list=274),
     "aarch64": dict(userfaultfd=282, pidfd_open=434, pidfd_getfd=438, process_madvise=440,
                     memfd_create=279, mremap=216, madvise=233, gettid=178,
-                    kcmp=272, seccomp=277, prctl=167),
+                    kcmp=272, seccomp=277, prctl=167, get_robust_list=100),
 }
 
 _libc = None
@@ -784,9 +785,10 @@ class PageFault(_event("_PageFault", "pagefault", ("address", "flags", "ptid")))
 def decode_msgs(buf, n=None):
     """Decode ``n`` bytes (default: all) of packed 32-byte uffd_msg records into events.
 
-    Pure: tests feed it bytes.  A trailing partial record is ignored; unknown event codes become
+    Pure: tests feed it bytes.  ``n`` is clamped to ``len(buf)``; a trailing partial record is
+    ignored; unknown event codes become
     ``UnknownEvent(code, raw)``."""
-    n = len(buf) if n is None else n
+    n = len(buf) if n is None else max(0, min(n, len(buf)))     # never past the buffer
     out = []
     unpack = UFFD_MSG.unpack_from
     for off in range(0, n - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
@@ -810,76 +812,203 @@ def decode_msgs(buf, n=None):
 #  7. Event log and stats
 ###################################################################################################
 
+#: records of these events may wait in the log's buffer (uffd events: they come by the thousand
+#: and only their order matters); any other record is written at once, with all before it
+BATCHED_EVENTS = frozenset(("pagefault", "remove", "unmap", "remap", "fork"))
+#: most bytes buffered before a write to a file; a pipe gets at most PIPE_BUF per write
+LOG_BATCH = 64 << 10
+PIPE_BUF = select.PIPE_BUF
+
+
 class EventLog:
     """The one writer of JSON-lines records (README, "CLI contract") and of the human lines on stderr.
 
     ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
-    ``t`` (seconds since ``t0``) and ``event`` and is flushed.  ``human`` is where the
-    human-readable lines go (None: nowhere, i.e. --quiet); ``human_faults`` says whether
-    pagefault records also get a human line (watch: yes; serve-file: only with -v)."""
+    ``t`` (seconds since ``t0``) and ``event``.  ``human`` is where the human-readable lines
+    go (None: nowhere, i.e. --quiet); ``human_faults`` says whether pagefault records also get
+    a human line (watch: yes; serve-file: only with -v).
 
-    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None):
+    Writes (README, "Hardening"): every ``write()`` carries whole records only; a path is
+    opened O_APPEND; on a pipe or socket each write is at most PIPE_BUF bytes (atomic).  The
+    uffd event records (BATCHED_EVENTS) are buffered, up to LOG_BATCH bytes; any other record
+    (``stats``, ``exit``, ``error``...), ``flush()`` (the Handler calls it before it sleeps)
+    and ``close()`` write everything before them.  A log that cannot be written (ENOSPC, EIO)
+    never stops the caller: the records are dropped and counted (``dropped``, the
+    ``log_dropped`` field of every ``stats`` record), one line goes to ``errors``, and a
+    record cut short by a full disk is cut off the file again."""
+
+    def __init__(self, dest=None, human=sys.stderr, human_faults=True, t0=None,
+                 errors=sys.stderr):
         self.t0 = time.monotonic() if t0 is None else t0
         self._own = False
-        if dest is None:
-            self.out = None
-        elif dest == "-":
-            self.out = sys.stdout
-        elif isinstance(dest, str):
+        self.fd = -1                  # the JSON destination as an fd (paths, stdout) ...
+        self.out = None               # ... or as a file object (what a caller handed in)
+        self.name = dest if isinstance(dest, str) else getattr(dest, "name", "log")
+        if dest == "-":
+            dest = sys.stdout
+            self.name = "stdout"
+        if isinstance(dest, str):
             try:
-                self.out = open(dest, "w", buffering=1)
+                self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND |
+                                  os.O_CLOEXEC, 0o666)
             except OSError as e:
                 raise UsageError("cannot write log %s: %s" % (dest, e.strerror))
             self._own = True
-        else:
-            self.out = dest
+        elif dest is not None:
+            try:
+                dest.flush()
+                self.fd = dest.fileno()
+            except (AttributeError, OSError, ValueError):
+                self.out = dest       # no fd (e.g. io.StringIO): written record by record
+        self._limit = LOG_BATCH
+        self._regular = False
+        if self.fd >= 0:
+            try:
+                mode = os.fstat(self.fd).st_mode
+                self._regular = (mode & 0o170000) == 0o100000
+                if mode & 0o170000 in (0o010000, 0o140000):       # FIFO, socket
+                    self._limit = PIPE_BUF
+            except OSError:
+                pass
+        self._buf = []
+        self._buflen = 0
+        self._lock = threading.Lock()  # watch's tracer thread emits too: one flush at a time
+        self.dropped = 0              # records that could not be written
+        self.errors = errors
+        self._complained = False
+        self._encode = json.JSONEncoder(separators=(",", ":")).encode
         self.human = human
         self.human_faults = human_faults
         self.json_faults = True       # False: pagefault records stay out of the JSON log too
         self.names = {}               # pid -> command name, for the human lines (format_human)
 
     @property
+    def writing(self):
+        """Whether there is a JSON destination (still)."""
+        return self.fd >= 0 or self.out is not None
+
+    @property
     def wants_faults(self):
         """Whether per-fault records are written anywhere (the hot path skips them if not)."""
-        return (self.out is not None and self.json_faults) or (
+        return (self.writing and self.json_faults) or (
             self.human is not None and self.human_faults)
 
     def now(self):
         return time.monotonic() - self.t0
 
     def emit(self, event, **fields):
-        """Write one record; returns it."""
+        """Write one record (or buffer it: see the class doc); returns it."""
         rec = {"t": round(self.now(), 6), "event": event}
         rec.update(fields)
-        if self.out is not None and (event != "pagefault" or self.json_faults):
-            try:
-                self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
-                self.out.flush()
-            except (BrokenPipeError, ValueError):
-                self.out = None          # reader went away: keep serving, stop logging
+        if event == "stats":
+            rec["log_dropped"] = self.dropped
+        if self.writing and (event != "pagefault" or self.json_faults):
+            line = self._encode(rec) + "\n"
+            self._buf.append(line)
+            self._buflen += len(line)
+            if event not in BATCHED_EVENTS or self._buflen >= self._limit:
+                self.flush()
         if self.human is not None and (event != "pagefault" or self.human_faults):
             try:
                 self.human.write(format_human(rec, self.names) + "\n")
                 self.human.flush()
-            except (BrokenPipeError, ValueError):
+            except (OSError, ValueError):
                 self.human = None
         return rec
 
     def write_records(self, lines):
-        """Write pagefault records already encoded as JSON lines (a list of whole lines, in
-        one write: the Handler's fast loop formats its records itself and batches them)."""
-        if self.out is None or not self.json_faults:
+        """Buffer pagefault records already encoded as JSON lines (a list of whole lines: the
+        Handler's fast loop formats its records itself); the same batching as ``emit``."""
+        if not (self.writing and self.json_faults) or not lines:
             return
-        try:
-            self.out.write("".join(lines))
-            self.out.flush()
-        except (BrokenPipeError, ValueError):
-            self.out = None
+        self._buf.extend(lines)
+        self._buflen += sum(map(len, lines))
+        if self._buflen >= self._limit:
+            self.flush()
+
+    def flush(self):
+        """Write every buffered record (whole records per write; see the class doc)."""
+        if not self._buf:
+            return
+        with self._lock:
+            self._flush()
+
+    def _flush(self):
+        lines, self._buf, self._buflen = self._buf, [], 0
+        if self.out is not None:
+            try:
+                self.out.write("".join(lines))
+                self.out.flush()
+            except (OSError, ValueError) as e:
+                self._lost(len(lines), e)
+            return
+        if self.fd < 0:
+            self.dropped += len(lines)
+            return
+        i = 0
+        while i < len(lines):
+            chunk, n = [], 0          # whole records, at most _limit bytes (one record more)
+            while i < len(lines) and (not chunk or n + len(lines[i]) <= self._limit):
+                chunk.append(lines[i])
+                n += len(lines[i])
+                i += 1
+            if not self._write(("".join(chunk)).encode()):
+                self._lost(len(chunk) + len(lines) - i, self._error)
+                return
+
+    def _write(self, data):
+        """Write ``data`` whole; False (``_error`` set) if it could not be.  A short write to a
+        file is completed or, failing that, cut off again: no half record stays behind."""
+        done = 0
+        start = None
+        while done < len(data):
+            try:
+                n = os.write(self.fd, data[done:] if done else data)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                self._error = e
+                if done and self._regular and start is not None:
+                    try:
+                        os.ftruncate(self.fd, start)
+                    except OSError:
+                        pass
+                return False
+            if not done and n < len(data) and self._regular:
+                try:                  # where this write began: cut back to it on failure
+                    start = os.lseek(self.fd, 0, os.SEEK_END) - n
+                except OSError:
+                    start = None
+            done += n
+        return True
+
+    def _lost(self, n, e):
+        self.dropped += n
+        if isinstance(e, BrokenPipeError) or isinstance(e, ValueError):
+            self._close_dest()        # reader went away: keep serving, stop logging
+            return
+        if not self._complained:
+            self._complained = True
+            try:
+                self.errors.write("uffdtool: cannot write log %s: %s; serving goes on, the "
+                                  "records not written are counted (log_dropped in stats)\n"
+                                  % (self.name, getattr(e, "strerror", None) or e))
+                self.errors.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+
+    def _close_dest(self):
+        if self._own and self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = -1
+        self.out = None
 
     def close(self):
-        if self._own and self.out is not None:
-            self.out.close()
-        self.out = None
+        self.flush()
+        self._close_dest()
 
 
 #: record fields that hold a command line: shown as a shell would quote it
@@ -949,6 +1078,7 @@ class Stats:
         self._keep_every = 1
         self._seen = 0
         self.t0 = time.monotonic()
+        self.providers = []           # callables returning more fields (a UrlSource's counters)
 
     def add(self, key, n=1):
         self.count[key] = self.count.get(key, 0) + n
@@ -997,6 +1127,8 @@ class Stats:
         rec["latency_us"] = self.percentiles()
         rec["latency_hist"] = self.histogram()
         rec["wall_s"] = round(time.monotonic() - self.t0, 6)
+        for fn in self.providers:
+            rec.update(fn())
         rec.update(extra)
         return rec
 
@@ -1034,11 +1166,61 @@ class ZeroSource:
             self._zlen = 0
 
 
+class SourceChanged(TargetError):
+    """The source file changed while it was being served (a snapshot must not): exit 1."""
+
+
+#: inotify(7) events that mean a file's contents or size may have changed
+IN_MODIFY, IN_ATTRIB = 0x2, 0x4
+
+
+def inotify_watch(path, mask):
+    """An inotify fd (O_NONBLOCK|O_CLOEXEC) watching ``path`` for ``mask``; -1 if inotify is
+    not available (then only size and mtime are compared)."""
+    lib = libc()
+    try:
+        fd = _check(lib.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
+    except (OSError, AttributeError):
+        return -1
+    try:
+        _check(lib.inotify_add_watch(fd, os.fsencode(path), mask), "inotify_add_watch")
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def file_holes(fd, start, end):
+    """The holes of ``[start, end)`` of a file (SEEK_DATA/SEEK_HOLE): sorted ``[a, b)`` file
+    offsets, whole pages only (a page holding any data is data).  [] where unsupported."""
+    holes, pos = [], start
+    try:
+        while pos < end:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data > pos:
+                holes.append((pos, min(data, end)))
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    except OSError as e:
+        if e.errno != errno.ENXIO:            # ENXIO: no data after pos (the rest is a hole)
+            return []
+        holes.append((pos, end))
+    out = []
+    for a, b in holes:
+        a, b = -(-a // PAGE_SIZE) * PAGE_SIZE, b - b % PAGE_SIZE if b < end else end
+        if a < b:
+            out.append((a, b))
+    return out
+
+
 class FileSource:
     """Fills from a file: the page at source offset X comes from PATH at ``offset + X``.
 
-    The file is mapped read-only, MAP_PRIVATE|MAP_POPULATE, so disk I/O stays out of fault
-    latency; UFFDIO_COPY copies from that mapping."""
+    The file is mapped read-only, MAP_PRIVATE, its data populated up front so that disk I/O
+    stays out of fault latency; UFFDIO_COPY copies from that mapping.  Holes of a sparse file
+    (virtio-mem: unplugged memory) are found once (SEEK_DATA/SEEK_HOLE), never read, and
+    served as zero pages (``holes``: source-offset ranges; ``hole_span``).  ``watch_fd`` is an
+    inotify fd on the file; ``check()`` raises SourceChanged when the file was written to or
+    its size or mtime changed since it was opened."""
     kind = "copy"
 
     def __init__(self, path, offset=0, populate=True):
@@ -1046,23 +1228,87 @@ class FileSource:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise UsageError("cannot open %s: %s" % (path, e.strerror))
+        self._fd = fd
+        self.watch_fd = -1
+        self._map = 0
         try:
             st = os.fstat(fd)
             if st.st_mode & 0o170000 not in (0o100000, 0o060000):
                 raise UsageError("%s is not a regular file or block device" % path)
-            total = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blkdev_size(fd)
+            regular = st.st_mode & 0o170000 == 0o100000
+            total = st.st_size if regular else _blkdev_size(fd)
             if offset < 0 or offset > total:
                 raise UsageError("--offset %d is beyond the end of %s (%d bytes)"
                                  % (offset, path, total))
             self.path, self.offset, self.size = path, offset, total - offset
+            self._stat = (st.st_size, st.st_mtime_ns) if regular else None
             self._maplen = total
-            self._map = 0
+            fholes = file_holes(fd, offset, total) if regular else []
+            self.holes = [(a - offset, b - offset) for a, b in fholes]
+            self._hole_starts = [a for a, b in self.holes]
             if total:
-                flags = MAP_PRIVATE | (MAP_POPULATE if populate else 0)
+                flags = MAP_PRIVATE | (MAP_POPULATE if populate and not fholes else 0)
                 self._map = mmap_anon(total, PROT_READ, flags, fd=fd)
-        finally:
-            os.close(fd)
+                if populate and fholes:
+                    self._populate_data(fholes, total)
+            if regular:
+                self.watch_fd = inotify_watch(path, IN_MODIFY | IN_ATTRIB)
+        except BaseException:
+            self.close()
+            raise
         self.base = self._map + offset        # address of source offset 0
+
+    def _populate_data(self, holes, total):
+        """Read the data runs between ``holes`` into the mapping (never the holes)."""
+        pos = 0
+        for a, b in holes + [(total, total)]:
+            a0 = pos - pos % PAGE_SIZE
+            if a > a0:
+                try:
+                    madvise(self._map + a0, a - a0, MADV_POPULATE_READ)
+                except OSError:
+                    pass                      # kernel < 5.14: faults read it later
+            pos = b
+
+    def hole_span(self, off, length):
+        """If source page ``off`` lies in a hole: the bytes of the hole from ``off`` (> 0);
+        else minus the bytes of data from ``off`` up to the next hole (<= -length if none
+        within ``length``)."""
+        i = bisect.bisect_right(self._hole_starts, off) - 1
+        if i >= 0 and off < self.holes[i][1]:
+            return self.holes[i][1] - off
+        if i + 1 < len(self.holes):
+            return -(self.holes[i + 1][0] - off)
+        return -length
+
+    def check(self):
+        """SourceChanged if the file changed since it was opened (inotify IN_MODIFY, or size or
+        mtime differ); cheap when nothing happened (one non-blocking read)."""
+        modified = False
+        if self.watch_fd >= 0:
+            try:
+                data = os.read(self.watch_fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            for off in range(0, len(data) - 15, 16):
+                wd, mask, cookie, n = struct.unpack_from("iIII", data, off)
+                modified |= bool(mask & IN_MODIFY)
+                # (names follow only for directories; this watches one file)
+        if self._stat is None:
+            return
+        try:
+            st = os.fstat(self._fd)
+        except OSError:
+            return
+        now = (st.st_size, st.st_mtime_ns)
+        if modified or now != self._stat:
+            raise SourceChanged(
+                "serving failed: the source file %s changed while serving (size %d -> %d%s); "
+                "a snapshot must stay unchanged while it is served"
+                % (self.path, self._stat[0], now[0],
+                   ", modified" if now[0] == self._stat[0] else ""))
 
     def fill(self, uffd, dst, length, offset, hugetlb=False):
         return uffd.copy(dst, self.base + offset, length)
@@ -1075,6 +1321,11 @@ class FileSource:
         if self._map:
             munmap(self._map, self._maplen)
             self._map = 0
+        for name in ("watch_fd", "_fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
 
 def _blkdev_size(fd):
@@ -1094,6 +1345,10 @@ class SnapshotSource:
     def __init__(self):
         self.buf = None
         self.index = {}                  # page address -> offset in buf
+
+    def adopt(self, buf, index):
+        """Keep a ready snapshot: a ctypes buffer and ``{address: offset in it}``."""
+        self.buf, self.index = buf, index
 
     def load(self, pages):
         """Keep ``{address: bytes}`` (one page each)."""
@@ -1118,8 +1373,10 @@ class SnapshotSource:
             done += PAGE_SIZE
         return done
 
-    def install_missing(self, served):
-        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages."""
+    def install_missing(self, served, pending=None):
+        """Copy every snapshot page still missing in ``served`` (a Served) back; returns pages.
+        ``pending(served, attempt)`` (``Handler.read_pending``) is called on EAGAIN (an unread
+        event, e.g. the target forked meanwhile), then the page is tried again."""
         n = 0
         base = ctypes.addressof(self.buf) if self.buf is not None else 0
         for r in list(served.regions):
@@ -1128,14 +1385,21 @@ class SnapshotSource:
                 dst = r.start + (a - r.offset)
                 if src is None or served.is_removed(dst):
                     continue
-                try:
-                    served.uffd.copy(dst, base + src, PAGE_SIZE)
-                    n += 1
-                except UffdError as e:
-                    if e.errno in PEER_GONE:
-                        return n
-                    if e.errno != errno.EEXIST:
-                        raise
+                for attempt in range(FILL_RETRIES + 1):
+                    try:
+                        served.uffd.copy(dst, base + src, PAGE_SIZE)
+                        n += 1
+                    except UffdError as e:
+                        if e.errno in PEER_GONE or served.uffd.closed:
+                            return n
+                        if (e.errno == errno.EAGAIN and pending is not None and
+                                attempt < FILL_RETRIES):
+                            if not pending(served, attempt + 1):
+                                return n
+                            continue
+                        if e.errno != errno.EEXIST:
+                            raise
+                    break
         return n
 
     def address(self, offset):
@@ -1147,30 +1411,62 @@ class SnapshotSource:
 
 # -- working-set files (--record / --prefetch) and prefetch runs ----------------------------------
 
-WORKING_SET_MAGIC = "# uffdtool working-set v1"
+WORKING_SET_MAGIC = "# uffdtool working-set v"          # + version: v1 (wave 1), v2
+WORKING_SET_END = "# end pages="
 
 
 def write_working_set(path, pages, page_size, key="offset", pid=None):
-    """Write a working set: a header line, then one hex number per line, in first-fault order.
+    """Write a working set (v2): a header line, one hex number per line in first-fault order,
+    and an end line with the count, atomically (a temporary file beside ``path``, fsync'd, then
+    renamed over it: a full disk leaves the old file or none, never a cut one).
 
     Format (text)::
 
-        # uffdtool working-set v1 page_size=4096 key=offset
+        # uffdtool working-set v2 page_size=4096 key=offset [pid=N]
         0x1000
         0x0
         ...
+        # end pages=2
 
     ``key=offset``: offsets into the source (serve-file; they survive a restore at new host
     addresses).  ``key=address``: virtual addresses (watch, where there is no source).
-    ``pid``: the process whose address space the addresses are in (``pid=N`` in the header)."""
-    with open(path, "w") as f:
-        f.write("%s page_size=%d key=%s%s\n" % (WORKING_SET_MAGIC, page_size, key,
-                                                "" if pid is None else " pid=%d" % pid))
-        f.write("".join("0x%x\n" % p for p in pages))
+    Raises TargetError (nothing written) when the file cannot be written."""
+    head = "%s2 page_size=%d key=%s%s\n" % (WORKING_SET_MAGIC, page_size, key,
+                                           "" if pid is None else " pid=%d" % pid)
+    text = (head + "".join("0x%x\n" % p for p in pages) +
+            "%s%d\n" % (WORKING_SET_END, len(pages))).encode()
+    d, base = os.path.split(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + base + ".", suffix=".tmp")
+        try:
+            try:
+                os.fchmod(fd, os.stat(path).st_mode & 0o777)      # keep the file's mode
+            except OSError:
+                os.fchmod(fd, 0o644)
+            view = memoryview(text)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise TargetError("cannot write working set %s: %s (nothing written)"
+                          % (path, e.strerror or e))
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def read_working_set(path):
-    """Read a working-set file: returns (key, page_size, [numbers]).  UsageError if malformed."""
+    """Read a working-set file (v1 or v2): returns (key, page_size, [numbers]).  UsageError if
+    malformed; a v2 file must end with its ``# end pages=N`` line and N must be the count (a
+    file cut short by a full disk or a crash is refused)."""
     try:
         with open(path) as f:
             lines = f.read().split("\n")
@@ -1179,19 +1475,35 @@ def read_working_set(path):
     except UnicodeDecodeError:
         raise UsageError("%s is not a uffdtool working-set file (binary data)" % path)
     head = lines[0].split()
-    if not lines[0].startswith(WORKING_SET_MAGIC):
-        raise UsageError("%s is not a uffdtool working-set file (no '%s' header)"
-                         % (path, WORKING_SET_MAGIC))
+    version = None
+    if len(head) > 3 and lines[0].startswith(WORKING_SET_MAGIC):
+        version = head[3][1:]
+    if version not in ("1", "2"):
+        raise UsageError("%s is not a uffdtool working-set file (no '%s1' or '%s2' header)"
+                         % (path, WORKING_SET_MAGIC, WORKING_SET_MAGIC))
     meta = dict(w.split("=", 1) for w in head if "=" in w)
     pages = []
+    end = None
     for no, line in enumerate(lines[1:], 2):
         line = line.strip()
+        if end is not None and line:
+            raise UsageError("%s:%d: data after the '%s' line" % (path, no, WORKING_SET_END))
+        if line.startswith(WORKING_SET_END):
+            end = line[len(WORKING_SET_END):]
+            continue
         if not line or line.startswith("#"):
             continue
         try:
             pages.append(int(line, 0))
         except ValueError:
             raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
+    if version == "2":
+        if end is None:
+            raise UsageError("%s: truncated working set (no '%sN' line; %d pages read)"
+                             % (path, WORKING_SET_END, len(pages)))
+        if end != str(len(pages)):
+            raise UsageError("%s: working set says pages=%s but holds %d" % (path, end,
+                                                                             len(pages)))
     try:
         page_size = int(meta.get("page_size", PAGE_SIZE))
     except ValueError:
@@ -1300,6 +1612,817 @@ class Prefetcher:
         self.starts.insert(0, run[0])
 
 
+# -- a URL: Range GETs with a local cache (README "Restoring from a URL") -------------------------
+
+#: --chunk default: bytes per Range GET (the choice is measured in README "Restoring from a URL")
+URL_CHUNK = 2 << 20
+URL_FETCHERS, URL_RETRIES, URL_TIMEOUT = 4, 3, 10.0
+#: fetch priorities, most urgent first: a waiting fault, sequential readahead, --prefetch, --fill
+PRIO_DEMAND, PRIO_READAHEAD, PRIO_PREFETCH, PRIO_FILL = 0, 1, 2, 3
+#: chunk states in ``UrlSource.have``: absent; present and used; present from readahead, not used
+#: yet (its first use queues the next chunks); present in the cache, not counted as a hit yet
+_ABSENT, _SEEN, _AHEAD, _CACHED = 0, 1, 2, 3
+#: seconds a fetched chunk may wait for the cache writer while fetches are running
+CACHE_WRITE_DELAY = 1.0
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class FetchError(TargetError):
+    """A Range GET failed for good (exit 1: a serving failure).  ``fatal``: the object itself is
+    wrong (changed, gone, a wrong Content-Range), so every later fetch would fail too."""
+
+    def __init__(self, msg, fatal=False):
+        super().__init__(msg)
+        self.fatal = fatal
+
+
+class _Transient(Exception):
+    """A fetch failure worth retrying (network error, timeout, HTTP 5xx/408/429)."""
+
+
+def redact_url(url):
+    """``url`` without query string, fragment and user info: the only form logs and errors
+    show (a presigned URL's signature is its query string)."""
+    import urllib.parse
+    p = urllib.parse.urlsplit(url)
+    host = p.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host
+    if p.port:
+        host += ":%d" % p.port
+    return "%s://%s%s" % (p.scheme, host, p.path or "/")
+
+
+def redact_argv(argv):
+    """``argv`` for the ``start`` record: ``--url`` values redacted, ``--header`` values hidden
+    (also in the ``--opt=value`` form and argparse's abbreviations)."""
+    out, hide = [], None
+    for a in argv:
+        if hide is not None:
+            out.append(hide(a))
+            hide = None
+            continue
+        name, eq, value = a.partition("=")
+        kind = (redact_url if len(name) > 2 and "--url".startswith(name) else
+                _hide_header if len(name) > 3 and "--header".startswith(name) else None)
+        if kind is None:
+            out.append(a)
+        elif eq:
+            out.append(name + "=" + kind(value))
+        else:
+            out.append(a)
+            hide = kind
+    return out
+
+
+def _hide_header(text):
+    return text.partition(":")[0] + ": ***"
+
+
+def parse_header(text):
+    """``'NAME: VALUE'`` of --header -> (name, value).  Errors never show the value (a token)."""
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not _TOKEN.match(name):
+        raise UsageError("--header needs 'NAME: VALUE' with a valid header NAME")
+    if any(ch in value for ch in "\r\n\0"):
+        raise UsageError("--header %s: the value contains a line break or NUL" % name)
+    if name.lower() in ("range", "if-match", "if-range", "if-unmodified-since", "host"):
+        raise UsageError("--header %s: uffdtool sets that header itself" % name)
+    return name, value
+
+
+def _boot_id():
+    return read_sysfs("/proc/sys/kernel/random/boot_id", "unknown")
+
+
+class UrlSource:
+    """Fills from an object on an HTTP(S) server (any object store: a presigned URL is a plain
+    GET) with Range GETs of ``chunk`` bytes over keep-alive connections.
+
+    The chunks land in one local mapping of the object's size (``base``, like FileSource's),
+    from which UFFDIO_COPY copies: anonymous memory, or with ``cache`` a MAP_SHARED mapping of
+    the cache entry's sparse file, where each chunk fetched now gets anonymous memory over it
+    and is written to the file behind the serving (``_writer``).  ``ensure(off, n)`` makes the chunk holding ``off``
+    present (waiting for its fetch) before a fill; ``fetchers`` threads fetch, one of them only
+    for waiting faults, so background work (readahead, ``plan`` of a --prefetch list,
+    ``ready`` for --fill idle) never delays a fault by more than the fetch it waits for.
+
+    The object is pinned at start (strong ETag, else Last-Modified, plus the size from the
+    first ranged GET's Content-Range): every request carries If-Match/If-Range (or
+    If-Unmodified-Since/If-Range), so a changed object answers 412 or 200, which is a serving
+    failure (FetchError), never a page of the new object."""
+    kind = "copy"
+
+    def __init__(self, url, cache=None, chunk=URL_CHUNK, fetchers=URL_FETCHERS,
+                 retries=URL_RETRIES, timeout=URL_TIMEOUT, headers=(), cacert=None, log=None):
+        import urllib.parse
+        if any(ord(ch) <= 32 or ord(ch) == 127 for ch in url):
+            raise UsageError("--url: the URL contains spaces or control characters")
+        p = urllib.parse.urlsplit(url)
+        if p.scheme not in ("http", "https") or not p.hostname:
+            raise UsageError("--url needs an http:// or https:// URL with a host (got %s)"
+                             % (p.scheme + "://..." if p.scheme else "no scheme"))
+        try:
+            self.port = p.port or (443 if p.scheme == "https" else 80)
+        except ValueError:
+            raise UsageError("--url: bad port in %s://%s" % (p.scheme, p.hostname))
+        if chunk < PAGE_SIZE or chunk & (chunk - 1):
+            raise UsageError("--chunk must be a power of two of at least %d bytes" % PAGE_SIZE)
+        if fetchers < 1 or retries < 0:
+            raise UsageError("--fetchers must be at least 1 and --retries at least 0")
+        self.display = redact_url(url)
+        self.host, self.https = p.hostname, p.scheme == "https"
+        self.target = (p.path or "/") + ("?" + p.query if p.query else "")
+        self.user_headers = dict(parse_header(h) for h in headers)
+        self.retries, self.timeout, self.nfetchers = retries, timeout, fetchers
+        self.log = log or EventLog(None, human=None)
+        self.ctx = self._ssl_context(cacert) if self.https else None
+        self.pin = {}
+        self.etag = self.last_modified = None
+        self.chunk = chunk
+        self.waker = None                 # the Handler's wake(): a background fetch completed
+        self._handler = None              # the Handler serving from us (its regions)
+        self.page_size = PAGE_SIZE
+        self.failed = None                # a fatal FetchError: every later need raises it
+        self.base = self._map = 0
+        self._data_fd = self._map_fd = self._lock_fd = self._users_fd = -1
+        self.cache_dir = None
+        self.caching = False              # chunks are written to the cache directory
+        self._shared = False              # the mapping is the cache file's
+        self._cv = threading.Condition()
+        self._queue, self._queued, self._pending, self._errors = [], {}, {}, {}
+        self._running = set()
+        self._to_write = []               # fetched chunks the writer has still to persist
+        self._seq = 0
+        self._threads = []
+        self._closing = False
+        self._lat = array.array("f")     # fetch latencies (µs)
+        self.counts = {"fetches": 0, "fetched_bytes": 0, "fetch_retries": 0, "cache_hits": 0,
+                       "cache_misses": 0, "fetch_waits": 0, "fetch_wait_s": 0.0}
+        first = self._probe(1 if cache else chunk)
+        self.nchunks = -(-self.size // self.chunk)
+        self._maplen = -(-self.size // PAGE_SIZE) * PAGE_SIZE
+        self.have = bytearray(self.nchunks)
+        if cache:
+            self._open_cache(cache)
+        self._anon = bytearray(self.nchunks)   # chunks where anonymous memory covers the file
+        if not self._map:
+            self._map = mmap_anon(self._maplen, PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_NORESERVE)
+        self.base = self._map
+        if len(first) == min(self.chunk, self.size) and not self.have[0]:
+            self._store(0, first, PRIO_DEMAND)
+        self._start_fetchers()
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _ssl_context(self, cacert):
+        import ssl
+        try:
+            return ssl.create_default_context(cafile=cacert)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError("--cacert %s: %s" % (cacert, getattr(e, "strerror", None) or e))
+
+    def _connect(self):
+        import http.client
+        if self.https:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                               context=self.ctx)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _request(self, conn, a, b, pin=True):
+        """Send ``GET`` of bytes ``[a, b)`` on ``conn[0]`` (connecting if needed); returns the
+        response with its headers read.  Network failures raise _Transient."""
+        import http.client
+        hdrs = {"Range": "bytes=%d-%d" % (a, b - 1)}
+        if pin:
+            hdrs.update(self.pin)
+        hdrs.update(self.user_headers)
+        try:
+            if conn[0] is None:
+                conn[0] = self._connect()
+            conn[0].request("GET", self.target, headers=hdrs)
+            return conn[0].getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            self._drop(conn)
+            raise _Transient(self._net_reason(e))
+
+    @staticmethod
+    def _net_reason(e):
+        import ssl
+        if isinstance(e, ssl.SSLCertVerificationError):
+            raise FetchError("TLS: %s (a private CA: give --cacert FILE)"
+                             % (e.verify_message or "certificate verify failed"), fatal=True)
+        if isinstance(e, TimeoutError):
+            return "timed out"
+        if isinstance(e, ssl.SSLError):
+            return "TLS: %s" % (e.reason or type(e).__name__)
+        if isinstance(e, OSError):
+            return e.strerror or type(e).__name__
+        return type(e).__name__     # an HTTPException: its text may quote the request
+
+    @staticmethod
+    def _drop(conn):
+        if conn[0] is not None:
+            conn[0].close()
+            conn[0] = None
+
+    def _with_retries(self, what, fn):
+        """``fn()`` with up to ``retries`` retries of a _Transient (backoff 0.1 s doubling, at
+        most 2 s, each counted in ``fetch_retries``); then FetchError."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except _Transient as e:
+                reason = str(e)
+                if attempt == self.retries:
+                    break
+                with self._cv:
+                    self.counts["fetch_retries"] += 1
+                time.sleep(min(2.0, 0.1 * (1 << attempt)))
+        raise FetchError("GET %s %s: %s (after %d retries)"
+                         % (self.display, what, reason, self.retries))
+
+    def _status(self, resp):
+        return "HTTP %d %s" % (resp.status, resp.reason)
+
+    def _probe(self, length):
+        """The first ranged GET: the object's size from Content-Range (a presigned GET URL
+        allows no HEAD), its ETag/Last-Modified to pin, and its first bytes."""
+        conn = [None]
+
+        def once():
+            resp = self._request(conn, 0, length, pin=False)
+            st = resp.status
+            if st in (500, 502, 503, 504, 408, 429) or st > 504:
+                self._drop(conn)
+                raise _Transient(self._status(resp))
+            return resp
+        resp = self._with_retries("bytes=0-%d" % (length - 1), once)
+        try:
+            where = "%s: %s" % (self.display, self._status(resp))
+            if resp.status == 200:
+                raise UsageError("%s: the server does not support Range requests (HTTP 200 "
+                                 "with the whole object)" % self.display)
+            if resp.status in (401, 403):
+                raise NotPermitted(where + " (the URL's signature or the --header token is "
+                                           "refused or expired?)")
+            if resp.status == 416 and (resp.getheader("Content-Range") or "").endswith("/0"):
+                raise UsageError("%s: the object is empty" % self.display)
+            if resp.status != 206:
+                raise UsageError(where)
+            m = re.match(r"^bytes 0-(\d+)/(\d+)$", resp.getheader("Content-Range") or "")
+            if not m or int(m.group(1)) + 1 != min(length, int(m.group(2))):
+                raise FetchError("%s: wrong Content-Range %r for bytes=0-%d"
+                                 % (self.display, resp.getheader("Content-Range"), length - 1))
+            self.size = int(m.group(2))
+            self.etag = resp.getheader("ETag")
+            self.last_modified = resp.getheader("Last-Modified")
+            if self.etag and not self.etag.startswith("W/"):
+                self.pin = {"If-Match": self.etag, "If-Range": self.etag}
+            elif self.last_modified:
+                self.pin = {"If-Unmodified-Since": self.last_modified,
+                            "If-Range": self.last_modified}
+            else:
+                self.log.emit("warning", message="%s has no ETag or Last-Modified: a change of "
+                              "the object during the restore cannot be detected" % self.display)
+            try:
+                return resp.read()
+            except (OSError, Exception):
+                return b""
+        finally:
+            self._drop(conn)
+
+    @property
+    def validator(self):
+        return self.etag or self.last_modified or ""
+
+    # -- the cache directory --------------------------------------------------------------------
+    def _open_cache(self, root):
+        """Open (or create) the cache entry ``root/<key>``: ``data`` (sparse, the object's
+        bytes), ``map`` (one byte per chunk, set only once the chunk is completely written),
+        ``meta.json``, ``state``, ``lock`` (held exclusively to set up or close the entry) and
+        ``users`` (held shared by every process using it).  Any failure: serve without a
+        cache, said once."""
+        import hashlib
+        key = hashlib.sha256(("%s\n%d\n%s" % (self.display, self.size, self.validator))
+                             .encode()).hexdigest()[:32]
+        d = os.path.join(root, key)
+        try:
+            os.makedirs(d, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._lock_fd = os.open(os.path.join(d, "lock"), flags, 0o600)
+            self._users_fd = os.open(os.path.join(d, "users"), flags, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._init_entry(d)
+                fcntl.flock(self._users_fd, fcntl.LOCK_SH)   # held while we use the entry
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._map = mmap_anon(self._maplen, PROT_READ, MAP_SHARED, fd=self._data_fd)
+        except OSError as e:
+            self._cache_failed(root, e)
+            self._close_fds()
+            return
+        self.cache_dir = d
+        self.caching = self._shared = True
+        present = os.pread(self._map_fd, self.nchunks, 0)
+        for c, v in enumerate(present):
+            if v:
+                self.have[c] = _CACHED
+        self._populate_present()
+
+    def _init_entry(self, d):
+        """Under the exclusive lock: meta (the chunk size of an existing entry wins), data and
+        map sized, and a map written before a host crash (state dirty, another boot) reset:
+        the page cache may have lost data whose map byte reached the disk."""
+        path = os.path.join(d, "meta.json")
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = None
+        if not meta or meta.get("size") != self.size or not isinstance(meta.get("chunk"), int):
+            meta = {"url": self.display, "size": self.size, "validator": self.validator,
+                    "chunk": self.chunk}
+            with open(path + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.rename(path + ".tmp", path)
+            stale = True
+        else:
+            stale = False
+        if meta["chunk"] != self.chunk:
+            self.log.emit("warning", message="the cache entry uses --chunk %d: using that"
+                          % meta["chunk"])
+            self.chunk = meta["chunk"]
+            self.nchunks = -(-self.size // self.chunk)
+            self.have = bytearray(self.nchunks)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._data_fd = os.open(os.path.join(d, "data"), flags, 0o600)
+        self._map_fd = os.open(os.path.join(d, "map"), flags, 0o600)
+        spath = os.path.join(d, "state")
+        try:
+            with open(spath) as f:
+                boot, dirty = f.read().split()
+        except (OSError, ValueError):
+            boot, dirty = "", "1"
+        if stale or (dirty == "1" and boot != _boot_id()):
+            os.ftruncate(self._map_fd, 0)
+        if os.fstat(self._data_fd).st_size != self.size:
+            os.ftruncate(self._data_fd, self.size)
+        os.ftruncate(self._map_fd, self.nchunks)
+        with open(spath, "w") as f:
+            f.write("%s 1\n" % _boot_id())
+
+    def _cache_failed(self, root, e):
+        """Serve without the cache from now on, and say so once.  The fds stay open until
+        ``close`` (another fetcher may be using them)."""
+        with self._cv:
+            warn, self.caching = self.caching or self.cache_dir is None, False
+        if warn:
+            self.log.emit("warning", message="cache %s unusable (%s): serving without a cache"
+                          % (root, e.strerror or e))
+
+    def _close_fds(self):
+        for name in ("_data_fd", "_map_fd", "_lock_fd", "_users_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def _populate_present(self):
+        """Map the cached chunks now (as FileSource's MAP_POPULATE does), not at fault time."""
+        c = 0
+        while c < self.nchunks:
+            if not self.have[c]:
+                c += 1
+                continue
+            e = c
+            while e < self.nchunks and self.have[e]:
+                e += 1
+            self._populate(c * self.chunk, min(self._maplen, e * self.chunk) - c * self.chunk)
+            c = e
+
+    def _populate(self, off, n):
+        try:
+            madvise(self._map + off, n, MADV_POPULATE_READ)
+        except OSError:
+            pass                              # only an optimisation (kernels < 5.14)
+
+    # -- storing chunks -------------------------------------------------------------------------
+    def _span(self, c):
+        a = c * self.chunk
+        return a, min(self.size, a + self.chunk)
+
+    def _into(self, c):
+        """Writable memory for chunk ``c`` in the mapping.  Where the mapping is the cache file,
+        anonymous memory is put over the chunk first: the fetch lands there directly (one copy,
+        from the socket) and is written to the cache behind the serving (``_writer``), so a
+        slow disk does not slow a cold restore."""
+        a, n = self._page_span(c)
+        if self._shared and not self._anon[c]:
+            mmap_anon(n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, addr=self._map + a)
+            self._anon[c] = 1
+        try:                                    # one call instead of a page fault per page
+            madvise(self._map + a, n, MADV_POPULATE_WRITE)
+        except OSError:
+            pass
+        return (ctypes.c_char * (self._span(c)[1] - a)).from_address(self._map + a)
+
+    def _from_cache(self, c):
+        """Chunk ``c`` is complete in the cache file (another process wrote it): map it."""
+        a, n = self._page_span(c)
+        if self._anon[c]:                       # a failed fetch of ours left anonymous memory
+            mmap_anon(n, PROT_READ, MAP_SHARED | MAP_FIXED, fd=self._data_fd, offset=a,
+                      addr=self._map + a)
+            self._anon[c] = 0
+        self._populate(a, n)
+        self.have[c] = _CACHED
+
+    def _store(self, c, buf, prio):
+        """Chunk ``c`` has arrived (``buf``: bytes still to be copied into place, or None):
+        mark it present and hand it to the cache writer."""
+        if buf is not None:
+            ctypes.memmove(self._into(c), bytes(buf), len(buf))
+        self.have[c] = _AHEAD if prio == PRIO_READAHEAD else _SEEN
+        if self.caching:
+            with self._cv:
+                self._to_write.append((c, time.monotonic()))
+                self._cv.notify_all()
+            return True
+        return False
+
+    def _writer(self):
+        """Writes fetched chunks to the cache file, then sets their map byte (a chunk is
+        visible to other processes only once completely written), then releases the chunk's
+        lock.  It writes while no fetch is running (or a chunk has waited CACHE_WRITE_DELAY),
+        because a disk write costs CPU that a cold restore needs (README "Restoring from a
+        URL").  A full or failing disk: serve without the cache from then on (said once)."""
+        while True:
+            with self._cv:
+                while True:
+                    q = self._to_write
+                    if q and (self._closing or not self._running or
+                              time.monotonic() - q[0][1] > CACHE_WRITE_DELAY):
+                        break
+                    if not q and self._closing:
+                        return
+                    self._cv.wait(0.1 if q else None)
+                c = q.pop(0)[0]
+            a, b = self._span(c)
+            try:
+                if self.caching:
+                    view = memoryview((ctypes.c_char * (b - a)).from_address(self._map + a))
+                    view = view.cast("B")
+                    done = 0
+                    while done < b - a:
+                        done += os.pwrite(self._data_fd, view[done:], a + done)
+                    os.pwrite(self._map_fd, b"\x01", c)
+            except OSError as e:
+                self._cache_failed(os.path.dirname(self.cache_dir), e)
+            finally:
+                self._unlock_chunk(c)
+
+    # -- fetchers -------------------------------------------------------------------------------
+    def _start_fetchers(self):
+        if self.caching:
+            t = threading.Thread(target=self._writer, name="uffdtool-cache-writer", daemon=True)
+            t.start()
+            self._threads.append(t)
+        for i in range(self.nfetchers):
+            t = threading.Thread(target=self._fetcher, args=(i == 0 and self.nfetchers > 1,),
+                                 name="uffdtool-fetch-%d" % i, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _take(self, reserved):
+        """The most urgent queued chunk this fetcher may take (the reserved one: demand only)."""
+        from heapq import heappop
+        q = self._queue
+        while q:
+            prio, _, c = q[0]
+            if self._queued.get(c) != prio:    # stale: taken at a higher priority, or done
+                heappop(q)
+                continue
+            if reserved and prio != PRIO_DEMAND:
+                return None
+            heappop(q)
+            del self._queued[c]
+            self._running.add(c)
+            return prio, c
+        return None
+
+    def _fetcher(self, reserved):
+        conn = [None]
+        while True:
+            with self._cv:
+                item = None
+                while not self._closing:
+                    item = self._take(reserved)
+                    if item is not None:
+                        break
+                    self._cv.wait()
+                if item is None:
+                    self._drop(conn)
+                    return
+                prio, c = item
+            err = None
+            try:
+                self._fetch_chunk(c, conn, prio)
+            except FetchError as e:
+                err = e
+            except Exception as e:             # never leave a waiter waiting
+                err = FetchError("fetching %s: %s" % (self.display, type(e).__name__))
+            with self._cv:
+                if err is not None:
+                    self._errors[c] = err
+                    if err.fatal and self.failed is None:
+                        self.failed = err
+                ev = self._pending.pop(c, None)
+                self._running.discard(c)
+                self._cv.notify_all()
+            if ev is not None:
+                ev.set()
+            if self.waker is not None:
+                self.waker()
+
+    def _fetch_chunk(self, c, conn, prio):
+        if self.have[c]:
+            return
+        locked = self.caching and self._lock_chunk(c)
+        try:
+            if locked and os.pread(self._map_fd, 1, c) == b"\x01":
+                self._from_cache(c)                # another process fetched it meanwhile
+                return
+            a, b = self._span(c)
+            t = time.perf_counter()
+            into = self._into(c)
+            self._with_retries("bytes=%d-%d" % (a, b - 1),
+                               lambda: self._get_into(conn, a, b, into))
+            us = (time.perf_counter() - t) * 1e6
+            if self._store(c, None, prio):
+                locked = False                     # the writer unlocks once written
+            with self._cv:
+                if len(self._lat) >= 1 << 16:     # bounded: keep every other sample
+                    self._lat = self._lat[::2]
+                self._lat.append(us)
+                self.counts["fetches"] += 1
+                self.counts["fetched_bytes"] += b - a
+                self.counts["cache_misses"] += 1
+        finally:
+            if locked:
+                self._unlock_chunk(c)
+
+    def _page_span(self, c):
+        a, b = self._span(c)
+        return a, -(-(b - a) // PAGE_SIZE) * PAGE_SIZE
+
+    def _lock_chunk(self, c):
+        """A record lock on byte ``c`` of the map: processes sharing the cache fetch each chunk
+        once (the kernel may call a lock wait between two processes EDEADLK although each
+        holder only fetches: wait a little and try again)."""
+        for _ in range(1000):
+            try:
+                fcntl.lockf(self._map_fd, fcntl.LOCK_EX, 1, c, 0)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EDEADLK, errno.EINTR):
+                    return False
+                time.sleep(0.001)
+        return False
+
+    def _unlock_chunk(self, c):
+        try:
+            fcntl.lockf(self._map_fd, fcntl.LOCK_UN, 1, c, 0)
+        except OSError:
+            pass
+
+    def _get_into(self, conn, a, b, into):
+        """One ranged GET of ``[a, b)`` read into ``into``; checks status, Content-Range, size
+        and validator."""
+        resp = self._request(conn, a, b)
+        st = resp.status
+        if st != 206:
+            self._drop(conn)
+            status = self._status(resp)
+            if st in (500, 502, 503, 504, 408, 429) or st > 504:
+                raise _Transient(status)
+            if st in (200, 412):
+                raise FetchError("%s changed during the restore (%s to a request pinned to %s)"
+                                 % (self.display, status, self.validator or "its size"),
+                                 fatal=True)
+            raise FetchError("GET %s bytes=%d-%d: %s" % (self.display, a, b - 1, status),
+                             fatal=st in (404, 410, 416))
+        want = "bytes %d-%d/%d" % (a, b - 1, self.size)
+        got = resp.getheader("Content-Range")
+        etag, lm = resp.getheader("ETag"), resp.getheader("Last-Modified")
+        if got != want or resp.length != b - a:
+            self._drop(conn)
+            raise FetchError("%s: wrong Content-Range %r (Content-Length %s) for bytes=%d-%d"
+                             % (self.display, got, resp.length, a, b - 1), fatal=True)
+        if (self.etag and etag and etag != self.etag) or (
+                not self.etag and self.last_modified and lm and lm != self.last_modified):
+            self._drop(conn)
+            raise FetchError("%s changed during the restore (validator %s, pinned %s)"
+                             % (self.display, etag or lm, self.validator), fatal=True)
+        view = memoryview(into).cast("B")[:b - a]
+        got = 0
+        try:
+            while got < b - a:
+                k = resp.readinto(view[got:])
+                if not k:
+                    raise _Transient("connection closed after %d of %d bytes" % (got, b - a))
+                got += k
+        except (OSError, ValueError) as e:
+            self._drop(conn)
+            raise _Transient(self._net_reason(e) if isinstance(e, OSError) else "short body")
+        except _Transient:
+            self._drop(conn)
+            raise
+
+    def _submit(self, c, prio):
+        """Queue chunk ``c`` at ``prio`` (or raise a queued one to it); returns its Event.
+        Caller holds ``_cv``."""
+        import heapq
+        if self.have[c]:
+            return None
+        ev = self._pending.get(c)
+        if ev is None:
+            ev = self._pending[c] = threading.Event()
+        if c in self._running:
+            return ev                               # in flight: wait for it, no second fetch
+        old = self._queued.get(c)
+        if old is None or prio < old:
+            self._queued[c] = prio
+            self._seq += 1
+            heapq.heappush(self._queue, (prio, self._seq, c))
+            self._cv.notify_all()
+        return ev
+
+    def _want(self, c, prio):
+        """Ask for chunk ``c`` in the background (no wait)."""
+        if self.have[c] or c in self._errors:
+            return
+        with self._cv:
+            if not self.have[c]:
+                self._submit(c, prio)
+
+    def _demand(self, c):
+        """Wait until chunk ``c`` is present (a fault needs it): FetchError if it cannot be."""
+        if self.failed is not None:
+            raise self.failed
+        err = self._errors.get(c)
+        if err is not None:
+            raise err
+        if self.caching and os.pread(self._map_fd, 1, c) == b"\x01":
+            self._from_cache(c)                   # another process has fetched it
+            return self._seen(c)
+        with self._cv:
+            ev = None if self.have[c] else self._submit(c, PRIO_DEMAND)
+        if ev is not None:
+            t = time.perf_counter()
+            ev.wait()
+            with self._cv:                       # faults that had to wait for the network
+                self.counts["fetch_waits"] += 1
+                self.counts["fetch_wait_s"] += time.perf_counter() - t
+        if not self.have[c]:
+            raise self.failed or self._errors.get(c) or FetchError(
+                "%s: chunk %d was not fetched" % (self.display, c))
+        if c and self.have[c - 1]:                # sequential: fetch ahead of the faults
+            self._readahead(c)
+        self._seen(c)
+
+    def _readahead(self, c):
+        for k in range(c + 1, min(self._needed(), c + 1 + max(1, self.nfetchers - 1))):
+            self._want(k, PRIO_READAHEAD)
+
+    def _needed(self):
+        """Chunks up to the end of the served regions' data (readahead stops there: an object
+        store bills every byte)."""
+        h = self._handler
+        if h is None:
+            return self.nchunks
+        top = max((r.offset + r.end - r.start for s in list(h.served.values())
+                   for r in s.regions if r.offset is not None), default=self.size)
+        return min(self.nchunks, -(-top // self.chunk))
+
+    def _seen(self, c):
+        h = self.have[c]
+        if h == _CACHED:
+            with self._cv:
+                self.counts["cache_hits"] += 1
+        elif h == _AHEAD:
+            self._readahead(c)
+        self.have[c] = _SEEN
+
+    # -- the source interface -------------------------------------------------------------------
+    def ensure(self, off, n):
+        """Make ``[off, off+n)`` fillable: wait for the chunk of ``off``; a longer fill is cut
+        at the first chunk not here yet (which is then fetched in the background).  Returns the
+        bytes that may be copied now (a whole number of pages)."""
+        sh = self.chunk
+        c = off // sh
+        if self.have[c] != _SEEN:
+            if self.have[c]:
+                self._seen(c)
+            else:
+                self._demand(c)
+        last = (off + n - 1) // sh
+        k = c + 1
+        while k <= last:
+            if self.have[k] != _SEEN:
+                if not self.have[k]:
+                    if self.page_size > sh:         # huge pages: a fill is at least one page
+                        self._demand(k)
+                        k += 1
+                        continue
+                    self._want(k, PRIO_READAHEAD)
+                    return k * sh - off
+                self._seen(k)
+            k += 1
+        return n
+
+    def fill(self, uffd, dst, length, offset, hugetlb=False):
+        n = self.ensure(offset, length)
+        return uffd.copy(dst, self.base + offset, n)
+
+    def ready(self, off, n, prio=PRIO_PREFETCH):
+        """Whether ``[off, off+n)`` can be filled without waiting; queues what is missing (for
+        background work, which must not block the serving thread)."""
+        if self.failed is not None:
+            raise self.failed
+        ok = True
+        for c in range(off // self.chunk, min(self.nchunks, (off + n - 1) // self.chunk + 1)):
+            if not self.have[c]:
+                err = self._errors.get(c)
+                if err is not None:
+                    raise err
+                ok = False
+                self._want(c, prio)
+            elif self.have[c] != _SEEN:
+                self._seen(c)
+        return ok
+
+    def plan(self, runs, prio=PRIO_PREFETCH):
+        """Queue the chunks of source-offset ``runs`` in their order (a --prefetch list in
+        first-fault order: the chunks come in the order the last run needed them)."""
+        for a, b in runs:
+            for c in range(a // self.chunk, min(self.nchunks, (b - 1) // self.chunk + 1)):
+                self._want(c, prio)
+
+    def address(self, offset):
+        return self.base + offset
+
+    def bind(self, handler):
+        """Called by the Handler: its page size, its wake-up, its stats records."""
+        self.page_size = handler.page_size
+        self.waker = handler.wake
+        self._handler = handler
+        handler.stats.providers.append(self.stats_fields)
+
+    def stats_fields(self):
+        with self._cv:
+            rec = dict(self.counts)
+            rec["fetch_wait_s"] = round(rec["fetch_wait_s"], 6)
+            lat = sorted(self._lat)
+            rec["fetch_latency_us"] = {} if not lat else {
+                "p50": round(lat[len(lat) // 2], 1),
+                "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1)}
+            rec["in_flight"] = len(self._running)
+            rec["chunk"] = self.chunk
+            rec["cached"] = self.cache_dir is not None
+        return rec
+
+    def close(self):
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        deadline = time.monotonic() + 2
+        for t in self._threads:             # the cache writer may need longer (a slow disk)
+            t.join(max(0.0, deadline - time.monotonic()) + (8 if t.name.endswith("writer")
+                                                             else 0))
+        busy = any(t.is_alive() for t in self._threads)     # a fetch still waits on the network
+        if self._lock_fd >= 0 and not busy:
+            self._close_cache()
+        if self._map and not busy:
+            munmap(self._map, self._maplen)
+            self._map = self.base = 0
+
+    def _close_cache(self):
+        """The last user of the entry syncs data, then map, and marks the state clean (under
+        ``lock``, so that no process sets the entry up meanwhile)."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fdatasync(self._data_fd)
+            os.fdatasync(self._map_fd)
+            with open(os.path.join(self.cache_dir, "state"), "w") as f:
+                f.write("%s 0\n" % _boot_id())
+        except OSError:
+            pass                               # another process still uses it: it will
+        self._close_fds()
+
+
 ###################################################################################################
 #  9. Handler loop
 ###################################################################################################
@@ -1403,10 +2526,27 @@ class Served:
         self.regions = out
         self.reindex()
 
+    def clip_removed(self, addr, length, ps):
+        """``length`` cut so that ``[addr, addr+length)`` lies wholly inside or wholly outside
+        the removed ranges (at least one page): readahead from a kept page must not copy file
+        data over a removed one, nor a removed page's zeros over kept ones."""
+        i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
+        if i >= 0 and addr < self.removed[i][1]:
+            n = self.removed[i][1] - addr
+        elif i + 1 < len(self.removed):
+            n = self.removed[i + 1][0] - addr
+        else:
+            return length
+        return max(ps, min(length, n - n % ps))
+
     def is_removed(self, addr):
         i = bisect.bisect_right(self.removed, (addr, float("inf"))) - 1
         return i >= 0 and self.removed[i][0] <= addr < self.removed[i][1]
 
+
+#: the fast loop's readahead hint has one byte per source page up to the highest region offset;
+#: offsets beyond this many pages (a --zero source needs none, a peer may send any) go without
+FAST_HINT_MAX_PAGES = 1 << 26
 
 # -- the Handler ----------------------------------------------------------------------------------
 
@@ -1507,6 +2647,8 @@ class Handler:
         self.log_mappings = False     # write ``mappings`` records (watch: ``announce``)
         self.spin = spin              # seconds to keep reading before sleeping in poll
         self._present = None          # fast loop's readahead hint (bytearray by source page)
+        self.exact_regions = False    # True: a fault outside the regions is an error (Firecracker)
+        self._holes = bool(getattr(self.source, "holes", None))     # a sparse source file
         self._recorded = set()
         self._zeros = None
         self._tgid = {}               # ptid -> tgid: the ``pid`` of a pagefault record
@@ -1517,9 +2659,14 @@ class Handler:
         self.on_unknown = None        # hook: callable(Served, addr) -> [Region]: the regions of
         #                               registered memory the bookkeeping does not know
         self.timers = []              # (seconds, callable): run every so often by ``run``
+        self.on_lost = None           # hook: callable(Served): install every page it lacks
+        self.lost = []                # pids whose uffd could not be read any more (``lose``)
         self.stopping = False
         self._calls = []              # call_soon queue: (fn, args, kwargs), run by ``run``
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        bind = getattr(self.source, "bind", None)     # a UrlSource: page size, wake, stats
+        if bind is not None:
+            bind(self)
 
     # -- setup ----------------------------------------------------------------------------------
     def add(self, uffd, regions, pid=None, label=None):
@@ -1572,6 +2719,42 @@ class Handler:
             if self.on_gone:
                 self.on_gone(s)
             s.uffd.close()
+
+    @staticmethod
+    def _more_fds(err):
+        """On EMFILE (the kernel had no fd for a FORK event's new uffd; the event stays queued
+        and the forking process waits): raise our RLIMIT_NOFILE (root may raise the hard limit
+        too) so that the next read succeeds.  True if the limit went up."""
+        if getattr(err, "errno", None) != errno.EMFILE:
+            return False
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for new in ((soft + 1024, max(hard, soft + 1024)), (hard, hard)):
+            if new[0] > soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, new)
+                    return True
+                except (OSError, ValueError):
+                    pass
+        return False
+
+    def lose(self, s, err):
+        """``s``'s uffd cannot be read any more (EMFILE/ENFILE: no fd free for a FORK's new
+        uffd; anything else): closing it would leave its process without a handler, reading
+        zeros where data belongs.  So first install every page it still lacks (``on_lost``,
+        the target's way), then close it and remember it in ``lost``: the run then fails
+        (exit 1, never 0 after a lost uffd)."""
+        why = os.strerror(err.errno) if getattr(err, "errno", None) else str(err)
+        installed = 0
+        if self.on_lost is not None:
+            try:
+                installed = self.on_lost(s) or 0
+            except OSError:
+                pass
+        self.lost.append(s.pid)
+        self.stats.add("uffds_lost")
+        self.log.emit("error", message="the uffd of process %s could not be read (%s): %d "
+                      "page(s) installed, then closed" % (s.pid, why, installed), ufd=s.uffd.fileno())
+        self.drop(s, "lost", error=why)
 
     # -- events ---------------------------------------------------------------------------------
     def handle(self, s, events):
@@ -1680,6 +2863,8 @@ class Handler:
             # Registered memory the bookkeeping does not know: a VMA grown in place by mremap
             # (no event) or past a REMAP's old length.  A wake alone would re-fault forever;
             # give it what the kernel would (a zero page).  Unmapped: ENOENT -> "gone".
+            if self.exact_regions:
+                self._outside(s, addr)
             how, pages = self._fill(s, lambda d, n: self._zero_fill(s, d, n, None), addr, ps,
                                     "zero")
         elif r is None and kind != "wp":
@@ -1713,6 +2898,15 @@ class Handler:
                 if e is not None and e - off > length:
                     length = e - off
                     st.add("prefetch_claimed")
+            if off is not None and self._holes:
+                span = self.source.hole_span(off, length)
+                if span >= ps:                      # a hole of a sparse file: never read it
+                    off, how, fill = None, "hole", self._zero_fill
+                    length = min(length, span - span % ps)
+                elif -span < length:                # data up to the next hole
+                    length = max(ps, -(span // ps) * ps)
+            if s.removed:                           # a fill never crosses a removed border
+                length = s.clip_removed(addr, length, ps)
             how, pages = self._fill(s, lambda d, n: fill(s, d, n, off), addr, length, how)
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
@@ -1725,6 +2919,16 @@ class Handler:
             if pid != s.pid and s.pid is not None:
                 rec["mm_pid"] = s.pid        # a vfork child: the address is in s.pid's mappings
             self.log.emit("pagefault", **rec)
+
+    def _outside(self, s, addr):
+        """A fault in registered memory outside every region the peer announced (the regions
+        are the whole registered memory in its protocol): the peer is inconsistent.  It still
+        gets a zero page (nothing else belongs there, and its thread must not hang), loudly."""
+        self.stats.add("outside_regions")
+        self.log.emit("error", message="fault at 0x%x: registered memory outside every "
+                      "handshake region; served a zero page" % addr, address=addr,
+                      ufd=s.uffd.fileno(), pid=s.pid)
+
 
     def _adopt(self, s, addr):
         """A fault in registered memory the bookkeeping does not know: take its regions from
@@ -1782,6 +2986,19 @@ class Handler:
                         return True
                     if dst < x < dst + n:
                         n = x - dst
+                if self._holes:                   # holes are zero pages: not read, not listed
+                    span = self.source.hole_span(a, n)
+                    if span >= ps:
+                        skip = min(span - span % ps, n)
+                        st.add("prefetch_skipped", skip // ps)
+                        self._prefetch_rest(a + skip, b)
+                        return True
+                    if -span < n:
+                        n = max(ps, -(span // ps) * ps)
+                ready = getattr(self.source, "ready", None)
+                if ready is not None and not ready(a, n):
+                    self._prefetch_rest(a, b)
+                    return None                   # fetching: wake() calls us again
                 try:
                     done = self.source.fill(s.uffd, dst, n, a, self.hugetlb)
                 except UffdError as err:
@@ -1916,6 +3133,13 @@ class Handler:
                     break
                 if a < x < a + n:
                     n = x - a
+            if n and self._holes:               # holes stay unfilled: the kernel's zeros
+                span = self.source.hole_span(r.offset + (a - r.start), n)
+                if span >= ps:
+                    a = min(end, a + span - span % ps)
+                    continue
+                if -span < n:
+                    n = max(ps, -(span // ps) * ps)
             if not n:
                 continue
             try:
@@ -2005,15 +3229,21 @@ class Handler:
             fd = fd if isinstance(fd, int) else fd.fileno()
             extra.add(fd)
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        src_fd = getattr(self.source, "watch_fd", -1)    # the source file changed?
+        if src_fd >= 0:
+            poller.register(src_fd, select.POLLIN)
         clock = _Clock(timeout, tick, tick_interval, self.timers)
         user_idle = [idle]
 
         def idle_step():
+            # None from a step: it waits for a background fetch; wake() makes the loop busy again
             if self.prefetch:
-                return self.prefetch_step() or user_idle[0] is not None
+                more = self.prefetch_step()
+                return more is not None and (more or user_idle[0] is not None)
             if user_idle[0] is not None:
-                if user_idle[0]():
-                    return True
+                more = user_idle[0]()
+                if more or more is None:
+                    return bool(more)
                 user_idle[0] = None
             return False
         busy = True
@@ -2043,7 +3273,8 @@ class Handler:
                 try:
                     evs = s.uffd.read_events()
                 except UffdError as e:
-                    self.drop(s, "read: %s" % e)
+                    if not self._more_fds(e):
+                        self.lose(s, e)
                     continue
                 if evs:
                     got = True
@@ -2068,12 +3299,18 @@ class Handler:
                 return res
             if wait_ms is None:
                 wait_ms = clock.wait_ms()
+            if wait_ms != 0:
+                self.log.flush()              # about to sleep: buffered records go out now
             for fd, ev in poller.poll(wait_ms):
+                if fd == src_fd:
+                    self.source.check()           # raises SourceChanged
+                    continue
                 if fd == self._wake_r:
                     try:
                         os.read(self._wake_r, 4096)     # drain, or poll spins from now on
                     except OSError:
                         pass
+                    busy = True                         # maybe idle work can go on (wake())
                     continue
                 if fd in extra:
                     return fd
@@ -2088,6 +3325,14 @@ class Handler:
         while self._calls:
             fn, a, kw = self._calls.pop(0)
             fn(*a, **kw)
+
+    def wake(self):
+        """Make ``run`` try its idle work again (thread-safe; a UrlSource calls it when a
+        background fetch completes)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
 
     def call_soon(self, fn, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` on the thread in ``run``, before it reads the next batch
@@ -2136,6 +3381,7 @@ class Handler:
             arg, req, res_off = bytearray(40), UFFDIO_COPY, 32          # uffdio_copy
             put = struct.Struct("=QQQ").pack_into                       # dst, src, len
             base = src.base
+        ensure = getattr(src, "ensure", None)          # a UrlSource: wait for the chunk
         how = src.kind
         # Readahead hint: pages this loop has filled, by source page.  A fill is cut short before
         # a page we know is present, so that the kernel need not stop there (a partial fill is
@@ -2143,9 +3389,11 @@ class Handler:
         # readahead (the faulting page itself is always filled); a missing bit costs a partial.
         shift = ps.bit_length() - 1
         hint = None
-        if ra > ps:
-            top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
-                      default=0)
+        top = max((r.offset + r.end - r.start for r in s.regions if r.offset is not None),
+                  default=0)
+        if src.size is not None:
+            top = min(top, src.size + ps)
+        if ra > ps and top >> shift <= FAST_HINT_MAX_PAGES:
             if self._present is None or len(self._present) < top >> shift:
                 self._present = bytearray(top >> shift)
             hint = self._present
@@ -2166,6 +3414,9 @@ class Handler:
         line_bytes = 0
         uffd_no = fd
         poll = poller.poll
+        log_flush = self.log.flush
+        holes = self._holes
+        src_fd = getattr(src, "watch_fd", -1)
         wake_r = self._wake_r
         POLLIN = select.POLLIN
         timed = clock.active
@@ -2248,6 +3499,7 @@ class Handler:
                         wait_ms = clock.wait_ms()
                     put_lines()                       # before sleeping: nothing waits
                     waits += 1
+                    log_flush()                       # about to sleep: buffered records out
                     for pfd, ev in poll(wait_ms):
                         if pfd == fd:
                             if not ev & POLLIN:
@@ -2256,17 +3508,24 @@ class Handler:
                                 return None
                         elif pfd in extra:
                             return pfd
-                        elif pfd != wake_r or self._calls:
-                            return None               # a newly added uffd, call_soon work
-                        else:                         # a stale wake-up (its work is done):
-                            try:                      # drain it, or every poll returns at once
-                                os.read(wake_r, 4096)
+                        elif pfd == src_fd:
+                            flush()
+                            src.check()               # raises SourceChanged
+                        elif pfd == wake_r:           # wake(): idle work may go on
+                            try:
+                                read(wake_r, 4096)
                             except OSError:
                                 pass
+                            if self._calls:
+                                return None
+                            busy = True
+                        else:
+                            return None               # a newly added uffd: general loop
                     continue
                 except OSError as e:
                     flush()
-                    self.drop(s, "read: %s" % os.strerror(e.errno))
+                    if not self._more_fds(e):
+                        self.lose(s, e)
                     return None
                 spin_until = 0.0
                 ev, flags, addr, ptid = unpack(msg)
@@ -2284,7 +3543,9 @@ class Handler:
                     r = s.find(addr)
                     end = r.end if zero and r is not None else data_end(r, src.size, ps) \
                         if r is not None else 0
-                    if r is None or addr >= end:
+                    if r is None or addr >= end or holes and \
+                            src.hole_span(r.offset, r.end - r.start) > r.start - r.end:
+                        # (a region with holes of a sparse file also goes general)
                         if not general(msg):
                             return None
                         continue
@@ -2304,6 +3565,8 @@ class Handler:
                 if zero:
                     put(arg, 0, addr, n)
                 else:
+                    if ensure is not None:
+                        n = ensure(off, n)
                     put(arg, 0, addr, base + off, n)
                 sample = logged or not faults & LAT_MASK   # 1 fault in 8 (saves ~0.1 µs)
                 if sample:
@@ -2353,8 +3616,13 @@ class Handler:
                     if line_bytes >= LOG_LINES_BATCH - 256:
                         put_lines()
                 if not faults & 1023:              # a long burst: stop() and ticks still work
-                    if self.stopping or self._calls:
-                        return "stopped" if self.stopping else None
+                    if self.stopping:
+                        return "stopped"
+                    if self._calls:               # call_soon work (watch's tracer)
+                        return None
+                    if src_fd >= 0:
+                        flush()
+                        src.check()
                     if timed:
                         flush()
                         res = clock.check()
@@ -2411,6 +3679,135 @@ def _gaps(start, end, covered):
     return out
 
 
+class IdleFill:
+    """``serve-file --fill idle``: the Handler's ``idle`` work.  When no fault is waiting and the
+    prefetch list is done, install every source page not present yet, in runs of up to
+    PREFETCH_RUN bytes (one ioctl per call), region by region in source-offset order, so that
+    the restore completes and the source is no longer needed.  A UrlSource fetches ahead in
+    the background (``ready``); meanwhile the step returns None and the Handler sleeps until
+    ``wake``.  Writes ``fill_done`` when everything is installed, and a progress line on the
+    human stream about once a second."""
+
+    def __init__(self, handler, log):
+        self.h, self.log = handler, log
+        self.todo = None
+        self.cur = None
+        self.total = self.passed = self.pages = 0
+        self.t0 = self.next_line = 0.0
+        self.finished = False
+
+    def _plan(self):
+        h = self.h
+        size = h.source.size
+        regs = sorted(((r.offset, s, r) for s in h.served.values() for r in s.regions
+                       if r.offset is not None), key=lambda x: x[0])
+        self.todo = []
+        for off, s, r in regs:
+            end = r.end if size is None else min(r.end, r.start + max(0, size - off))
+            end = -(-end // h.page_size) * h.page_size if end > r.start else r.start
+            if end > r.start:
+                self.todo.append((s, r, end))
+                self.total += end - r.start
+        plan = getattr(h.source, "plan", None)
+        if plan is not None:
+            plan([(r.offset, r.offset + end - r.start) for s, r, end in self.todo], PRIO_FILL)
+        self.t0 = self.next_line = time.monotonic()
+
+    def __call__(self):
+        """One step: True (more to do now), None (waiting for a fetch), False (done)."""
+        if self.finished:
+            return False
+        if self.todo is None:
+            self._plan()
+        while True:
+            if self.cur is None:
+                if not self.todo:
+                    return self._finish()
+                s, r, end = self.todo.pop(0)
+                self.cur = [s, r, r.start, end]
+            s, r, a, end = self.cur
+            if s.uffd.closed or s.uffd.fileno() not in self.h.served or s.find(a) is not r:
+                self.passed += end - a             # gone or changed: nothing to keep there
+                self.cur = None
+                continue
+            a = self._skip_present(r, a, end)
+            if a >= end:
+                self.cur = None
+                continue
+            self.cur[2] = a
+            return self._step(s, r, a, end)
+
+    def _skip_present(self, r, a, end):
+        """The first page from ``a`` that the fast loop's readahead hint does not know as filled
+        (only a hint: a page filled elsewhere costs one EEXIST)."""
+        hint, shift = self.h._present, self.h.page_size.bit_length() - 1
+        if hint is None:
+            return a
+        i = (r.offset + a - r.start) >> shift
+        j = (r.offset + end - r.start) >> shift
+        top = min(j, len(hint))                    # pages past the hint are not known filled
+        k = hint.find(0, i, top) if i < top else i
+        k = top if k < 0 else k
+        self.passed += (k - i) << shift
+        return a + ((k - i) << shift)
+
+    def _step(self, s, r, a, end):
+        h, ps = self.h, self.h.page_size
+        n = min(PREFETCH_RUN, end - a)
+        for x, y in s.removed:                     # never put source data over a removed page
+            if x <= a < y:
+                self.cur[2] = min(y, end)
+                self.passed += self.cur[2] - a
+                return True
+            if a < x < a + n:
+                n = x - a
+        off = r.offset + (a - r.start)
+        ready = getattr(h.source, "ready", None)
+        if ready is not None and not ready(off, n, PRIO_FILL):
+            return None
+        try:
+            done = h.source.fill(s.uffd, a, n, off, h.hugetlb)
+        except UffdError as e:
+            if e.errno == errno.EAGAIN:            # an event is pending: the loop reads it
+                h.stats.add("eagain")
+                return True
+            if e.errno in (errno.ESRCH, errno.ENOMEM):
+                h.drop(s, "exited")
+                self.cur = None
+                return True
+            if e.errno not in (errno.EEXIST, errno.ENOENT, errno.EINVAL):
+                raise
+            done, n = 0, ps if e.errno == errno.EEXIST else n
+        # nothing done: skip the present page (EEXIST) or the unmapped run; a short fill stopped
+        # at a present page: skip that page too
+        step = n if not done or done >= n else done + ps
+        self.pages += done // ps
+        h.stats.add("fill_pages", done // ps)
+        self.cur[2] = a + step
+        self.passed += step
+        self._progress()
+        return True
+
+    def _progress(self):
+        now = time.monotonic()
+        if now < self.next_line or self.log.human is None:
+            return
+        self.next_line = now + 1.0
+        try:
+            self.log.human.write("fill: %.1f of %.1f MiB (%d%%), %d pages installed\n" % (
+                self.passed / 1048576, self.total / 1048576,
+                100 * self.passed // max(1, self.total), self.pages))
+            self.log.human.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _finish(self):
+        self.finished = True
+        self.log.emit("fill_done", pages=self.pages, bytes=self.pages * self.h.page_size,
+                      seconds=round(time.monotonic() - self.t0, 6))
+        return False
+
+
 def _merge_range(ranges, start, end):
     """Insert ``[start, end)`` into a sorted list of disjoint ranges, merging overlaps."""
     out = []
@@ -2440,6 +3837,7 @@ def _merge_range(ranges, start, end):
 # *target's* numbers, so they stay x86_64 even if the tool ever runs elsewhere.
 NR_close, NR_mmap, NR_brk, NR_mremap, NR_madvise, NR_getpid = 3, 9, 12, 25, 28, 39
 NR_ptrace = 101
+NR_sigaltstack = 131
 NR_userfaultfd = 323
 KCMP_VM = 1
 UFFD_TARGET_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK   #: flags of the uffd created in a target
@@ -2463,6 +3861,7 @@ PTRACE_GETSIGINFO, PTRACE_SETSIGINFO = 0x4202, 0x4203
 PTRACE_GETREGSET, PTRACE_SETREGSET = 0x4204, 0x4205
 PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_LISTEN = 0x4206, 0x4207, 0x4208
 PTRACE_GETSIGMASK, PTRACE_SETSIGMASK = 0x420a, 0x420b
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
 PTRACE_O_TRACESYSGOOD, PTRACE_O_TRACEFORK, PTRACE_O_TRACEVFORK = 0x1, 0x2, 0x4
 PTRACE_O_TRACECLONE, PTRACE_O_TRACEEXEC, PTRACE_O_TRACESECCOMP = 0x8, 0x10, 0x80
 PTRACE_O_EXITKILL = 0x100000
@@ -2695,23 +4094,159 @@ def find_syscall_insn(pid, regs):
     raise PtraceError(errno.ENOEXEC, "no syscall instruction found in process %d" % pid, pid)
 
 
+# The self-restoring injection (README "What --pid guarantees").  The tool may be SIGKILLed at
+# any instruction, and the kernel then detaches the target with whatever registers, signal mask
+# and pending stop it has at that moment.  So every injected syscall runs at a `syscall; ret`
+# found in the target's own code, with the stack pointer at an x86_64 rt_sigframe that the
+# tool wrote below the red zone; its return address is a `mov $15,%rax; syscall`
+# (rt_sigreturn) gadget.  Left alone, the target finishes the injected syscall, returns into
+# rt_sigreturn and restores its own registers (an interrupted syscall rewound to run again),
+# signal mask and FPU state.  The tool never writes code.  Stops are syscall stops with
+# TRACESYSGOOD (a vanished tracer leaves SIGTRAP|0x80, which is not a signal, so nothing is
+# delivered), never single-steps (a vanished tracer would leave TF set and SIGTRAP kill).  The
+# mask is blocked only after the registers point at the frame and restored before they are put
+# back.  In the normal case the tool restores the saved registers itself at the last
+# syscall-exit stop (exact restart semantics, restart_block kept) and detaches.
+SYSCALL_RET = b"\x0f\x05\xc3"                          # syscall; ret
+SIGRETURN_GADGETS = (b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05",   # mov $15,%rax; syscall
+                     b"\xb8\x0f\x00\x00\x00\x0f\x05")               # mov $15,%eax; syscall
+NT_X86_XSTATE = 0x202
+FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2 = 0x46505853, 0x46505845
+UC_FP_XSTATE, UC_SIGCONTEXT_SS = 1, 2
+RED_ZONE = 128
+SIGFRAME_BYTES = 8 + 304 + 128                 #: pretcode + ucontext + siginfo (x86_64)
+ALL_SIGNALS = 0xFFFFFFFFFFFFFFFF
+
+#: The named steps of the injection where the test-only ``UFFDTOOL_TEST_PAUSE`` hook
+#: (``_test_pause``, CLI section) can stop the tool, so that a test's SIGKILL lands exactly there.
+INJECTION_STEPS = ("seized", "frame-written", "regs-injected", "mask-blocked", "syscall-entry",
+                   "syscall-exit", "mask-restored", "regs-restored", "armed")
+
+
+def _test_kill_timer():
+    """Test-only hook: UFFDTOOL_TEST_KILL_AFTER_US=N arms a POSIX timer that SIGKILLs the tool N
+    microseconds from now (called right after the target is seized): a real asynchronous kill
+    at an arbitrary instruction of the injection."""
+    us = os.environ.get("UFFDTOOL_TEST_KILL_AFTER_US")
+    if not us:
+        return
+    sev = (ctypes.c_int * 16)()
+    sev[2], sev[3] = signal.SIGKILL, 0                  # sigev_signo, sigev_notify = SIGEV_SIGNAL
+    tid = ctypes.c_void_p()
+    libc().timer_create(1, ctypes.byref(sev), ctypes.byref(tid))    # CLOCK_MONOTONIC
+    ns = max(1, int(float(us) * 1000))
+    its = (ctypes.c_long * 4)(0, 0, ns // 10 ** 9, ns % 10 ** 9)
+    libc().timer_settime(tid, 0, ctypes.byref(its), None)
+
+
+def find_gadgets(pid):
+    """(address of ``syscall; ret``, address of an rt_sigreturn gadget) in pid's file-backed
+    executable mappings (ld.so and libc first), or None.  Read before the target is stopped;
+    the Injector checks the bytes again once it is."""
+    maps = [m for m in read_maps(pid) if m.perms[2] == "x" and m[5] != 0]
+    maps.sort(key=lambda m: ("/ld-" not in m.path, "libc" not in m.path))
+    sc = sr = None
+    with open("/proc/%d/mem" % pid, "rb", buffering=0) as mem:
+        for m in maps:
+            try:
+                data = os.pread(mem.fileno(), m.end - m.start, m.start)
+            except OSError:
+                continue
+            if sc is None and data.find(SYSCALL_RET) >= 0:
+                sc = m.start + data.find(SYSCALL_RET)
+            for g in SIGRETURN_GADGETS:
+                if sr is None and data.find(g) >= 0:
+                    sr = m.start + data.find(g)
+            if sc is not None and sr is not None:
+                return sc, sr
+    return None
+
+
+def get_xstate(tid):
+    """PTRACE_GETREGSET(NT_X86_XSTATE): the XSAVE image, whose sw_reserved bytes the kernel
+    fills like a signal frame's (so it can go into one as it is), or None."""
+    buf = ctypes.create_string_buffer(16384)
+    iov = iovec(ctypes.addressof(buf), len(buf))
+    try:
+        ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
+    except PtraceError:
+        return None
+    return buf.raw[:iov.iov_len]
+
+
+def _sigframe(saved, mask, xstate, frame, fpstate, sigreturn):
+    """The bytes of an rt_sigframe at ``frame`` (+ FPU state at ``fpstate``) that rt_sigreturn
+    turns back into the state ``saved``/``mask``.  An interrupted syscall (-ERESTART*) is
+    rewound to run again (for -ERESTART_RESTARTBLOCK the original call, with its full timeout:
+    rt_sigreturn voids the restart block).  uc_stack has invalid flags, so rt_sigreturn leaves
+    the thread's sigaltstack as it is (restore_altstack ignores all but EFAULT)."""
+    r = copy_regs(saved)
+    if signed(r.orig_rax) >= 0 and signed(r.rax) in RESTART_ERRNOS:
+        r.rip, r.rax = r.rip - 2, r.orig_rax
+    sc = struct.pack("<18Q4H5Q64x", r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi,
+                     r.rsi, r.rbp, r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip, r.eflags,
+                     r.cs & 0xffff, r.gs & 0xffff, r.fs & 0xffff, r.ss & 0xffff,
+                     0, 0, 0, 0, fpstate if xstate else 0)
+    uc = struct.pack("<QQQi4xQ", UC_FP_XSTATE | UC_SIGCONTEXT_SS, 0, 0, 3, 0) + sc + \
+        struct.pack("<Q", mask)
+    out = struct.pack("<Q", sigreturn) + uc + bytes(128)
+    assert len(out) == SIGFRAME_BYTES
+    if xstate:     # ptrace puts XCR0 into sw_reserved; a signal frame wants _fpx_sw_bytes there
+        n, xcr0 = len(xstate), struct.unpack_from("<Q", xstate, 464)[0]
+        sw = struct.pack("<IIQI28x", FP_XSTATE_MAGIC1, n + 4, xcr0, n)
+        fp = xstate[:464] + sw + xstate[512:] + struct.pack("<I", FP_XSTATE_MAGIC2)
+        out += bytes(fpstate - frame - len(out)) + fp
+    return out
+
+
 class Injector:
     """Run syscalls inside one stopped tracee thread; restores everything in `restore()`.
 
     Usage (the thread must be in a ptrace-stop, attached by the calling thread):
-        inj = Injector(tid, pid); try: inj.syscall(NR_getpid) ... finally: inj.restore()
-    After restore() the tracee sits at a signal-delivery-stop (or the original stop) with its
-    original registers and mask; the caller resumes it with `inj.resume_signal` (DETACH/CONT).
+        inj = Injector(tid, pid, gadgets); try: inj.syscall(NR_getpid) ... finally: inj.restore()
+    With ``gadgets`` (``find_gadgets``) the injection is self-restoring (see above); without
+    (no gadget, or no room for the frame) it single-steps a `syscall` at rip-2 or in [vdso]
+    and relies on `restore()` alone.  After restore() the tracee has its original registers
+    and mask; the caller resumes it with `inj.resume_signal` (DETACH/CONT).
     """
 
-    def __init__(self, tid, pid=None):
+    def __init__(self, tid, pid=None, gadgets=None):
         self.tid, self.pid = tid, pid or tid
         self.saved = get_regs(tid)
         self.saved_mask = get_sigmask(tid)
-        set_sigmask(tid, ~0 & 0xFFFFFFFFFFFFFFFF)   # block all; SIGKILL/SIGSTOP cannot be
         self.insn = None
         self.parked = []           # (signo, siginfo) that slipped in; re-delivered on resume
-        self.injected = False
+        self.injected = self.blocked = False
+        self.frame = None          # (sp, low, high) of the self-restoring frame
+        self.scratch = None        # the bytes the frame overwrote
+        if gadgets is not None:
+            self.frame = self._write_frame(gadgets)
+        if self.frame is None:     # single-stepping: block signals for the whole stop
+            set_sigmask(tid, ALL_SIGNALS)
+            self.blocked = True
+
+    def _write_frame(self, gadgets):
+        """Check the gadgets, write the rt_sigframe below the red zone; (sp, low, high) or None."""
+        sc, sr = gadgets
+        try:
+            with open("/proc/%d/mem" % self.pid, "r+b", buffering=0) as mem:
+                ret = os.pread(mem.fileno(), 9, sr)
+                if (os.pread(mem.fileno(), 3, sc) != SYSCALL_RET or
+                        not any(ret.startswith(g) for g in SIGRETURN_GADGETS)):
+                    return None
+                xstate = get_xstate(self.tid)
+                top = self.saved.rsp - RED_ZONE
+                fpstate = (top - len(xstate or b"") - 8) & ~63
+                frame = (fpstate - SIGFRAME_BYTES) & ~15
+                data = _sigframe(self.saved, self.saved_mask, xstate, frame, fpstate, sr)
+                self.scratch = os.pread(mem.fileno(), len(data), frame)
+                if len(self.scratch) != len(data) or os.pwrite(mem.fileno(), data, frame) != len(data):
+                    return None
+        except OSError:
+            return None
+        self.insn = sc
+        _test_pause("frame-written")
+        return frame, frame, frame + len(data)
 
     def syscall(self, nr, *args):
         """Execute syscall nr(args) in the tracee; return the result, raise InjectError on -errno."""
@@ -2719,30 +4254,65 @@ class Injector:
             self.insn = find_syscall_insn(self.pid, self.saved)
         r = copy_regs(self.saved)
         r.rax, r.orig_rax, r.rip = nr, (1 << 64) - 1, self.insn
+        if self.frame is not None:
+            r.rsp = self.frame[0]
         for name, a in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
             setattr(r, name, a & 0xFFFFFFFFFFFFFFFF)
         set_regs(self.tid, r)
         self.injected = True
+        _test_pause("regs-injected")
+        if not self.blocked:       # only now: the frame would unblock them again
+            set_sigmask(self.tid, ALL_SIGNALS)
+            self.blocked = True
+            _test_pause("mask-blocked")
+        res = self._run_stops(r) if self.frame is not None else self._run_steps()
+        if -4096 < res < 0:
+            raise InjectError(-res, "%s in process %d: %s" % (
+                _NR_NAMES.get(nr, nr), self.pid, os.strerror(-res)), self.pid)
+        return res
+
+    def _stopped(self):
+        """Wait for the tracee's next stop; (signal, event); raises if it died."""
+        _, status = wait_tid(self.tid)
+        if not os.WIFSTOPPED(status):
+            raise PtraceError(errno.ESRCH, "process %d died during injection" % self.pid, self.pid)
+        sig, ev = stop_event(status)
+        if not ev and sig not in (signal.SIGTRAP, signal.SIGTRAP | 0x80):
+            self.parked.append((sig, get_siginfo(self.tid)))    # a signal slipped in: park it
+        return sig, ev
+
+    def _run_stops(self, regs):
+        """The syscall runs between a syscall-entry and a syscall-exit stop (PTRACE_SYSCALL)."""
+        entered = False
+        while True:
+            ptrace(PTRACE_SYSCALL, self.tid, 0, 0)
+            sig, ev = self._stopped()
+            if sig != signal.SIGTRAP | 0x80 or ev:
+                continue
+            if not entered:
+                entered = True
+                _test_pause("syscall-entry")
+                continue
+            _test_pause("syscall-exit")
+            res = signed(get_regs(self.tid).rax)
+            if res not in RESTART_ERRNOS:
+                return res
+            set_regs(self.tid, regs)               # interrupted: run it again
+            entered = False
+
+    def _run_steps(self):
+        """Fallback: single-step over the `syscall` (ptrace.md, Register save/restore)."""
         while True:
             ptrace(PTRACE_SINGLESTEP, self.tid, 0, 0)
-            _, status = wait_tid(self.tid)
-            if not os.WIFSTOPPED(status):
-                raise PtraceError(errno.ESRCH, "process %d died during injection" % self.pid, self.pid)
-            sig, ev = stop_event(status)
+            sig, ev = self._stopped()
             if sig != signal.SIGTRAP or ev:
-                if not ev:                         # a signal slipped in: park it
-                    self.parked.append((sig, get_siginfo(self.tid)))
                 continue
             now = get_regs(self.tid)
             if now.rip != self.insn + 2:
                 continue                           # rewound for a restart: step again
             res = signed(now.rax)
-            if res in RESTART_ERRNOS:
-                continue                           # kernel re-executes it on the next step
-            if -4096 < res < 0:
-                raise InjectError(-res, "%s in process %d: %s" % (
-                    _NR_NAMES.get(nr, nr), self.pid, os.strerror(-res)), self.pid)
-            return res
+            if res not in RESTART_ERRNOS:          # else the kernel re-executes it
+                return res
 
     def userfaultfd(self, flags=UFFD_TARGET_FLAGS):
         """Create a uffd in the tracee, take our copy (pidfd_getfd), close the tracee's.
@@ -2763,16 +4333,43 @@ class Injector:
         finally:
             self.syscall(NR_close, tfd)
 
+    def sigaltstack(self):
+        """The tracee thread's alternate signal stack as (start, length), or None (disabled,
+        or no frame to receive it: the scratch is the frame's unused siginfo slot)."""
+        if self.frame is None:
+            return None
+        scratch = self.frame[0] + 8 + 304
+        self.syscall(NR_sigaltstack, 0, scratch)
+        with open("/proc/%d/mem" % self.pid, "rb", buffering=0) as mem:
+            sp, flags, size = struct.unpack("<Qi4xQ", os.pread(mem.fileno(), 24, scratch))
+        return None if flags & 2 or not size else (sp, size)         # SS_DISABLE
+
     def restore(self):
-        """Put back the saved registers and mask (at the current signal-delivery-stop)."""
+        """Put back the saved mask, then the registers (in this order: until the registers
+        are back, the frame would restore the mask if the tool vanished)."""
+        if self.blocked:
+            set_sigmask(self.tid, self.saved_mask)
+            _test_pause("mask-restored")
         if self.injected:
             set_regs(self.tid, self.saved)
-        set_sigmask(self.tid, self.saved_mask)
+            _test_pause("regs-restored")
+        if self.frame is not None and self.scratch is not None:
+            self._put_back_scratch()
+
+    def _put_back_scratch(self):
+        """Put back the bytes the frame overwrote below the red zone: dead stack for C, but a
+        runtime may keep data below its stack pointer's red zone (Go's goroutine stacks are
+        small and sit among other memory), so the normal path leaves memory as it was."""
+        try:
+            with open("/proc/%d/mem" % self.pid, "r+b", buffering=0) as mem:
+                os.pwrite(mem.fileno(), self.scratch, self.frame[1])
+        except OSError:
+            pass
+        self.scratch = None
 
     @property
     def resume_signal(self):
-        """Signal to pass when resuming (the first parked one; the rest are re-sent to the
-        process with kill)."""
+        """Signal to pass when resuming (the first parked one; the rest are re-sent with tgkill)."""
         for sig, _ in self.parked[1:]:
             try:
                 os.kill(self.pid, sig)
@@ -2785,21 +4382,32 @@ class Injector:
 
 
 _NR_NAMES = {NR_userfaultfd: "userfaultfd()", NR_close: "close()", NR_madvise: "madvise()",
-             NR_getpid: "getpid()", NR_mmap: "mmap()"}
+             NR_getpid: "getpid()", NR_mmap: "mmap()", NR_sigaltstack: "sigaltstack()"}
+
+
+def check_pid(pid):
+    """/proc/PID/status of a process that can be watched; ProcessLookupError naming what the
+    pid really is otherwise: gone, a zombie, or a thread of another process."""
+    try:
+        st = proc_status(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(errno.ESRCH, "no such process: %d" % pid) from None
+    if st.get("State", "").startswith("Z"):
+        raise ProcessLookupError(errno.ESRCH, "PID %d is a zombie (it has exited; its parent "
+                                 "has not reaped it)" % pid)
+    if st.get("Tgid", str(pid)) != str(pid):
+        raise ProcessLookupError(errno.ESRCH, "%d is a thread of PID %s: give the process id"
+                                 % (pid, st["Tgid"]))
+    return st
 
 
 def check_attachable(pid):
     """Refuse early (clear OSError) for targets we cannot or must not inject into."""
-    try:
-        st = proc_status(pid)
-    except FileNotFoundError:
-        raise ProcessLookupError(errno.ESRCH, "no such process: %d" % pid) from None
+    st = check_pid(pid)
     if pid == os.getpid():
         raise PtraceError(errno.EINVAL, "cannot attach to the tool itself (use --self)", pid)
     if os.uname().machine != "x86_64":
         raise PtraceError(errno.ENOSYS, "--pid needs x86_64 (this machine is %s)" % os.uname().machine, pid)
-    if st.get("State", "").startswith("Z"):
-        raise ProcessLookupError(errno.ESRCH, "process %d is a zombie" % pid)
     if st.get("Seccomp", "0") != "0":
         raise PtraceError(errno.EPERM, "process %d runs under seccomp (Seccomp: %s); an injected "
                           "userfaultfd() could be denied or kill it, refusing" % (pid, st["Seccomp"]), pid)
@@ -2816,8 +4424,9 @@ def check_attachable(pid):
 
 
 def _seize_stop(tid):
-    """PTRACE_SEIZE + INTERRUPT, wait for the PTRACE_EVENT_STOP; pass on signals seen first."""
-    ptrace(PTRACE_SEIZE, tid, 0, 0)
+    """PTRACE_SEIZE + INTERRUPT, wait for the PTRACE_EVENT_STOP; pass on signals seen first.
+    TRACESYSGOOD: the injection's syscall stops must not be SIGTRAP stops (see Injector)."""
+    ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD)
     ptrace(PTRACE_INTERRUPT, tid, 0, 0)
     while True:
         _, status = wait_tid(tid)
@@ -2842,10 +4451,16 @@ class Attachment:
 
     def __enter__(self):
         check_attachable(self.pid)
+        try:
+            gadgets = find_gadgets(self.pid)       # before the stop: it reads the libraries
+        except OSError:
+            gadgets = None
         self.t0 = time.monotonic()
         try:
             try:
                 _seize_stop(self.pid)
+                _test_kill_timer()
+                _test_pause("seized")
             except PtraceError as e:
                 if e.errno == errno.ESRCH:
                     raise ProcessLookupError(errno.ESRCH, "no such process: %d" % self.pid) from None
@@ -2857,7 +4472,7 @@ class Attachment:
             self.tids.append(self.pid)
             if self.all_threads:
                 self._stop_all_threads()
-            self.inj = Injector(self.pid)
+            self.inj = Injector(self.pid, gadgets=gadgets)
             if signed(self.inj.saved.cs) != 0x33:        # __USER_CS: 64-bit code segment
                 raise PtraceError(errno.ENOEXEC, "process %d runs 32-bit code" % self.pid, self.pid)
             return self
@@ -2898,6 +4513,125 @@ class Attachment:
 
     def __exit__(self, *exc):
         self.detach()
+
+    def kernel_pages(self):
+        """Pages the kernel itself accesses in kernel mode, where it cannot wait for a userfault
+        (or not at that moment): ``--dontneed`` must never drop them.  Per stopped thread: its
+        rseq area (written on every return to user space, also between our madvise and
+        UFFDIO_REGISTER, which re-populated the dropped page with zeros: the redis crash), its
+        robust futex list (walked at thread exit, where userfaults are refused), its TCB page(s)
+        at fs_base (clear_child_tid cannot be read from outside; glibc and musl keep it there),
+        and for the injected thread its sigaltstack and the injection frame.  A set of page
+        addresses; all threads must be stopped."""
+        keep = set()
+
+        def span(addr, n):
+            if addr:
+                keep.update(range(addr & -PAGE_SIZE, addr + max(n, 1), PAGE_SIZE))
+        with open("/proc/%d/mem" % self.pid, "rb", buffering=0) as mem:
+            for tid in self.tids:
+                try:
+                    span(get_regs(tid).fs_base, TCB_KEEP)
+                    span(*get_rseq(tid))
+                    for a, n in robust_list(tid, mem.fileno()):
+                        span(a, n)
+                except OSError:
+                    pass                            # the thread is gone; so is its kernel use
+        if self.inj.frame is not None:
+            span(self.inj.frame[1], self.inj.frame[2] - self.inj.frame[1])
+        try:
+            span(*(self.inj.sigaltstack() or (0, 0)))
+        except OSError:
+            pass
+        return keep
+
+    def drop(self, runs, keep=()):
+        """MADV_DONTNEED the page runs ``[(start, end)]`` minus the pages in ``keep``, merging
+        adjacent runs so that few madvise calls are injected; returns the number of calls."""
+        calls = 0
+        for a, b in merge_runs(subtract_pages(runs, keep)):
+            self.inj.syscall(NR_madvise, a, b - a, MADV_DONTNEED)
+            calls += 1
+        return calls
+
+
+TCB_KEEP = 4096        #: bytes kept from fs_base: glibc's struct pthread (tid, robust head, rseq)
+
+
+def get_rseq(tid):
+    """(address, size) of a thread's registered rseq area (PTRACE_GET_RSEQ_CONFIGURATION), or
+    (0, 0) if none or the kernel lacks the request."""
+    buf = ctypes.create_string_buffer(32)
+    try:
+        ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 32, ctypes.addressof(buf))
+    except PtraceError:
+        return 0, 0
+    addr, size = struct.unpack_from("<QI", buf.raw)
+    return addr, size
+
+
+def robust_list(tid, memfd, limit=2048):
+    """[(address, length)] the kernel touches at thread exit for tid's robust futex list: the
+    head, each entry, each entry's futex word and the pending one (get_robust_list(2))."""
+    head, size = ctypes.c_void_p(), ctypes.c_size_t()
+    syscall("get_robust_list", tid, ctypes.addressof(head), ctypes.addressof(size))
+    if not head.value:
+        return []
+    h = head.value
+
+    def word(a, fmt="<Q"):
+        return struct.unpack(fmt, os.pread(memfd, 8, a))[0]
+    out = [(h, 24)]
+    offset, pending = word(h + 8, "<q"), word(h + 16)
+    entry = word(h)
+    while entry and entry != h and len(out) < limit:
+        out += [(entry, 8), (entry + offset, 4)]
+        entry = word(entry)
+    if pending:
+        out += [(pending, 8), (pending + offset, 4)]
+    return out
+
+
+def subtract_pages(runs, pages):
+    """The runs ``[(start, end)]`` with the given page addresses cut out."""
+    out = []
+    cuts = sorted(pages)
+    for a, b in runs:
+        i = bisect.bisect_left(cuts, a)
+        while i < len(cuts) and cuts[i] < b:
+            if cuts[i] > a:
+                out.append((a, cuts[i]))
+            a = max(a, cuts[i] + PAGE_SIZE)
+            i += 1
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def merge_runs(runs):
+    """Sorted runs with touching neighbours joined."""
+    out = []
+    for a, b in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
+def page_runs(pages):
+    """Sorted page addresses -> [(start, end)] runs of contiguous pages."""
+    out = []
+    start = prev = None
+    for p in pages:
+        if p != prev:
+            if start is not None:
+                out.append((start, prev))
+            start = p
+        prev = p + PAGE_SIZE
+    if start is not None:
+        out.append((start, prev))
+    return out
 
 
 def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_stopped=None):
@@ -3299,21 +5033,31 @@ def _start_brk(pid):
     return int(fields[47 - 3])      # field 47 (1-based) is start_brk; fields[0] is field 3
 
 
-def present_pages(pid, start, end):
+#: pagemap entry's top byte -> b"\x01" if present or swapped (bits 63/62), else b"\x00"
+_PRESENT_BYTE = bytes(1 if b & 0xC0 else 0 for b in range(256))
+
+
+#: ... -> b"\x01" if present and still write-protected by a uffd (bit 57, PM_UFFD_WP)
+_CLEAN_BYTE = bytes(1 if b & 0x80 and b & 0x02 else 0 for b in range(256))
+
+
+def present_pages(pid, start, end, table=_PRESENT_BYTE):
     """Page addresses in [start, end) that are present or swapped (/proc/PID/pagemap bits 63/62).
 
-    Never-touched pages are skipped: reading them would only copy zeros.
+    Never-touched pages are skipped: reading them would only copy zeros.  (The top byte of
+    each entry is mapped to 0/1 and the runs of 1 found with a regex: big reservations such as
+    thread stacks and malloc arenas cost no Python loop per page.)  ``table=_CLEAN_BYTE``:
+    the present pages not written since a (WP_ASYNC) write-protect instead.
     """
     page = PAGE_SIZE
     out = []
     with open("/proc/%d/pagemap" % pid, "rb", buffering=0) as f:
-        step = 4096 * page                               # 4096 entries (32 KiB) per read
+        step = 65536 * page                              # 64 Ki entries (512 KiB) per read
         for s in range(start, end, step):
             n = (min(end, s + step) - s) // page
-            data = os.pread(f.fileno(), 8 * n, (s // page) * 8)
-            for i, (e,) in enumerate(struct.iter_unpack("<Q", data)):
-                if e >> 62:
-                    out.append(s + i * page)
+            flags = os.pread(f.fileno(), 8 * n, (s // page) * 8)[7::8].translate(table)
+            for m in re.finditer(b"\x01+", flags):
+                out.extend(range(s + m.start() * page, s + m.end() * page, page))
     return out
 
 
@@ -3361,6 +5105,193 @@ def read_target_pages(pid, pages):
             out[pages[i + k]] = raw[k * page:(k + 1) * page]
         i = j if got == n else i + max(1, got // page)
     return out
+
+
+def snapshot_buffer(pid, regions, margin=1.25):
+    """A populated buffer for a later ``snapshot_target_pages`` of ``regions``, made *before* the
+    target is stopped (faulting in our own pages would otherwise count as stop time): room for
+    the pages present now, plus a margin."""
+    n = sum(len(present_pages(pid, s, s + length)) for s, length in regions)
+    size = (int(n * margin) + 256) * PAGE_SIZE
+    m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
+    return (ctypes.c_char * size).from_buffer(m)
+
+
+def snapshot_target_pages(pid, pages, buf=None):
+    """The given pages of pid in one buffer: (ctypes buffer, {address: offset in it}), read with
+    process_vm_readv, up to 1024 contiguous runs a call; ``buf`` (``snapshot_buffer``) is used
+    if it is big enough.  Like read_target_pages: only on memory that is not registered yet."""
+    pages = sorted(pages)
+    if buf is None or len(buf) < len(pages) * PAGE_SIZE:
+        buf = ctypes.create_string_buffer(max(1, len(pages) * PAGE_SIZE))
+    lib = libc()
+    lib.process_vm_readv.restype = ctypes.c_ssize_t
+    runs, off = page_runs(pages), 0
+    for i in range(0, len(runs), 1024):
+        chunk = runs[i:i + 1024]
+        n = sum(b - a for a, b in chunk)
+        remote = (iovec * len(chunk))(*[iovec(a, b - a) for a, b in chunk])
+        local = iovec(ctypes.addressof(buf) + off, n)
+        got = lib.process_vm_readv(pid, ctypes.byref(local), 1, remote, len(chunk), 0)
+        if got != n:
+            e = ctypes.get_errno() if got < 0 else errno.EFAULT
+            raise OSError(e, "process_vm_readv(%d): %s" % (pid, os.strerror(e)))
+        off += n
+    return buf, {a: i * PAGE_SIZE for i, a in enumerate(pages)}
+
+
+def read_pages_into(pid, buf, pairs):
+    """process_vm_readv each page of ``pairs`` ``[(address, offset in buf)]`` (sorted by
+    address) into ``buf``; contiguous pages with contiguous offsets go in one iovec, up to 1024
+    a call.  Returns the pages that could not be read (unmapped meanwhile)."""
+    lib = libc()
+    lib.process_vm_readv.restype = ctypes.c_ssize_t
+    runs = []                                   # [remote, local, length]
+    for a, off in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == off:
+            runs[-1][2] += PAGE_SIZE
+        else:
+            runs.append([a, off, PAGE_SIZE])
+    base, failed = ctypes.addressof(buf), []
+    for i in range(0, len(runs), 1024):
+        chunk = runs[i:i + 1024]
+        n = sum(r[2] for r in chunk)
+        remote = (iovec * len(chunk))(*[iovec(r[0], r[2]) for r in chunk])
+        local = (iovec * len(chunk))(*[iovec(base + r[1], r[2]) for r in chunk])
+        if lib.process_vm_readv(pid, local, len(chunk), remote, len(chunk), 0) == n:
+            continue
+        for r in chunk:                         # short: find the pages that are gone
+            for k in range(0, r[2], PAGE_SIZE):
+                one_l, one_r = iovec(base + r[1] + k, PAGE_SIZE), iovec(r[0] + k, PAGE_SIZE)
+                if lib.process_vm_readv(pid, ctypes.byref(one_l), 1, ctypes.byref(one_r), 1,
+                                        0) != PAGE_SIZE:
+                    failed.append(r[0] + k)
+    return failed
+
+
+class Precopy:
+    """The first of two stops of ``--dontneed`` (README "What --pid guarantees"): copying
+    4,000 pages takes 5-15 ms here, so the copy is made while the target runs.  Stop 1 injects
+    a uffd with only UFFD_FEATURE_WP_ASYNC (no events: nothing in the target ever waits for
+    it), registers the regions MODE_WP and write-protects their present pages; after the
+    detach they are copied.  At stop 2 (``refresh``) pagemap tells which present pages lost
+    the uffd-wp bit (written since) or were not copied: only those are copied then; the WP uffd
+    is closed (unregistering clears the bits).  If the tool dies in between, closing that uffd
+    is all that happens: nothing was dropped yet."""
+    FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_PAGEFAULT_FLAG_WP
+
+    def __init__(self, pid, regions):
+        self.pid, self.regions = pid, regions
+        self.uffd, self.buf, self.index, self.free = None, None, {}, 0
+        self.stopped_seconds = 0.0
+        self.recopied = 0
+
+    @classmethod
+    def available(cls):
+        """Whether this kernel offers WP_ASYNC (6.7+)."""
+        probe = Userfaultfd()
+        try:
+            return int(probe.api(0)[0]) & cls.FEATURES == cls.FEATURES
+        finally:
+            probe.close()
+
+    def run(self):
+        """Stop 1, then the copy with the target running."""
+        pid, present = self.pid, []
+
+        def while_stopped(att, fd):
+            self.uffd = Userfaultfd.adopt(os.dup(fd))
+            self.uffd.api(self.FEATURES)
+            for start, length in self.regions:
+                pp = present_pages(pid, start, start + length)
+                present.extend(pp)
+                self.uffd.register(start, length, UFFDIO_REGISTER_MODE_WP)
+                for a, b in page_runs(pp):
+                    self.uffd.writeprotect(a, b - a, True)
+        try:
+            fd, self.stopped_seconds = inject_userfaultfd(pid, while_stopped=while_stopped)
+            os.close(fd)
+            present.sort()
+            size = (int(len(present) * 1.25) + 256) * PAGE_SIZE
+            m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
+            self.buf = (ctypes.c_char * size).from_buffer(m)
+            pairs = [(p, i * PAGE_SIZE) for i, p in enumerate(present)]
+            gone = set(read_pages_into(pid, self.buf, pairs))
+            self.index = {p: off for p, off in pairs if p not in gone}
+            self.free = len(present) * PAGE_SIZE
+        except BaseException:
+            self.close()
+            raise
+
+    def refresh(self, present):
+        """At stop 2: (buffer, {address: offset}) for ``present`` (sorted page addresses, the
+        kernel's pages already left out): pages written since stop 1 are copied again now."""
+        clean = set()
+        for start, length in self.regions:
+            clean.update(present_pages(self.pid, start, start + length, _CLEAN_BYTE))
+        index, todo = {}, []
+        for p in present:
+            off = self.index.get(p)
+            if off is not None and p in clean:
+                index[p] = off
+                continue
+            if off is None:
+                if self.free + PAGE_SIZE > len(self.buf):
+                    raise OSError(errno.ENOMEM, "precopy buffer full")
+                off, self.free = self.free, self.free + PAGE_SIZE
+            todo.append((p, off))
+            index[p] = off
+        if read_pages_into(self.pid, self.buf, todo):
+            raise OSError(errno.EFAULT, "process_vm_readv(%d): a present page vanished" % self.pid)
+        self.recopied = len(todo)
+        self.close()
+        return self.buf, index
+
+    def close(self):
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
+
+
+def drop_present(att, regions, snapshot=True, buf=None, pre=None):
+    """``--dontneed`` while every thread is stopped: snapshot (if ``snapshot``) the present
+    pages of ``regions`` that the kernel does not need (``Attachment.kernel_pages``), then drop
+    them with as few injected madvise calls as possible: one per region's span from its first
+    to its last present page, split only around kept pages.  Only private anonymous memory may
+    be passed (MADV_DONTNEED on shared memory would not drop it, on a private file mapping it
+    would revert to the file).  ``buf``: see ``snapshot_buffer``; ``pre``: a ``Precopy``
+    that ran (then only pages written since are copied now).  Returns (buffer,
+    {address: offset}, dropped runs)."""
+    keep = att.kernel_pages()
+    present, spans = [], []
+    for start, length in sorted(regions):
+        pp = present_pages(att.pid, start, start + length)
+        if pp:
+            present += [p for p in pp if p not in keep]
+            spans.append((pp[0], pp[-1] + PAGE_SIZE))
+    if snapshot and pre is not None:
+        present.sort()
+        buf, index = pre.refresh(present)
+    else:
+        buf, index = snapshot_target_pages(att.pid, present, buf) if snapshot else (None, {})
+    runs = merge_runs(subtract_pages(spans, keep))
+    att.drop(runs)
+    return buf, index, runs
+
+
+def repopulated(pid, runs, buf, index):
+    """After registering: pages of the dropped ``runs`` that are present again (something in
+    the kernel wrote them between madvise and UFFDIO_REGISTER, so they hold zeros and will
+    never fault).  Puts the snapshot back into those through /proc/PID/mem (a present page does
+    not fault) and returns their addresses."""
+    back = [p for a, b in runs for p in present_pages(pid, a, b)]
+    if back and buf is not None:
+        base = ctypes.addressof(buf)
+        with open("/proc/%d/mem" % pid, "r+b", buffering=0) as mem:
+            for p in back:
+                if p in index:
+                    os.pwrite(mem.fileno(), ctypes.string_at(base + index[p], PAGE_SIZE), p)
+    return back
 
 
 ###################################################################################################
@@ -3830,6 +5761,7 @@ class PidTarget(Target):
         self.pidfd = -1
         self.snapshot_pages = 0
         self.drained = 0
+        self.recopied = self.precopy_stop_s = None
         self.exit_fields = None               # set once the process has ended
 
     def ready_fields(self):
@@ -3841,14 +5773,17 @@ class PidTarget(Target):
 
     def attach(self, handler):
         pid = self.pid
+        self.handler, self.handler_source = handler, handler.source
         try:
+            check_pid(pid)
             self.pidfd = syscall("pidfd_open", pid, 0)
             maps = read_maps(pid)
         except OSError as e:
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise NotPermitted("process %d: cannot read its memory map (%s): needs "
                                    "CAP_SYS_PTRACE over it" % (pid, os.strerror(e.errno)))
-            raise UsageError("no such process: %d" % pid)
+            raise UsageError(e.strerror if isinstance(e, ProcessLookupError) else
+                             "no such process: %d" % pid)
         if self.all_anon:
             regions = [(m.start, m.end - m.start) for m in maps if m.is_anon()]
             if not regions:
@@ -3860,28 +5795,54 @@ class PidTarget(Target):
         # --dontneed never drops the pages of a shared mapping (other processes map them)
         private = [(a, n) for a, n in regions if not _in_starts(maps, shared, a)]
         box = {}
+        spare = pre = None
+        if self.snapshot and self.mode == "missing" and Precopy.available():
+            pre = Precopy(pid, private)
+            try:
+                pre.run()
+            except ProcessLookupError as e:
+                raise UsageError(str(e.strerror or e))
+            except PtraceError as e:
+                raise (NotPermitted if e.errno in (errno.EPERM, errno.EACCES, errno.ENOEXEC,
+                                                   errno.ENOSYS) else TargetError)(str(e))
+            except OSError as e:
+                if isinstance(e, UffdError) and e.errno == errno.EBUSY:
+                    raise TargetError("process %d: another userfaultfd already watches this "
+                                      "range (%s)" % (pid, e))
+                raise TargetError("process %d: precopy: %s" % (pid, e))
+            self.precopy_stop_s = pre.stopped_seconds
+        elif self.snapshot:
+            spare = snapshot_buffer(pid, private)
 
         def while_stopped(att, fd):
             uffd = Userfaultfd.adopt(os.dup(fd))     # ours; inject_userfaultfd closes fd
             box["uffd"] = uffd
             uffd.api(self.features)
-            if self.snapshot:
-                snap = {}
-                for start, length in private:
-                    snap.update(read_target_pages(pid, present_pages(pid, start, start + length)))
-                handler.source.load(snap)
-                self.snapshot_pages = len(snap)
+            runs = ()
             if self.dontneed:
-                for start, length in private:
-                    att.inj.syscall(NR_madvise, start, length, MADV_DONTNEED)
+                buf, index, runs = drop_present(att, private, self.snapshot, spare, pre)
+                self.recopied = pre.recopied if pre is not None else None
+                if self.snapshot:
+                    handler.source.adopt(buf, index)
+                    self.snapshot_pages = len(index)
             for start, length in regions:
                 arm(uffd, start, length, self.mode)
+            _test_pause("armed")
+            if runs:
+                back = repopulated(pid, runs, handler.source.buf if self.snapshot else None,
+                                   handler.source.index if self.snapshot else {})
+                if back:
+                    handler.log.emit("warning", message="process %d: %d dropped page(s) were "
+                                     "written by the kernel before registration; their snapshot "
+                                     "was put back" % (pid, len(back)), pages=back[:16])
 
         try:
             fd, self.stopped_seconds = inject_userfaultfd(pid, while_stopped=while_stopped)
         except ProcessLookupError as e:
             raise UsageError(str(e.strerror or e))
         except PtraceError as e:
+            if pre is not None:
+                pre.close()
             if "uffd" in box:
                 box["uffd"].close()
             if e.errno == errno.EINVAL:
@@ -3889,8 +5850,13 @@ class PidTarget(Target):
             raise (NotPermitted if e.errno in (errno.EPERM, errno.EACCES, errno.ENOEXEC,
                                                errno.ENOSYS) else TargetError)(str(e))
         except OSError as e:                     # UffdError, process_vm_readv, /proc
+            if pre is not None:
+                pre.close()
             if "uffd" in box:
                 box["uffd"].close()
+            if isinstance(e, UffdError) and e.errno == errno.EBUSY:
+                raise TargetError("process %d: another userfaultfd already watches this range "
+                                  "(%s)" % (pid, e))
             raise TargetError("process %d: %s" % (pid, e))
         os.close(fd)
         if self.offsets is not None:
@@ -3900,6 +5866,7 @@ class PidTarget(Target):
         self.served = handler.add(box["uffd"], [Region(s, s + n, o, _name_at(names, s))
                                                 for (s, n), o in zip(regions, offs)],
                                   pid=pid, label="pid")
+        handler.on_fork, handler.on_lost = self._fork, self._install_all
         if self.all_anon:                       # follow the mappings created from now on
             self.handler = handler
             self._scanned = 0.0
@@ -3910,6 +5877,26 @@ class PidTarget(Target):
             handler.on_event = lambda s, ev: type(ev) in (Remap, Unmap) and self.follow(
                 PID_RESCAN_MIN)
         return [self.pidfd]
+
+    def _install_all(self, s, pid=None):
+        """Install every page ``s`` still lacks (snapshot or source pages); returns the count.
+        ``pid``: whose pagemap narrows the holes (None: unknown, try every page)."""
+        if self.snapshot:
+            return self.handler_source.install_missing(s, self.handler.read_pending)
+        if self.offsets is None:
+            return 0
+        holes = (lambda a, b: missing_runs(pid, a, b)) if pid else None
+        return self.handler.install_missing(s, holes)
+
+    def _fork(self, parent, child):
+        """A fork of the target: its children are not followed, so the child gets every page
+        it still lacks now, and its uffd is closed at once (fds never pile up; a child that
+        has exited already ends the install at its first ESRCH)."""
+        try:
+            self.drained += self._install_all(child)
+        except OSError:
+            pass
+        self.handler.drop(child, "not-followed")
 
     def follow(self, min_age=0.0):
         """Register the anonymous mappings of the target that are not registered yet (new ones
@@ -3957,9 +5944,7 @@ class PidTarget(Target):
             return 1 if "signal" in self.exit_fields else None
         if self.snapshot or self.offsets is not None:
             for s in list(handler.served.values()):     # no zero page where data belongs
-                self.drained += (handler.source.install_missing(s) if self.snapshot else
-                                 handler.install_missing(
-                                     s, lambda a, b: missing_runs(self.pid, a, b)))
+                self.drained += self._install_all(s, self.pid)
         self.unregister_all(handler, "detached")
         self.abort()
         return None
@@ -3973,6 +5958,9 @@ class PidTarget(Target):
         out = super().extra()
         if self.snapshot:
             out.update(snapshot_pages=self.snapshot_pages, drained_pages=self.drained)
+            if self.recopied is not None:         # two stops: the first one, and the pages
+                out.update(precopy_stopped_s=round(self.precopy_stop_s, 6),   # copied in stop 2
+                           recopied_pages=self.recopied)
         elif self.offsets is not None:
             out.update(drained_pages=self.drained)
         return out
@@ -4219,9 +6207,44 @@ class HandshakeError(TargetError):
     """The peer's UFFD handshake is malformed (exit 1)."""
 
 
-def listen_unix(path, log=None):
+class ProtocolUnsupported(HandshakeError):
+    """The peer speaks a handshake uffdtool does not implement (exit 2): Firecracker's
+    unreleased secret-hiding protocol (extra region fields, 3 fds, a second message, then a
+    two-way binary protocol)."""
+    exit_code = 2
+
+
+#: region fields only Firecracker's secret-hiding protocol sends
+FC_SECRET_HIDING_FIELDS = ("gpa_start", "is_guest_memfd")
+#: largest page size a handshake may name (x86_64 has 4 KiB, 2 MiB and 1 GiB pages)
+FC_MAX_PAGE_SIZE = 1 << 30
+_U64 = 1 << 64
+
+
+def _unsupported_protocol(why):
+    return ProtocolUnsupported(
+        "this Firecracker build uses a protocol uffdtool does not speak (%s: the unreleased "
+        "secret-hiding handshake with guest_memfd and a two-way fault protocol); use a "
+        "released Firecracker (v1.12-v1.14 handshake)" % why)
+
+
+def _json_value(data):
+    """The first JSON value in ``data`` and what follows it: (value, rest bytes).  ValueError
+    if it is not JSON; HandshakeError if it nests too deep for the parser (RecursionError)."""
+    text = data.decode("utf-8")
+    try:
+        value, end = json.JSONDecoder().raw_decode(text.lstrip())
+    except RecursionError:
+        raise HandshakeError("handshake JSON is nested too deeply (%d bytes)" % len(data))
+    return value, text.lstrip()[end:].strip().encode()
+
+
+def listen_unix(path, log=None, peer_uid=None):
     """Bind and listen on a Unix stream socket at ``path``: a stale socket file is replaced;
-    anything else that exists there, or a missing directory, is a UsageError."""
+    anything else that exists there, a live listener's socket, or a missing directory, is a
+    UsageError.  The socket file is mode 0600 whatever the umask, before ``listen`` (no
+    other user can connect), and owned by ``peer_uid`` if given (Firecracker under the
+    jailer runs as another uid)."""
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
         raise UsageError("cannot listen on %s: directory %s does not exist" % (path, d))
@@ -4237,17 +6260,100 @@ def listen_unix(path, log=None):
         os.unlink(path)                       # stale socket of an earlier handler
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
+        old = os.umask(0o177)                 # born 0600: no window with a wider mode
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        if peer_uid is not None and peer_uid != os.geteuid():
+            try:
+                os.chown(path, peer_uid, -1)
+            except OSError as e:
+                _unlink_socket(path, _file_id(path))
+                raise NotPermitted("--peer-uid %d: cannot give the socket %s to that uid: %s "
+                                   "(needs root or CAP_CHOWN)" % (peer_uid, path, e.strerror))
         sock.listen(1)
     except OSError as e:
         sock.close()
         raise UsageError("cannot listen on %s: %s" % (path, e.strerror))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
+#: sock_diag(7) for AF_UNIX: which listening sockets are bound to which file (dev, inode)
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 1, 0x300, 2, 3
+UDIAG_SHOW_VFS, UNIX_DIAG_VFS, TCP_LISTEN = 0x2, 1, 10
+_NLMSGHDR = struct.Struct("=IHHII")               # len, type, flags, seq, pid
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")       # family, protocol, pad, states, ino, show, cookie
+_UNIX_DIAG_MSG = struct.Struct("=BBBBIII")        # family, type, state, pad, ino, cookie
+
+
+def unix_listeners():
+    """(major, minor, inode) of the file of every listening AF_UNIX socket in this network
+    namespace, from sock_diag (UNIX_DIAG_VFS: the bound file's device and inode, however the
+    path was spelled at bind time); None when sock_diag is not available."""
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                           NETLINK_SOCK_DIAG)
+    except OSError:
+        return None
+    out = set()
+    try:
+        nl.settimeout(2.0)
+        req = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, UDIAG_SHOW_VFS,
+                                  0xFFFFFFFF, 0xFFFFFFFF)
+        nl.sendto(_NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
+                                 NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req, (0, 0))
+        while True:
+            data = nl.recv(1 << 16)
+            off = 0
+            while off + _NLMSGHDR.size <= len(data):
+                length, typ = _NLMSGHDR.unpack_from(data, off)[:2]
+                if typ == NLMSG_DONE:
+                    return out
+                if typ == NLMSG_ERROR or length < _NLMSGHDR.size:
+                    return None
+                a = off + _NLMSGHDR.size + _UNIX_DIAG_MSG.size
+                while a + 4 <= off + length:                 # rtattrs: len, type, payload
+                    alen, atyp = struct.unpack_from("=HH", data, a)
+                    if alen < 4:
+                        break
+                    if atyp == UNIX_DIAG_VFS and alen >= 12:
+                        ino, dev = struct.unpack_from("=II", data, a + 4)
+                        out.add((dev >> 20, dev & 0xFFFFF, ino))   # kernel dev_t: 12:20 bits
+                    a += (alen + 3) & ~3
+                off += (length + 3) & ~3
+    except OSError:
+        return None
+    finally:
+        nl.close()
+
+
+def _file_id(path):
+    """(st_dev, st_ino) of ``path`` itself (not following a symlink), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _someone_listens(path):
-    """Whether a process listens on the Unix socket ``path`` (else the file is stale), from
-    /proc/net/unix (flag __SO_ACCEPTCON): connecting to find out would be taken for a peer."""
+    """Whether a live socket listens on the file at ``path`` (else the file is stale): its
+    device and inode against the kernel's listeners (sock_diag), never by connecting (a probe
+    would be taken for a peer), nor by the path (the kernel keeps it as it was spelled at
+    bind time, maybe relative).  Without sock_diag: /proc/net/unix paths."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    live = unix_listeners()
+    if live is not None:
+        return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino & 0xFFFFFFFF) in live
     want = os.path.abspath(path)
     try:
         with open("/proc/net/unix") as f:
@@ -4259,6 +6365,40 @@ def _someone_listens(path):
         if len(f) == 8 and f[7] == want and int(f[3], 16) & 0x10000:
             return True
     return False
+
+
+def peer_cred(conn):
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED), or
+    (None, None, None)."""
+    try:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", cred)
+        return pid or None, uid, gid
+    except OSError:
+        return None, None, None
+
+
+def accept_peer(sock, path, timeout, uids, warn, wake_fd=None):
+    """Accept the first peer on ``sock`` whose SO_PEERCRED uid is in ``uids``; every other
+    one is closed at once with a ``warn(message, pid, uid)`` and listening goes on.  Returns
+    the connection; TargetError when none came within ``timeout`` s (None: wait);
+    KeyboardInterrupt when ``wake_fd`` becomes readable first (a signal)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waits = [sock] + ([wake_fd] if wake_fd is not None else [])
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        r, _, _ = select.select(waits, [], [], left)
+        if not r:
+            raise TargetError("no connection on %s within %g s" % (path, timeout))
+        if sock not in r:
+            raise KeyboardInterrupt
+        conn, _ = sock.accept()
+        pid, uid, _ = peer_cred(conn)
+        if uid in uids:
+            return conn
+        conn.close()
+        warn("refused a peer on %s: pid %s runs as uid %s, not %s (see --peer-uid)"
+             % (path, pid, uid, " or ".join(str(u) for u in sorted(uids))), pid, uid)
 
 
 def peer_pid_of(conn):
@@ -4318,25 +6458,45 @@ def receive_handshake(conn, timeout=FC_EMPTY_RETRIES * FC_EMPTY_WAIT, first_time
 
 
 def _json_complete(data):
+    """Whether ``data`` starts with a whole JSON value (too deep or undecodable counts as
+    whole: parse_handshake then says what is wrong with it)."""
     try:
-        json.loads(data)
+        _json_value(data)
+        return True
+    except UnicodeDecodeError:
         return True
     except ValueError:
         return False
+    except HandshakeError:
+        return True
 
 
-def parse_handshake(data):
+def parse_handshake(data, nfds=1):
     """Validate the JSON of a Firecracker handshake: returns (page_size, [region dicts]).
 
     Each region has int ``base_host_virt_addr``, ``size``, ``offset``; the page size is
     ``page_size``, else ``page_size_kib`` (which holds bytes, despite its name), else 4096.
-    Raises HandshakeError with the reason."""
+    Every number must fit the u64 it is in Firecracker, a region must not wrap past 2^64 (base
+    + size, offset + size), base, size and offset are page-aligned, the page size is a power of
+    two from 4096 to 1 GiB, regions do not overlap.  Raises HandshakeError naming the field;
+    ProtocolUnsupported for the secret-hiding protocol (its region fields, ``nfds`` == 3, or
+    bytes after the JSON array: its second message)."""
     if not data:
         raise HandshakeError("empty handshake message")
     try:
-        regions = json.loads(data.decode("utf-8"))
+        regions, rest = _json_value(data)
     except (UnicodeDecodeError, ValueError) as e:
         raise HandshakeError("handshake is not JSON (%s): %r" % (e, data[:60]))
+    if isinstance(regions, list) and any(isinstance(r, dict) and any(
+            k in r for k in FC_SECRET_HIDING_FIELDS) for r in regions):
+        raise _unsupported_protocol("regions carry %s" % "/".join(FC_SECRET_HIDING_FIELDS))
+    if nfds == 3:
+        raise _unsupported_protocol("3 fds: uffd, guest_memfd, userfault bitmap")
+    if rest:
+        if isinstance(regions, list):
+            raise _unsupported_protocol("a second message after the regions: %r" % rest[:40])
+        raise HandshakeError("handshake is not JSON (extra data after the value): %r"
+                             % data[:60])
     if not isinstance(regions, list) or not regions:
         raise HandshakeError("handshake must be a non-empty JSON array of regions, got %s"
                              % type(regions).__name__)
@@ -4350,12 +6510,18 @@ def parse_handshake(data):
             v = r.get(k)
             if type(v) is not int or v < 0:
                 raise HandshakeError("handshake region %d: %s must be a non-negative integer, "
-                                     "got %r" % (i, k, v))
+                                     "got %.40r" % (i, k, v))
+            if v >= _U64:
+                raise HandshakeError("handshake region %d: %s does not fit in 64 bits: %.40r"
+                                     % (i, k, v))
             reg[k] = v
+        for k in ("page_size", "page_size_kib"):
+            v = r.get(k)
+            if v is not None and (type(v) is not int or v < 4096 or v & (v - 1) or
+                                  v > FC_MAX_PAGE_SIZE):
+                raise HandshakeError("handshake region %d: %s %.40r is not a power of two "
+                                     "from 4096 to %d" % (i, k, v, FC_MAX_PAGE_SIZE))
         ps = r.get("page_size", r.get("page_size_kib", 4096))
-        if type(ps) is not int or ps < 4096 or ps & (ps - 1):
-            raise HandshakeError("handshake region %d: page size %r is not a power of two "
-                                 ">= 4096" % (i, ps))
         page_sizes.add(ps)
         out.append(reg)
     if len(page_sizes) != 1:
@@ -4363,13 +6529,21 @@ def parse_handshake(data):
                              % sorted(page_sizes))
     ps = page_sizes.pop()
     for i, r in enumerate(out):
-        if r["size"] == 0 or r["size"] % ps or r["base_host_virt_addr"] % ps:
-            raise HandshakeError("handshake region %d: base 0x%x / size %d not aligned to the "
-                                 "page size %d" % (i, r["base_host_virt_addr"], r["size"], ps))
-    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"]) for r in out)
-    for (a, b), (c, d) in zip(spans, spans[1:]):
+        for k in ("base_host_virt_addr", "size", "offset"):
+            if r[k] % ps or (k == "size" and not r[k]):
+                raise HandshakeError("handshake region %d: %s 0x%x is not aligned to the page "
+                                     "size %d%s" % (i, k, r[k], ps, " (or is 0)" * (k == "size")))
+        for k in ("base_host_virt_addr", "offset"):
+            if r[k] + r["size"] > _U64:
+                raise HandshakeError("handshake region %d: %s 0x%x + size 0x%x wraps past 2^64"
+                                     % (i, k, r[k], r["size"]))
+    spans = sorted((r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"], i)
+                   for i, r in enumerate(out))
+    for (a, b, i), (c, d, j) in zip(spans, spans[1:]):
         if c < b:
-            raise HandshakeError("handshake regions overlap at 0x%x" % c)
+            raise HandshakeError("handshake regions %d and %d overlap at 0x%x: region %d's "
+                                 "base_host_virt_addr + size reaches past region %d's"
+                                 % (i, j, c, i, j))
     return ps, out
 
 
@@ -4380,6 +6554,27 @@ def _is_userfaultfd(fd):
         return True                           # no /proc: trust the peer
 
 
+def check_peer_uffd(fd):
+    """HandshakeError unless ``fd`` is a userfaultfd on which the peer did UFFDIO_API: before
+    it, every read and ioctl but UFFDIO_API fails with EINVAL (fs/userfaultfd.c), so serving
+    would end at the first read with nothing served.  The probe is a UFFDIO_WAKE of an empty
+    wait queue (one page at vm.mmap_min_addr, the lowest address a range may have: no thread
+    waits there, nothing changes)."""
+    if not _is_userfaultfd(fd):
+        raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
+    low = read_sysfs("/proc/sys/vm/mmap_min_addr", "")
+    low = int(low) if low.isdigit() else 0
+    arg = uffdio_range(max(1 << 16, -(-low // PAGE_SIZE) * PAGE_SIZE), PAGE_SIZE)
+    try:
+        fcntl.ioctl(fd, UFFDIO_WAKE, arg, True)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise HandshakeError("the peer's userfaultfd is not initialised (UFFDIO_API was "
+                                 "never called on it: every read/ioctl fails with EINVAL)")
+        raise HandshakeError("the peer's userfaultfd fails UFFDIO_WAKE: %s"
+                             % os.strerror(e.errno))
+
+
 class FirecrackerTarget(Target):
     """serve-file ``--firecracker-socket PATH``: listen on a Unix socket, accept Firecracker (or
     anything speaking its UFFD handshake), receive the regions and the uffd.  ``open`` does it
@@ -4387,9 +6582,12 @@ class FirecrackerTarget(Target):
     readiness ends the session."""
     name = "firecracker"
 
-    def __init__(self, path, accept_timeout=None):
+    def __init__(self, path, accept_timeout=None, peer_uid=None):
         self.path = path
         self.accept_timeout = accept_timeout
+        self.peer_uid = peer_uid              # also accept peers of this uid (--peer-uid)
+        self.sock_id = None                   # (dev, ino) of the socket file we bound
+        self.log = None
         self.sock = None
         self.conn = None
         self.pidfd = -1
@@ -4398,7 +6596,9 @@ class FirecrackerTarget(Target):
         self.drained = None
 
     def open(self, log, source, wake_fd=None):
-        self.sock = listen_unix(self.path)
+        self.log = log
+        self.sock = listen_unix(self.path, peer_uid=self.peer_uid)
+        self.sock_id = _file_id(self.path)
         log.emit("ready", socket=self.path)
         regions = self.accept(self.accept_timeout, source.size, wake_fd)
         log.emit("handshake", pid=self.peer_pid, page_size=self.page_size,
@@ -4411,24 +6611,18 @@ class FirecrackerTarget(Target):
         ``wake_fd`` becomes readable first), receive and validate its handshake;
         ``source_size``: bytes the source has (a shorter one is a UsageError).  Returns the
         regions (dicts, as in the handshake)."""
-        waits = [self.sock] + ([wake_fd] if wake_fd is not None else [])
-        r, _, _ = select.select(waits, [], [], timeout)
-        if not r:
-            raise TargetError("no connection on %s within %g s" % (self.path, timeout))
-        if self.sock not in r:
-            raise KeyboardInterrupt
-        self.conn, _ = self.sock.accept()
+        uids = {os.geteuid()} | ({self.peer_uid} if self.peer_uid is not None else set())
+        self.conn = accept_peer(self.sock, self.path, timeout, uids, self._refused, wake_fd)
         self._stop_listening()      # one peer: a second one must fail at connect, not hang
         self.conn.setblocking(True)
         self.peer_pid = peer_pid_of(self.conn)
         data, fds = receive_handshake(self.conn, first_timeout=timeout)
         try:
-            if len(fds) != 1:
+            if len(fds) != 1 and len(fds) != 3:
                 raise HandshakeError("handshake carried %d fds, expected exactly 1 (the uffd)"
                                      % len(fds))
-            if not _is_userfaultfd(fds[0]):
-                raise HandshakeError("the fd sent with the handshake is not a userfaultfd")
-            ps, regions = parse_handshake(data)
+            ps, regions = parse_handshake(data, len(fds))
+            check_peer_uffd(fds[0])
             if source_size is not None:
                 need = max(r["offset"] + r["size"] for r in regions)
                 if need > source_size:
@@ -4449,6 +6643,7 @@ class FirecrackerTarget(Target):
     def attach(self, handler):
         regs = [Region(r["base_host_virt_addr"], r["base_host_virt_addr"] + r["size"],
                        r["offset"]) for r in self.regions]
+        handler.exact_regions = True          # the handshake lists all registered memory
         handler.add(self.uffd, regs, self.peer_pid, "firecracker")
         fds = [self.conn.fileno()]
         if self.peer_pid:
@@ -4462,16 +6657,24 @@ class FirecrackerTarget(Target):
     def ready_fields(self):
         return None                           # written by open(), before the peer connects
 
+    def _refused(self, message, pid, uid):
+        if self.log is not None:
+            self.log.emit("warning", message=message, pid=pid, uid=uid)
+
     def _stop_listening(self):
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-            _unlink_socket(self.path)
+            _unlink_socket(self.path, self.sock_id)
 
     def detach(self, handler, reason):
         """Stopped while the peer still runs (SIGINT/SIGTERM, --duration): install every page of
         the regions not served yet and unregister them, so that the VM goes on without a
         handler, with all its memory (else its next fault would wait forever).  Exit 0."""
+        if reason == "done":
+            warn_if_never_faulted(handler, self.peer_pid)
+        if reason not in ("interrupted", "duration", "error"):
+            warn_if_never_faulted(handler, self.peer_pid)
         if reason not in ("interrupted", "duration"):
             return None                       # the peer is gone (or the run failed)
         pid = self.peer_pid
@@ -4517,10 +6720,23 @@ class FirecrackerTarget(Target):
             self._stop_listening()
 
 
-def _unlink_socket(path):
-    """Remove the socket file at ``path`` (nothing else; no error if it is gone)."""
+def warn_if_never_faulted(handler, pid):
+    """A peer that hangs up without a single fault was probably not served at all (its memory
+    not registered with the uffd it sent, or registered write-protect only): say so."""
+    st = handler.stats.count
+    if not any(v for k, v in st.items() if k.startswith("faults_")) and \
+            not st.get("prefetch_pages"):
+        handler.log.emit("warning", pid=pid, message="the peer hung up without a single page "
+                         "fault: was its memory registered (MISSING mode) with the uffd it "
+                         "sent, and did it touch it?")
+
+
+def _unlink_socket(path, ident):
+    """Remove the socket file at ``path`` if it is still the one this process bound (same
+    device and inode ``ident``: another handler may have bound a new one there since)."""
     try:
-        if path and (os.lstat(path).st_mode & 0o170000) == 0o140000:
+        if path and ident is not None and _file_id(path) == ident and \
+                (os.lstat(path).st_mode & 0o170000) == 0o140000:
             os.unlink(path)
     except OSError:
         pass
@@ -7598,6 +9814,8 @@ def _number_arg(conv, what, ok, need):
     return parse
 
 
+_uid_arg = _number_arg(int, "a numeric uid", lambda v: 0 <= v < (1 << 32) - 1,
+                       "a uid from 0 to 4294967294")
 _positive_int = _number_arg(lambda t: int(t, 0), "a whole number", lambda v: v >= 1,
                             "at least 1")
 _seconds = _number_arg(float, "a number of seconds", lambda v: v > 0, "> 0")
@@ -7671,6 +9889,31 @@ def _add_stop_options(g, dontneed_help):
                    help="DESTRUCTIVE, with --pid: " + dontneed_help)
 
 
+def _add_url_options(g):
+    """serve-file's --url SOURCE and its options (README "Restoring from a URL")."""
+    g.add_argument("--url", metavar="URL",
+                   help="the page at region offset X is byte X of the object at URL (http:// "
+                        "or https://, e.g. a presigned S3/GCS URL), fetched with Range GETs")
+    g.add_argument("--cache", metavar="DIR", help="with --url: keep fetched chunks in DIR "
+                   "(shared by concurrent serve-file processes; keyed by URL without query, "
+                   "size and ETag)")
+    g.add_argument("--chunk", type=_positive_size, default=URL_CHUNK, metavar="SIZE",
+                   help="with --url: bytes per Range GET, a power of two (default %s)"
+                        % ("%dK" % (URL_CHUNK >> 10)))
+    g.add_argument("--fetchers", type=_positive_int, default=URL_FETCHERS, metavar="N",
+                   help="with --url: parallel connections, one kept for faults (default %d)"
+                        % URL_FETCHERS)
+    g.add_argument("--retries", type=int, default=URL_RETRIES, metavar="N",
+                   help="with --url: retries of a failed GET, with backoff (default %d)"
+                        % URL_RETRIES)
+    g.add_argument("--timeout", type=_seconds, default=URL_TIMEOUT, metavar="SECS",
+                   help="with --url: connect/read timeout (default %g)" % URL_TIMEOUT)
+    g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="with --url: send this header (repeatable; values never logged)")
+    g.add_argument("--cacert", metavar="FILE",
+                   help="with https: trust the CA certificates in FILE (default: system CAs)")
+
+
 def build_parser():
     """The argparse parser of the CLI (sub-commands info, selftest, watch, serve-file, report)."""
     p = _Parser(prog="uffdtool", description=__doc__.split("\n\n")[0],
@@ -7727,6 +9970,7 @@ def build_parser():
     g.add_argument("--offset", type=_size_arg, default=0, metavar="BYTES",
                    help="with --file: where region offset 0 is in PATH (default 0)")
     g.add_argument("--zero", action="store_true", help="fill with zero pages (UFFDIO_ZEROPAGE)")
+    _add_url_options(g)
     g.add_argument("--prefetch", metavar="FILE",
                    help="install the pages listed in FILE (a --record working set) early")
     _add_target(pf)
@@ -7741,9 +9985,16 @@ def build_parser():
     _add_stop_options(pf, "drop the present pages of the ranges (MADV_DONTNEED injected, all "
                           "threads stopped) so that they fault and get the file's data: "
                           "restores the ranges from the file")
+    pf.add_argument("--fill", choices=("idle",),
+                    help="idle: with --file or --url, install the rest of the memory in the "
+                         "background when no fault waits (a fill_done record says when)")
     pf.add_argument("--kill-peer-on-error", action="store_true",
                     help="if serving fails, SIGKILL the peer (pid from SO_PEERCRED) so that it "
                          "cannot hang or read zeros where file data belongs")
+    pf.add_argument("--peer-uid", metavar="UID", type=_uid_arg,
+                    help="with --firecracker-socket: also accept a peer of this uid (its "
+                         "SO_PEERCRED; default: only the tool's own uid) and give it the "
+                         "socket (mode 0600), e.g. the jailer's --uid")
     pf.set_defaults(func=cmd_serve_file)
 
     pr = sub.add_parser("report", help="draw a log: tables, heat maps, curves (terminal, HTML, "
@@ -7821,6 +10072,8 @@ examples:
   uffdtool serve-file --file dump.bin --self
   sudo uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
   sudo uffdtool serve-file --file img.bin --range 0x600000000000:1M -- ./app
+  uffdtool serve-file --url "$(aws s3 presign s3://b/vm.mem)" --cache /var/cache/uffdtool \\
+      --firecracker-socket /tmp/uffd.sock --fill idle
 """
 
 
@@ -7923,7 +10176,8 @@ def _range_offsets(args, source):
     need = offsets[-1] + args.ranges[-1][1]
     if source.size is not None and need > source.size:
         raise UsageError("%s is too short for the ranges: they need %d bytes from --offset %d, "
-                         "the file has %d" % (args.file, need, args.offset, source.size))
+                         "the file has %d" % (getattr(source, "display", args.file), need,
+                                              args.offset, source.size))
     return offsets
 
 
@@ -7932,7 +10186,7 @@ def _serve_target(args, source, warn):
     --self, or --pid / -- CMD through watch's attach and spawn machinery, served from the
     source."""
     if args.firecracker_socket:
-        return FirecrackerTarget(args.firecracker_socket, args.accept_timeout)
+        return FirecrackerTarget(args.firecracker_socket, args.accept_timeout, args.peer_uid)
     if args.self_:
         return SelfServeTarget(args.size or (64 << 20))
     offsets = _range_offsets(args, source) if args.ranges else None
@@ -8025,14 +10279,24 @@ class _Signals(list):
 
 
 def _test_pause(step):
-    """Test-only: with ``UFFDTOOL_TEST_PAUSE=STEP:SECS`` in the environment, wait SECS seconds at
-    STEP (``start``: set up and attached, before serving), so that a test can land a signal
-    exactly there.  Signals that arrive are handled as usual (recorded)."""
+    """Test-only: with ``UFFDTOOL_TEST_PAUSE=STEP[@N]:SECS`` in the environment, wait SECS seconds
+    the Nth time (default: the first) the tool reaches STEP (``start``: set up and attached,
+    before serving; the injection steps in ``INJECTION_STEPS``), so that a test can land a
+    signal exactly there; stderr gets ``uffdtool: paused at STEP[@N]`` first.  Signals that
+    arrive are handled as usual (recorded)."""
     want, _, secs = os.environ.get("UFFDTOOL_TEST_PAUSE", "").partition(":")
-    if want == step:
+    name, _, nth = want.partition("@")
+    if name != step:
+        return
+    _PAUSES[step] = _PAUSES.get(step, 0) + 1
+    if _PAUSES[step] == int(nth or 1):
+        os.write(2, ("uffdtool: paused at %s\n" % want).encode())
         end = time.monotonic() + float(secs or 1)
         while time.monotonic() < end:
             time.sleep(end - time.monotonic())
+
+
+_PAUSES = {}
 
 
 def _json_only(log, event, **fields):
@@ -8056,6 +10320,7 @@ class Session:
     ``error`` record.  The commands configure it: ``counters`` (stats fields that are always
     there), ``record_key``, ``prepare(handler)`` and ``finish(reason)`` (a status or None)."""
     counters = ()
+    idle = None                               # Handler idle work (serve-file --fill idle)
     record_key = "address"
     per_process = True                        # one working set per address space (watch)
     fast_log = True                           # the fast loop may write pagefault records
@@ -8088,8 +10353,7 @@ class Session:
             reason, error = self._serve(sig)
             target_status = self._stop(sig, reason, error)
         status = exit_status(error, target_status)
-        self._final_records(reason, status, error)
-        return status
+        return self._final_records(reason, status, error)
 
     def _serve(self, sig):
         """Set up and serve; returns (reason the serving ended, the exception or None)."""
@@ -8126,7 +10390,8 @@ class Session:
         deadline = None if self.args.duration is None else time.monotonic() + self.args.duration
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            res = h.run(fds, timeout=left, tick=tick, tick_interval=self.args.stats_interval)
+            res = h.run(fds, timeout=left, tick=tick, tick_interval=self.args.stats_interval,
+                        idle=self.idle)
             if sig:
                 return "interrupted"
             if res == "timeout":
@@ -8140,17 +10405,16 @@ class Session:
     def _failed(self, e):
         """A run that failed: the error record, and the peer killed (--kill-peer-on-error) or
         told about.  Returns ("error", the exception to report)."""
+        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
+        kill = peer and getattr(self.args, "kill_peer_on_error", False)
+        killed = kill and _kill_peer(peer)    # first: before anything else can fail
         if isinstance(e, OSError) and self.serving:
             e = TargetError("serving failed: %s" % (e.strerror or e))
         elif isinstance(e, OSError) and not isinstance(e, UffdError):
             e = tool_error(e)
-        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
-        if peer and getattr(self.args, "kill_peer_on_error", False):
-            try:
-                os.kill(peer, signal.SIGKILL)
+        if kill:
+            if killed:
                 self.log.emit("killed_peer", pid=peer)
-            except OSError:
-                pass
         elif peer and _alive(peer):
             # Its memory is registered and nobody serves it now: it would hang unnoticed.
             msg = ("%s; the peer (pid %d) now waits forever for its memory: stop it, or use "
@@ -8175,6 +10439,8 @@ class Session:
             if self.attached:
                 status = t.detach(self.handler, "interrupted" if sig and error is None
                                   else reason)
+                if self.handler is not None and self.handler.lost and not status:
+                    status = 1                # a served uffd was lost (CLI.md: 1)
             else:
                 t.abort()
             if error is None:
@@ -8206,10 +10472,15 @@ class Session:
             extra["cpu_user_s"] = round(cpu1.ru_utime - self.cpu0.ru_utime, 6)
             extra["cpu_sys_s"] = round(cpu1.ru_stime - self.cpu0.ru_stime, 6)
         if self.record is not None and self.handler is not None:
-            write_working_sets(self.args.record, self.record, self.handler.page_size,
-                               key=self.record_key)
-            extra["recorded_pages"] = sum(map(len, self.record.values())) if \
-                isinstance(self.record, dict) else len(self.record)
+            try:
+                write_working_sets(self.args.record, self.record, self.handler.page_size,
+                                   key=self.record_key)
+                extra["recorded_pages"] = sum(map(len, self.record.values())) if \
+                    isinstance(self.record, dict) else len(self.record)
+            except UffdToolError as e:        # the final records still go out
+                _json_only(self.log, "error", message=str(e))
+                self.failure = self.failure or e
+                status = status or e.exit_code
         extra.update(self.target.extra())
         emit = self.log.emit if self.attached else functools.partial(_json_only, self.log)
         emit("stats", **self._stats_record(**extra))
@@ -8225,6 +10496,7 @@ class Session:
         self.target.close()
         self.source.close()
         self.log.close()
+        return status
 
 
 def _record_list(args, per_process=False):
@@ -8243,6 +10515,16 @@ def _record_list(args, per_process=False):
 def _make_log(args, human_faults):
     dest = "-" if args.json else args.log
     return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
+
+
+def _kill_peer(pid):
+    """SIGKILL the peer whose memory nobody serves any more (True if sent): a failing handler
+    does this first, before any log write or cleanup that could fail in turn."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
 
 
 def _alive(pid):
@@ -8286,7 +10568,8 @@ def cmd_watch(args):
 
 #: counters every serve-file stats record has, even when zero
 SERVE_COUNTERS = ("faults_missing", "pages_copy", "bytes_copy", "pages_zero", "bytes_zero",
-                  "eexist", "eagain", "retries", "partial", "prefetch_pages")
+                  "eexist", "eagain", "retries", "partial", "prefetch_pages", "pages_hole",
+                  "outside_regions")
 
 
 class ServeSession(Session):
@@ -8298,11 +10581,14 @@ class ServeSession(Session):
 
     def __init__(self, args, log, target, source, working_set):
         super().__init__("serve-file", args, log, target, source, dict(
-            source=args.file or "zero", offset=args.offset, readahead=args.readahead,
+            source=getattr(source, "display", None) or args.file or "zero", offset=args.offset,
+            readahead=args.readahead,
             on_remove=args.on_remove))
         self.working_set = working_set
 
     def prepare(self, handler):
+        if self.args.fill:
+            self.idle = IdleFill(handler, self.log)
         if self.working_set is None:
             return
         _, rec_ps, pages = self.working_set
@@ -8311,6 +10597,8 @@ class ServeSession(Session):
         runs = split_runs(coalesce_pages(pages, rec_ps, handler.page_size), bounds)
         handler.prefetch = Prefetcher(runs)
         self.stats.add("prefetch_listed", sum(b - a for a, b in runs) // handler.page_size)
+        if hasattr(self.source, "plan"):          # a UrlSource fetches the list ahead,
+            self.source.plan((o, o + rec_ps) for o in pages)    # in first-fault order
 
     def finish(self, reason):
         if isinstance(self.target, SelfServeTarget) and reason == "workload done":
@@ -8320,10 +10608,11 @@ class ServeSession(Session):
 
 def cmd_serve_file(args):
     """serve-file: fill missing pages of the TARGET from --file (or with --zero)."""
-    if bool(args.file) == bool(args.zero):
-        raise UsageError("serve-file needs exactly one source: --file PATH or --zero")
+    if sum(1 for x in (args.file, args.zero, args.url) if x) != 1:
+        raise UsageError("serve-file needs exactly one source: --file PATH, --url URL or --zero")
     if args.offset and not args.file:
         raise UsageError("--offset needs --file")
+    _check_url_args(args)
     _check_target_args(args, "serve-file")
     ws = None
     if args.prefetch:
@@ -8337,7 +10626,7 @@ def cmd_serve_file(args):
     log.json_faults = not args.no_fault_log
     source = None
     try:
-        source = FileSource(args.file, args.offset) if args.file else ZeroSource()
+        source = open_serve_source(args, log)
         target = _serve_target(args, source, lambda msg: log.emit("warning", message=msg))
         session = ServeSession(args, log, target, source, ws)
     except BaseException:
@@ -8346,6 +10635,34 @@ def cmd_serve_file(args):
         log.close()
         raise
     return session.run()
+
+
+def _check_url_args(args):
+    """--url's options only with --url; --fill idle only with a file or URL source."""
+    if not args.url:
+        given = [f for f, v in (("--cache", args.cache), ("--header", args.header),
+                                ("--cacert", args.cacert),
+                                ("--chunk", args.chunk != URL_CHUNK),
+                                ("--fetchers", args.fetchers != URL_FETCHERS),
+                                ("--retries", args.retries != URL_RETRIES),
+                                ("--timeout", args.timeout != URL_TIMEOUT)) if v]
+        if given:
+            raise UsageError("%s goes with --url" % given[0])
+    if args.retries < 0:
+        raise UsageError("--retries must be 0 or more")
+    if args.fill and args.zero:
+        raise UsageError("--fill idle needs --file or --url: with --zero it would fill the "
+                         "target's reserved memory with zero pages")
+
+
+def open_serve_source(args, log):
+    """The page source of serve-file's SOURCE flags."""
+    if args.url:
+        args.argv = redact_argv(getattr(args, "argv", []))     # the start record's argv
+        return UrlSource(args.url, cache=args.cache, chunk=args.chunk, fetchers=args.fetchers,
+                         retries=args.retries, timeout=args.timeout, headers=args.header,
+                         cacert=args.cacert, log=log)
+    return FileSource(args.file, args.offset) if args.file else ZeroSource()
 
 
 def _finish_self(args, target, source, stats, log):
@@ -8361,7 +10678,8 @@ def _finish_self(args, target, source, stats, log):
     if not args.quiet:
         sys.stderr.write("self: %.1f MiB served from %s in %.3f s: %.0f MiB/s, %d faults, "
                          "readahead %d: %s\n" % (
-                             mib, args.file or "zero pages", target.elapsed, rate,
+                             mib, getattr(source, "display", None) or args.file or "zero pages",
+                             target.elapsed, rate,
                              sum(v for k, v in stats.count.items() if k.startswith("faults_")),
                              args.readahead,
                              "every byte verified" if ok else "MISMATCH at offset %d" % bad))

@@ -14,6 +14,7 @@ blocked reader.
 import ctypes
 import json
 import os
+import random
 import socket
 import sys
 import threading
@@ -24,10 +25,12 @@ import uffdtool as u  # noqa: E402
 
 
 class FcClient:
-    def __init__(self, sizes, page_size=u.PAGE_SIZE, hugetlb=False, register=True):
+    def __init__(self, sizes, page_size=u.PAGE_SIZE, hugetlb=False, register=True,
+                 user_mode_only=False):
         self.ps = page_size
         self.sizes = list(sizes)
-        self.uffd = u.Userfaultfd()                       # O_CLOEXEC | O_NONBLOCK
+        # O_CLOEXEC | O_NONBLOCK; user_mode_only: what an unprivileged peer may open
+        self.uffd = u.Userfaultfd(user_mode_only=user_mode_only)
         self.uffd.api(u.UFFD_FEATURE_EVENT_REMOVE)
         guard = page_size
         total = sum(self.sizes) + guard * (len(self.sizes) + 1)
@@ -131,6 +134,63 @@ class FcClient:
         self._in_thread(lambda: u.madvise(self.bases[region] + off, length, u.MADV_DONTNEED),
                         timeout, "MADV_DONTNEED")
 
+    def balloon(self, data, seconds, region=0, chunk=2 << 20, interval=1e-3, seed=1,
+                timeout=60):
+        """Free-page reporting as Firecracker v1.14 does it, against ``region`` served from
+        ``data`` with --on-remove zero: one thread reads random pages and checks each against
+        what it must hold (``data``, or zeros once its 2 MiB chunk was removed); another
+        removes (MADV_DONTNEED -> UFFD_EVENT_REMOVE) a random chunk every ``interval`` s,
+        never the one the reader is in at that moment (a flag each side sets before looking at
+        the other's: the GIL orders them).  Returns {'reads', 'removes', 'bad': [(page,
+        expected)], 'removed': set of chunks}; TimeoutError if a read was never served."""
+        base, size, ps = self.bases[region], self.sizes[region], self.ps
+        per_chunk = chunk // ps
+        nchunks = size // chunk
+        removed = bytearray(nchunks)
+        cur, busy = [-1], [-1]
+        out = {"reads": 0, "removes": 0, "bad": []}
+        stop = time.monotonic() + seconds
+        zero = bytes(ps)
+
+        def reader():
+            rnd = random.Random(seed)
+            buf = ctypes.create_string_buffer(ps)
+            while time.monotonic() < stop:
+                p = rnd.randrange(size // ps)
+                c = p // per_chunk
+                cur[0] = c
+                while busy[0] == c:
+                    time.sleep(0)
+                ctypes.memmove(buf, base + p * ps, ps)
+                want = zero if removed[c] else data[p * ps:(p + 1) * ps]
+                if buf.raw != want:
+                    out["bad"].append((p, "zero" if removed[c] else "data"))
+                cur[0] = -1
+                out["reads"] += 1
+
+        def remover():
+            rnd = random.Random(seed + 1)
+            while time.monotonic() < stop:
+                c = rnd.randrange(nchunks)
+                busy[0] = c
+                if cur[0] != c:
+                    u.madvise(base + c * chunk, chunk, u.MADV_DONTNEED)
+                    removed[c] = 1
+                    out["removes"] += 1
+                busy[0] = -1
+                time.sleep(interval)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (reader, remover)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + seconds)
+            if t.is_alive():
+                self._threads.append(t)
+                raise TimeoutError("balloon: a fault or a REMOVE was not served")
+        out["removed"] = {c for c in range(nchunks) if removed[c]}
+        return out
+
     def close(self):
         if self.sock is not None:
             self.sock.close()
@@ -152,10 +212,18 @@ def main(argv=None):
     p.add_argument("--socket", required=True)
     p.add_argument("--src", required=True)
     p.add_argument("--sizes", required=True, help="comma-separated region sizes in bytes")
+    p.add_argument("--touch-first", type=int, default=0, metavar="PAGES",
+                   help="after the handshake, read the first PAGES pages of region 0 one by "
+                        "one and print 'touched' before waiting for the line")
+    p.add_argument("--user-mode-only", action="store_true",
+                   help="open the uffd with UFFD_USER_MODE_ONLY (an unprivileged peer)")
     a = p.parse_args(argv)
-    c = FcClient([int(x) for x in a.sizes.split(",")])
+    c = FcClient([int(x) for x in a.sizes.split(",")], user_mode_only=a.user_mode_only)
     c.handshake(a.socket)
     print("sent %d" % os.getpid(), flush=True)
+    if a.touch_first:
+        c.touch_pages(0, [i * c.ps for i in range(a.touch_first)])
+        print("touched", flush=True)
     sys.stdin.readline()
     with open(a.src, "rb") as f:
         data = f.read()

@@ -227,6 +227,24 @@ def test_watch_bench_runs(tmp_path):
     assert len(rows) == 1 + 1 + 5 + 1, r.stdout        # header, plain, 5 modes, the fast loop
     assert all(re.search(r"\d\.\d\d×", row) for row in rows[3:]), r.stdout
 
+
+@needs_root
+def test_url_benchmark_runs():
+    """bench/url_bench.py (README "Restoring from a URL"), at a small size: a real nginx, the
+    shared C toucher, every configuration once; each run verified (no timing is asserted)."""
+    need_program("nginx", "nginx")
+    need_program("gcc", "gcc")
+    assert "python3 bench/url_bench.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "url_bench.py"),
+                        "--size-mib", "8", "--reps", "1", "--chunks", "256K", "--chunk", "256K"],
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode and "no ../shared/bench/uffd_bench.c" in r.stderr:
+        pytest.skip("the shared C toucher is not beside this checkout")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 6 and "verified: True" in r.stdout     # header + configurations
+
+
 # -- report -----------------------------------------------------------------------------------
 
 @needs_root
@@ -260,3 +278,43 @@ def test_report_scale_benchmark_runs():
     assert rows[0].startswith("log: 20000 faults") and len(rows) == 5, r.stdout
     assert all(re.search(r" [\d.]+ s wall +[\d.]+ s CPU  peak RSS +[\d.]+ MiB$", row)
                for row in rows[1:]), r.stdout
+
+
+@needs_root
+def test_remove_stream_benchmark_runs():
+    """bench/remove_stream.py (README, "Hardening"), briefly: one JSON row per readahead, no
+    read lost or wrong (no timing is asserted)."""
+    assert "python3 bench/remove_stream.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "remove_stream.py"),
+                        "--seconds", "0.5", "--mib", "8", "--readahead", "1", "16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["readahead"] for row in rows] == [1, 16]
+    assert all(row["bad"] == 0 and row["removes"] > 0 and row["faults"] > 0 for row in rows)
+
+
+def test_log_emit_benchmark_runs():
+    """bench/log_emit.py (README, "Hardening"): one line with the median cost of a record."""
+    assert "python3 bench/log_emit.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "log_emit.py"),
+                        "--records", "2000", "--reps", "2"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"median [\d.]+ us/record", r.stdout), r.stdout
+
+
+@needs_uffd
+def test_pid_stop_benchmark_runs():
+    """bench/pid_stop.py (README "--dontneed"), at a small size: a line for the stop without and
+    one for the two stops with --dontneed (no timing is asserted)."""
+    assert "python3 bench/pid_stop.py" in readme()
+    need_program("gcc", "gcc")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "pid_stop.py"), "--pages",
+                        "400", "--threads", "1", "--runs", "1"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()
+    assert len(rows) == 2 and "register only" in rows[0] and "--dontneed" in rows[1]
+    stop = r" median +[\d.]+ ms  max +[\d.]+ ms  snapshot_pages \d+"
+    assert all(re.search(stop, x) for x in rows)

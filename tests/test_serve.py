@@ -199,7 +199,7 @@ def test_record_then_prefetch(tmp_path, src, tools):
     key, ps, pages = u.read_working_set(ws)
     assert (key, ps, pages) == ("offset", PS, [p * PS for p in order])
     with open(ws) as f:
-        assert f.readline().startswith("# uffdtool working-set v1 page_size=%d key=offset" % PS)
+        assert f.readline().startswith("# uffdtool working-set v2 page_size=%d key=offset" % PS)
     assert t.stats()["recorded_pages"] == len(order)
 
     (tmp_path / "log.jsonl").unlink()
