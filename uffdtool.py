@@ -58,6 +58,7 @@ import platform
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -76,7 +77,7 @@ __all__ = [
     "UffdToolError", "UsageError", "NotPermitted", "TargetError", "UffdError", "PtraceError",
     # page sources and working sets
     "ZeroSource", "FileSource", "SnapshotSource", "UrlSource", "read_working_set",
-    "write_working_set", "Prefetcher",
+    "write_working_set", "write_working_sets", "Prefetcher",
     # serving: the Handler, what Handler.add returns (Served) and its Regions, log and stats
     "Handler", "Served", "Region", "EventLog", "Stats", "IdleFill",
     # targets (one protocol) and the pieces for other processes (ptrace, x86_64)
@@ -892,6 +893,7 @@ class EventLog:
         self.human_faults = human_faults
         self.json_faults = True       # False: pagefault records stay out of the JSON log too
         self.fields = dict(fields or {})
+        self.names = {}               # pid -> command name, for the human lines (format_human)
 
     def fork_copy(self, **fields):
         """This log for a forked worker, made in the worker: the same destination on a dup of
@@ -905,6 +907,7 @@ class EventLog:
             log.out = self.out
         log.name, log._limit, log._regular = self.name, self._limit, self._regular
         log.json_faults = self.json_faults
+        log.names = dict(self.names)
         return log
 
     @property
@@ -936,11 +939,21 @@ class EventLog:
                 self.flush()
         if self.human is not None and (event != "pagefault" or self.human_faults):
             try:
-                self.human.write(format_human(rec) + "\n")
+                self.human.write(format_human(rec, self.names) + "\n")
                 self.human.flush()
             except (OSError, ValueError):
                 self.human = None
         return rec
+
+    def write_records(self, lines):
+        """Buffer pagefault records already encoded as JSON lines (a list of whole lines: the
+        Handler's fast loop formats its records itself); the same batching as ``emit``."""
+        if not (self.writing and self.json_faults) or not lines:
+            return
+        self._buf.extend(lines)
+        self._buflen += sum(map(len, lines))
+        if self._buflen >= self._limit:
+            self.flush()
 
     def flush(self):
         """Write every buffered record (whole records per write; see the class doc)."""
@@ -1027,22 +1040,41 @@ class EventLog:
         self._close_dest()
 
 
+#: record fields that hold a command line: shown as a shell would quote it
+_ARGV_FIELDS = ("cmd", "argv")
+
+
 def _fmt_value(k, v):
-    if isinstance(v, int) and not isinstance(v, bool) and k in (
-            "address", "start", "end", "from", "to", "base", "dst"):
+    """``k=v`` for a human line: addresses in hex, a command line shell-quoted, lists joined
+    with commas, dicts as ``{k=v ...}``, booleans as yes/no; never Python syntax."""
+    if isinstance(v, bool):
+        return "%s=%s" % (k, "yes" if v else "no")
+    if isinstance(v, int) and k in ("address", "start", "end", "from", "to", "base", "dst"):
         return "%s=0x%x" % (k, v)
+    if isinstance(v, list) and k in _ARGV_FIELDS:
+        line = shlex.join(str(x) for x in v)
+        return '%s="%s"' % (k, line.replace('"', '\\"')) if " " in line else "%s=%s" % (k, line)
     if isinstance(v, list):
         return "%s=%s" % (k, ",".join(
-            "{%s}" % " ".join(_fmt_value(a, b) for a, b in x.items()) if isinstance(x, dict)
-            else str(x) for x in v) or "-")
+            "{%s}" % _fmt_fields(x) if isinstance(x, dict) else str(x) for x in v) or "-")
     if isinstance(v, dict):
-        return "%s={%s}" % (k, " ".join(_fmt_value(a, b) for a, b in v.items()))
+        return "%s={%s}" % (k, _fmt_fields(v))
     return "%s=%s" % (k, v)
 
 
-def format_human(rec):
-    """One readable line for a record: ``  1.234567 pagefault address=0x7f.. flags=write``."""
-    rest = " ".join(_fmt_value(k, v) for k, v in rec.items() if k not in ("t", "event"))
+def _fmt_fields(d):
+    """The ``k=v`` pairs of a dict, fields without a value (None) left out."""
+    return " ".join(_fmt_value(k, v) for k, v in d.items() if v is not None)
+
+
+def format_human(rec, names=None):
+    """One readable line for a record: ``  1.234567 pagefault address=0x7f.. flags=write``.
+    Fields without a value (None) are left out; ``names`` ({pid: command name}) adds the
+    command name to a ``pid`` field: ``pid=1234/sort``."""
+    rest = _fmt_fields({k: v for k, v in rec.items() if k not in ("t", "event")})
+    if names and rec.get("pid") in names and rec.get("comm") is None:
+        rest = rest.replace("pid=%d" % rec["pid"], "pid=%d/%s" % (rec["pid"], names[rec["pid"]]),
+                            1)
     return "%10.6f %-9s %s" % (rec["t"], rec["event"], rest)
 
 
@@ -1521,6 +1553,22 @@ def read_working_set(path):
     except ValueError:
         raise UsageError("%s: bad page_size in header" % path)
     return meta.get("key", "offset"), page_size, pages
+
+
+def write_working_sets(path, sets, page_size, key="address"):
+    """Write per-process working sets (``{pid: [pages]}``, in first-fault order of the
+    processes): the first process's to ``path``, each other's to ``path.PID`` beside it (an
+    address means something only in its own address space).  Returns the paths written."""
+    if not isinstance(sets, dict):
+        write_working_set(path, sets, page_size, key)
+        return [path]
+    items = list(sets.items()) or [(None, [])]
+    out = []
+    for i, (pid, pages) in enumerate(items):
+        p = path if i == 0 else "%s.%s" % (path, pid)
+        write_working_set(p, pages, page_size, key, pid)
+        out.append(p)
+    return out
 
 
 #: largest fill issued by a prefetch step (one ioctl; demand faults are served between steps)
@@ -2427,17 +2475,18 @@ class UrlSource:
 
 class Region:
     """A registered range ``[start, end)`` of one uffd; ``offset`` is the source offset of
-    ``start`` (None: no source data, zero-fill)."""
-    __slots__ = ("start", "end", "offset")
+    ``start`` (None: no source data, zero-fill); ``name`` what the mapping is (``mappings``
+    records: ``[heap]``, ``[anon]``, ``[shmem]``, ``[thread-stack]``...; None: unknown)."""
+    __slots__ = ("start", "end", "offset", "name")
 
-    def __init__(self, start, end, offset=None):
-        self.start, self.end, self.offset = start, end, offset
+    def __init__(self, start, end, offset=None, name=None):
+        self.start, self.end, self.offset, self.name = start, end, offset, name
 
     def __repr__(self):
         return "Region(0x%x-0x%x off=%s)" % (self.start, self.end, self.offset)
 
 
-def file_regions(start, end, file_ranges):
+def file_regions(start, end, file_ranges, name=None):
     """``[start, end)`` as Regions: the parts inside a ``(lo, hi, offset)`` of ``file_ranges``
     (sorted, disjoint) take their source offsets from it, the rest has none (zero-filled)."""
     out, at = [], start
@@ -2446,11 +2495,11 @@ def file_regions(start, end, file_ranges):
         if a >= b:
             continue
         if at < a:
-            out.append(Region(at, a))
-        out.append(Region(a, b, off + (a - lo)))
+            out.append(Region(at, a, None, name))
+        out.append(Region(a, b, off + (a - lo), name))
         at = b
     if at < end:
-        out.append(Region(at, end))
+        out.append(Region(at, end, None, name))
     return out
 
 
@@ -2474,12 +2523,28 @@ class Served:
         self.regions = sorted(regions, key=lambda r: r.start)
         self.starts = [r.start for r in self.regions]
         self.removed = []           # sorted, disjoint [start, end) ranges for on-remove=zero
-        self.pid = pid
+        self.pid = pid              # the process whose mm this uffd belongs to (tgid)
         self.label = label
+        self.comm = None            # its command name (/proc/PID/comm), read when first needed
+        self.mapped = None          # the mappings last logged (a ``mappings`` record) or None
+        self.left = []              # ranges unregistered by on-remove=unregister: not followed
 
     def reindex(self):
         self.regions = [r for r in sorted(self.regions, key=lambda r: r.start) if r.end > r.start]
         self.starts = [r.start for r in self.regions]
+        self.mapped = None          # changed: log the mappings again
+
+    def mappings(self):
+        """The registered mappings as ``mappings`` record entries: adjacent regions of the same
+        name merged, ``{"start", "len", "name"}``."""
+        out = []
+        for r in self.regions:
+            name = r.name or "[anon]"
+            if out and out[-1][1] == r.start and out[-1][2] == name:
+                out[-1][1] = r.end
+            else:
+                out.append([r.start, r.end, name])
+        return [{"start": a, "len": b - a, "name": n} for a, b, n in out]
 
     def find(self, addr):
         """The region holding ``addr``, or None."""
@@ -2498,10 +2563,10 @@ class Served:
                 out.append(r)
                 continue
             if r.start < start:
-                out.append(Region(r.start, start, r.offset))
+                out.append(Region(r.start, start, r.offset, r.name))
             if r.end > end:
                 off = None if r.offset is None else r.offset + (end - r.start)
-                out.append(Region(end, r.end, off))
+                out.append(Region(end, r.end, off, r.name))
         self.regions = out
         self.reindex()
 
@@ -2529,20 +2594,30 @@ FAST_HINT_MAX_PAGES = 1 << 26
 
 # -- the Handler ----------------------------------------------------------------------------------
 
+#: The fast loop's pagefault record, formatted directly (the same fields and values as
+#: ``serve_fault``'s record; json.dumps costs ~3 µs a fault), and its ``flags`` by
+#: UFFD_PAGEFAULT_FLAG_WRITE (bit 0).  The records are written in batches of whole records of at
+#: most LOG_LINES_BATCH bytes (PIPE_BUF), and before the loop sleeps or any other record.
+PF_LINE = ('{"t":%.6f,"event":"pagefault","address":%d,"flags":%s,"ptid":%d,"pid":%s,'
+           '"resolved":"%s","pages":%d,"us":%.1f,"ufd":%d%s}\n')
+PF_FLAGS = ("[]", '["write"]')
+LOG_LINES_BATCH = 4096
+
 #: the fast loop times 1 fault in this many (a power of two); the general path times every fault
 FAST_LATENCY_EVERY = 8
 
 
 class _Clock:
-    """Deadline and periodic tick of ``Handler.run``."""
+    """Deadline, periodic tick and timers (``Handler.timers``) of ``Handler.run``."""
 
-    def __init__(self, timeout, tick, interval):
+    def __init__(self, timeout, tick, interval, timers=()):
         now = time.monotonic()
         self.deadline = None if timeout is None else now + timeout
         self.tick = tick if interval else None
         self.interval = interval
         self.next_tick = now + interval if self.tick else None
-        self.active = self.deadline is not None or self.tick is not None
+        self.timers = [[now + every, every, fn] for every, fn in timers]
+        self.active = self.deadline is not None or self.tick is not None or bool(self.timers)
 
     def check(self):
         """Run a due tick; return 'timeout' when the deadline has passed, else None."""
@@ -2552,13 +2627,18 @@ class _Clock:
         if self.next_tick is not None and now >= self.next_tick:
             self.tick()
             self.next_tick = now + self.interval
+        for t in self.timers:
+            if now >= t[0]:
+                t[2]()
+                t[0] = now + t[1]
         if self.deadline is not None and now >= self.deadline:
             return "timeout"
         return None
 
     def wait_ms(self):
-        """poll() timeout until the next tick or the deadline (None: wait forever)."""
+        """poll() timeout until the next tick, timer or the deadline (None: wait forever)."""
         limits = [t for t in (self.deadline, self.next_tick) if t is not None]
+        limits += [t[0] for t in self.timers]
         if not limits:
             return None
         return max(0, int((min(limits) - time.monotonic()) * 1000) + 1)
@@ -2607,15 +2687,22 @@ class Handler:
         self.record = record
         self.prefetch = prefetch
         self.fast = fast
+        self.fast_log = False         # the fast loop may write pagefault records (watch)
+        self.log_mappings = False     # write ``mappings`` records (watch: ``announce``)
         self.spin = spin              # seconds to keep reading before sleeping in poll
         self._present = None          # fast loop's readahead hint (bytearray by source page)
         self.exact_regions = False    # True: a fault outside the regions is an error (Firecracker)
         self._holes = bool(getattr(self.source, "holes", None))     # a sparse source file
         self._recorded = set()
         self._zeros = None
+        self._tgid = {}               # ptid -> tgid: the ``pid`` of a pagefault record
         self.served = {}              # fd -> Served
         self.on_fork = None           # hook: callable(parent Served, child Served)
         self.on_gone = None           # hook: callable(Served) when a uffd's process is gone
+        self.on_event = None          # hook: callable(Served, event) after a non-fault event
+        self.on_unknown = None        # hook: callable(Served, addr) -> [Region]: the regions of
+        #                               registered memory the bookkeeping does not know
+        self.timers = []              # (seconds, callable): run every so often by ``run``
         self.on_lost = None           # hook: callable(Served): install every page it lacks
         self.lost = []                # pids whose uffd could not be read any more (``lose``)
         self.stopping = False
@@ -2633,7 +2720,39 @@ class Handler:
                 for r in regions]
         s = Served(uffd, regs, pid, label)
         self.served[uffd.fileno()] = s
+        self.announce(s)
         return s
+
+    def fault_pid(self, s, ptid):
+        """The tgid of faulting thread ``ptid``: ``s.pid`` for the threads of the uffd's own
+        process, the child's own tgid for a vfork child running in its parent's memory
+        (/proc/PTID/status, cached; ``forget_tid`` when a thread is gone)."""
+        t = self._tgid.get(ptid)
+        if t is None:
+            if not ptid:
+                return s.pid
+            t = self._tgid[ptid] = _tgid_of(ptid)
+            if s.pid is None:         # a FORK child not yet named: its first faulting thread
+                s.pid = t
+            elif t != s.pid and t not in self.log.names:     # a vfork child: name it
+                self.log.names[t] = _comm_of(t) or "?"
+        return t
+
+    def forget_tid(self, tid):
+        self._tgid.pop(tid, None)
+
+    def announce(self, s):
+        """Log ``s``'s mappings (a ``mappings`` record) if they changed since last logged, when
+        per-fault records are written: so that a reader can place every fault address."""
+        if s.mapped is not None or not self.log_mappings or not self.log.wants_faults:
+            return
+        s.mapped = s.mappings()
+        if s.comm is None and s.pid:
+            s.comm = _comm_of(s.pid)
+        if s.comm and s.pid:
+            self.log.names[s.pid] = s.comm
+        self.log.emit("mappings", pid=s.pid, comm=s.comm, ufd=s.uffd.fileno(),
+                      mappings=s.mapped)
 
     def drop(self, s, reason, **fields):
         """Stop serving ``s`` (its process exited or its fd hung up) and close its uffd;
@@ -2702,9 +2821,10 @@ class Handler:
         if type(ev) is Fork:
             uffd = ev.ufd if isinstance(ev.ufd, Userfaultfd) else Userfaultfd.adopt(
                 ev.ufd, s.uffd.features)
-            child = Served(uffd, [Region(r.start, r.end, r.offset) for r in s.regions],
+            child = Served(uffd, [Region(r.start, r.end, r.offset, r.name) for r in s.regions],
                            label="fork-of-%s" % (s.pid or s.uffd.fileno()))
             child.removed = list(s.removed)
+            child.comm = s.comm               # fork keeps the command name
             self.served[uffd.fileno()] = child
             rec["parent_ufd"] = s.uffd.fileno()
             if self.on_fork:
@@ -2717,7 +2837,15 @@ class Handler:
             self._remove(s, ev.start, ev.end)
             rec["policy"] = self.on_remove
         rec.setdefault("ufd", s.uffd.fileno())      # a Fork record's ufd is the child's
+        if s.pid is not None:
+            rec["pid"] = s.pid                # whose address space (a Fork's: the parent's)
         self.log.emit(rec.pop("event"), **rec)
+        if type(ev) is Unmap and s.left:
+            s.left = _cut_range(s.left, ev.start, ev.end)
+        if self.on_event:
+            self.on_event(s, ev)
+        if type(ev) in (Remap, Unmap, Remove) and s.uffd.fileno() in self.served:
+            self.announce(s)
 
     def _remap(self, s, ev):
         moved = []
@@ -2726,7 +2854,7 @@ class Handler:
             a, b = max(r.start, lo), min(r.end, hi)
             if a < b:
                 off = None if r.offset is None else r.offset + (a - r.start)
-                moved.append(Region(a - lo + ev.to, b - lo + ev.to, off))
+                moved.append(Region(a - lo + ev.to, b - lo + ev.to, off, r.name))
         s.cut(lo, hi)
         s.cut(ev.to, ev.to + ev.len)
         s.regions.extend(moved)
@@ -2734,9 +2862,14 @@ class Handler:
 
     def _remove(self, s, start, end):
         if self.on_remove == "zero":
-            s.removed = _merge_range(s.removed, start, end)
+            # Only pages with source data need remembering (they must not get it back); a
+            # page without (watch) gets a zero page either way.
+            if any(r.offset is not None and r.start < end and start < r.end
+                   for r in s.regions):
+                s.removed = _merge_range(s.removed, start, end)
             return
         # unregister each registered piece (the kernel wakes waiters in it)
+        s.left = _merge_range(s.left, start, end)
         for r in list(s.regions):
             a, b = max(r.start, start), min(r.end, end)
             if a < b:
@@ -2753,6 +2886,8 @@ class Handler:
     def serve_fault(self, s, f):
         """Resolve one PageFault on ``s``; logs it when the log wants faults."""
         t = time.perf_counter()
+        if s.pid is None:
+            self.fault_pid(s, f[2])
         ps = self.page_size
         addr = f[0] & ~(ps - 1)
         kind = f.kind
@@ -2760,6 +2895,14 @@ class Handler:
         st.add("faults_" + kind)
         pages = 0
         r = s.find(addr)
+        if r is None and self._calls:
+            # the tracer registered it and queued the bookkeeping before the tracee went on
+            self.run_calls()
+            if s.uffd.closed:
+                return
+            r = s.find(addr)
+        if r is None and self.on_unknown is not None:
+            r = self._adopt(s, addr)
         if r is None and kind == "missing":
             # Registered memory the bookkeeping does not know: a VMA grown in place by mremap
             # (no event) or past a REMAP's old length.  A wake alone would re-fault forever;
@@ -2773,11 +2916,13 @@ class Handler:
             self._retry(s, s.uffd.wake, addr, ps)
         elif kind == "wp":
             how = "wp"
+            self._note(s, r, addr)            # a page written first is in the working set too
             self._retry(s, s.uffd.writeprotect, addr, ps, False)
         elif kind == "minor":
+            self._note(s, r, addr)
             how, pages = self._fill(s, s.uffd.continue_, addr, ps, "continue")
         else:
-            self._note(r, addr)
+            self._note(s, r, addr)
             if r.offset is None or (s.removed and s.is_removed(addr)):
                 off, how = None, "zero"
                 fill = self._zero_fill
@@ -2810,9 +2955,13 @@ class Handler:
         us = (time.perf_counter() - t) * 1e6
         st.latency(us)
         if self.log.wants_faults:
+            pid = self.fault_pid(s, f[2])
+            self.announce(s)
             rec = f.record()
             rec.pop("event")
-            rec.update(resolved=how, pages=pages, us=round(us, 1), ufd=s.uffd.fileno())
+            rec.update(pid=pid, resolved=how, pages=pages, us=round(us, 1), ufd=s.uffd.fileno())
+            if pid != s.pid and s.pid is not None:
+                rec["mm_pid"] = s.pid        # a vfork child: the address is in s.pid's mappings
             self.log.emit("pagefault", **rec)
 
     def _outside(self, s, addr):
@@ -2824,10 +2973,32 @@ class Handler:
                       "handshake region; served a zero page" % addr, address=addr,
                       ufd=s.uffd.fileno(), pid=s.pid)
 
-    def _note(self, r, addr):
-        if self.record is not None:
+
+    def _adopt(self, s, addr):
+        """A fault in registered memory the bookkeeping does not know: take its regions from
+        ``on_unknown`` (the target reads /proc/PID/maps).  This happens when an UNMAP event of
+        an old mapping is read after the tracer registered a new one at the same addresses
+        (munmap returns once the event is read, so another thread can map there first)."""
+        regs = self.on_unknown(s, addr)
+        if not regs:
+            return None
+        s.cut(min(x.start for x in regs), max(x.end for x in regs))
+        s.regions.extend(regs)
+        s.reindex()
+        self.stats.add("regions_adopted")
+        return s.find(addr)
+
+    def _note(self, s, r, addr):
+        """Add the faulting page to the working set: ``record`` is a list, or a dict of lists by
+        process (``s.pid``: each address space has its own set)."""
+        if self.record is not None and r is not None:
             key = addr if r.offset is None else r.offset + (addr - r.start)
-            if key not in self._recorded:
+            if type(self.record) is dict:
+                k2 = (s.pid, key)
+                if k2 not in self._recorded:
+                    self._recorded.add(k2)
+                    self.record.setdefault(s.pid, []).append(key)
+            elif key not in self._recorded:
                 self._recorded.add(key)
                 self.record.append(key)
 
@@ -3105,7 +3276,7 @@ class Handler:
         src_fd = getattr(self.source, "watch_fd", -1)    # the source file changed?
         if src_fd >= 0:
             poller.register(src_fd, select.POLLIN)
-        clock = _Clock(timeout, tick, tick_interval)
+        clock = _Clock(timeout, tick, tick_interval, self.timers)
         user_idle = [idle]
 
         def idle_step():
@@ -3122,9 +3293,7 @@ class Handler:
         busy = True
         spin_until = 0.0
         while not self.stopping:
-            while self._calls:
-                fn, a, kw = self._calls.pop(0)
-                fn(*a, **kw)
+            self.run_calls()
             for fd in list(self.served):
                 if fd not in polled:
                     poller.register(fd, select.POLLIN)
@@ -3195,6 +3364,12 @@ class Handler:
                         self.drop(s, "hangup")
         return "stopped"
 
+    def run_calls(self):
+        """Run the ``call_soon`` queue (in the thread in ``run``)."""
+        while self._calls:
+            fn, a, kw = self._calls.pop(0)
+            fn(*a, **kw)
+
     def wake(self):
         """Make ``run`` try its idle work again (thread-safe; a UrlSource calls it when a
         background fetch completes)."""
@@ -3214,9 +3389,17 @@ class Handler:
             pass
 
     def _fast_ok(self):
-        return (self.fast and len(self.served) == 1 and not self.log.wants_faults
+        return (self.fast and len(self.served) == 1 and self._fast_log_ok()
+                and type(self.record) is not dict
                 and self.source.kind in ("copy", "zero")
                 and not (self.hugetlb and self.source.kind == "zero"))
+
+    def _fast_log_ok(self):
+        """The fast loop writes per-fault records when ``fast_log`` (watch) and only to the JSON
+        log (a human line per fault takes the general path)."""
+        log = self.log
+        return not log.wants_faults or self.fast_log and (log.human is None or
+                                                          not log.human_faults)
 
     def _run_fast(self, s, poller, extra, clock, idle_step, busy):
         """The hot loop for one uffd (see the class doc).  Serves until something needs the
@@ -3268,6 +3451,12 @@ class Handler:
         lat_append = lat.append
         rec = self.record
         recorded = self._recorded
+        logged = self.log.wants_faults          # JSON records only (_fast_log_ok)
+        tgids, fault_pid = self._tgid, self.fault_pid
+        mono, log_t0 = time.monotonic, self.log.t0
+        lines = []                              # formatted pagefault records not written yet
+        line_bytes = 0
+        uffd_no = fd
         poll = poller.poll
         log_flush = self.log.flush
         holes = self._holes
@@ -3281,10 +3470,20 @@ class Handler:
         faults = nbytes = partial = eagain = waits = 0      # faults: never reset (sampling)
         flushed = 0                                          # faults already in st
         lo = hi = roff = 0
+        rhint = None
         slow = bool(s.removed) or bool(self.prefetch)
+
+        def put_lines():
+            """Write the batched pagefault records: whole records, at most LOG_LINES_BATCH
+            bytes per write (PIPE_BUF: atomic on a pipe)."""
+            nonlocal lines, line_bytes
+            if lines:
+                self.log.write_records(lines)
+                lines, line_bytes = [], 0
 
         def flush():
             nonlocal flushed, nbytes, partial, eagain, waits
+            put_lines()                 # before any other record (order) and any stats
             if waits:
                 st.add("waits", waits)
             if faults > flushed:
@@ -3302,9 +3501,13 @@ class Handler:
             nbytes = partial = eagain = waits = 0
 
         def general(msg):
-            """Hand one message to the general code; False if the fast loop must stop."""
+            """Hand one message to the general code; False if the fast loop must stop.  The
+            cached region is forgotten: the general code may have read events that changed the
+            regions (an UNMAP, and a new mapping at the same addresses)."""
+            nonlocal lo, hi
             flush()
             self.handle(s, decode_msgs(msg))
+            lo = hi = 0
             return fd in self.served and len(self.served) == 1
 
         try:
@@ -3315,6 +3518,8 @@ class Handler:
                     # the queue is empty: background work, then wait
                     if self.stopping:
                         return "stopped"
+                    if self._calls:                   # call_soon work (watch's tracer)
+                        return None
                     if busy:
                         flush()
                         busy = idle_step()
@@ -3336,6 +3541,7 @@ class Handler:
                         if res:
                             return res
                         wait_ms = clock.wait_ms()
+                    put_lines()                       # before sleeping: nothing waits
                     waits += 1
                     log_flush()                       # about to sleep: buffered records out
                     for pfd, ev in poll(wait_ms):
@@ -3366,7 +3572,7 @@ class Handler:
                         self.lose(s, e)
                     return None
                 spin_until = 0.0
-                ev, flags, addr, _ = unpack(msg)
+                ev, flags, addr, ptid = unpack(msg)
                 if ev != PF or flags & SPECIAL or slow:
                     if not general(msg):
                         return None
@@ -3377,19 +3583,25 @@ class Handler:
                 if not lo <= addr < hi:
                     # a new region: [lo, hi) is the part with source data (data_end), so a
                     # page past the end of the file, or of a region without data, goes general
+                    # (with --zero, or watch, a region without data is zero-filled as a whole)
                     r = s.find(addr)
-                    if r is None or addr >= data_end(r, src.size, ps) or holes and \
+                    end = r.end if zero and r is not None else data_end(r, src.size, ps) \
+                        if r is not None else 0
+                    if r is None or addr >= end or holes and \
                             src.hole_span(r.offset, r.end - r.start) > r.start - r.end:
                         # (a region with holes of a sparse file also goes general)
                         if not general(msg):
                             return None
                         continue
-                    lo, hi, roff = r.start, data_end(r, src.size, ps), r.offset
+                    lo, hi = r.start, end
+                    # no source offset: the working set keys by address, no readahead hint
+                    roff = r.offset if r.offset is not None else lo
+                    rhint = hint if r.offset is not None else None
                 n = hi - addr
                 if n > ra:
                     n = ra
                 off = roff + addr - lo
-                if hint is not None:
+                if rhint is not None:
                     i = off >> shift
                     k = find(1, i + 1, i + (n >> shift))
                     if k >= 0:
@@ -3400,7 +3612,7 @@ class Handler:
                     if ensure is not None:
                         n = ensure(off, n)
                     put(arg, 0, addr, base + off, n)
-                sample = not faults & LAT_MASK      # latency of 1 fault in 8 (saves ~0.1 µs)
+                sample = logged or not faults & LAT_MASK   # 1 fault in 8 (saves ~0.1 µs)
                 if sample:
                     t0 = perf()
                 try:
@@ -3422,18 +3634,36 @@ class Handler:
                         slow = bool(s.removed) or bool(self.prefetch)
                         continue
                 if sample:
-                    lat_append(perf() - t0)
-                if hint is not None:
+                    dt = perf() - t0
+                    lat_append(dt)
+                if rhint is not None:
                     i = off >> shift
-                    hint[i:i + (n >> shift)] = ones[:n >> shift]
+                    rhint[i:i + (n >> shift)] = ones[:n >> shift]
                 faults += 1
                 nbytes += n
                 if rec is not None and off not in recorded:
                     recorded.add(off)
                     rec.append(off)
+                if logged:                          # the record serve_fault would write
+                    ptid &= 0xFFFFFFFF
+                    pid = tgids.get(ptid) or fault_pid(s, ptid)
+                    if s.mapped is None:
+                        put_lines()
+                        self.announce(s)
+                    line = PF_LINE % (mono() - log_t0, addr, PF_FLAGS[flags & 1], ptid,
+                                      pid if pid is not None else "null", how, n >> shift,
+                                      dt * 1e6, uffd_no,
+                                      "" if pid == s.pid or s.pid is None else
+                                      ',"mm_pid":%d' % s.pid)
+                    lines.append(line)
+                    line_bytes += len(line)
+                    if line_bytes >= LOG_LINES_BATCH - 256:
+                        put_lines()
                 if not faults & 1023:              # a long burst: stop() and ticks still work
                     if self.stopping:
                         return "stopped"
+                    if self._calls:               # call_soon work (watch's tracer)
+                        return None
                     if src_fd >= 0:
                         flush()
                         src.check()
@@ -3463,6 +3693,34 @@ class Handler:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+
+
+def _cut_range(ranges, start, end):
+    """Remove ``[start, end)`` from a sorted list of disjoint ranges."""
+    out = []
+    for a, b in ranges:
+        if b <= start or a >= end:
+            out.append((a, b))
+            continue
+        if a < start:
+            out.append((a, start))
+        if b > end:
+            out.append((end, b))
+    return out
+
+
+def _gaps(start, end, covered):
+    """The parts of ``[start, end)`` outside the sorted, disjoint ``(a, b)`` ranges."""
+    out, at = [], start
+    for a, b in covered:
+        if b <= at or a >= end:
+            continue
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < end:
+        out.append((at, end))
+    return out
 
 
 class IdleFill:
@@ -3622,6 +3880,7 @@ def _merge_range(ranges, start, end):
 # The syscalls injected into / filtered for an x86_64 target (asm/unistd_64.h).  These are the
 # *target's* numbers, so they stay x86_64 even if the tool ever runs elsewhere.
 NR_close, NR_mmap, NR_brk, NR_mremap, NR_madvise, NR_getpid = 3, 9, 12, 25, 28, 39
+NR_ptrace = 101
 NR_sigaltstack = 131
 NR_userfaultfd = 323
 KCMP_VM = 1
@@ -3789,6 +4048,22 @@ class Mapping(tuple):
     def is_anon_private_or_stack(self):
         """is_private_anon() or the main thread's ``[stack]``: what ``--range`` accepts."""
         return self.is_private_anon() or (self[2][3] == "p" and self[6] == "[stack]")
+
+    def is_shared_anon(self):
+        """``mmap(MAP_SHARED|MAP_ANONYMOUS)``: shmem (the kernel names it ``/dev/zero
+        (deleted)``), e.g. Python's default ``mmap.mmap(-1, n)`` and multiprocessing's."""
+        return self[2][3] == "s" and self[6] == "/dev/zero (deleted)"
+
+    def is_anon(self):
+        """What watch registers: private anonymous memory and shared anonymous (shmem)."""
+        return self.is_private_anon() or self.is_shared_anon()
+
+    def name(self):
+        """The ``mappings`` record name: ``[heap]``, ``[stack]``, ``[anon:NAME]``, ``[shmem]``,
+        ``[anon]`` (an anonymous mmap) or the file's path."""
+        if self.is_shared_anon():
+            return "[shmem]"
+        return self[6] or "[anon]"
 
 
 def parse_maps(text):
@@ -4441,6 +4716,7 @@ def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_sto
 AUDIT_ARCH_X86_64 = 0xC000003E
 SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_TYPE = 0x02, 0x20, 0x0F
+MAP_SHARED_VALIDATE, MAP_STACK = 0x03, 0x20000
 
 
 class sock_filter(ctypes.Structure):
@@ -4453,23 +4729,27 @@ class sock_fprog(ctypes.Structure):
 
 
 def _bpf_watch_filter():
-    """BPF: SECCOMP_RET_TRACE for brk, mremap and private-anonymous mmap; allow the rest.
+    """BPF: SECCOMP_RET_TRACE for brk, mremap, anonymous mmap (private or shared: shmem) and
+    ptrace (a CMD that traces cannot be watched: SpawnTracer says so); allow the rest.
 
     seccomp_data: nr@0, arch@4, args[i]@16+8i (low word first). Jumps are relative, forward.
     """
     LD, JEQ, AND, RET = 0x20, 0x15, 0x54, 0x06
     prog = [
         (LD, 0, 0, 4),                                    # 0 A = arch
-        (JEQ, 0, 7, AUDIT_ARCH_X86_64),                   # 1 other arch -> 9 allow
+        (JEQ, 0, 10, AUDIT_ARCH_X86_64),                  # 1 other arch -> 12 allow
         (LD, 0, 0, 0),                                    # 2 A = nr
-        (JEQ, 6, 0, NR_brk),                              # 3 -> 10 trace
-        (JEQ, 5, 0, NR_mremap),                           # 4 -> 10 trace
-        (JEQ, 0, 3, NR_mmap),                             # 5 not mmap -> 9 allow
-        (LD, 0, 0, 16 + 3 * 8),                           # 6 A = low word of flags
-        (AND, 0, 0, MAP_TYPE | MAP_ANONYMOUS),            # 7
-        (JEQ, 1, 0, MAP_PRIVATE | MAP_ANONYMOUS),         # 8 -> 10 trace
-        (RET, 0, 0, SECCOMP_RET_ALLOW),                   # 9
-        (RET, 0, 0, SECCOMP_RET_TRACE),                   # 10
+        (JEQ, 9, 0, NR_brk),                              # 3 -> 13 trace
+        (JEQ, 8, 0, NR_mremap),                           # 4 -> 13 trace
+        (JEQ, 7, 0, NR_ptrace),                           # 5 -> 13 trace
+        (JEQ, 0, 5, NR_mmap),                             # 6 not mmap -> 12 allow
+        (LD, 0, 0, 16 + 3 * 8),                           # 7 A = low word of flags
+        (AND, 0, 0, MAP_TYPE | MAP_ANONYMOUS),            # 8
+        (JEQ, 3, 0, MAP_PRIVATE | MAP_ANONYMOUS),         # 9 -> 13 trace
+        (JEQ, 2, 0, MAP_SHARED | MAP_ANONYMOUS),          # 10 -> 13 trace
+        (JEQ, 1, 0, MAP_SHARED_VALIDATE | MAP_ANONYMOUS),  # 11 -> 13 trace
+        (RET, 0, 0, SECCOMP_RET_ALLOW),                   # 12
+        (RET, 0, 0, SECCOMP_RET_TRACE),                   # 13
     ]
     arr = (sock_filter * len(prog))(*[sock_filter(*i) for i in prog])
     return sock_fprog(len(prog), arr), arr
@@ -4495,7 +4775,7 @@ class SpawnError(OSError):
     """CMD could not be started (not found, not executable); carries `cmd`."""
 
 
-def spawn_traced(argv):
+def spawn_traced(argv, stdout_to_stderr=False):
     """Fork CMD, PTRACE_SEIZE it with SPAWN_OPTIONS, then let it install the filter and exec.
 
     SEIZE (not TRACEME) because PTRACE_LISTEN, needed to keep group-stops (SIGSTOP/SIGTSTP)
@@ -4504,7 +4784,8 @@ def spawn_traced(argv):
     otherwise the child's own mmap/brk would fail with ENOSYS (seccomp(2), RET_TRACE).
     The child only reads a pipe, calls seccomp via ctypes (prepared here) and execs.
     Returns (pid, fd): fd is the read end of the CLOEXEC pipe on which a failed exec reports
-    ``Name:hex-errno:message`` (EOF when exec succeeded).
+    ``Name:hex-errno:message`` (EOF when exec succeeded).  ``stdout_to_stderr``: CMD's stdout
+    is the tool's stderr (when the tool's stdout carries the JSON log).
     """
     fprog, keep = _bpf_watch_filter()
     go_r, go_w = os.pipe()
@@ -4518,6 +4799,8 @@ def spawn_traced(argv):
             os.close(go_r)
             for s in (signal.SIGPIPE, signal.SIGXFSZ):    # Python ignores these; exec keeps SIG_IGN
                 signal.signal(s, signal.SIG_DFL)
+            if stdout_to_stderr:
+                os.dup2(2, 1)
             _install_seccomp(fprog)
             os.execvp(argv[0], argv)
         except BaseException as e:
@@ -4549,14 +4832,25 @@ class SpawnTracer:
     Callbacks (all called in this thread, while the reporting tracee is stopped):
       on_exec(pid, fd)              a new program image runs in pid; fd = our copy of its uffd
                                     (None if injection failed) - register its anon mappings now
-      on_map(pid, start, end)       [start, end) became private anonymous memory in pid's mm
+      on_map(pid, start, end, name) [start, end) became anonymous memory in pid's mm (private
+                                    or shared); name: '[heap]' (brk), '[thread-stack]' (mmap
+                                    with MAP_STACK), '[shmem]', '[anon]', None (mremap: the
+                                    moved mapping's own)
       on_fork(parent, child, same)  a new task; same=True if it shares the parent's mm
       on_exit(pid, status)          a traced task is gone (status from waitpid)
     `run()` returns CMD's exit status (128+signal if killed) once every tracee is gone.
+
+    A tracee that calls ptrace itself (strace, gdb: PTRACE_TRACEME would fail, it is already
+    traced) is stopped before the call: every tracee is killed and ``run`` raises UsageError.
+    vfork/posix_spawn children (CLONE_VM|CLONE_VFORK) run in the parent's mm, so they have no
+    uffd of their own until they exec (no FORK uffd event either); ``tasks`` maps them to their
+    own tgid, which their faults on the parent's uffd are attributed to.
     """
 
-    def __init__(self, argv, on_exec, on_map, on_fork=None, on_exit=None, inject_flags=UFFD_TARGET_FLAGS):
+    def __init__(self, argv, on_exec, on_map, on_fork=None, on_exit=None, inject_flags=UFFD_TARGET_FLAGS,
+                 stdout_to_stderr=False):
         self.argv = argv
+        self.stdout_to_stderr = stdout_to_stderr
         self.on_exec, self.on_map = on_exec, on_map
         self.on_fork, self.on_exit = on_fork or (lambda *a: None), on_exit or (lambda *a: None)
         self.inject_flags = inject_flags
@@ -4569,11 +4863,12 @@ class SpawnTracer:
         self.inject_error = None
         self.stopped_seconds = 0.0
         self.held = set()               # new tasks stopped until their parent's event names them
+        self.refused = None             # UsageError: a tracee called ptrace
         self._err_r = None
 
     def start(self):
         """Fork and seize CMD; raises SpawnError/PtraceError."""
-        self.root, self._err_r = spawn_traced(self.argv)
+        self.root, self._err_r = spawn_traced(self.argv, self.stdout_to_stderr)
         self.tasks[self.root] = self.root
         return self.root
 
@@ -4611,6 +4906,8 @@ class SpawnTracer:
             self._check_exec_error()
         if self.exec_error is not None:
             raise self.exec_error
+        if self.refused is not None:
+            raise self.refused
         return self.status
 
     def _gone(self, tid, status):
@@ -4649,6 +4946,8 @@ class SpawnTracer:
             return
         if ev == PTRACE_EVENT_SECCOMP:
             r = get_regs(tid)
+            if r.orig_rax == NR_ptrace:
+                return self._refuse_ptrace(tid)
             self.pending[tid] = ("seccomp", r.orig_rax, (r.rdi, r.rsi, r.rdx, r.r10, r.r8))
             ptrace(PTRACE_SYSCALL, tid, 0, 0)
         elif ev == PTRACE_EVENT_EXEC:
@@ -4684,6 +4983,15 @@ class SpawnTracer:
         else:                                       # signal-delivery-stop: deliver it
             ptrace(PTRACE_CONT, tid, 0, sig)
 
+    def _refuse_ptrace(self, tid):
+        """CMD (or a descendant) is about to call ptrace: it cannot, since we trace it."""
+        if self.refused is None:
+            self.refused = UsageError(
+                "CMD calls ptrace (process %d, %s): a program that traces others (strace, gdb) "
+                "cannot run under 'watch -- CMD', which traces it already; start it alone and "
+                "watch the traced program with --pid PID" % (tid, _comm_of(tid) or "?"))
+        self.kill_all()
+
     def _syscall_exit(self, tid):
         p = self.pending.pop(tid, None)
         tgid = self.tasks.get(tid, tid)
@@ -4705,11 +5013,16 @@ class SpawnTracer:
             if old is None:
                 old = _start_brk(tgid)
             if res > old:
-                self.on_map(tgid, (old + page - 1) & -page, (res + page - 1) & -page)
+                self.on_map(tgid, (old + page - 1) & -page, (res + page - 1) & -page, "[heap]")
             self.brk[tgid] = res
         elif not -4096 < res < 0 and nr in (NR_mmap, NR_mremap):
             length = args[1] if nr == NR_mmap else args[2]
-            self.on_map(tgid, res, res + ((length + page - 1) & -page))
+            name = None
+            if nr == NR_mmap:
+                flags = args[3]
+                name = ("[thread-stack]" if flags & MAP_STACK else "[shmem]" if flags & MAP_TYPE
+                        in (MAP_SHARED, MAP_SHARED_VALIDATE) else "[anon]")
+            self.on_map(tgid, res, res + ((length + page - 1) & -page), name)
         ptrace(PTRACE_CONT, tid, 0, 0)
 
     def _inject_at_exec(self, tid):
@@ -4743,12 +5056,28 @@ class SpawnTracer:
                 pass
 
 
+def _log_on_stdout(log):
+    """Whether the JSON log goes to the tool's stdout (``--json`` / ``--log -``): then nothing
+    else may write there (CMD's stdout goes to stderr)."""
+    return (getattr(log, "out", None) is sys.stdout or getattr(log, "name", None) == "stdout"
+            or getattr(log, "fd", -1) == 1)
+
+
 def _tgid_of(tid):
     """The thread-group id of a task (/proc/TID/status), or tid itself if it is gone."""
     try:
         return int(proc_status(tid).get("Tgid", tid))
     except (OSError, ValueError):
         return tid
+
+
+def _comm_of(pid):
+    """The command name of a process (/proc/PID/comm), or None if it is gone."""
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _start_brk(pid):
@@ -5062,6 +5391,8 @@ def watch_features(events, mode, warn):
         if not int(avail) & UFFD_FEATURE_PAGEFAULT_FLAG_WP:
             raise NotPermitted("--mode wp: this kernel lacks UFFD_FEATURE_PAGEFAULT_FLAG_WP")
         want |= UFFD_FEATURE_PAGEFAULT_FLAG_WP
+        # write-protecting shmem (shared anonymous memory) needs this one too
+        want |= int(avail) & UFFD_FEATURE_WP_HUGETLBFS_SHMEM
     if want & UFFD_FEATURE_EVENT_FORK and not has_cap(CAP_SYS_PTRACE):
         warn("fork events need CAP_SYS_PTRACE: watching without them (forked children run "
              "unwatched)")
@@ -5243,6 +5574,29 @@ def self_workload(area, size):
     return checks
 
 
+def _size_error(size):
+    return UsageError("--size %s: cannot map that much memory here (out of memory: more than "
+                      "RAM and vm.overcommit allow); use a smaller --size" % _human_bytes(size))
+
+
+def _human_bytes(n):
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and not n % (1 << shift):
+            return "%d%s" % (n >> shift, unit)
+    return str(n)
+
+
+def self_memory(size):
+    """The --self area: ``size`` bytes of fresh anonymous memory; a size this machine cannot map
+    is a usage error (one line, exit 2), not a traceback."""
+    try:
+        return mmap_anon(size)
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise _size_error(size) from None
+        raise
+
+
 class SelfTarget(Target):
     """watch ``--self``: a range of the tool's own memory and the built-in workload (a thread).
     Ends when the workload is done; a failed check of the workload is exit status 1, SIGINT
@@ -5259,9 +5613,9 @@ class SelfTarget(Target):
         self.thread = None
 
     def attach(self, handler):
+        self.area = self_memory(self.size)
         uffd = Userfaultfd()
         uffd.api(self.features)
-        self.area = mmap_anon(self.size)
         try:   # a PROT_NONE page right after the area makes the workload's mremap grow move it
             self.guard = mmap_anon(PAGE_SIZE, PROT_NONE, MAP_PRIVATE | MAP_FIXED_NOREPLACE,
                                    addr=self.area + self.size)
@@ -5309,6 +5663,60 @@ class SelfTarget(Target):
 
 # -- --pid: a running process ---------------------------------------------------------------------
 
+#: --pid --all-anon: how often (seconds) the target's maps are read for new anonymous mappings;
+#: also after a REMAP/UNMAP event, at most every PID_RESCAN_MIN
+PID_RESCAN, PID_RESCAN_MIN = 0.1, 0.01
+
+
+def _mapping_names(pid, maps):
+    """{mapping start: name} for the anonymous mappings of pid: ``Mapping.name``, and
+    ``[thread-stack]`` for a mapping holding the stack pointer of a thread other than the main
+    one (/proc/PID/task/TID/syscall; a running thread is not seen)."""
+    names = {m.start: m.name() for m in maps if m.is_anon() or m.path == "[stack]"}
+    sps = []
+    try:
+        for tid in os.listdir("/proc/%d/task" % pid):
+            if int(tid) != pid:
+                with open("/proc/%d/task/%s/syscall" % (pid, tid)) as f:
+                    words = f.read().split()
+                if len(words) >= 3:
+                    sps.append(int(words[-2], 16))
+    except (OSError, ValueError):
+        pass
+    for sp in sps:
+        m = next((m for m in maps if m.start <= sp < m.end), None)
+        if m is not None and names.get(m.start) == "[anon]":
+            names[m.start] = "[thread-stack]"
+    return names
+
+
+def mapping_regions_at(pid, addr, file_ranges=()):
+    """The Regions of pid's anonymous mapping that holds ``addr`` (``Handler.on_unknown``),
+    or [] if there is none."""
+    try:
+        maps = read_maps(pid)
+    except (OSError, TypeError):
+        return []
+    m = next((m for m in maps if m.start <= addr < m.end), None)
+    if m is None or not m.is_anon():
+        return []
+    return file_regions(m.start, m.end, file_ranges, m.name())
+
+
+def _name_at(names, addr):
+    """The name of the mapping that starts at or before ``addr`` (``_mapping_names``)."""
+    best = None
+    for start in names:
+        if start <= addr and (best is None or start > best):
+            best = start
+    return names.get(best, "[anon]")
+
+
+def _in_starts(maps, starts, addr):
+    """Whether ``addr`` lies in a mapping whose start is in ``starts``."""
+    return any(m.start in starts and m.start <= addr < m.end for m in maps)
+
+
 def _check_ranges(pid, ranges, maps):
     """Validate --range pairs against the target's maps: page-aligned start, inside private
     anonymous mappings.  Returns [(start, length)] (length rounded up to pages)."""
@@ -5324,9 +5732,9 @@ def _check_ranges(pid, ranges, maps):
             if m is None:
                 raise UsageError("range 0x%x:%d: 0x%x is not mapped in process %d"
                                  % (start, length, a, pid))
-            if not m.is_anon_private_or_stack():
-                raise UsageError("range 0x%x:%d: 0x%x is not private anonymous memory (%s %s)"
-                                 % (start, length, a, m.perms, m.path or "anonymous shared"))
+            if not (m.is_anon_private_or_stack() or m.is_shared_anon()):
+                raise UsageError("range 0x%x:%d: 0x%x is not private anonymous memory nor "
+                                 "shared anonymous (%s %s)" % (start, length, a, m.perms, m.path))
             a = m.end
         out.append((start, length))
     return out
@@ -5414,7 +5822,7 @@ class PidTarget(Target):
         self.exit_fields = None               # set once the process has ended
 
     def ready_fields(self):
-        return {"target": "pid", "pid": self.pid}
+        return {"target": "pid", "pid": self.pid, "comm": _comm_of(self.pid)}
 
     def fired(self, fd):
         self.exit_fields = describe_wait_status(pidfd_wait_status(self.pidfd, self.pid))
@@ -5434,15 +5842,19 @@ class PidTarget(Target):
             raise UsageError(e.strerror if isinstance(e, ProcessLookupError) else
                              "no such process: %d" % pid)
         if self.all_anon:
-            regions = [(m.start, m.end - m.start) for m in maps if m.is_private_anon()]
+            regions = [(m.start, m.end - m.start) for m in maps if m.is_anon()]
             if not regions:
-                raise UsageError("process %d has no private anonymous memory" % pid)
+                raise UsageError("process %d has no anonymous memory" % pid)
         else:
             regions = _check_ranges(pid, self.ranges, maps)
+        names = _mapping_names(pid, maps)
+        shared = {m.start for m in maps if m.is_shared_anon()}
+        # --dontneed never drops the pages of a shared mapping (other processes map them)
+        private = [(a, n) for a, n in regions if not _in_starts(maps, shared, a)]
         box = {}
         spare = pre = None
         if self.snapshot and self.mode == "missing" and Precopy.available():
-            pre = Precopy(pid, regions)
+            pre = Precopy(pid, private)
             try:
                 pre.run()
             except ProcessLookupError as e:
@@ -5457,7 +5869,7 @@ class PidTarget(Target):
                 raise TargetError("process %d: precopy: %s" % (pid, e))
             self.precopy_stop_s = pre.stopped_seconds
         elif self.snapshot:
-            spare = snapshot_buffer(pid, regions)
+            spare = snapshot_buffer(pid, private)
 
         def while_stopped(att, fd):
             uffd = Userfaultfd.adopt(os.dup(fd))     # ours; inject_userfaultfd closes fd
@@ -5465,7 +5877,7 @@ class PidTarget(Target):
             uffd.api(self.features)
             runs = ()
             if self.dontneed:
-                buf, index, runs = drop_present(att, regions, self.snapshot, spare, pre)
+                buf, index, runs = drop_present(att, private, self.snapshot, spare, pre)
                 self.recopied = pre.recopied if pre is not None else None
                 if self.snapshot:
                     handler.source.adopt(buf, index)
@@ -5507,10 +5919,20 @@ class PidTarget(Target):
         if self.offsets is not None:
             offs = self.offsets
         else:
-            offs = [s if self.snapshot else None for s, _ in regions]
-        handler.add(box["uffd"], [(s, n, o) for (s, n), o in zip(regions, offs)],
-                    pid=pid, label="pid")
+            offs = [s if self.snapshot and (s, n) in private else None for s, n in regions]
+        self.served = handler.add(box["uffd"], [Region(s, s + n, o, _name_at(names, s))
+                                                for (s, n), o in zip(regions, offs)],
+                                  pid=pid, label="pid")
         handler.on_fork, handler.on_lost = self._fork, self._install_all
+        if self.all_anon:                       # follow the mappings created from now on
+            self.handler = handler
+            self._scanned = 0.0
+            self._refused = set()
+            handler.timers.append((PID_RESCAN, self.follow))
+            if self.offsets is None and not self.snapshot:     # regions without source data
+                handler.on_unknown = lambda s, addr: mapping_regions_at(s.pid, addr)
+            handler.on_event = lambda s, ev: type(ev) in (Remap, Unmap) and self.follow(
+                PID_RESCAN_MIN)
         return [self.pidfd]
 
     def _install_all(self, s, pid=None):
@@ -5532,6 +5954,44 @@ class PidTarget(Target):
         except OSError:
             pass
         self.handler.drop(child, "not-followed")
+
+    def follow(self, min_age=0.0):
+        """Register the anonymous mappings of the target that are not registered yet (new ones
+        since attach: mmap, brk growth, thread stacks...).  Runs in the handler thread, every
+        PID_RESCAN seconds and after REMAP/UNMAP events (at most every ``min_age``).  The uffd
+        registers in the target's mm from here: no stop needed."""
+        now = time.monotonic()
+        s = self.served
+        if now - self._scanned < min_age or s.uffd.closed or \
+                self.handler.served.get(s.uffd.fileno()) is not s:
+            return
+        self._scanned = now
+        try:
+            maps = read_maps(self.pid)
+        except OSError:
+            return
+        covered = sorted([(r.start, r.end) for r in s.regions] + s.left)
+        names = None
+        added = 0
+        for m in maps:
+            if not m.is_anon():
+                continue
+            for a, b in _gaps(m.start, m.end, covered):
+                if (a, b) in self._refused:
+                    continue
+                try:
+                    arm(s.uffd, a, b - a, self.mode)
+                except UffdError:
+                    self._refused.add((a, b))   # gone meanwhile, or not registrable: once
+                    continue
+                if names is None:
+                    names = _mapping_names(self.pid, maps)
+                s.regions.append(Region(a, b, None, _name_at(names, m.start)))
+                added += 1
+        if added:
+            s.reindex()
+            self.handler.stats.add("followed_mappings", added)
+            self.handler.announce(s)
 
     def detach(self, handler, reason):
         if self.exit_fields is not None:      # nothing to leave whole: say how it ended
@@ -5581,7 +6041,7 @@ class SpawnTarget(Target):
     ``file_ranges`` (serve-file): sorted ``(start, end, source offset)`` address ranges whose
     pages come from the source; every other page is zero-filled."""
     name = "cmd"
-    fast = False      # the tracer thread adds uffds and regions through call_soon
+    fast = True       # the fast loop leaves for the tracer's call_soon work (regions, uffds)
 
     def __init__(self, argv, mode, features, warn=None, file_ranges=(), done_reason="done"):
         self.argv, self.mode, self.features = argv, mode, features
@@ -5599,7 +6059,9 @@ class SpawnTarget(Target):
         self.handler.call_soon(self._warn, msg)
 
     def ready_fields(self):
-        return {"target": "cmd", "cmd": self.argv, "pid": self.tracer.root}
+        # comm: what the kernel will name it after exec (the first 15 bytes of the file name)
+        return {"target": "cmd", "cmd": self.argv, "pid": self.tracer.root,
+                "comm": os.path.basename(self.argv[0])[:15]}
 
     def fired(self, fd):
         return self.done_reason
@@ -5613,6 +6075,11 @@ class SpawnTarget(Target):
         self.handler = handler
         self.cv = threading.Condition()
         handler.on_fork = self._uffd_fork
+        handler.on_unknown = lambda s, addr: mapping_regions_at(s.pid, addr, self.file_ranges)
+        self.stdout_to_stderr = _log_on_stdout(handler.log)
+        if self.stdout_to_stderr:
+            handler.log.emit("warning", message="CMD's standard output goes to stderr: stdout "
+                                                "carries only the JSON log")
         self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
         started = threading.Event()
         self.thread = threading.Thread(target=self._trace, args=(started,), name="uffdtool-tracer",
@@ -5627,7 +6094,8 @@ class SpawnTarget(Target):
         return [self.done_r]
 
     def _trace(self, started):
-        self.tracer = SpawnTracer(self.argv, self._exec, self._map, self._fork, self._exit)
+        self.tracer = SpawnTracer(self.argv, self._exec, self._map, self._fork, self._exit,
+                                  stdout_to_stderr=self.stdout_to_stderr)
         try:
             try:
                 self.tracer.start()
@@ -5669,10 +6137,10 @@ class SpawnTarget(Target):
             uffd.api(self.features)
             regions = []
             for m in read_maps(pid):
-                if m.is_private_anon():
+                if m.is_anon():
                     try:
                         arm(uffd, m.start, m.end - m.start, self.mode)
-                        regions.extend(file_regions(m.start, m.end, self.file_ranges))
+                        regions.extend(file_regions(m.start, m.end, self.file_ranges, m.name()))
                     except UffdError:
                         pass
         except (UffdError, OSError) as e:
@@ -5681,11 +6149,11 @@ class SpawnTarget(Target):
             return
         self.uffd_of[pid] = uffd
         self.owner[uffd.fileno()] = pid
+        self.handler.call_soon(self.handler.log.emit, "exec", pid=pid, comm=_comm_of(pid),
+                               ufd=uffd.fileno(), regions=len(regions))
         self.handler.call_soon(self.handler.add, uffd, regions, pid, "cmd")
-        self.handler.call_soon(self.handler.log.emit, "exec", pid=pid, ufd=uffd.fileno(),
-                               regions=len(regions))
 
-    def _map(self, tgid, start, end):
+    def _map(self, tgid, start, end, name=None):
         uffd = self.uffd_of.get(tgid)
         if uffd is None or uffd.closed or end <= start:
             return
@@ -5693,13 +6161,16 @@ class SpawnTarget(Target):
             arm(uffd, start, end - start, self.mode)
         except UffdError:
             return          # not registrable (e.g. an mremap of file memory): not ours
-        self.handler.call_soon(self._add_region, uffd.fileno(), start, end)
+        self.handler.call_soon(self._add_region, uffd.fileno(), start, end, name)
 
-    def _add_region(self, fd, start, end):
+    def _add_region(self, fd, start, end, name=None):
         s = self.handler.served.get(fd)
         if s is not None:
+            if name is None:            # mremap: the moved mapping keeps its name
+                name = next((r.name for r in s.regions if r.start < end and start < r.end
+                             and r.name), "[anon]")
             s.cut(start, end)
-            s.regions.extend(file_regions(start, end, self.file_ranges))
+            s.regions.extend(file_regions(start, end, self.file_ranges, name))
             s.reindex()
 
     def _fork(self, parent, child, same):
@@ -5725,6 +6196,7 @@ class SpawnTarget(Target):
         self.handler.call_soon(setattr, cs, "pid", child)
 
     def _exit(self, tid, status):
+        self.handler.call_soon(self.handler.forget_tid, tid)     # tids are reused
         uffd = self.uffd_of.pop(tid, None)
         if uffd is not None and self.owner.get(uffd.fileno()) == tid:
             self._drop(uffd, "exited", **describe_wait_status(status))
@@ -6366,15 +6838,20 @@ class SelfServeTarget(Target):
         self._thread = None
 
     def attach(self, handler):
+        self.addr = self_memory(self.size)
+        try:
+            self.copy = bytearray(self.size)
+        except MemoryError:
+            munmap(self.addr, self.size)
+            self.addr = 0
+            raise _size_error(self.size) from None
         self.uffd = Userfaultfd()
         self.uffd.api(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID)
-        self.addr = mmap_anon(self.size)
         try:
             madvise(self.addr, self.size, MADV_NOHUGEPAGE)
         except OSError:
             pass
         self.uffd.register(self.addr, self.size)
-        self.copy = bytearray(self.size)
         handler.add(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(), "self")
         self._r, self._w = os.pipe2(os.O_CLOEXEC)
         return [self._r]
@@ -9453,9 +9930,11 @@ def _add_resolve(p):
     g = p.add_argument_group("resolution policy (RESOLVE)")
     g.add_argument("--readahead", metavar="PAGES", type=_positive_int, default=1,
                    help="fill up to PAGES pages per fault from the faulting page (default 1)")
-    g.add_argument("--on-remove", choices=("unregister", "zero"), default="unregister",
-                   help="what a page removed by MADV_DONTNEED/REMOVE gets later "
-                        "(default unregister: the kernel's own zero page)")
+    g.add_argument("--on-remove", choices=("unregister", "zero"), default=None,
+                   help="what a page removed by MADV_DONTNEED/REMOVE gets later: unregister "
+                        "(the kernel's own zero page, no more faults there) or zero (it stays "
+                        "watched and gets a zero page).  Default: zero for watch (it keeps "
+                        "watching), unregister for serve-file (what Firecracker's handler does)")
     g.add_argument("--record", metavar="FILE",
                    help="write the working set (pages that faulted, in first-fault order)")
     g.add_argument("--spin", metavar="USEC", type=_usec, default=DEFAULT_SPIN * 1e6,
@@ -9626,13 +10105,16 @@ EPILOG_WATCH = """targets:
               event's uffd), grows the area with mremap (a guard page forces a move), writes the
               grown part, moves it with MREMAP_FIXED, MADV_DONTNEEDs the second quarter and
               munmaps it all: every event type in one run.  'stats' reports its checks.
-  -- CMD      runs CMD under ptrace (x86_64) and registers its private anonymous memory at
-              each exec and at each mmap/brk/mremap; follows forks; exits with CMD's status.
+  -- CMD      runs CMD under ptrace (x86_64) and registers its anonymous memory (private and
+              shared) at each exec and at each mmap/brk/mremap; follows forks; exits with CMD's
+              status.  With --json CMD's stdout goes to stderr (stdout carries only JSON).  A
+              CMD that calls ptrace itself (strace, gdb) is refused: one line, exit 2.
               On SIGINT/SIGTERM CMD gets 1 s to end, then SIGTERM, then SIGKILL.  If uffdtool
               itself is SIGKILLed the kernel kills CMD too (PTRACE_O_EXITKILL).
   --pid PID   injects userfaultfd() into a running x86_64 process (stopped ~1 ms), registers
-              --range START:LEN or --all-anon ([heap], anonymous mmaps; not [stack]), detaches
-              and serves.  Non-destructive: MISSING sees untouched pages, --mode wp also the
+              --range START:LEN or --all-anon ([heap], anonymous mmaps private or shared; not
+              [stack]; with --all-anon also the mappings it creates later, within 0.1 s),
+              detaches and serves.  Non-destructive: MISSING sees untouched pages, --mode wp also the
               first write to present pages.  SIGINT/SIGTERM/--duration/target exit: ranges
               unregistered, uffd closed, target running with its data.  --dontneed is the one
               destructive option (see above).
@@ -9642,6 +10124,11 @@ examples:
   sudo uffdtool watch --json -- python3 -c 'bytearray(10**7)'
   sudo uffdtool watch --pid 1234 --all-anon --duration 10
   sudo uffdtool watch --pid 1234 --range 0x7f0000000000:64K --mode wp --record ws.txt
+  sudo uffdtool watch --json --record ws.txt -- make -j2 | jq -c 'select(.event=="mappings")'
+
+records: every pagefault carries pid (the faulting process) and, for a vfork child in its
+parent's memory, mm_pid; 'mappings' records name each process's registered mappings when first
+seen and when they change.  --record with several processes: FILE, then FILE.PID for the others.
 """
 
 EPILOG_SERVE = """targets:
@@ -9925,6 +10412,9 @@ class Session:
     counters = ()
     idle = None                               # Handler idle work (serve-file --fill idle)
     record_key = "address"
+    per_process = True                        # one working set per address space (watch)
+    fast_log = True                           # the fast loop may write pagefault records
+    log_mappings = True                       # ``mappings`` records (a report places faults)
     failure = None                            # the exception that ended the run, if any
     final_stats = None                        # the final stats record, once written
 
@@ -9933,7 +10423,7 @@ class Session:
         self.target, self.source = target, source
         self.start_fields = start_fields
         self.stats = Stats()
-        self.record = _record_list(args)
+        self.record = _record_list(args, self.per_process)
         self.handler = None
         self.cpu0 = None
         self.attached = self.serving = False
@@ -9965,7 +10455,7 @@ class Session:
                                        readahead=args.readahead, on_remove=args.on_remove,
                                        page_size=t.page_size, record=self.record,
                                        hugetlb=t.hugetlb, spin=args.spin / 1e6)
-            h.fast = t.fast
+            h.fast, h.fast_log, h.log_mappings = t.fast, self.fast_log, self.log_mappings
             sig.handler = h
             fds = t.attach(h)
             self.attached = True
@@ -10074,9 +10564,10 @@ class Session:
             extra["cpu_sys_s"] = round(cpu1.ru_stime - self.cpu0.ru_stime, 6)
         if self.record is not None and self.handler is not None:
             try:
-                write_working_set(self.args.record, self.record, self.handler.page_size,
-                                  key=self.record_key)
-                extra["recorded_pages"] = len(self.record)
+                write_working_sets(self.args.record, self.record, self.handler.page_size,
+                                   key=self.record_key)
+                extra["recorded_pages"] = sum(map(len, self.record.values())) if \
+                    isinstance(self.record, dict) else len(self.record)
             except UffdToolError as e:        # the final records still go out
                 _json_only(self.log, "error", message=str(e))
                 self.failure = self.failure or e
@@ -10099,16 +10590,17 @@ class Session:
         return status
 
 
-def _record_list(args):
-    """[] to collect the working set when --record FILE was given (FILE checked writable now,
-    not after the work is done), else None."""
+def _record_list(args, per_process=False):
+    """[] (``per_process``: {} for one list per process) to collect the working set when
+    --record FILE was given (FILE checked writable now, not after the work is done), else
+    None."""
     if not args.record:
         return None
     try:
         open(args.record, "a").close()
     except OSError as e:
         raise UsageError("cannot write %s: %s" % (args.record, e.strerror))
-    return []
+    return {} if per_process else []
 
 
 def _make_log(args, human_faults):
@@ -10146,6 +10638,7 @@ def cmd_watch(args):
         events = parse_events(args.events)
     except ValueError as e:
         raise UsageError("--events: %s" % e)
+    args.on_remove = args.on_remove or "zero"        # keep watching after MADV_DONTNEED
     _check_target_args(args, "watch")
     log = _make_log(args, human_faults=True)
     try:
@@ -10175,6 +10668,7 @@ class ServeSession(Session):
     set, the --self verification."""
     counters = SERVE_COUNTERS
     record_key = "offset"
+    per_process = fast_log = log_mappings = False
 
     def __init__(self, args, log, target, source, working_set):
         super().__init__("serve-file", args, log, target, source, dict(
@@ -10220,6 +10714,7 @@ def cmd_serve_file(args):
             raise UsageError("%s records addresses (key=%s); serve-file needs a working set of "
                              "source offsets (record it with serve-file --record)"
                              % (args.prefetch, ws[0]))
+    args.on_remove = args.on_remove or "unregister"  # what Firecracker's handler does
     log = _make_log(args, human_faults=args.verbose)
     log.json_faults = not args.no_fault_log
     source = None

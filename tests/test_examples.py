@@ -214,6 +214,21 @@ def test_watch_overhead_benchmark_runs(tmp_path):
 
 
 @needs_root
+def test_watch_bench_runs(tmp_path):
+    """bench/watch_bench.py (docs/benchmarks.md), at a small size: the table has the plain row,
+    every mode and the fast loop (no timing is asserted)."""
+    need_program("gcc", "gcc")
+    assert "python3 bench/watch_bench.py" in readme()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "watch_bench.py"),
+                        "--size", "8", "--reps", "1"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 1 + 5 + 1, r.stdout        # header, plain, 5 modes, the fast loop
+    assert all(re.search(r"\d\.\d\d×", row) for row in rows[3:]), r.stdout
+
+
+@needs_root
 def test_url_benchmark_runs():
     """bench/url_bench.py (README "Restoring from a URL"), at a small size: a real nginx, the
     shared C toucher, every configuration once; each run verified (no timing is asserted)."""

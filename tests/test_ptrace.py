@@ -30,7 +30,7 @@ def test_maps_parser_and_private_anon():
 
 def test_bpf_filter_shape():
     prog, arr = U._bpf_watch_filter()
-    assert prog.len == len(arr) == 11
+    assert prog.len == len(arr) == 14
     for pc, ins in enumerate(arr):           # every jump lands inside the program
         if ins.code == 0x15:
             assert pc + 1 + max(ins.jt, ins.jf) < len(arr)
