@@ -15,8 +15,8 @@ Contents (each section starts with a boxed banner; grep for ``#  N.``):
      5. Userfaultfd              the object that owns one uffd
      6. Events                   PageFault/Fork/Remap/Remove/Unmap and ``decode_msgs``
      7. Event log and stats      the JSON-lines writer and the counters
-     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets, prefetch,
-                                 a URL (Range GETs, the cache directory)
+     8. Page sources             zero, file + offset, the --dontneed snapshot, working sets,
+                                 prefetch, a URL (Range GETs, the cache directory)
      9. Handler loop             serves faults and events on one or more uffds (one fault policy)
     10. ptrace (x86_64)          injecting ``userfaultfd()`` into another process, spawning CMD
     11. Targets                  one Target protocol: --self, -- CMD, --pid, Firecracker socket
@@ -763,8 +763,8 @@ def _event(cls_name, name, fields, json_names=None):
 
 
 Fork = _event("Fork", "fork", ("ufd",))
-Fork.__doc__ = """A UFFD_EVENT_FORK: ``ufd`` is the child's uffd (an fd number from ``decode_msgs``, a
-Userfaultfd from ``Userfaultfd.read_events``)."""
+Fork.__doc__ = """A UFFD_EVENT_FORK: ``ufd`` is the child's uffd (an fd number from
+``decode_msgs``, a Userfaultfd from ``Userfaultfd.read_events``)."""
 Fork.record = lambda self: {"event": "fork", "ufd": getattr(self.ufd, "fileno", lambda: self.ufd)()}
 Remap = _event("Remap", "remap", ("from_", "to", "len"), ("from", "to", "len"))
 Remove = _event("Remove", "remove", ("start", "end"))
@@ -832,7 +832,8 @@ PIPE_BUF = select.PIPE_BUF
 
 
 class EventLog:
-    """The one writer of JSON-lines records (README, "CLI contract") and of the human lines on stderr.
+    """The one writer of JSON-lines records (README, "CLI contract") and of the human lines on
+    stderr.
 
     ``dest``: None (no JSON), ``'-'`` (stdout), a path, or a file object.  Every record gets
     ``t`` (seconds since ``t0``) and ``event``.  ``human`` is where the human-readable lines
@@ -1381,8 +1382,9 @@ def _blkdev_size(fd):
 class SnapshotSource:
     """Page source of ``watch --pid --dontneed``: the page at address A comes from a snapshot of
     A taken before MADV_DONTNEED (regions carry ``offset = original address``, which stays
-    right after a REMAP); pages that were never present get zero pages.  ``install_missing`` puts every
-    page back that has not faulted yet, so detaching leaves the target's data complete."""
+    right after a REMAP); pages that were never present get zero pages.  ``install_missing``
+    puts every page back that has not faulted yet, so detaching leaves the target's data
+    complete."""
     kind = "copy"
     size = None
 
@@ -1747,10 +1749,11 @@ class UrlSource:
     The chunks land in one local mapping of the object's size (``base``, like FileSource's),
     from which UFFDIO_COPY copies: anonymous memory, or with ``cache`` a MAP_SHARED mapping of
     the cache entry's sparse file, where each chunk fetched now gets anonymous memory over it
-    and is written to the file behind the serving (``_writer``).  ``ensure(off, n)`` makes the chunk holding ``off``
-    present (waiting for its fetch) before a fill; ``fetchers`` threads fetch, one of them only
-    for waiting faults, so background work (readahead, ``plan`` of a --prefetch list,
-    ``ready`` for --fill idle) never delays a fault by more than the fetch it waits for.
+    and is written to the file behind the serving (``_writer``).  ``ensure(off, n)`` makes the
+    chunk holding ``off`` present (waiting for its fetch) before a fill; ``fetchers`` threads
+    fetch, one of them only for waiting faults, so background work (readahead, ``plan`` of a
+    --prefetch list, ``ready`` for --fill idle) never delays a fault by more than the fetch it
+    waits for.
 
     The object is pinned at start (strong ETag, else Last-Modified, plus the size from the
     first ranged GET's Content-Range): every request carries If-Match/If-Range (or
@@ -2797,7 +2800,8 @@ class Handler:
         self.lost.append(s.pid)
         self.stats.add("uffds_lost")
         self.log.emit("error", message="the uffd of process %s could not be read (%s): %d "
-                      "page(s) installed, then closed" % (s.pid, why, installed), ufd=s.uffd.fileno())
+                      "page(s) installed, then closed" % (s.pid, why, installed),
+                      ufd=s.uffd.fileno())
         self.drop(s, "lost", error=why)
 
     # -- events ---------------------------------------------------------------------------------
@@ -3406,9 +3410,10 @@ class Handler:
         general loop (returns None) or ``run`` must return (returns its result).
 
         Per fault: one ``os.read`` of 32 bytes (read first, poll only when the queue is empty:
-        a poll costs a syscall and, when it sleeps, two wake-ups), one ``unpack_from``, one ``pack_into`` into a preallocated
-        ioctl argument and one ``fcntl.ioctl(fd, req, buf, True)``; counters are locals, flushed
-        into ``self.stats`` when the loop leaves or ticks."""
+        a poll costs a syscall and, when it sleeps, two wake-ups), one ``unpack_from``, one
+        ``pack_into`` into a preallocated ioctl argument and one ``fcntl.ioctl(fd, req, buf,
+        True)``; counters are locals, flushed into ``self.stats`` when the loop leaves or
+        ticks."""
         st = self.stats
         uffd = s.uffd
         fd = uffd.fileno()
@@ -4110,7 +4115,8 @@ def elf_is_x86_64(pid):
     """True if /proc/PID/exe is an ELFCLASS64 EM_X86_64 binary (rejects i386 and x32)."""
     with open("/proc/%d/exe" % pid, "rb") as f:
         h = f.read(20)
-    return len(h) == 20 and h[:4] == b"\x7fELF" and h[4] == 2 and struct.unpack_from("<H", h, 18)[0] == 62
+    return (len(h) == 20 and h[:4] == b"\x7fELF" and h[4] == 2
+            and struct.unpack_from("<H", h, 18)[0] == 62)
 
 
 def same_mm(pid1, pid2):
@@ -4297,7 +4303,8 @@ class Injector:
                 frame = (fpstate - SIGFRAME_BYTES) & ~15
                 data = _sigframe(self.saved, self.saved_mask, xstate, frame, fpstate, sr)
                 self.scratch = os.pread(mem.fileno(), len(data), frame)
-                if len(self.scratch) != len(data) or os.pwrite(mem.fileno(), data, frame) != len(data):
+                if (len(self.scratch) != len(data)
+                        or os.pwrite(mem.fileno(), data, frame) != len(data)):
                     return None
         except OSError:
             return None
@@ -4306,7 +4313,8 @@ class Injector:
         return frame, frame, frame + len(data)
 
     def syscall(self, nr, *args):
-        """Execute syscall nr(args) in the tracee; return the result, raise InjectError on -errno."""
+        """Execute syscall nr(args) in the tracee; return the result, raise InjectError on
+        -errno."""
         if self.insn is None:
             self.insn = find_syscall_insn(self.pid, self.saved)
         r = copy_regs(self.saved)
@@ -4464,12 +4472,15 @@ def check_attachable(pid):
     if pid == os.getpid():
         raise PtraceError(errno.EINVAL, "cannot attach to the tool itself (use --self)", pid)
     if os.uname().machine != "x86_64":
-        raise PtraceError(errno.ENOSYS, "--pid needs x86_64 (this machine is %s)" % os.uname().machine, pid)
+        raise PtraceError(errno.ENOSYS, "--pid needs x86_64 (this machine is %s)"
+                          % os.uname().machine, pid)
     if st.get("Seccomp", "0") != "0":
         raise PtraceError(errno.EPERM, "process %d runs under seccomp (Seccomp: %s); an injected "
-                          "userfaultfd() could be denied or kill it, refusing" % (pid, st["Seccomp"]), pid)
+                          "userfaultfd() could be denied or kill it, refusing"
+                          % (pid, st["Seccomp"]), pid)
     if st.get("TracerPid", "0") != "0":
-        raise PtraceError(errno.EPERM, "process %d is already traced by pid %s" % (pid, st["TracerPid"]), pid)
+        raise PtraceError(errno.EPERM, "process %d is already traced by pid %s"
+                          % (pid, st["TracerPid"]), pid)
     try:
         ok = elf_is_x86_64(pid)
     except PermissionError:
@@ -4520,11 +4531,12 @@ class Attachment:
                 _test_pause("seized")
             except PtraceError as e:
                 if e.errno == errno.ESRCH:
-                    raise ProcessLookupError(errno.ESRCH, "no such process: %d" % self.pid) from None
+                    raise ProcessLookupError(errno.ESRCH,
+                                             "no such process: %d" % self.pid) from None
                 if e.errno == errno.EPERM:
-                    raise PtraceError(errno.EPERM, "cannot ptrace process %d (already traced, other "
-                                      "user without CAP_SYS_PTRACE, or not dumpable)" % self.pid,
-                                      self.pid) from None
+                    raise PtraceError(
+                        errno.EPERM, "cannot ptrace process %d (already traced, other user "
+                        "without CAP_SYS_PTRACE, or not dumpable)" % self.pid, self.pid) from None
                 raise
             self.tids.append(self.pid)
             if self.all_threads:
@@ -4540,7 +4552,8 @@ class Attachment:
     def _stop_all_threads(self):
         """Seize every thread, repeating until /proc/PID/task is stable (threads may spawn)."""
         while True:
-            new = [int(t) for t in os.listdir("/proc/%d/task" % self.pid) if int(t) not in self.tids]
+            new = [int(t) for t in os.listdir("/proc/%d/task" % self.pid)
+                   if int(t) not in self.tids]
             if not new:
                 return
             for tid in new:
@@ -4847,8 +4860,8 @@ class SpawnTracer:
     own tgid, which their faults on the parent's uffd are attributed to.
     """
 
-    def __init__(self, argv, on_exec, on_map, on_fork=None, on_exit=None, inject_flags=UFFD_TARGET_FLAGS,
-                 stdout_to_stderr=False):
+    def __init__(self, argv, on_exec, on_map, on_fork=None, on_exit=None,
+                 inject_flags=UFFD_TARGET_FLAGS, stdout_to_stderr=False):
         self.argv = argv
         self.stdout_to_stderr = stdout_to_stderr
         self.on_exec, self.on_map = on_exec, on_map
@@ -4856,7 +4869,7 @@ class SpawnTracer:
         self.inject_flags = inject_flags
         self.root = None
         self.tasks = {}                 # tid -> tgid of every live tracee
-        self.pending = {}               # tid -> ("seccomp", nr, args) | ("exec",) awaiting exit-stop
+        self.pending = {}               # tid -> ("seccomp", nr, args) | ("exec",): at exit-stop
         self.brk = {}                   # tgid -> current brk
         self.status = None
         self.exec_error = None
@@ -4964,7 +4977,8 @@ class SpawnTracer:
                 same = same_mm(tid, child)
             except OSError:
                 same = ev != PTRACE_EVENT_FORK
-            shares_tgid = ev == PTRACE_EVENT_CLONE and os.path.exists("/proc/%d/task/%d" % (parent_tgid, child))
+            shares_tgid = ev == PTRACE_EVENT_CLONE and os.path.exists(
+                "/proc/%d/task/%d" % (parent_tgid, child))
             self.tasks[child] = parent_tgid if shares_tgid else child
             if not shares_tgid and parent_tgid in self.brk:
                 self.brk[child] = self.brk[parent_tgid]
@@ -5371,7 +5385,8 @@ def parse_events(text):
         return set()
     bad = [w for w in words if w not in WATCH_EVENTS]
     if bad:
-        raise ValueError("unknown event %r (known: %s, all, none)" % (bad[0], ",".join(WATCH_EVENTS)))
+        raise ValueError("unknown event %r (known: %s, all, none)"
+                         % (bad[0], ",".join(WATCH_EVENTS)))
     return set(words)
 
 
@@ -5552,7 +5567,8 @@ def self_workload(area, size):
         code = mmap_anon(ps, PROT_READ | PROT_WRITE | 4)      # PROT_EXEC
         try:
             ctypes.memmove(code, _FORK_WRITER_X86_64, len(_FORK_WRITER_X86_64))
-            fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long)(code)
+            proto = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long)
+            fn = proto(code)
             pid = fn(area + 2 * q * ps, q * ps, 0x77)
             if pid > 0:
                 _, st = os.waitpid(pid, 0)
@@ -6189,7 +6205,8 @@ class SpawnTarget(Target):
             q = self.forks.get(puffd.fileno())
             cs = q.pop(0) if q else None
         if cs is None:
-            self.warn("fork of %d: no FORK event arrived; child %d is not watched" % (parent, child))
+            self.warn("fork of %d: no FORK event arrived; child %d is not watched"
+                      % (parent, child))
             return
         self.uffd_of[child] = cs.uffd
         self.owner[cs.uffd.fileno()] = child
@@ -6956,7 +6973,8 @@ def gather_info():
         "page_size": PAGE_SIZE, "hugepages": hugepage_sizes(),
         "thp": thp.split("[")[1].split("]")[0] if thp and "[" in thp else thp,
         "uid": os.geteuid(), "cap_sys_ptrace": has_cap(CAP_SYS_PTRACE),
-        "unprivileged_userfaultfd": _int_or_none(read_sysfs("/proc/sys/vm/unprivileged_userfaultfd")),
+        "unprivileged_userfaultfd": _int_or_none(
+            read_sysfs("/proc/sys/vm/unprivileged_userfaultfd")),
         "syscalls": SYSCALLS.get(ARCH, {}),
     }
     dev_exists = os.path.exists(USERFAULTFD_DEV)
@@ -10114,8 +10132,8 @@ EPILOG_WATCH = """targets:
   --pid PID   injects userfaultfd() into a running x86_64 process (stopped ~1 ms), registers
               --range START:LEN or --all-anon ([heap], anonymous mmaps private or shared; not
               [stack]; with --all-anon also the mappings it creates later, within 0.1 s),
-              detaches and serves.  Non-destructive: MISSING sees untouched pages, --mode wp also the
-              first write to present pages.  SIGINT/SIGTERM/--duration/target exit: ranges
+              detaches and serves.  Non-destructive: MISSING sees untouched pages, --mode wp
+              also the first write to present pages.  SIGINT/SIGTERM/--duration/target exit: ranges
               unregistered, uffd closed, target running with its data.  --dontneed is the one
               destructive option (see above).
 

@@ -1,6 +1,7 @@
 """Shared test fixtures: the module from the checkout, and the real-kernel requirements."""
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -221,3 +222,31 @@ class ScriptTarget:
         if self.p.poll() is None:
             self.p.kill()
         self.p.wait(5)
+
+
+# -- shared by the serve-file tests and the scripts of target processes -------------------------
+
+#: the start of a target script that maps its memory through libc (ctypes releases the GIL, and a
+#: plain mmap.mmap would be shared anonymous memory): ``libc.mmap`` ready to call
+LIBC_MMAP = r"""
+import ctypes, hashlib, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+"""
+
+
+@pytest.fixture
+def src(tmp_path):
+    """A 64-page source file of pseudo-random bytes: (path, bytes)."""
+    data = random.Random(5).randbytes(64 * uffdtool.PAGE_SIZE)
+    path = tmp_path / "mem.bin"
+    path.write_bytes(data)
+    return str(path), data
+
+
+@pytest.fixture
+def tools():
+    """The Tools a test started (conftest kills every Tool when the test ends)."""
+    return []

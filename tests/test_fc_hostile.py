@@ -20,21 +20,6 @@ pytestmark = needs_uffd
 PS = u.PAGE_SIZE
 
 
-@pytest.fixture
-def src(tmp_path):
-    """A 64-page source file of pseudo-random bytes: (path, bytes)."""
-    data = random.Random(5).randbytes(64 * PS)
-    path = tmp_path / "mem.bin"
-    path.write_bytes(data)
-    return str(path), data
-
-
-@pytest.fixture
-def tools():
-    """The Tools a test started (conftest kills every Tool when the test ends)."""
-    return []
-
-
 def _error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("uffdtool")]
 

@@ -22,21 +22,6 @@ PS = u.PAGE_SIZE
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture
-def src(tmp_path):
-    """A 64-page source file of pseudo-random bytes: (path, bytes)."""
-    data = random.Random(5).randbytes(64 * PS)
-    path = tmp_path / "mem.bin"
-    path.write_bytes(data)
-    return str(path), data
-
-
-@pytest.fixture
-def tools():
-    """The Tools a test started (conftest kills every Tool when the test ends)."""
-    return []
-
-
 def start(tools, tmp_path, *args, wait=True, fault_log=False):
     """serve-file as a conftest Tool, its JSON log in TMP_PATH/log.jsonl, listening on
     TMP_PATH/uffd.sock (``.sock``) unless ARGS name another target."""

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from conftest import (ScriptTarget, expect_error, needs_root, needs_uffd, run_tool, start_tool,
-                      stop_tool, uffdtool)
+from conftest import (LIBC_MMAP, ScriptTarget, expect_error, needs_root, needs_uffd, run_tool,
+                      start_tool, stop_tool, uffdtool)
 
 PS = uffdtool.PAGE_SIZE
 pytestmark = [needs_uffd, needs_root,
@@ -17,13 +17,8 @@ pytestmark = [needs_uffd, needs_root,
 # A --pid target: maps N pages (argv[1]) of private anonymous memory, prints the address, then
 # obeys stdin: 'fill I K B' memsets pages [I, I+K) to byte B; 'pages I K' prints the md5 of
 # each page of [I, I+K) (reading them: that is what faults).
-TARGET = r"""
-import ctypes, hashlib, sys
+TARGET = LIBC_MMAP + r"""
 PS = 4096
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
 n = int(sys.argv[1])
 a = libc.mmap(None, n * PS, 3, 0x22, -1, 0)
 print("0x%x" % a, flush=True)
@@ -40,12 +35,7 @@ for line in sys.stdin:
 """
 
 # A -- CMD program: maps N pages, reads them all, prints the md5.
-PROG = r"""
-import ctypes, hashlib, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
+PROG = LIBC_MMAP + r"""
 n = int(sys.argv[1])
 at = int(sys.argv[2], 0) if len(sys.argv) > 2 else 0      # MAP_FIXED_NOREPLACE there
 a = libc.mmap(at or None, n * 4096, 3, 0x22 | (0x100000 if at else 0), -1, 0)
@@ -85,14 +75,6 @@ def target():
     t = Target()
     yield t
     t.close()
-
-
-@pytest.fixture
-def src(tmp_path):
-    data = os.urandom(64 * PS)
-    path = tmp_path / "dump.bin"
-    path.write_bytes(data)
-    return str(path), data
 
 
 def start(*args):

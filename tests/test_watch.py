@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import (TOOL, ScriptTarget, expect_error, needs_root, needs_uffd, run_tool,
+from conftest import (LIBC_MMAP, TOOL, ScriptTarget, expect_error, needs_root, needs_uffd, run_tool,
                       start_tool, stop_tool, uffdtool)
 
 PS = os.sysconf("SC_PAGE_SIZE")
@@ -19,13 +19,9 @@ pytestmark = [needs_uffd, needs_root]
 # A child that allocates, writes a pattern, forks (the child maps and writes its own pages),
 # mremaps (grow, moved), madvises (DONTNEED), munmaps and prints a checksum; the addresses go
 # to stderr as one JSON line.
-CHILD = r"""
-import ctypes, hashlib, json, os, sys
+CHILD = LIBC_MMAP + r"""
+import json, os
 PS = 4096
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
 libc.mremap.restype = ctypes.c_void_p
 libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
                         ctypes.c_void_p]
@@ -55,13 +51,9 @@ print(h)
 
 # A long-running target for --pid: 'touch' writes the upper half (missing pages) and every
 # other page of the lower half (present pages), 'sum' prints an md5, 'quit' exits.
-TARGET = r"""
-import ctypes, hashlib, sys, threading
+TARGET = LIBC_MMAP + r"""
+import threading
 PS = 4096
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
 n = 64
 a = libc.mmap(None, n * PS, 3, 0x22, -1, 0)
 for i in range(n // 2):
