@@ -3830,7 +3830,8 @@ def _merge_range(ranges, start, end):
 #  10. ptrace (x86_64)
 ###################################################################################################
 
-# Getting a uffd into another process (technique and verified pitfalls: reference/ptrace.md):
+# Getting a uffd into another process (the technique, and what the README's "What --pid
+# guarantees" promises):
 #   --pid:  Attachment (seize + interrupt every thread) -> Injector.syscall(userfaultfd) at a
 #           `syscall` insn (rip-2 or [vdso]) -> pidfd_getfd -> close() in the target -> restore
 #           regs/mask at the final SIGTRAP signal-delivery-stop -> detach, all in try/finally.
@@ -3940,7 +3941,8 @@ def copy_regs(regs):
 
 
 def get_sigmask(tid):
-    """PTRACE_GETSIGMASK (exact even inside ppoll/sigsuspend, see ptrace.md)."""
+    """PTRACE_GETSIGMASK (exact even inside ppoll/sigsuspend, whose temporary mask the kernel
+    reports as the thread's own)."""
     m = ctypes.c_uint64()
     ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(m))
     return m.value
@@ -4084,7 +4086,8 @@ class InjectError(PtraceError):
 
 
 def find_syscall_insn(pid, regs):
-    """Address of a `syscall` (0f 05) the tracee may execute (ptrace.md: rip-2 or [vdso])."""
+    """Address of a `syscall` (0f 05) the tracee may execute (rip-2 after a syscall-stop, or
+    one in [vdso])."""
     with open("/proc/%d/mem" % pid, "rb", buffering=0) as mem:
         if signed(regs.orig_rax) >= 0 and signed(regs.rax) in RESTART_ERRNOS:
             try:
@@ -4309,7 +4312,7 @@ class Injector:
             entered = False
 
     def _run_steps(self):
-        """Fallback: single-step over the `syscall` (ptrace.md, Register save/restore)."""
+        """Fallback: single-step over the `syscall`, then restore the saved registers."""
         while True:
             ptrace(PTRACE_SINGLESTEP, self.tid, 0, 0)
             sig, ev = self._stopped()
@@ -4326,7 +4329,7 @@ class Injector:
         """Create a uffd in the tracee, take our copy (pidfd_getfd), close the tracee's.
 
         With the tracee's copy closed, a tool crash releases the uffd and faults fall back to
-        normal handling (ptrace.md: "Closing the target's copy")."""
+        normal handling (no fd of the target keeps the context alive)."""
         try:
             tfd = self.syscall(NR_userfaultfd, flags)
         except InjectError as e:
@@ -4651,7 +4654,7 @@ def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_sto
     """Create a uffd inside process pid and return (our fd, seconds the target was stopped).
 
     The target's own copy is closed before detaching, so if the tool dies the uffd context is
-    released and faults fall back to normal handling (ptrace.md: "Closing the target's copy").
+    released and faults fall back to normal handling (no fd of the target keeps it alive).
     `while_stopped(attachment, fd)` runs before detaching (register, snapshot, madvise...).
     """
     with Attachment(pid, all_threads) as a:
@@ -4983,7 +4986,7 @@ class SpawnTracer:
         ptrace(PTRACE_CONT, tid, 0, 0)
 
     def _inject_at_exec(self, tid):
-        """At execve's syscall-exit-stop: create the uffd of the new image (ptrace.md, EXEC)."""
+        """At execve's syscall-exit-stop: create the uffd of the new image (PTRACE_EVENT_EXEC)."""
         fd = None
         t0 = time.monotonic()
         inj = None
@@ -5094,8 +5097,8 @@ def missing_runs(pid, start, end):
 def read_target_pages(pid, pages):
     """process_vm_readv the given pages (batched into contiguous runs); returns {addr: bytes}.
 
-    Only call this on memory that is NOT registered yet (ptrace.md: the tracer must never
-    read a registered range of the target; it would block on its own fault).
+    Only call this on memory that is NOT registered yet (the tracer must never read a
+    registered range of the target: it would block on its own fault).
     """
     page = PAGE_SIZE
     lib = libc()
@@ -10458,7 +10461,7 @@ class Session:
                 status = t.detach(self.handler, "interrupted" if sig and error is None
                                   else reason)
                 if self.handler is not None and self.handler.lost and not status:
-                    status = 1                # a served uffd was lost (CLI.md: 1)
+                    status = 1                # a served uffd was lost: exit 1
             else:
                 t.abort()
             if error is None:
