@@ -3978,7 +3978,7 @@ def stop_event(status):
     return os.WSTOPSIG(status), (status >> 16) & 0xff
 
 
-# -- /proc
+# -- /proc: memory maps, status, pagemap of another process ---------------------------------------
 
 #                  start       end          perms             offset      dev          inode  path
 _MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][ps]) ([0-9a-f]+) "
@@ -4078,7 +4078,7 @@ def pidfd_getfd(pid, fd):
         os.close(pidfd)
 
 
-# -- injection
+# -- injection: a syscall run inside a stopped target, safe to abandon ----------------------------
 
 
 class InjectError(PtraceError):
@@ -4670,7 +4670,7 @@ def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_sto
     return fd, a.stopped_seconds
 
 
-# -- spawn
+# -- spawn: -- CMD under ptrace and seccomp, followed through forks and execs ---------------------
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
