@@ -8566,6 +8566,7 @@ class _Proc:
         self.pages = self.faults = 0
         self.maps = []                     # [start, end, name, source offset or None]
         self.note = ""                     # e.g. "fork child", "Firecracker peer"
+        self.comm = ""                     # its command name, from the last mappings record
         self.first = math.inf
 
 
@@ -8795,6 +8796,8 @@ class LogReport:
         if not isinstance(rec.get("pid"), int):
             return
         p = self._proc(("pid", rec["pid"]))
+        if isinstance(rec.get("comm"), str):
+            p.comm = rec["comm"]
         for m in rec.get("mappings") or ():
             if isinstance(m, dict) and isinstance(m.get("start"), int) and \
                     isinstance(m.get("len"), int):
@@ -9236,6 +9239,8 @@ def _fmt_us(us):
 def _proc_label(p):
     who = "pid %s" % p.pid if p.pid is not None else "ufd %s" % p.key[1] \
         if p.key[0] == "ufd" else "working set"
+    if p.comm:
+        who += " " + p.comm
     return who + (" (%s)" % p.note if p.note else "")
 
 
@@ -10032,10 +10037,10 @@ def build_parser():
     return p
 
 
-EPILOG_SELFTEST = """examples:
-  sudo uffdtool selftest            every check, one line each, then 'N passed, N failed, N skipped'
-  sudo uffdtool selftest -k fork    only the checks whose name contains 'fork'
-  sudo uffdtool selftest --json     JSON lines
+EPILOG_SELFTEST = """examples (as root):
+  uffdtool selftest            every check, one line each, then 'N passed, N failed, N skipped'
+  uffdtool selftest -k fork    only the checks whose name contains 'fork'
+  uffdtool selftest --json     JSON lines
 """
 
 EPILOG_WATCH = """targets:
@@ -10059,12 +10064,12 @@ EPILOG_WATCH = """targets:
               unregistered, uffd closed, target running with its data.  --dontneed is the one
               destructive option (see above).
 
-examples:
-  sudo uffdtool watch --self --size 1M
-  sudo uffdtool watch --json -- python3 -c 'bytearray(10**7)'
-  sudo uffdtool watch --pid 1234 --all-anon --duration 10
-  sudo uffdtool watch --pid 1234 --range 0x7f0000000000:64K --mode wp --record ws.txt
-  sudo uffdtool watch --json --record ws.txt -- make -j2 | jq -c 'select(.event=="mappings")'
+examples (as root):
+  uffdtool watch --self --size 1M
+  uffdtool watch --json -- python3 -c 'bytearray(10**7)'
+  uffdtool watch --pid 1234 --all-anon --duration 10
+  uffdtool watch --pid 1234 --range 0x7f0000000000:64K --mode wp --record ws.txt
+  uffdtool watch --json --record ws.txt -- make -j2 | jq -c 'select(.event=="mappings")'
 
 records: every pagefault carries pid (the faulting process) and, for a vfork child in its
 parent's memory, mm_pid; 'mappings' records name each process's registered mappings when first
@@ -10087,12 +10092,12 @@ EPILOG_SERVE = """targets:
               for --pid), every other page is a zero page, as the kernel would give.  --range
               is required with --file.  Exits with CMD's status.
 
-examples:
+examples (as root):
   uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock
   uffdtool serve-file --zero --firecracker-socket /tmp/uffd.sock --readahead 16
   uffdtool serve-file --file dump.bin --self
-  sudo uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
-  sudo uffdtool serve-file --file img.bin --range 0x600000000000:1M -- ./app
+  uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
+  uffdtool serve-file --file img.bin --range 0x600000000000:1M -- ./app
   uffdtool serve-file --url "$(aws s3 presign s3://b/vm.mem)" --cache /var/cache/uffdtool \\
       --firecracker-socket /tmp/uffd.sock --fill idle
 """
