@@ -5559,20 +5559,64 @@ def self_memory(size):
         raise
 
 
-class SelfTarget(Target):
+class WorkloadTarget(Target):
+    """Base of the two ``--self`` targets: memory of the tool itself, touched by a workload
+    thread (``workload()``, which touches registered memory only through ctypes, so the
+    handler thread keeps the GIL it needs).  The thread starts in ``start`` and writes to a
+    pipe when done; the pipe's read end is the fd that ends the session.  An exception of the
+    workload is kept in ``error``."""
+    name = "self"
+    thread = None
+    error = None
+    _done = (-1, -1)
+
+    def workload(self):
+        raise NotImplementedError
+
+    def done_fds(self):
+        """Make the done-pipe; returns the fds ``attach`` returns."""
+        self._done = os.pipe2(os.O_CLOEXEC)
+        return [self._done[0]]
+
+    def ready_fields(self):
+        return {"target": "self", "size": self.size}
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, name="uffdtool-self", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.workload()
+        except BaseException as e:           # reported by detach()
+            self.error = e
+        finally:
+            os.write(self._done[1], b"x")
+
+    def end_workload(self):
+        """Join the thread (its memory is unregistered first, which wakes it if it is blocked)
+        and close the pipe; idempotent."""
+        if self.thread is not None:
+            self.thread.join(5)
+            self.thread = None
+        for fd in self._done:
+            if fd >= 0:
+                os.close(fd)
+        self._done = (-1, -1)
+
+
+class SelfTarget(WorkloadTarget):
     """watch ``--self``: a range of the tool's own memory and the built-in workload (a thread).
     Ends when the workload is done; a failed check of the workload is exit status 1, SIGINT
     130 (``stop_signal``, set by the runner)."""
-    name = "self"
     fast = False
     stop_signal = None
 
     def __init__(self, size, mode, features):
         self.size = max(8 * PAGE_SIZE, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         self.mode, self.features = mode, features
-        self.result, self.error = None, None
+        self.result = None
         self.guard = None
-        self.thread = None
 
     def attach(self, handler):
         self.area = self_memory(self.size)
@@ -5585,33 +5629,17 @@ class SelfTarget(Target):
             self.guard = None
         arm(uffd, self.area, self.size, self.mode)
         handler.add(uffd, [(self.area, self.size)], pid=os.getpid(), label="self")
-        self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
-        return [self.done_r]
+        return self.done_fds()
 
-    def ready_fields(self):
-        return {"target": "self", "size": self.size}
-
-    def start(self):
-        self.thread = threading.Thread(target=self._run, name="uffdtool-workload", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.result = self_workload(self.area, self.size)
-        except BaseException as e:           # reported by detach()
-            self.error = e
-        finally:
-            os.write(self.done_w, b"x")
+    def workload(self):
+        self.result = self_workload(self.area, self.size)
 
     def detach(self, handler, reason):
         self.unregister_all(handler, "detached")      # closing the uffd wakes a blocked workload
-        if self.thread is not None:
-            self.thread.join(5)
+        self.end_workload()
         if self.guard is not None:
             munmap(self.guard, PAGE_SIZE)
             self.guard = None
-        for fd in (self.done_r, self.done_w):
-            os.close(fd)
         if reason == "done" and (self.error is not None or not self.result or not all(
                 v for k, v in self.result.items() if k not in ("addresses", "child_exit")) or
                 self.result.get("child_exit", 0) != 0):
@@ -6764,23 +6792,18 @@ def _unlink_socket(path, ident):
 
 # -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove -------------------
 
-class SelfServeTarget(Target):
+class SelfServeTarget(WorkloadTarget):
     """serve-file ``--self``: a fresh anonymous mapping of this process, registered MISSING on
-    a new uffd.  A worker thread reads it with ``ctypes.memmove`` (which runs without the GIL,
-    so the handler in the main thread can serve it; ``string_at`` would hold the GIL and
-    deadlock), then its bytes are compared with the source (``verify``).  The done-pipe is the
-    fd that ends the session."""
-    name = "self"
+    a new uffd.  The workload thread reads it with ``ctypes.memmove`` (which runs without the
+    GIL, so the handler in the main thread can serve it; ``string_at`` would hold the GIL and
+    deadlock), then its bytes are compared with the source (``verify``)."""
 
     def __init__(self, size, chunk=256 << 10):
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
         self.chunk = chunk
         self.uffd = None
         self.addr = 0
-        self._r = self._w = -1
         self.elapsed = None
-        self.error = None
-        self._thread = None
 
     def attach(self, handler):
         self.addr = self_memory(self.size)
@@ -6798,28 +6821,18 @@ class SelfServeTarget(Target):
             pass
         self.uffd.register(self.addr, self.size)
         handler.add(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(), "self")
-        self._r, self._w = os.pipe2(os.O_CLOEXEC)
-        return [self._r]
+        return self.done_fds()
 
-    def ready_fields(self):
-        return {"target": "self", "size": self.size}
-
-    def start(self):
-        self._thread = threading.Thread(target=self._touch, name="uffdtool-self", daemon=True)
-        self._thread.start()
-
-    def _touch(self):
+    def workload(self):
+        dst = (ctypes.c_char * self.size).from_buffer(self.copy)
         try:
-            dst = (ctypes.c_char * self.size).from_buffer(self.copy)
             base = ctypes.addressof(dst)
             t = time.perf_counter()
             for off in range(0, self.size, self.chunk):
                 ctypes.memmove(base + off, self.addr + off, min(self.chunk, self.size - off))
             self.elapsed = time.perf_counter() - t
+        finally:
             del dst
-        except BaseException as e:            # reported by finish()
-            self.error = e
-        os.write(self._w, b"x")
 
     def fired(self, fd):
         return "workload done"
@@ -6847,17 +6860,12 @@ class SelfServeTarget(Target):
         return True, None
 
     def close(self):
-        if self._thread is not None:
-            self._thread.join(5)
+        self.end_workload()
         if self.uffd is not None:
             self.uffd.close()
         if self.addr:
             munmap(self.addr, self.size)
             self.addr = 0
-        for fd in (self._r, self._w):
-            if fd >= 0:
-                os.close(fd)
-        self._r = self._w = -1
 
 
 ###################################################################################################
