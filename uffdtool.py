@@ -3874,7 +3874,8 @@ def _merge_range(ranges, start, end):
 #  10. ptrace (x86_64)
 ###################################################################################################
 
-# Getting a uffd into another process (technique and verified pitfalls: reference/ptrace.md):
+# Getting a uffd into another process (the technique, and what the README's "What --pid
+# guarantees" promises):
 #   --pid:  Attachment (seize + interrupt every thread) -> Injector.syscall(userfaultfd) at a
 #           `syscall` insn (rip-2 or [vdso]) -> pidfd_getfd -> close() in the target -> restore
 #           regs/mask at the final SIGTRAP signal-delivery-stop -> detach, all in try/finally.
@@ -3984,7 +3985,8 @@ def copy_regs(regs):
 
 
 def get_sigmask(tid):
-    """PTRACE_GETSIGMASK (exact even inside ppoll/sigsuspend, see ptrace.md)."""
+    """PTRACE_GETSIGMASK (exact even inside ppoll/sigsuspend, whose temporary mask the kernel
+    reports as the thread's own)."""
     m = ctypes.c_uint64()
     ptrace(PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(m))
     return m.value
@@ -4020,7 +4022,7 @@ def stop_event(status):
     return os.WSTOPSIG(status), (status >> 16) & 0xff
 
 
-# -- /proc
+# -- /proc: memory maps, status, pagemap of another process ---------------------------------------
 
 #                  start       end          perms             offset      dev          inode  path
 _MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][ps]) ([0-9a-f]+) "
@@ -4133,7 +4135,7 @@ def pidfd_getfd(pid, fd):
         os.close(pidfd)
 
 
-# -- injection
+# -- injection: a syscall run inside a stopped target, safe to abandon ----------------------------
 
 
 class InjectError(PtraceError):
@@ -4141,7 +4143,8 @@ class InjectError(PtraceError):
 
 
 def find_syscall_insn(pid, regs):
-    """Address of a `syscall` (0f 05) the tracee may execute (ptrace.md: rip-2 or [vdso])."""
+    """Address of a `syscall` (0f 05) the tracee may execute (rip-2 after a syscall-stop, or
+    one in [vdso])."""
     with open("/proc/%d/mem" % pid, "rb", buffering=0) as mem:
         if signed(regs.orig_rax) >= 0 and signed(regs.rax) in RESTART_ERRNOS:
             try:
@@ -4366,7 +4369,7 @@ class Injector:
             entered = False
 
     def _run_steps(self):
-        """Fallback: single-step over the `syscall` (ptrace.md, Register save/restore)."""
+        """Fallback: single-step over the `syscall`, then restore the saved registers."""
         while True:
             ptrace(PTRACE_SINGLESTEP, self.tid, 0, 0)
             sig, ev = self._stopped()
@@ -4383,7 +4386,7 @@ class Injector:
         """Create a uffd in the tracee, take our copy (pidfd_getfd), close the tracee's.
 
         With the tracee's copy closed, a tool crash releases the uffd and faults fall back to
-        normal handling (ptrace.md: "Closing the target's copy")."""
+        normal handling (no fd of the target keeps the context alive)."""
         try:
             tfd = self.syscall(NR_userfaultfd, flags)
         except InjectError as e:
@@ -4708,7 +4711,7 @@ def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_sto
     """Create a uffd inside process pid and return (our fd, seconds the target was stopped).
 
     The target's own copy is closed before detaching, so if the tool dies the uffd context is
-    released and faults fall back to normal handling (ptrace.md: "Closing the target's copy").
+    released and faults fall back to normal handling (no fd of the target keeps it alive).
     `while_stopped(attachment, fd)` runs before detaching (register, snapshot, madvise...).
     """
     with Attachment(pid, all_threads) as a:
@@ -4724,7 +4727,7 @@ def inject_userfaultfd(pid, flags=UFFD_TARGET_FLAGS, all_threads=True, while_sto
     return fd, a.stopped_seconds
 
 
-# -- spawn
+# -- spawn: -- CMD under ptrace and seccomp, followed through forks and execs ---------------------
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 SECCOMP_RET_ALLOW, SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
@@ -5040,7 +5043,7 @@ class SpawnTracer:
         ptrace(PTRACE_CONT, tid, 0, 0)
 
     def _inject_at_exec(self, tid):
-        """At execve's syscall-exit-stop: create the uffd of the new image (ptrace.md, EXEC)."""
+        """At execve's syscall-exit-stop: create the uffd of the new image (PTRACE_EVENT_EXEC)."""
         fd = None
         t0 = time.monotonic()
         inj = None
@@ -5151,8 +5154,8 @@ def missing_runs(pid, start, end):
 def read_target_pages(pid, pages):
     """process_vm_readv the given pages (batched into contiguous runs); returns {addr: bytes}.
 
-    Only call this on memory that is NOT registered yet (ptrace.md: the tracer must never
-    read a registered range of the target; it would block on its own fault).
+    Only call this on memory that is NOT registered yet (the tracer must never read a
+    registered range of the target: it would block on its own fault).
     """
     page = PAGE_SIZE
     lib = libc()
@@ -5613,20 +5616,64 @@ def self_memory(size):
         raise
 
 
-class SelfTarget(Target):
+class WorkloadTarget(Target):
+    """Base of the two ``--self`` targets: memory of the tool itself, touched by a workload
+    thread (``workload()``, which touches registered memory only through ctypes, so the
+    handler thread keeps the GIL it needs).  The thread starts in ``start`` and writes to a
+    pipe when done; the pipe's read end is the fd that ends the session.  An exception of the
+    workload is kept in ``error``."""
+    name = "self"
+    thread = None
+    error = None
+    _done = (-1, -1)
+
+    def workload(self):
+        raise NotImplementedError
+
+    def done_fds(self):
+        """Make the done-pipe; returns the fds ``attach`` returns."""
+        self._done = os.pipe2(os.O_CLOEXEC)
+        return [self._done[0]]
+
+    def ready_fields(self):
+        return {"target": "self", "size": self.size}
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, name="uffdtool-self", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.workload()
+        except BaseException as e:           # reported by detach()
+            self.error = e
+        finally:
+            os.write(self._done[1], b"x")
+
+    def end_workload(self):
+        """Join the thread (its memory is unregistered first, which wakes it if it is blocked)
+        and close the pipe; idempotent."""
+        if self.thread is not None:
+            self.thread.join(5)
+            self.thread = None
+        for fd in self._done:
+            if fd >= 0:
+                os.close(fd)
+        self._done = (-1, -1)
+
+
+class SelfTarget(WorkloadTarget):
     """watch ``--self``: a range of the tool's own memory and the built-in workload (a thread).
     Ends when the workload is done; a failed check of the workload is exit status 1, SIGINT
     130 (``stop_signal``, set by the runner)."""
-    name = "self"
     fast = False
     stop_signal = None
 
     def __init__(self, size, mode, features):
         self.size = max(8 * PAGE_SIZE, (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         self.mode, self.features = mode, features
-        self.result, self.error = None, None
+        self.result = None
         self.guard = None
-        self.thread = None
 
     def attach(self, handler):
         self.area = self_memory(self.size)
@@ -5639,33 +5686,17 @@ class SelfTarget(Target):
             self.guard = None
         arm(uffd, self.area, self.size, self.mode)
         handler.add(uffd, [(self.area, self.size)], pid=os.getpid(), label="self")
-        self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
-        return [self.done_r]
+        return self.done_fds()
 
-    def ready_fields(self):
-        return {"target": "self", "size": self.size}
-
-    def start(self):
-        self.thread = threading.Thread(target=self._run, name="uffdtool-workload", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.result = self_workload(self.area, self.size)
-        except BaseException as e:           # reported by detach()
-            self.error = e
-        finally:
-            os.write(self.done_w, b"x")
+    def workload(self):
+        self.result = self_workload(self.area, self.size)
 
     def detach(self, handler, reason):
         self.unregister_all(handler, "detached")      # closing the uffd wakes a blocked workload
-        if self.thread is not None:
-            self.thread.join(5)
+        self.end_workload()
         if self.guard is not None:
             munmap(self.guard, PAGE_SIZE)
             self.guard = None
-        for fd in (self.done_r, self.done_w):
-            os.close(fd)
         if reason == "done" and (self.error is not None or not self.result or not all(
                 v for k, v in self.result.items() if k not in ("addresses", "child_exit")) or
                 self.result.get("child_exit", 0) != 0):
@@ -6836,23 +6867,18 @@ def _unlink_socket(path, ident):
 
 # -- serve-file --self: the tool's own fresh memory, touched via ctypes.memmove -------------------
 
-class SelfServeTarget(Target):
+class SelfServeTarget(WorkloadTarget):
     """serve-file ``--self``: a fresh anonymous mapping of this process, registered MISSING on
-    a new uffd.  A worker thread reads it with ``ctypes.memmove`` (which runs without the GIL,
-    so the handler in the main thread can serve it; ``string_at`` would hold the GIL and
-    deadlock), then its bytes are compared with the source (``verify``).  The done-pipe is the
-    fd that ends the session."""
-    name = "self"
+    a new uffd.  The workload thread reads it with ``ctypes.memmove`` (which runs without the
+    GIL, so the handler in the main thread can serve it; ``string_at`` would hold the GIL and
+    deadlock), then its bytes are compared with the source (``verify``)."""
 
     def __init__(self, size, chunk=256 << 10):
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
         self.chunk = chunk
         self.uffd = None
         self.addr = 0
-        self._r = self._w = -1
         self.elapsed = None
-        self.error = None
-        self._thread = None
 
     def attach(self, handler):
         self.addr = self_memory(self.size)
@@ -6870,28 +6896,18 @@ class SelfServeTarget(Target):
             pass
         self.uffd.register(self.addr, self.size)
         handler.add(self.uffd, [Region(self.addr, self.addr + self.size, 0)], os.getpid(), "self")
-        self._r, self._w = os.pipe2(os.O_CLOEXEC)
-        return [self._r]
+        return self.done_fds()
 
-    def ready_fields(self):
-        return {"target": "self", "size": self.size}
-
-    def start(self):
-        self._thread = threading.Thread(target=self._touch, name="uffdtool-self", daemon=True)
-        self._thread.start()
-
-    def _touch(self):
+    def workload(self):
+        dst = (ctypes.c_char * self.size).from_buffer(self.copy)
         try:
-            dst = (ctypes.c_char * self.size).from_buffer(self.copy)
             base = ctypes.addressof(dst)
             t = time.perf_counter()
             for off in range(0, self.size, self.chunk):
                 ctypes.memmove(base + off, self.addr + off, min(self.chunk, self.size - off))
             self.elapsed = time.perf_counter() - t
+        finally:
             del dst
-        except BaseException as e:            # reported by finish()
-            self.error = e
-        os.write(self._w, b"x")
 
     def fired(self, fd):
         return "workload done"
@@ -6919,17 +6935,12 @@ class SelfServeTarget(Target):
         return True, None
 
     def close(self):
-        if self._thread is not None:
-            self._thread.join(5)
+        self.end_workload()
         if self.uffd is not None:
             self.uffd.close()
         if self.addr:
             munmap(self.addr, self.size)
             self.addr = 0
-        for fd in (self._r, self._w):
-            if fd >= 0:
-                os.close(fd)
-        self._r = self._w = -1
 
 
 ###################################################################################################
@@ -8638,6 +8649,7 @@ class _Proc:
         self.pages = self.faults = 0
         self.maps = []                     # [start, end, name, source offset or None]
         self.note = ""                     # e.g. "fork child", "Firecracker peer"
+        self.comm = ""                     # its command name, from the last mappings record
         self.first = math.inf
 
 
@@ -8867,6 +8879,8 @@ class LogReport:
         if not isinstance(rec.get("pid"), int):
             return
         p = self._proc(("pid", rec["pid"]))
+        if isinstance(rec.get("comm"), str):
+            p.comm = rec["comm"]
         for m in rec.get("mappings") or ():
             if isinstance(m, dict) and isinstance(m.get("start"), int) and \
                     isinstance(m.get("len"), int):
@@ -9308,6 +9322,8 @@ def _fmt_us(us):
 def _proc_label(p):
     who = "pid %s" % p.pid if p.pid is not None else "ufd %s" % p.key[1] \
         if p.key[0] == "ufd" else "working set"
+    if p.comm:
+        who += " " + p.comm
     return who + (" (%s)" % p.note if p.note else "")
 
 
@@ -10110,10 +10126,10 @@ def build_parser():
     return p
 
 
-EPILOG_SELFTEST = """examples:
-  sudo uffdtool selftest            every check, one line each, then 'N passed, N failed, N skipped'
-  sudo uffdtool selftest -k fork    only the checks whose name contains 'fork'
-  sudo uffdtool selftest --json     JSON lines
+EPILOG_SELFTEST = """examples (as root):
+  uffdtool selftest            every check, one line each, then 'N passed, N failed, N skipped'
+  uffdtool selftest -k fork    only the checks whose name contains 'fork'
+  uffdtool selftest --json     JSON lines
 """
 
 EPILOG_WATCH = """targets:
@@ -10137,12 +10153,12 @@ EPILOG_WATCH = """targets:
               unregistered, uffd closed, target running with its data.  --dontneed is the one
               destructive option (see above).
 
-examples:
-  sudo uffdtool watch --self --size 1M
-  sudo uffdtool watch --json -- python3 -c 'bytearray(10**7)'
-  sudo uffdtool watch --pid 1234 --all-anon --duration 10
-  sudo uffdtool watch --pid 1234 --range 0x7f0000000000:64K --mode wp --record ws.txt
-  sudo uffdtool watch --json --record ws.txt -- make -j2 | jq -c 'select(.event=="mappings")'
+examples (as root):
+  uffdtool watch --self --size 1M
+  uffdtool watch --json -- python3 -c 'bytearray(10**7)'
+  uffdtool watch --pid 1234 --all-anon --duration 10
+  uffdtool watch --pid 1234 --range 0x7f0000000000:64K --mode wp --record ws.txt
+  uffdtool watch --json --record ws.txt -- make -j2 | jq -c 'select(.event=="mappings")'
 
 records: every pagefault carries pid (the faulting process) and, for a vfork child in its
 parent's memory, mm_pid; 'mappings' records name each process's registered mappings when first
@@ -10171,13 +10187,13 @@ EPILOG_SERVE = """targets:
               worker carries "peer" (the VMM's pid); one peer-done or peer-failed per peer; exit
               1 if any failed.  --record FILE writes FILE.PID per peer.
 
-examples:
+examples (as root):
   uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock
   uffdtool serve-file --file vm.mem --firecracker-socket /tmp/uffd.sock --peers 0 --log fc.jsonl
   uffdtool serve-file --zero --firecracker-socket /tmp/uffd.sock --readahead 16
   uffdtool serve-file --file dump.bin --self
-  sudo uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
-  sudo uffdtool serve-file --file img.bin --range 0x600000000000:1M -- ./app
+  uffdtool serve-file --file dump.bin --pid 1234 --range 0x7f0000000000:64K --dontneed
+  uffdtool serve-file --file img.bin --range 0x600000000000:1M -- ./app
   uffdtool serve-file --url "$(aws s3 presign s3://b/vm.mem)" --cache /var/cache/uffdtool \\
       --firecracker-socket /tmp/uffd.sock --fill idle
 """
@@ -10549,7 +10565,7 @@ class Session:
                 status = t.detach(self.handler, "interrupted" if sig and error is None
                                   else reason)
                 if self.handler is not None and self.handler.lost and not status:
-                    status = 1                # a served uffd was lost (CLI.md: 1)
+                    status = 1                # a served uffd was lost: exit 1
             else:
                 t.abort()
             if error is None:
