@@ -2689,6 +2689,7 @@ class Handler:
         self.hugetlb = hugetlb
         self.record = record
         self.prefetch = prefetch
+        self._prefetch_said = False
         self.fast = fast
         self.fast_log = False         # the fast loop may write pagefault records (watch)
         self.log_mappings = False     # write ``mappings`` records (watch: ``announce``)
@@ -3078,6 +3079,13 @@ class Handler:
         st.add("prefetch_skipped", (b - a) // ps)    # no region holds it (any more)
         return bool(pf)
 
+    def _prefetch_finished(self):
+        """Write ``prefetch_done`` once, when the whole prefetch list is installed (by idle
+        steps, or by demand faults that claimed its runs): the end of the prefetch phase."""
+        if self.prefetch is not None and not self.prefetch and not self._prefetch_said:
+            self._prefetch_said = True
+            self.log.emit("prefetch_done", pages=self.stats.count.get("prefetch_pages", 0))
+
     def _prefetch_rest(self, a, b):
         if a < b:
             self.prefetch.push_front((a, b))
@@ -3285,6 +3293,7 @@ class Handler:
 
         def idle_step():
             # None from a step: it waits for a background fetch; wake() makes the loop busy again
+            self._prefetch_finished()
             if self.prefetch:
                 more = self.prefetch_step()
                 return more is not None and (more or user_idle[0] is not None)
@@ -8700,7 +8709,7 @@ class LogReport:
         self.counts = {}                   # event name -> records
         self.events = []                   # (t, event, detail) for the timeline
         self.events_left_out = 0           # records beyond REPORT_EVENTS
-        self.phases = []                   # (lane, start, end, label): fill, peers
+        self.phases = []                   # (lane, start, end, label): prefetch, fill, peers
         self._began = {}                   # peer (None: the tool) -> when it began serving
         self.hist = [0] * LAT_BUCKETS      # from the pagefault records' "us"
         self.timed = 0
@@ -8824,6 +8833,10 @@ class LogReport:
             peer = rec.get("peer")
             start = self._began.get(peer, self._began.get(None, 0.0))
             self.phases.append((lane, start, t, label))
+
+    def _on_prefetch_done(self, rec, t):
+        self._phase("prefetch", rec, t, "prefetch%s: done" % (
+            "" if rec.get("peer") is None else " of peer %s" % rec["peer"]))
 
     def _on_fill_done(self, rec, t):
         self._phase("fill", rec, t, "fill%s: done" % (

@@ -584,3 +584,26 @@ def test_terminal_width_is_the_terminals(tmp_path):
             os.close(slave)
     widths = [len(x) for x in out.decode().replace("\r", "").splitlines()]
     assert 80 < max(widths) <= 132
+
+
+@needs_uffd
+def test_prefetch_phase_of_a_real_restore_on_the_timeline(tmp_path):
+    """A real serve-file restore with --prefetch writes one prefetch_done record (the end of
+    the prefetch phase), and the report draws that phase on its timeline."""
+    exe = _bench_exe(tmp_path)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(4 << 20))
+    ws = tmp_path / "ws.txt"
+    _serve_c_toucher(tmp_path, exe, src, "rec", "--record", ws)
+    log = _serve_c_toucher(tmp_path, exe, src, "pre", "--prefetch", ws)
+    recs = [json.loads(x) for x in open(log)]
+    done = [x for x in recs if x["event"] == "prefetch_done"]
+    st = [x for x in recs if x["event"] == "stats"][-1]
+    assert len(done) == 1 and done[0]["pages"] == st["prefetch_pages"] > 0
+    r = run_tool("report", log, "-o", tmp_path / "pre.html")
+    assert r.returncode == 0, r.stderr
+    tl = [s for s in inline_svgs((tmp_path / "pre.html").read_text())
+          if s.get("class") == "timeline"][0]
+    assert "prefetch" in {t.text for t in tl.iter(SVG + "text")}
+    tips = [x.get("data-tip") for x in tl.iter(SVG + "rect") if x.get("class") == "phase"]
+    assert len(tips) == 1 and tips[0].endswith("prefetch: done")
