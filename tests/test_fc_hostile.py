@@ -537,6 +537,22 @@ def _peer(sock, src_path, size, uid=None):
     return p
 
 
+def _intruder_is_refused(sock):
+    """A peer of this process's uid (root) connects and sends its handshake: the tool closes
+    the connection on it."""
+    intruder = FcClient([16 * PS])
+    try:
+        intruder.connect(sock)
+        intruder.sock.settimeout(10)
+        try:
+            intruder.send()
+            assert intruder.sock.recv(1) == b""        # closed on it
+        except (BrokenPipeError, ConnectionResetError):   # (closed first, or unread)
+            pass
+    finally:
+        intruder.close()
+
+
 def _verified(peer):
     peer.stdin.write("go\n")
     peer.stdin.flush()
@@ -576,17 +592,7 @@ def test_peer_of_another_uid_is_refused_and_listening_goes_on(shared_dir):
     t = _tool(log, "--file", src_path, "--firecracker-socket", sock, "--accept-timeout", 30,
               uid=NOBODY)
     try:
-        intruder = FcClient([16 * PS])
-        try:
-            intruder.connect(sock)
-            intruder.sock.settimeout(10)
-            try:
-                intruder.send()
-                assert intruder.sock.recv(1) == b""        # closed on it
-            except (BrokenPipeError, ConnectionResetError):   # (closed first, or unread)
-                pass
-        finally:
-            intruder.close()
+        _intruder_is_refused(sock)
         peer = _peer(sock, src_path, 16 * PS, uid=NOBODY)
         assert _verified(peer) == "ok"
         out, err = t.communicate(timeout=20)

@@ -15,7 +15,8 @@ import pytest
 
 import uffdtool as u
 from conftest import Tool, needs_root, needs_uffd, run_tool
-from test_fc_hostile import NOBODY, _peer, _records_of, _tool, _verified, shared_dir  # noqa: F401
+from test_fc_hostile import (NOBODY, _intruder_is_refused, _peer, _records_of, _tool,  # noqa: F401
+                             _verified, shared_dir)
 from test_serve import uffd_bench  # noqa: F401  (the C toucher fixture)
 from test_url import SIZE as URL_SIZE, chunk_gets, ngx  # noqa: F401  (nginx on 127.0.0.1)
 
@@ -358,19 +359,7 @@ def test_refused_uid_is_not_a_peer(shared_dir):  # noqa: F811
     t = _tool(log, "--file", src_path, "--firecracker-socket", sock, "--peers", 2,
               "--accept-timeout", 60, uid=NOBODY)
     try:
-        sys.path.insert(0, HERE)
-        from fc_client import FcClient
-        intruder = FcClient([16 * PS])
-        try:
-            intruder.connect(sock)
-            intruder.sock.settimeout(10)
-            try:
-                intruder.send()
-                assert intruder.sock.recv(1) == b""        # closed on it
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-        finally:
-            intruder.close()
+        _intruder_is_refused(sock)
         good = [_peer(sock, src_path, 16 * PS, uid=NOBODY) for _ in range(2)]
         assert [_verified(p) for p in good] == ["ok", "ok"]
         out, err = t.communicate(timeout=60)
