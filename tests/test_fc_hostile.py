@@ -537,6 +537,21 @@ def _peer(sock, src_path, size, uid=None):
     return p
 
 
+def _shared_files(shared_dir, data):
+    """The log and socket paths in ``shared_dir`` and the source file written there with
+    ``data`` (all readable by uid 65534): (log, sock, src_path)."""
+    src_path = os.path.join(shared_dir, "src")
+    with open(src_path, "wb") as f:
+        f.write(data)
+    return os.path.join(shared_dir, "log.jsonl"), os.path.join(shared_dir, "uffd.sock"), src_path
+
+
+def _assert_one_refusal(recs):
+    """Exactly one peer was refused: this process (uid 0), with one warning record."""
+    w = [r for r in recs if r["event"] == "warning" and "refused" in r["message"]]
+    assert len(w) == 1 and w[0]["uid"] == 0 and w[0]["pid"] == os.getpid()
+
+
 def _intruder_is_refused(sock):
     """A peer of this process's uid (root) connects and sends its handshake: the tool closes
     the connection on it."""
@@ -584,11 +599,7 @@ def test_socket_is_0600_whatever_the_umask(tmp_path, tools, shared_dir):
 def test_peer_of_another_uid_is_refused_and_listening_goes_on(shared_dir):
     """The tool runs as uid 65534; a peer of uid 0 (it can connect: root) is refused with one
     warning record, then the right peer (uid 65534, a user-mode-only uffd) is served."""
-    log, sock = os.path.join(shared_dir, "log.jsonl"), os.path.join(shared_dir, "uffd.sock")
-    src_path = os.path.join(shared_dir, "src")
-    data = random.Random(3).randbytes(16 * PS)
-    with open(src_path, "wb") as f:
-        f.write(data)
+    log, sock, src_path = _shared_files(shared_dir, random.Random(3).randbytes(16 * PS))
     t = _tool(log, "--file", src_path, "--firecracker-socket", sock, "--accept-timeout", 30,
               uid=NOBODY)
     try:
@@ -600,8 +611,7 @@ def test_peer_of_another_uid_is_refused_and_listening_goes_on(shared_dir):
         t.kill()
     assert t.returncode == 0, err
     recs = _records_of(log)
-    w = [r for r in recs if r["event"] == "warning" and "refused" in r["message"]]
-    assert len(w) == 1 and w[0]["uid"] == 0 and w[0]["pid"] == os.getpid()
+    _assert_one_refusal(recs)
     assert [r["pid"] for r in recs if r["event"] == "handshake"] == [peer.pid]
 
 
@@ -609,10 +619,7 @@ def test_peer_of_another_uid_is_refused_and_listening_goes_on(shared_dir):
 def test_peer_uid_owns_the_socket_and_is_served(shared_dir, src):
     """--peer-uid 65534 (Firecracker under the jailer): the root tool gives that uid the
     0600 socket, and a peer of that uid is accepted and served."""
-    log, sock = os.path.join(shared_dir, "log.jsonl"), os.path.join(shared_dir, "uffd.sock")
-    src_path = os.path.join(shared_dir, "src")
-    with open(src_path, "wb") as f:
-        f.write(src[1])
+    log, sock, src_path = _shared_files(shared_dir, src[1])
     t = _tool(log, "--file", src_path, "--firecracker-socket", sock, "--peer-uid", NOBODY)
     try:
         st = os.stat(sock)

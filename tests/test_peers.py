@@ -15,8 +15,8 @@ import pytest
 
 import uffdtool as u
 from conftest import Tool, needs_root, needs_uffd, run_tool
-from test_fc_hostile import (NOBODY, _intruder_is_refused, _peer, _records_of, _tool,  # noqa: F401
-                             _verified, shared_dir)
+from test_fc_hostile import (NOBODY, _assert_one_refusal, _intruder_is_refused,  # noqa: F401
+                             _peer, _records_of, _shared_files, _tool, _verified, shared_dir)
 from test_serve import uffd_bench  # noqa: F401  (the C toucher fixture)
 from test_url import SIZE as URL_SIZE, chunk_gets, ngx  # noqa: F401  (nginx on 127.0.0.1)
 
@@ -352,10 +352,7 @@ def test_peers_usage_errors(argv, words):
 def test_refused_uid_is_not_a_peer(shared_dir):  # noqa: F811
     """The daemon (as uid 65534) refuses a peer of another uid (root, this test) with one
     warning, counts it nowhere, and serves the two right peers (user-mode-only uffds)."""
-    log, sock = os.path.join(shared_dir, "log.jsonl"), os.path.join(shared_dir, "uffd.sock")
-    src_path = os.path.join(shared_dir, "src")
-    with open(src_path, "wb") as f:
-        f.write(random.Random(4).randbytes(16 * PS))
+    log, sock, src_path = _shared_files(shared_dir, random.Random(4).randbytes(16 * PS))
     t = _tool(log, "--file", src_path, "--firecracker-socket", sock, "--peers", 2,
               "--accept-timeout", 60, uid=NOBODY)
     try:
@@ -367,8 +364,7 @@ def test_refused_uid_is_not_a_peer(shared_dir):  # noqa: F811
         t.kill()
     assert t.returncode == 0, err
     recs = _records_of(log)
-    w = [r for r in recs if r["event"] == "warning" and "refused" in r["message"]]
-    assert len(w) == 1 and w[0]["uid"] == 0 and w[0]["pid"] == os.getpid()
+    _assert_one_refusal(recs)
     assert sorted(r["peer"] for r in recs if r["event"] == "peer-accepted") == sorted(
         p.pid for p in good)
     assert sorted(recs[-2]["peers_served"]) == sorted(p.pid for p in good)

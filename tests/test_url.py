@@ -55,6 +55,13 @@ def finish(p, timeout=30):
     return p.finish(timeout), p.stderr
 
 
+def finished_ok(p):
+    """Wait for a serve-file that must end with exit 0; returns its final stats record."""
+    rc, err = finish(p)
+    assert rc == 0, err
+    return [r for r in records(p) if r["event"] == "stats"][-1]
+
+
 def restore(ngx, url, sock, *extra, client=None):
     """Serve ``url`` to a Firecracker-like peer, compare every page with the object, close the
     peer; returns (exit status, stderr, records)."""
@@ -443,9 +450,7 @@ def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_faults(ngx, tm
         assert c.mismatches(0, ngx.data) == []
     finally:
         c.close()
-    rc, err = finish(p)
-    assert rc == 0, err
-    st = [r for r in records(p) if r["event"] == "stats"][-1]
+    st = finished_ok(p)
     assert st["prefetch_pages"] >= len(pages)
     ranges = [r[1] for r in chunk_gets(ngx)]
     assert len(ranges) == len(set(ranges))                # a fault never fetched a chunk again
@@ -462,9 +467,7 @@ def _fill_then_verify_without_source(srv, sock, src_args, ngx, stop_source):
         assert c.mismatches(0, ngx.data) == []
     finally:
         c.close()
-    rc, err = finish(p)
-    assert rc == 0, err
-    st = [r for r in records(p) if r["event"] == "stats"][-1]
+    st = finished_ok(p)
     late = [r for r in records(p) if r["event"] == "pagefault" and r["t"] > done["t"]]
     assert st["faults"] <= 2 and not late             # after fill_done nothing faults
     assert done["pages"] + st["pages_copy"] == SIZE // PS    # each page installed once
