@@ -1509,10 +1509,12 @@ def write_working_set(path, pages, page_size, key="offset", pid=None):
                 pass
 
 
-def read_working_set(path):
-    """Read a working-set file (v1 or v2): returns (key, page_size, [numbers]).  UsageError if
-    malformed; a v2 file must end with its ``# end pages=N`` line and N must be the count (a
-    file cut short by a full disk or a crash is refused)."""
+def parse_working_set(path):
+    """Parse a working-set file (v1 or v2): returns (meta, pages, problem): the header's
+    ``key=value`` fields (``key``, ``page_size`` as an int, ``pid``...), the numbers in order,
+    and what is wrong with a v2 file's ``# end pages=N`` line (missing, another count, data
+    after it: a file cut short by a full disk or a crash), or None.  UsageError if it is not a
+    working-set file at all."""
     try:
         with open(path) as f:
             lines = f.read().split("\n")
@@ -1528,12 +1530,11 @@ def read_working_set(path):
         raise UsageError("%s is not a uffdtool working-set file (no '%s1' or '%s2' header)"
                          % (path, WORKING_SET_MAGIC, WORKING_SET_MAGIC))
     meta = dict(w.split("=", 1) for w in head if "=" in w)
-    pages = []
-    end = None
+    pages, end, problem = [], None, None
     for no, line in enumerate(lines[1:], 2):
         line = line.strip()
-        if end is not None and line:
-            raise UsageError("%s:%d: data after the '%s' line" % (path, no, WORKING_SET_END))
+        if end is not None and line and problem is None:
+            problem = "%s:%d: data after the '%s' line" % (path, no, WORKING_SET_END)
         if line.startswith(WORKING_SET_END):
             end = line[len(WORKING_SET_END):]
             continue
@@ -1543,18 +1544,28 @@ def read_working_set(path):
             pages.append(int(line, 0))
         except ValueError:
             raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
-    if version == "2":
+    if version == "2" and problem is None:
         if end is None:
-            raise UsageError("%s: truncated working set (no '%sN' line; %d pages read)"
-                             % (path, WORKING_SET_END, len(pages)))
-        if end != str(len(pages)):
-            raise UsageError("%s: working set says pages=%s but holds %d" % (path, end,
-                                                                             len(pages)))
+            problem = ("%s: truncated working set: no '%sN' line, the file is cut short (%d "
+                       "pages read)" % (path, WORKING_SET_END, len(pages)))
+        elif end != str(len(pages)):
+            problem = "%s: working set says pages=%s but holds %d" % (path, end, len(pages))
     try:
-        page_size = int(meta.get("page_size", PAGE_SIZE))
+        meta["page_size"] = int(meta.get("page_size", PAGE_SIZE))
     except ValueError:
         raise UsageError("%s: bad page_size in header" % path)
-    return meta.get("key", "offset"), page_size, pages
+    meta.setdefault("key", "offset")
+    return meta, pages, problem
+
+
+def read_working_set(path):
+    """Read a working-set file (v1 or v2) for ``--prefetch``: returns (key, page_size,
+    [numbers]).  UsageError if malformed, also when a v2 file's ``# end pages=N`` line is
+    missing or wrong (``parse_working_set``): a file cut short is refused."""
+    meta, pages, problem = parse_working_set(path)
+    if problem:
+        raise UsageError(problem)
+    return meta["key"], meta["page_size"], pages
 
 
 def write_working_sets(path, sets, page_size, key="address"):
@@ -9217,31 +9228,11 @@ def _read_records(f, rep):
 def _read_ws_report(path, rep):
     """A working-set file (--record, v1 or v2): the pages in first-touch order, t = the
     touch's rank.  Unlike --prefetch, a v2 file without (or with a wrong) ``# end pages=N``
-    line is still drawn, with a warning."""
-    pages, end = [], None
-    with open(path, "rb") as f:
-        words = f.readline().decode("utf-8", "replace").split()
-        for no, line in enumerate(f, 2):
-            line = line.strip()
-            if line.startswith(b"# end pages="):
-                end = line[12:].decode("ascii", "replace")
-            elif line and not line.startswith(b"#"):
-                try:
-                    pages.append(int(line, 0))
-                except ValueError:
-                    raise UsageError("%s:%d: not a number: %r" % (path, no, line[:40]))
-    meta = dict(w.split("=", 1) for w in words if "=" in w)
-    if words[3:4] != ["v1"]:
-        if end is None:
-            rep.warnings.append("%s: no '# end pages=N' line: the file is cut short" % path)
-        elif end != str(len(pages)):
-            rep.warnings.append("%s: '# end pages=%s' but %d pages listed"
-                                % (path, end, len(pages)))
-    try:
-        page_size = int(meta.get("page_size", PAGE_SIZE))
-    except ValueError:
-        raise UsageError("%s: bad page_size in the header" % path)
-    key = meta.get("key", "offset")
+    line is still drawn, with the problem as a warning."""
+    meta, pages, problem = parse_working_set(path)
+    if problem:
+        rep.warnings.append(problem)
+    page_size, key = meta["page_size"], meta["key"]
     if not pages:
         raise UsageError("%s lists no pages" % path)
     rep.kind = "working-set"

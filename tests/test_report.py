@@ -275,7 +275,7 @@ def test_working_set_files_v1_v2(tmp_path):
     body = "".join("0x%x\n" % p for p in pages)
     head = "# uffdtool working-set v2 page_size=4096 key=offset pid=42\n"
     for name, tail, warn in (("ok", "# end pages=5\n", None), ("cut", "", "cut short"),
-                             ("count", "# end pages=7\n", "but 5 pages")):
+                             ("count", "# end pages=7\n", "pages=7 but holds 5")):
         (tmp_path / name).write_text(head + body + tail)
         r = run_tool("report", tmp_path / name)
         assert r.returncode == 0, r.stderr
