@@ -10534,20 +10534,14 @@ class Session:
     def _failed(self, e):
         """A run that failed: the error record, and the peer killed (--kill-peer-on-error) or
         told about.  Returns ("error", the exception to report)."""
-        peer = self.target.peer_pid if self.attached or self.target.peer_pid else None
-        kill = peer and getattr(self.args, "kill_peer_on_error", False)
-        killed = kill and _kill_peer(peer)    # first: before anything else can fail
+        said = _abandon_peer(self.log, self.target.peer_pid,       # first: before anything
+                             getattr(self.args, "kill_peer_on_error", False))   # else can fail
         if isinstance(e, OSError) and self.serving:
             e = TargetError("serving failed: %s" % (e.strerror or e))
         elif isinstance(e, OSError) and not isinstance(e, UffdError):
             e = tool_error(e)
-        if kill:
-            if killed:
-                self.log.emit("killed_peer", pid=peer)
-        elif peer and _alive(peer):
-            # Its memory is registered and nobody serves it now: it would hang unnoticed.
-            msg = ("%s; the peer (pid %d) now waits forever for its memory: stop it, or use "
-                   "--kill-peer-on-error" % (e, peer))
+        if said:
+            msg = "%s%s" % (e, said)
             fields = getattr(e, "fields", {})
             e = (type(e)(msg) if isinstance(e, UffdToolError) else TargetError(msg))
             e.fields = fields
@@ -10646,14 +10640,24 @@ def _make_log(args, human_faults):
     return EventLog(dest, human=None if args.quiet else sys.stderr, human_faults=human_faults)
 
 
-def _kill_peer(pid):
-    """SIGKILL the peer whose memory nobody serves any more (True if sent): a failing handler
-    does this first, before any log write or cleanup that could fail in turn."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return True
-    except OSError:
-        return False
+def _abandon_peer(log, pid, kill, **fields):
+    """A peer (``pid``) whose registered memory nobody serves any more would hang on its next
+    missing page.  With ``kill`` (--kill-peer-on-error) SIGKILL it, then write ``killed_peer``
+    (a failing handler calls this first, before anything that could fail in turn); else, if it
+    still runs, return the words that say so for the error line ("" otherwise)."""
+    if not pid:
+        return ""
+    if kill:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            return ""
+        log.emit("killed_peer", pid=pid, **fields)
+        return ""
+    if _alive(pid):
+        return ("; the peer (pid %d) now waits forever for its memory: stop it, or use "
+                "--kill-peer-on-error" % pid)
+    return ""
 
 
 def _alive(pid):
@@ -11065,17 +11069,8 @@ class PeerDaemon:
         else:
             why = report.get("error") or "worker exited with status %d (%s)" % (
                 code, stats.get("reason"))
-        if report is None and w.peer:
-            # nobody serves the peer's memory now: it would hang on its next missing page
-            if self.args.kill_peer_on_error:
-                try:
-                    os.kill(w.peer, signal.SIGKILL)
-                    self.log.emit("killed_peer", peer=w.peer, pid=w.peer)
-                except OSError:
-                    pass
-            elif _alive(w.peer):
-                why += ("; the peer (pid %d) now waits forever for its memory: stop it, or "
-                        "use --kill-peer-on-error" % w.peer)
+        if report is None:
+            why += _abandon_peer(self.log, w.peer, self.args.kill_peer_on_error, peer=w.peer)
         fields["reason"] = why
         self.log.emit("peer-failed", peer=w.peer, **fields)
 
