@@ -410,3 +410,24 @@ def test_threads_faults_carry_their_process():
     assert not [f for f in faults if "mm_pid" in f]
     names = placed(recs)
     assert "[thread-stack]" in names[python]                # their stacks: mmap(MAP_STACK)
+
+
+def test_fast_loop_records_match_the_general_path(tmp_path):
+    """watch --quiet --log writes pagefault records from the fast loop's own formatter
+    (``PF_LINE``); without --quiet (human lines too) they come from the general path.  The
+    same program gives records with the same fields, of the same types, in both."""
+    prog = ("import mmap\n"
+            "m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+            "for i in range(0, 64 * 4096, 4096): m[i] = 1\n")
+    shapes = {}
+    for how in ("fast", "general"):
+        log = tmp_path / ("%s.jsonl" % how)
+        quiet = ["--quiet"] if how == "fast" else []
+        r = run_tool("watch", *quiet, "--log", log, "--", sys.executable, "-c", prog,
+                     timeout=60)
+        assert r.returncode == 0, r.stderr
+        faults = [json.loads(x) for x in open(log) if '"event":"pagefault"' in x]
+        assert len(faults) >= 64
+        shapes[how] = {tuple(sorted((k, type(v).__name__) for k, v in f.items()))
+                       for f in faults if "mm_pid" not in f}
+    assert shapes["fast"] == shapes["general"], shapes
