@@ -123,6 +123,7 @@ def libc():
         lib.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
                                ctypes.c_void_p]
         lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lib.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _libc = lib
     return _libc
 
@@ -197,6 +198,11 @@ def mremap(addr, old_len, new_len, flags=MREMAP_MAYMOVE, new_addr=0):
 def madvise(addr, length, advice):
     """madvise(2)."""
     _check(libc().madvise(addr, length, advice), "madvise")
+
+
+def mprotect(addr, length, prot):
+    """mprotect(2)."""
+    _check(libc().mprotect(addr, length, prot), "mprotect")
 
 
 def trim_heap():
@@ -1261,6 +1267,7 @@ class FileSource:
         self._fd = fd
         self.watch_fd = -1
         self._map = 0
+        self._ptes_forked = False             # before_fork: fork copies the mapping's entries
         try:
             st = os.fstat(fd)
             if st.st_mode & 0o170000 not in (0o100000, 0o060000):
@@ -1347,18 +1354,50 @@ class FileSource:
         """Our address of source offset ``offset`` (for verification and prefetch)."""
         return self.base + offset
 
+    def before_fork(self):
+        """Have fork copy the mapping's page table entries (a parent about to fork workers).
+
+        A forked process inherits the mapping but not its page table entries: the kernel
+        copies them only for a mapping that has anonymous pages, and leaves the others to
+        page faults.  A UFFDIO_COPY from an unmapped source page takes the kernel's slow
+        fault-and-retry path (half the throughput at ``--readahead 64``), and mapping the file
+        again in each worker (MADV_POPULATE_READ) costs it about 0.3 µs per page before its
+        first fault (README, "Many VMs").  So one data page is copied on write, with its own
+        bytes: the mapping then has an anonymous page, and fork copies every entry (about a
+        third of that cost, paid by the parent's fork).  Where that fails (write permission
+        beyond the commit limit of a huge file), each worker maps the file again."""
+        at = self._first_data_page()
+        if at is None or self._ptes_forked:
+            return
+        try:
+            mprotect(self._map, self._maplen, PROT_READ | PROT_WRITE)
+        except OSError:
+            return
+        try:
+            ctypes.memmove(self._map + at, self._map + at, 1)
+            self._ptes_forked = True
+        finally:
+            mprotect(self._map, self._maplen, PROT_READ)
+
+    def _first_data_page(self):
+        """The mapping offset of the first byte of data served (not in a hole; None: none)."""
+        pos = self.offset
+        for a, b in self.holes:
+            if a + self.offset > pos:
+                break
+            pos = b + self.offset
+        return pos if self._map and pos < self._maplen else None
+
     def after_fork(self):
         """Make the source a forked worker's own (README, "Many VMs").  An inherited inotify
         fd is shared: one process would read the event that the others wait for, so the
         worker watches the file itself (a change before that still shows in size or mtime).
-        And it maps the file's pages again, in one call (MADV_POPULATE_READ, Linux 5.14): a
-        forked process inherits the mapping but not its page table entries (the kernel does
-        not copy them for file mappings), and a UFFDIO_COPY from an unmapped source page takes
-        the kernel's slow fault-and-retry path (half the throughput at ``--readahead 64``)."""
+        And unless ``before_fork`` had fork copy them, it maps the file's pages again, in one
+        call (MADV_POPULATE_READ, Linux 5.14)."""
         if self.watch_fd >= 0:
             os.close(self.watch_fd)
             self.watch_fd = inotify_watch(self.path, IN_MODIFY | IN_ATTRIB)
-        if self._map:
+        if self._map and not self._ptes_forked:
             self._populate_data([(a + self.offset, b + self.offset) for a, b in self.holes],
                                 self._maplen)
 
@@ -2662,6 +2701,46 @@ class _Clock:
 #: thread runs on another CPU, sleeping costs two cross-CPU wake-ups per fault (about 50 µs on a
 #: VM whose idle vCPUs halt at once); a fault-heavy workload faults again within microseconds.
 DEFAULT_SPIN = 50e-6
+#: how often SpinGate looks at the machine's run queues again (seconds)
+SPIN_GATE_EVERY = 2e-3
+
+
+class SpinGate:
+    """Whether busy-polling may take a CPU now: only while the machine has no more runnable
+    threads than CPUs (the count of /proc/loadavg, looked at every SPIN_GATE_EVERY seconds).
+    On a full machine a spinning handler only takes CPU time from the threads it serves (and
+    from the other VMs of a ``--peers`` daemon): measured with two peers on two CPUs, ``--spin``
+    without the gate lost a quarter of the throughput at ``--readahead 1`` (README, "Many
+    VMs").  No /proc: always spin, as before."""
+
+    def __init__(self, every=SPIN_GATE_EVERY):
+        self.every = every
+        self.ncpu = os.cpu_count() or 1
+        self._next = 0.0
+        self._ok = True
+        self._fd = None
+
+    def __call__(self):
+        now = time.perf_counter()
+        if now >= self._next:
+            self._next = now + self.every
+            self._ok = self._runnable() <= self.ncpu
+        return self._ok
+
+    def _runnable(self):
+        try:
+            if self._fd is None:
+                self._fd = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+            # "0.52 0.58 0.59 3/519 12345": runnable now / threads
+            return int(os.pread(self._fd, 128, 0).split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):
+            self.every = float("inf")           # not this kernel's format: stop looking
+            return 0
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Handler:
@@ -2705,6 +2784,7 @@ class Handler:
         self.fast_log = False         # the fast loop may write pagefault records (watch)
         self.log_mappings = False     # write ``mappings`` records (watch: ``announce``)
         self.spin = spin              # seconds to keep reading before sleeping in poll
+        self.spin_gate = SpinGate()   # ... while the machine has a CPU to spare
         self._present = None          # fast loop's readahead hint (bytearray by source page)
         self.exact_regions = False    # True: a fault outside the regions is an error (Firecracker)
         self._holes = bool(getattr(self.source, "holes", None))     # a sparse source file
@@ -3355,8 +3435,8 @@ class Handler:
                 busy = idle_step()
                 if busy:
                     wait_ms = 0
-            if self.spin and wait_ms is None:     # busy-poll a moment before sleeping
-                now = time.perf_counter()
+            if self.spin and wait_ms is None and (spin_until or self.spin_gate()):
+                now = time.perf_counter()         # busy-poll a moment before sleeping
                 if not spin_until:
                     spin_until = now + self.spin
                 if now < spin_until:
@@ -3491,7 +3571,7 @@ class Handler:
         timed = clock.active
         PF, SPECIAL = UFFD_EVENT_PAGEFAULT, UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR
         LAT_MASK = FAST_LATENCY_EVERY - 1
-        spin, spin_until, yield_cpu = self.spin, 0.0, os.sched_yield
+        spin, spin_until, yield_cpu, may_spin = self.spin, 0.0, os.sched_yield, self.spin_gate
         faults = nbytes = partial = eagain = waits = 0      # faults: never reset (sampling)
         flushed = 0                                          # faults already in st
         lo = hi = roff = 0
@@ -3553,7 +3633,7 @@ class Handler:
                             return None
                         if busy:
                             continue
-                    if spin:                          # busy-poll a moment before sleeping
+                    if spin and (spin_until or may_spin()):     # busy-poll a moment
                         if not spin_until:
                             spin_until = perf() + spin
                         if perf() < spin_until:
@@ -3714,6 +3794,7 @@ class Handler:
         for s in list(self.served.values()):
             s.uffd.close()
         self.served.clear()
+        self.spin_gate.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -10903,6 +10984,7 @@ class PeerDaemon:
                 self.sock_id = _file_id(args.firecracker_socket)
                 self.sock.listen(PEER_BACKLOG)
                 self.log.emit("ready", socket=args.firecracker_socket, peers=self.limit)
+                getattr(self.source, "before_fork", lambda: None)()
                 gc.collect()                  # what the workers share: no garbage, no holes
                 gc.freeze()
                 trim_heap()

@@ -43,6 +43,8 @@ TOOL = os.path.join(ROOT, "uffdtool.py")
 LAUNCH = [sys.executable, TOOL]
 IMPORT = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import uffdtool; "
           "sys.exit(uffdtool.main())" % ROOT]
+#: more serve-file arguments for both kinds of runs (--handler-args)
+EXTRA = []
 BENCH_C = [os.path.join(ROOT, "..", "shared", "bench", "uffd_bench.c"),
            "/work/shared/bench/uffd_bench.c"]
 
@@ -130,7 +132,7 @@ def run_daemon(exe, src, mib, n, k, work, timeout):
     sock, log = os.path.join(work, "d.sock"), os.path.join(work, "d.jsonl")
     h = subprocess.Popen(LAUNCH + ["serve-file", "--file", src,
                           "--firecracker-socket", sock, "--peers", "0", "--readahead", str(k),
-                          "--no-fault-log", "--quiet", "--log", log])
+                          "--no-fault-log", "--quiet", "--log", log] + EXTRA)
     try:
         wait_path(sock, [h])
 
@@ -165,7 +167,7 @@ def run_separate(exe, src, mib, n, k, work, timeout):
     socks = [os.path.join(work, "s%d.sock" % i) for i in range(n)]
     hs = [subprocess.Popen(LAUNCH + ["serve-file", "--file", src,
                             "--firecracker-socket", s, "--readahead", str(k), "--no-fault-log",
-                            "--quiet"]) for s in socks]
+                            "--quiet"] + EXTRA) for s in socks]
     try:
         for s in socks:
             wait_path(s, hs)
@@ -207,7 +209,10 @@ def main(argv=None):
     ap.add_argument("--import", dest="import_", action="store_true",
                     help="start the tool by importing the module (like the installed uffdtool "
                          "command), not as the script uffdtool.py")
+    ap.add_argument("--handler-args", default="",
+                    help="more serve-file arguments for every handler, e.g. '--spin 0'")
     a = ap.parse_args(argv)
+    EXTRA[:] = a.handler_args.split()
     if a.import_:
         LAUNCH[:] = IMPORT
     bench_c = a.bench_c or next((p for p in BENCH_C if os.path.exists(p)), None)
@@ -221,35 +226,40 @@ def main(argv=None):
     ks = [int(x) for x in a.ks.split(",")]
     rows = []
     for k in ks:
-        for n in ns:
-            runs = []
-            for _ in range(a.reps):
+        runs = {n: [] for n in ns}
+        for rep in range(a.reps):           # interleaved: a noisy moment hits every N alike
+            for n in ns:
                 with tempfile.TemporaryDirectory(prefix="peers-bench-") as work:
                     d, d_pss, parent, done_pss = run_daemon(exe, src, a.size_mib, n, k, work,
                                                             a.timeout)
                 with tempfile.TemporaryDirectory(prefix="peers-bench-") as work:
                     s, s_pss = run_separate(exe, src, a.size_mib, n, k, work, a.timeout)
-                runs.append({"daemon": summarize(d, a.size_mib), "separate":
-                             summarize(s, a.size_mib), "worker_pss_kib": mean(d_pss or []),
-                             "parent_pss_kib": parent, "peer_done_pss_kib": mean(done_pss),
-                             "process_pss_kib": mean(s_pss or [])})
-            pick = sorted(runs, key=lambda r: r["daemon"]["agg_mib_s"])[len(runs) // 2]
-            rows.append(dict(pick, k=k, n=n))
-            print("K=%d N=%d %s" % (k, n, json.dumps(pick)), file=sys.stderr, flush=True)
-    base = {r["k"]: r["daemon"]["agg_mib_s"] for r in rows if r["n"] == ns[0]}
-    print("| K | peers | daemon MiB/s (sum) | vs %d peer | µs/page per peer | separate MiB/s | "
-          "ready ms daemon | ready ms separate | Pss_Anon KiB per worker | daemon parent | "
-          "Pss_Anon KiB per process | worker/process |" % ns[0])
+                runs[n].append({"daemon": summarize(d, a.size_mib), "separate":
+                                summarize(s, a.size_mib), "worker_pss_kib": mean(d_pss or []),
+                                "parent_pss_kib": parent, "peer_done_pss_kib": mean(done_pss),
+                                "process_pss_kib": mean(s_pss or [])})
+                print("K=%d N=%d rep %d %s" % (k, n, rep, json.dumps(runs[n][-1])),
+                      file=sys.stderr, flush=True)
+        for n in ns:
+            # the ratio to ns[0] of each rep (both measured moments apart), then the median
+            ratios = [r["daemon"]["agg_mib_s"] / b["daemon"]["agg_mib_s"]
+                      for r, b in zip(runs[n], runs[ns[0]])]
+            pick = sorted(runs[n], key=lambda r: r["daemon"]["agg_mib_s"])[len(runs[n]) // 2]
+            rows.append(dict(pick, k=k, n=n, ratio=statistics.median(ratios),
+                             ratio_range=(min(ratios), max(ratios))))
+    print("| K | peers | daemon MiB/s (sum) | vs %d peer (range over reps) | µs/page per peer | "
+          "separate MiB/s | ready ms daemon | ready ms separate | Pss_Anon KiB per worker | "
+          "daemon parent | Pss_Anon KiB per process | worker/process |" % ns[0])
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         d, s = r["daemon"], r["separate"]
-        ratio = (r["worker_pss_kib"] / r["process_pss_kib"]) if r["worker_pss_kib"] and \
+        pss = (r["worker_pss_kib"] / r["process_pss_kib"]) if r["worker_pss_kib"] and \
             r["process_pss_kib"] else None
-        print("| %d | %d | %.1f | %.2f× | %.2f | %.1f | %.2f | %.2f | %s | %s | %s | %s |" % (
-            r["k"], r["n"], d["agg_mib_s"], d["agg_mib_s"] / base[r["k"]], d["us_per_page"],
-            s["agg_mib_s"], d["ready_ms"], s["ready_ms"], r["worker_pss_kib"],
-            r["parent_pss_kib"], r["process_pss_kib"],
-            "%.2f" % ratio if ratio else "-"))
+        print("| %d | %d | %.1f | %.2f× (%.2f-%.2f) | %.2f | %.1f | %.2f | %.2f | %s | %s | %s "
+              "| %s |" % (r["k"], r["n"], d["agg_mib_s"], r["ratio"], *r["ratio_range"],
+                          d["us_per_page"], s["agg_mib_s"], d["ready_ms"], s["ready_ms"],
+                          r["worker_pss_kib"], r["parent_pss_kib"], r["process_pss_kib"],
+                          "%.2f" % pss if pss else "-"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

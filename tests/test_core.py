@@ -4,7 +4,10 @@ import errno
 import json
 import os
 import struct
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -241,7 +244,6 @@ def test_unprivileged_open_error_and_info():
             "except u.UffdError as e:\n    print(e.errno, e)\n"
             "u.Userfaultfd(user_mode_only=True).close(); print('umo ok')\n")
     import shutil
-    import subprocess
     from conftest import ROOT, TOOL
     py = shutil.which("python3", path="/usr/bin:/bin")     # root's pyenv is not readable by nobody
     if not py:
@@ -301,3 +303,39 @@ def test_cli_bad_values_exit_2_before_any_work(argv, words, tmp_path):
     assert r.returncode == 2, r.stderr
     assert words in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def _cpu_hogs(n):
+    """``n`` processes that never sleep; returns them once the machine's run queues hold more
+    runnable threads than it has CPUs (what /proc/loadavg counts)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    deadline = time.monotonic() + 10
+    while u.SpinGate()._runnable() <= (os.cpu_count() or 1):
+        assert time.monotonic() < deadline, "the CPU hogs never all ran at once"
+        time.sleep(0.01)
+    return hogs
+
+
+@needs_uffd
+def test_handler_does_not_spin_on_a_full_machine(armed):
+    """The busy-poll window is taken only while a CPU is free (SpinGate): with more runnable
+    threads than CPUs, an idle handler with a 5 s ``spin`` sleeps in poll at once (it would
+    otherwise take a share of a CPU for the whole second); on the idle machine the same
+    handler does spin (so that this test can tell the two apart)."""
+    uffd, area, _ = armed
+
+    def idle_cpu(spin):
+        h = u.Handler(u.ZeroSource(), spin=spin)
+        h.add(uffd, [(area, 8 * PS)])
+        threading.Timer(1.0, h.stop).start()
+        c0 = time.thread_time()
+        assert h.run(timeout=10) == "stopped"
+        return time.thread_time() - c0
+    assert idle_cpu(5.0) > 0.1                        # nothing else runs: it spins
+    hogs = _cpu_hogs(os.cpu_count() or 1)
+    try:
+        assert idle_cpu(5.0) < 0.01
+    finally:
+        for p in hogs:
+            p.kill()
+            p.wait()

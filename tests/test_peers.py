@@ -2,6 +2,7 @@
 peer, against the real kernel: 32 concurrent C touchers through one socket, Python peers
 (tests/fc_client.py) that pause mid-restore so that the test can kill them, their workers or
 the daemon at a point they control, and the records every peer gets."""
+import ctypes
 import json
 import os
 import random
@@ -398,3 +399,52 @@ def test_url_source_shared_through_the_cache(ngx, tmp_path, daemons):  # noqa: F
     assert len(t.events("peer-done")) == 2
     ranges = [r[1] for r in chunk_gets(ngx)]
     assert sorted(ranges) == sorted(set(ranges)) and len(ranges) == URL_SIZE // (256 << 10)
+
+
+def _rss_after_fork(addr):
+    """The Rss (bytes) of the mapping at ``addr`` in a child forked now, before it touches it:
+    the page table entries fork copied."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        rss, inside = -1, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if "-" in line.split()[0] and not line.split()[0].endswith(":"):
+                    inside = int(line.split("-")[0], 16) == addr
+                elif inside and line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                    break
+        os.write(w, b"%d" % rss)
+        os._exit(0)
+    os.close(w)
+    got = int(os.read(r, 64))
+    os.close(r)
+    os.waitpid(pid, 0)
+    return got
+
+
+@pytest.mark.parametrize("hole", [0, 16 * PS], ids=["dense", "hole-first"])
+def test_fork_copies_the_source_page_tables(tmp_path, hole):
+    """A worker forked after FileSource.before_fork has the source's page table entries (the
+    kernel copies them only for a mapping with an anonymous page), so it need not map 256
+    pages again before its first fault; the data is unchanged, page by page, and the file
+    keeps its hole."""
+    data = random.Random(5).randbytes(256 * PS)
+    path = tmp_path / "src.bin"
+    with open(path, "wb") as f:
+        f.truncate(hole + len(data))
+        f.seek(hole)
+        f.write(data)
+    s = u.FileSource(str(path))
+    try:
+        assert _rss_after_fork(s._map) == 0           # the kernel's default: not copied
+        s.before_fork()
+        assert _rss_after_fork(s._map) >= len(data)
+        for p in range(0, hole + len(data), PS):
+            want = data[p - hole:p - hole + PS] if p >= hole else bytes(PS)
+            assert ctypes.string_at(s.base + p, PS) == want, "page %d" % (p // PS)
+        if hole:
+            assert u.file_holes(s._fd, 0, hole + len(data)) == [(0, hole)]
+    finally:
+        s.close()
