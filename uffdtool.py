@@ -1718,8 +1718,8 @@ PRIO_DEMAND, PRIO_READAHEAD, PRIO_PREFETCH, PRIO_FILL = 0, 1, 2, 3
 #: chunk states in ``UrlSource.have``: absent; present and used; present from readahead, not used
 #: yet (its first use queues the next chunks); present in the cache, not counted as a hit yet
 _ABSENT, _SEEN, _AHEAD, _CACHED = 0, 1, 2, 3
-#: seconds a fetched chunk may wait for the cache writer while fetches are running
-CACHE_WRITE_DELAY = 1.0
+#: chunks' worth of memory kept for fetching into again (``UrlSource._to_pool``)
+URL_POOL_CHUNKS = 16
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -1844,6 +1844,7 @@ class UrlSource:
         self.failed = None                # a fatal FetchError: every later need raises it
         self.base = self._map = 0
         self._data_fd = self._map_fd = self._lock_fd = self._users_fd = -1
+        self._direct_fd = -1              # the data file again, O_DIRECT (the cache writer's)
         self.cache_dir = None
         self.caching = False              # chunks are written to the cache directory
         self._shared = False              # the mapping is the cache file's
@@ -1851,12 +1852,17 @@ class UrlSource:
         self._queue, self._queued, self._pending, self._errors = [], {}, {}, {}
         self._running = set()
         self._to_write = []               # fetched chunks the writer has still to persist
+        self._unwritten = set()           # ... and those it is writing (their memory stays)
+        self._last = -1                   # the chunk of the last fill (``ensure``)
+        self._complete = []               # chunks all installed, kept until written
+        self._pool = []                   # memory of given-back chunks, to fetch into again
         self._seq = 0
         self._threads = []
         self._closing = False
         self._lat = array.array("f")     # fetch latencies (µs)
         self.counts = {"fetches": 0, "fetched_bytes": 0, "fetch_retries": 0, "cache_hits": 0,
-                       "cache_misses": 0, "fetch_waits": 0, "fetch_wait_s": 0.0}
+                       "cache_misses": 0, "fetch_waits": 0, "fetch_wait_s": 0.0,
+                       "released_chunks": 0}
         first = self._probe(1 if cache else chunk)
         self.nchunks = -(-self.size // self.chunk)
         self._maplen = -(-self.size // PAGE_SIZE) * PAGE_SIZE
@@ -1864,6 +1870,7 @@ class UrlSource:
         if cache:
             self._open_cache(cache)
         self._anon = bytearray(self.nchunks)   # chunks where anonymous memory covers the file
+        self._given = bytearray(self.nchunks)  # chunks installed, then given back (``_release``)
         if not self._map:
             self._map = mmap_anon(self._maplen, PROT_READ | PROT_WRITE,
                                   MAP_PRIVATE | MAP_NORESERVE)
@@ -2057,6 +2064,11 @@ class UrlSource:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._data_fd = os.open(os.path.join(d, "data"), flags, 0o600)
         self._map_fd = os.open(os.path.join(d, "map"), flags, 0o600)
+        try:
+            self._direct_fd = os.open(os.path.join(d, "data"), os.O_RDWR | os.O_CLOEXEC |
+                                      getattr(os, "O_DIRECT", 0))
+        except OSError:
+            self._direct_fd = -1                # a file system without O_DIRECT: buffered
         spath = os.path.join(d, "state")
         try:
             with open(spath) as f:
@@ -2081,7 +2093,7 @@ class UrlSource:
                           % (root, e.strerror or e))
 
     def _close_fds(self):
-        for name in ("_data_fd", "_map_fd", "_lock_fd", "_users_fd"):
+        for name in ("_data_fd", "_direct_fd", "_map_fd", "_lock_fd", "_users_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
@@ -2117,13 +2129,16 @@ class UrlSource:
         from the socket) and is written to the cache behind the serving (``_writer``), so a
         slow disk does not slow a cold restore."""
         a, n = self._page_span(c)
-        if self._shared and not self._anon[c]:
-            mmap_anon(n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, addr=self._map + a)
+        if not self._from_pool(a, n):
+            if self._shared and not self._anon[c]:
+                mmap_anon(n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+                          addr=self._map + a)
+            try:                                # one call instead of a page fault per page
+                madvise(self._map + a, n, MADV_POPULATE_WRITE)
+            except OSError:
+                pass
+        if self._shared:
             self._anon[c] = 1
-        try:                                    # one call instead of a page fault per page
-            madvise(self._map + a, n, MADV_POPULATE_WRITE)
-        except OSError:
-            pass
         return (ctypes.c_char * (self._span(c)[1] - a)).from_address(self._map + a)
 
     def _from_cache(self, c):
@@ -2144,41 +2159,54 @@ class UrlSource:
         self.have[c] = _AHEAD if prio == PRIO_READAHEAD else _SEEN
         if self.caching:
             with self._cv:
-                self._to_write.append((c, time.monotonic()))
+                self._unwritten.add(c)
+                self._to_write.append(c)
                 self._cv.notify_all()
             return True
         return False
 
     def _writer(self):
-        """Writes fetched chunks to the cache file, then sets their map byte (a chunk is
-        visible to other processes only once completely written), then releases the chunk's
-        lock.  It writes while no fetch is running (or a chunk has waited CACHE_WRITE_DELAY),
-        because a disk write costs CPU that a cold restore needs (README "Restoring from a
-        URL").  A full or failing disk: serve without the cache from then on (said once)."""
+        """Writes fetched chunks to the cache file as they come, then sets their map byte (a
+        chunk is visible to other processes only once completely written), then releases the
+        chunk's lock.  The writes cost little CPU (``_write_chunk``: O_DIRECT), and a chunk's
+        memory can be given back only once it is written.  A full or failing disk: serve
+        without the cache from then on (said once)."""
         while True:
             with self._cv:
-                while True:
-                    q = self._to_write
-                    if q and (self._closing or not self._running or
-                              time.monotonic() - q[0][1] > CACHE_WRITE_DELAY):
-                        break
-                    if not q and self._closing:
+                while not self._to_write:
+                    if self._closing:
                         return
-                    self._cv.wait(0.1 if q else None)
-                c = q.pop(0)[0]
-            a, b = self._span(c)
+                    self._cv.wait()
+                c = self._to_write.pop(0)
             try:
                 if self.caching:
-                    view = memoryview((ctypes.c_char * (b - a)).from_address(self._map + a))
-                    view = view.cast("B")
-                    done = 0
-                    while done < b - a:
-                        done += os.pwrite(self._data_fd, view[done:], a + done)
+                    self._write_chunk(c)
                     os.pwrite(self._map_fd, b"\x01", c)
             except OSError as e:
                 self._cache_failed(os.path.dirname(self.cache_dir), e)
             finally:
                 self._unlock_chunk(c)
+                with self._cv:
+                    self._unwritten.discard(c)
+
+    def _write_chunk(self, c):
+        """Write chunk ``c`` from the mapping to the data file: its whole pages with O_DIRECT
+        (the disk reads them from our memory: no copy into the page cache, which cost as much
+        CPU as the fetch itself and a second copy of the object in memory), the rest buffered."""
+        a, b = self._span(c)
+        view = memoryview((ctypes.c_char * (b - a)).from_address(self._map + a)).cast("B")
+        done, whole = 0, (b - a) & ~(PAGE_SIZE - 1)
+        if self._direct_fd >= 0:
+            try:
+                while done < whole:
+                    done += os.pwrite(self._direct_fd, view[done:whole], a + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(self._direct_fd)      # alignment this file system refuses: buffered
+                self._direct_fd = -1
+        while done < b - a:
+            done += os.pwrite(self._data_fd, view[done:], a + done)
 
     # -- fetchers -------------------------------------------------------------------------------
     def _start_fetchers(self):
@@ -2385,7 +2413,7 @@ class UrlSource:
         if not self.have[c]:
             raise self.failed or self._errors.get(c) or FetchError(
                 "%s: chunk %d was not fetched" % (self.display, c))
-        if c and self.have[c - 1]:                # sequential: fetch ahead of the faults
+        if c and (self.have[c - 1] or self._given[c - 1]):   # sequential: fetch ahead
             self._readahead(c)
         self._seen(c)
 
@@ -2419,6 +2447,8 @@ class UrlSource:
         bytes that may be copied now (a whole number of pages)."""
         sh = self.chunk
         c = off // sh
+        if c != self._last:
+            self._switched(c)
         if self.have[c] != _SEEN:
             if self.have[c]:
                 self._seen(c)
@@ -2442,6 +2472,82 @@ class UrlSource:
     def fill(self, uffd, dst, length, offset, hugetlb=False):
         n = self.ensure(offset, length)
         return uffd.copy(dst, self.base + offset, n)
+
+    # -- giving back the memory of chunks all installed -----------------------------------------
+    def _switched(self, c):
+        """The fills move on from chunk ``_last`` to ``c`` (in the serving thread, the only one
+        that copies from the mapping): if every page of ``_last`` is installed (the Handler's
+        hint), its memory is given back, so that a cold restore lives in a few chunks' worth of
+        memory instead of a copy of the whole object, and the next fetches reuse pages the
+        kernel has just had back (fresh pages cost more: README "Restoring from a URL")."""
+        last, self._last = self._last, c
+        if last >= 0 and self._installed(last):
+            self._complete.append(last)
+        if self._complete:
+            with self._cv:
+                done = [k for k in self._complete if k not in self._unwritten]
+                self._complete = [k for k in self._complete if k in self._unwritten]
+            for k in done:
+                self._release(k)
+
+    def _to_pool(self, a, n):
+        """Move the pages of ``[a, a+n)`` of the mapping into the pool (mremap with
+        MREMAP_DONTUNMAP, Linux 5.7: the range stays mapped, empty, so no other mapping can
+        land there meanwhile).  A chunk fetched later gets them back by another mremap: no
+        page to allocate, zero and fault in again, which cost as much as the fetch itself."""
+        if n != self.chunk or len(self._pool) >= URL_POOL_CHUNKS:
+            return False
+        try:
+            slot = mremap(self._map + a, n, n, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)
+        except OSError:
+            return False                          # older kernel, or too many mappings
+        with self._cv:
+            self._pool.append(slot)
+        return True
+
+    def _from_pool(self, a, n):
+        """Put pooled pages at ``[a, a+n)`` of the mapping (replacing what is there)."""
+        if n != self.chunk:
+            return False
+        with self._cv:
+            slot = self._pool.pop() if self._pool else 0
+        if not slot:
+            return False
+        try:
+            mremap(slot, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, self._map + a)
+        except OSError:
+            munmap(slot, n)
+            return False
+        return True
+
+    def _installed(self, c):
+        h = self._handler
+        hint = None if h is None else h._present
+        if hint is None or self.have[c] in (_ABSENT, _CACHED) or self.page_size != PAGE_SIZE:
+            return False
+        a, b = self._span(c)
+        i, j = a // PAGE_SIZE, min(-(-b // PAGE_SIZE), len(hint))
+        return i < j and hint.find(0, i, j) < 0
+
+    def _release(self, c):
+        """Give back chunk ``c``'s memory: in the cache it is mapped from the data file again
+        (it stays present); without a cache it is absent again (a later need, e.g. a forked
+        process's fault, fetches it again)."""
+        a, n = self._page_span(c)
+        if self._shared:
+            if not self._anon[c] or not self.caching:
+                return                            # not ours, or never written: kept
+            self._to_pool(a, n)
+            mmap_anon(n, PROT_READ, MAP_SHARED | MAP_FIXED, fd=self._data_fd, offset=a,
+                      addr=self._map + a)
+            self._anon[c] = 0
+        else:
+            self.have[c] = _ABSENT
+            self._given[c] = 1
+            if not self._to_pool(a, n):
+                madvise(self._map + a, n, MADV_DONTNEED)
+        with self._cv:
+            self.counts["released_chunks"] += 1
 
     def ready(self, off, n, prio=PRIO_PREFETCH):
         """Whether ``[off, off+n)`` can be filled without waiting; queues what is missing (for
@@ -2468,6 +2574,8 @@ class UrlSource:
                 self._want(c, prio)
 
     def address(self, offset):
+        """Where source offset ``offset`` is in our memory (valid after ``ensure``: a chunk all
+        installed may have been given back)."""
         return self.base + offset
 
     def bind(self, handler):
@@ -2504,6 +2612,9 @@ class UrlSource:
         if self._map and not busy:
             munmap(self._map, self._maplen)
             self._map = self.base = 0
+            for slot in self._pool:
+                munmap(slot, self.chunk)
+            self._pool = []
 
     def _close_cache(self):
         """The last user of the entry syncs data, then map, and marks the state clean (under
@@ -2554,6 +2665,17 @@ def file_regions(start, end, file_ranges, name=None):
     if at < end:
         out.append(Region(at, end, None, name))
     return out
+
+
+def source_bytes(source, off, n):
+    """Bytes ``[off, off+n)`` of ``source`` (a UrlSource fetches what is not here now)."""
+    ensure = getattr(source, "ensure", None)
+    out = bytearray()
+    while n > 0:
+        k = ensure(off, n) if ensure is not None else n
+        out += ctypes.string_at(source.address(off), k)
+        off, n = off + k, n - k
+    return bytes(out)
 
 
 def data_end(r, size, page_size):
@@ -3161,6 +3283,7 @@ class Handler:
                 st.add("prefetch_pages", done // ps)
                 st.add("prefetch_bytes", done)
                 st.add("prefetch_ioctls")
+                self.mark_filled(a, done)
                 if done < n:                      # stopped at a present page: skip it
                     st.add("prefetch_present")
                     self._prefetch_rest(a + done + ps, b)
@@ -3180,6 +3303,17 @@ class Handler:
     def _prefetch_rest(self, a, b):
         if a < b:
             self.prefetch.push_front((a, b))
+
+    def mark_filled(self, off, n):
+        """Source bytes ``[off, off+n)`` were filled outside the fast loop (prefetch, --fill
+        idle): set them in its readahead hint, which a UrlSource also reads to give back the
+        memory of chunks all installed."""
+        hint = self._present
+        if hint is not None and n > 0:
+            shift = self.page_size.bit_length() - 1
+            i, j = off >> shift, min(len(hint), (off + n) >> shift)
+            if i < j:
+                hint[i:j] = b"\x01" * (j - i)
 
     def _source_fill(self, s, dst, length, off):
         return self.source.fill(s.uffd, dst, length, off, self.hugetlb)
@@ -3931,6 +4065,7 @@ class IdleFill:
         # nothing done: skip the present page (EEXIST) or the unmapped run; a short fill stopped
         # at a present page: skip that page too
         step = n if not done or done >= n else done + ps
+        h.mark_filled(off, done)
         self.pages += done // ps
         h.stats.add("fill_pages", done // ps)
         self.cur[2] = a + step
@@ -7015,11 +7150,8 @@ class SelfServeTarget(WorkloadTarget):
 
     def verify(self, source):
         """Compare every byte with what the source should have put there: (ok, first bad)."""
-        if source.kind == "zero":
-            want = None
-        else:
-            n = min(self.size, source.size)
-            want = (ctypes.c_char * n).from_address(source.address(0))
+        want = None if source.kind == "zero" else source_bytes(source, 0, min(self.size,
+                                                                               source.size))
         view = memoryview(self.copy)
         step = 1 << 20
         for off in range(0, self.size, step):

@@ -16,8 +16,8 @@ anonymous PSS (`Pss_Anon` of /proc/PID/smaps_rollup) per serving process, sample
 are serving (the daemon's workers, and its parent separately; the source file's page cache is
 shared by design and not counted).  Nothing is pinned and `--spin` is the default.
 
-    python3 bench/peers_bench.py                      # N 1,2,4,8 x K 1,64, 32 MiB, 1 rep
-    python3 bench/peers_bench.py --peers 1,2 --ks 64 --reps 3 --json /tmp/peers.json
+    python3 bench/peers_bench.py                      # N 1,2,4,8 x K 1,64, 128 MiB, 5 reps
+    python3 bench/peers_bench.py --peers 1,2 --ks 64 --reps 9 --json /tmp/peers.json
     python3 bench/peers_bench.py --import --ks 1     # started as the installed command is
 
 Needs gcc and the shared C toucher `uffd_bench.c` (--bench-c; by default beside the checkout
@@ -201,8 +201,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", default="1,2,4,8", help="concurrent peer counts (default 1,2,4,8)")
     ap.add_argument("--ks", default="1,64", help="--readahead values (default 1,64)")
-    ap.add_argument("-s", "--size-mib", type=int, default=32, help="MiB per VM (default 32)")
-    ap.add_argument("--reps", type=int, default=1, help="runs per configuration (median)")
+    ap.add_argument("-s", "--size-mib", type=int, default=128,
+                    help="MiB per VM (default 128: at 32 MiB a run lasts 20-40 ms, and where "
+                         "the scheduler first puts the threads decides its speed)")
+    ap.add_argument("--reps", type=int, default=5,
+                    help="runs per configuration, interleaved (median; default 5)")
     ap.add_argument("--bench-c", help="path of uffd_bench.c")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--json", help="write every result here")
