@@ -1854,6 +1854,7 @@ class UrlSource:
         self._to_write = []               # fetched chunks the writer has still to persist
         self._unwritten = set()           # ... and those it is writing (their memory stays)
         self._last = -1                   # the chunk of the last fill (``ensure``)
+        self._step = 1                    # readahead direction: 1 forwards, -1 backwards
         self._complete = []               # chunks all installed, kept until written
         self._pool = []                   # memory of given-back chunks, to fetch into again
         self._seq = 0
@@ -2414,12 +2415,21 @@ class UrlSource:
             raise self.failed or self._errors.get(c) or FetchError(
                 "%s: chunk %d was not fetched" % (self.display, c))
         if c and (self.have[c - 1] or self._given[c - 1]):   # sequential: fetch ahead
-            self._readahead(c)
+            self._readahead(c, 1)
+        elif c + 1 < self.nchunks and (self.have[c + 1] or self._given[c + 1]):
+            self._readahead(c, -1)                 # backwards (a large memmove may copy so)
         self._seen(c)
 
-    def _readahead(self, c):
-        for k in range(c + 1, min(self._needed(), c + 1 + max(1, self.nfetchers - 1))):
-            self._want(k, PRIO_READAHEAD)
+    def _readahead(self, c, step=None):
+        """Fetch the next N-1 chunks from ``c`` in the direction of the faults (``step``; None:
+        the last one), except those installed whole and given back already."""
+        step = self._step = step or self._step
+        for i in range(1, max(2, self.nfetchers)):
+            k = c + i * step
+            if not 0 <= k < self._needed():
+                break
+            if not self._given[k]:
+                self._want(k, PRIO_READAHEAD)
 
     def _needed(self):
         """Chunks up to the end of the served regions' data (readahead stops there: an object

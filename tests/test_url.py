@@ -552,3 +552,97 @@ def test_url_self_target(ngx):
                  "--size", "4M", "--chunk", "256K")
     assert r.returncode == 0, r.stderr
     assert "every byte verified" in r.stderr and SECRET not in r.stderr
+
+
+# -- memory: a cold restore keeps a few chunks, not a second copy of the object -----------------
+
+def _rss_anon(pid):
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no RssAnon")
+
+
+def _resident(path):
+    """Bytes of ``path`` in the page cache (mincore of a fresh mapping)."""
+    import ctypes
+    import uffdtool as u
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = u.mmap_anon(size, u.PROT_READ, u.MAP_SHARED, fd=fd)
+    finally:
+        os.close(fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * (-(-size // PS)))()
+    try:
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0, \
+            os.strerror(ctypes.get_errno())
+    finally:
+        u.munmap(addr, size)
+    return sum(v & 1 for v in vec) * PS
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+def test_cold_restore_gives_back_chunks_all_installed(ngx, tmp_path, cache):
+    """A sequential cold restore of 64 MiB (in 1 MiB chunks): each chunk's memory is given back once all its
+    pages are installed (the handler grows by a pool of chunks, not by the object), every page
+    is the object's; with --cache the chunks go to the data file with O_DIRECT (no second copy
+    in the page cache) and a second restore fetches nothing and is verified again."""
+    size = 64 << 20
+    data = random.Random(11).randbytes(size)
+    ngx.put("big.bin", data)
+    extra = ["--cache", str(tmp_path / "cache")] if cache else []
+    sock = str(tmp_path / "s")
+    p = start_tool("serve-file", "--url", ngx.url("big.bin"), "--firecracker-socket", sock,
+                   "--chunk", "1M", "--readahead", "64", "--no-fault-log", *extra)
+    before = _rss_anon(p.p.pid)
+    c = FcClient([size])
+    try:
+        c.handshake(sock)
+        assert c.mismatches(0, data) == []
+        grown = _rss_anon(p.p.pid) - before
+    finally:
+        c.close()
+    st = finished_ok(p)
+    # each chunk fetched once (the first comes with the size probe unless --cache), though
+    # the peer's memmove reads backwards: readahead follows it and skips chunks given back
+    assert st["fetched_bytes"] == size - (0 if cache else 1 << 20)
+    gets = [r[1] for r in chunk_gets(ngx)]
+    assert len(gets) == len(set(gets)) and st["released_chunks"] >= 60
+    assert grown < size // 2, "the handler kept %d MiB" % (grown >> 20)
+    if cache:
+        entry = [d for d in os.listdir(tmp_path / "cache")][0]
+        path = tmp_path / "cache" / entry / "data"
+        assert _resident(str(path)) < size // 4
+        with open(path, "rb") as f:
+            assert f.read() == data                      # written whole, byte for byte
+        n = len(chunk_gets(ngx))
+        p = start_tool("serve-file", "--url", ngx.url("big.bin"), "--firecracker-socket", sock,
+                       "--chunk", "1M", "--readahead", "64", "--no-fault-log", *extra)
+        c = FcClient([size])
+        try:
+            c.handshake(sock)
+            assert c.mismatches(0, data) == []
+        finally:
+            c.close()
+        assert finished_ok(p)["cache_hits"] == size >> 20
+        assert len(chunk_gets(ngx)) == n                 # all from the cache
+
+
+def test_a_chunk_given_back_is_fetched_again_when_needed(ngx):
+    """After its memory is given back, a chunk is absent again: the next need (here reading the
+    source, as --self's verification does; a forked process's fault alike) fetches it again
+    and gets the object's bytes."""
+    import uffdtool as u
+    src = u.UrlSource(ngx.url("mem.bin"), chunk=CHUNK)
+    try:
+        h = u.Handler(src)
+        h._present = bytearray(b"\x01" * (SIZE // PS))   # as if every page were installed
+        src.ensure(0, PS)
+        src.ensure(CHUNK, PS)                             # on to chunk 1: chunk 0 given back
+        assert src.have[0] == 0 and src.stats_fields()["released_chunks"] == 1
+        assert u.source_bytes(src, 0, 2 * CHUNK) == ngx.data[:2 * CHUNK]
+        assert [r[1] for r in chunk_gets(ngx)].count("bytes=0-%d" % (CHUNK - 1)) >= 1
+    finally:
+        src.close()
