@@ -2540,22 +2540,15 @@ class UrlSource:
         return i < j and hint.find(0, i, j) < 0
 
     def _release(self, c):
-        """Give back chunk ``c``'s memory: in the cache it is mapped from the data file again
-        (it stays present); without a cache it is absent again (a later need, e.g. a forked
-        process's fault, fetches it again)."""
+        """Give back chunk ``c``'s memory: it is absent again (a later need, e.g. a forked
+        process's fault, maps it from the cache or fetches it again)."""
         a, n = self._page_span(c)
-        if self._shared:
-            if not self._anon[c] or not self.caching:
-                return                            # not ours, or never written: kept
-            self._to_pool(a, n)
-            mmap_anon(n, PROT_READ, MAP_SHARED | MAP_FIXED, fd=self._data_fd, offset=a,
-                      addr=self._map + a)
-            self._anon[c] = 0
-        else:
-            self.have[c] = _ABSENT
-            self._given[c] = 1
-            if not self._to_pool(a, n):
-                madvise(self._map + a, n, MADV_DONTNEED)
+        if self._shared and not self._anon[c]:
+            return                                # mapped from the cache: nothing of ours
+        self.have[c] = _ABSENT
+        self._given[c] = 1
+        if not self._to_pool(a, n):
+            madvise(self._map + a, n, MADV_DONTNEED)
         with self._cv:
             self.counts["released_chunks"] += 1
 
