@@ -38,7 +38,7 @@ Library example::
                 uffd.zeropage(ev.address & ~(uffdtool.PAGE_SIZE - 1), uffdtool.PAGE_SIZE)
 """
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 import argparse
 import array
@@ -1844,7 +1844,6 @@ class UrlSource:
         self.failed = None                # a fatal FetchError: every later need raises it
         self.base = self._map = 0
         self._data_fd = self._map_fd = self._lock_fd = self._users_fd = -1
-        self._direct_fd = -1              # the data file again, O_DIRECT (the cache writer's)
         self.cache_dir = None
         self.caching = False              # chunks are written to the cache directory
         self._shared = False              # the mapping is the cache file's
@@ -2065,11 +2064,6 @@ class UrlSource:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._data_fd = os.open(os.path.join(d, "data"), flags, 0o600)
         self._map_fd = os.open(os.path.join(d, "map"), flags, 0o600)
-        try:
-            self._direct_fd = os.open(os.path.join(d, "data"), os.O_RDWR | os.O_CLOEXEC |
-                                      getattr(os, "O_DIRECT", 0))
-        except OSError:
-            self._direct_fd = -1                # a file system without O_DIRECT: buffered
         spath = os.path.join(d, "state")
         try:
             with open(spath) as f:
@@ -2094,7 +2088,7 @@ class UrlSource:
                           % (root, e.strerror or e))
 
     def _close_fds(self):
-        for name in ("_data_fd", "_direct_fd", "_map_fd", "_lock_fd", "_users_fd"):
+        for name in ("_data_fd", "_map_fd", "_lock_fd", "_users_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
@@ -2169,8 +2163,8 @@ class UrlSource:
     def _writer(self):
         """Writes fetched chunks to the cache file as they come, then sets their map byte (a
         chunk is visible to other processes only once completely written), then releases the
-        chunk's lock.  The writes cost little CPU (``_write_chunk``: O_DIRECT), and a chunk's
-        memory can be given back only once it is written.  A full or failing disk: serve
+        chunk's lock.  As they come: a chunk's memory can be given back only once it is
+        written, and another process may be waiting for its lock.  A full or failing disk: serve
         without the cache from then on (said once)."""
         while True:
             with self._cv:
@@ -2191,21 +2185,13 @@ class UrlSource:
                     self._unwritten.discard(c)
 
     def _write_chunk(self, c):
-        """Write chunk ``c`` from the mapping to the data file: its whole pages with O_DIRECT
-        (the disk reads them from our memory: no copy into the page cache, which cost as much
-        CPU as the fetch itself and a second copy of the object in memory), the rest buffered."""
+        """Write chunk ``c`` from the mapping to the data file, through the page cache: the
+        next restore on the host, and every other process using the entry, read it from
+        there (with O_DIRECT the first warm restore read it from the disk, at a third of the
+        speed)."""
         a, b = self._span(c)
         view = memoryview((ctypes.c_char * (b - a)).from_address(self._map + a)).cast("B")
-        done, whole = 0, (b - a) & ~(PAGE_SIZE - 1)
-        if self._direct_fd >= 0:
-            try:
-                while done < whole:
-                    done += os.pwrite(self._direct_fd, view[done:whole], a + done)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                os.close(self._direct_fd)      # alignment this file system refuses: buffered
-                self._direct_fd = -1
+        done = 0
         while done < b - a:
             done += os.pwrite(self._data_fd, view[done:], a + done)
 
