@@ -585,11 +585,11 @@ def _resident(path):
 
 @pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
 def test_cold_restore_gives_back_chunks_all_installed(ngx, tmp_path, cache):
-    """A sequential cold restore of 64 MiB (in 1 MiB chunks): each chunk's memory is given back once all its
-    pages are installed (the handler grows by a pool of chunks, not by the object), every page
-    is the object's; with --cache the chunks go to the data file through the page cache (so
-    the object is in memory once, and the next restore reads it there), and a second restore
-    fetches nothing and is verified again."""
+    """A sequential cold restore of 64 MiB (in 1 MiB chunks): each chunk's memory is given
+    back once all its pages are installed (the handler grows by a pool of chunks, not by the
+    object), every page is the object's; with --cache the chunks go to the data file through
+    the page cache (so the object is in memory once, and the next restore reads it there),
+    and a second restore fetches nothing and is verified again."""
     size = 64 << 20
     data = random.Random(11).randbytes(size)
     ngx.put("big.bin", data)
