@@ -1788,6 +1788,14 @@ def parse_header(text):
     return name, value
 
 
+@functools.lru_cache(maxsize=None)
+def _max_map_count():
+    try:
+        return int(read_sysfs("/proc/sys/vm/max_map_count", "65530"))
+    except ValueError:
+        return 65530
+
+
 def _boot_id():
     return read_sysfs("/proc/sys/kernel/random/boot_id", "unknown")
 
@@ -2490,8 +2498,12 @@ class UrlSource:
         """Move the pages of ``[a, a+n)`` of the mapping into the pool (mremap with
         MREMAP_DONTUNMAP, Linux 5.7: the range stays mapped, empty, so no other mapping can
         land there meanwhile).  A chunk fetched later gets them back by another mremap: no
-        page to allocate, zero and fault in again, which cost as much as the fetch itself."""
-        if n != self.chunk or len(self._pool) >= URL_POOL_CHUNKS:
+        page to allocate, zero and fault in again, which cost as much as the fetch itself.
+        Each chunk that had pooled pages stays a mapping of its own, so an object of more
+        chunks than a quarter of vm.max_map_count does without (the process's other mmaps,
+        Python's heap among them, must never meet that limit)."""
+        if n != self.chunk or len(self._pool) >= URL_POOL_CHUNKS or \
+                self.nchunks > _max_map_count() // 4:
             return False
         try:
             slot = mremap(self._map + a, n, n, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)
