@@ -1366,7 +1366,7 @@ class FileSource:
         bytes: the mapping then has an anonymous page, and fork copies every entry (about a
         third of that cost, paid by the parent's fork).  Where that fails (write permission
         beyond the commit limit of a huge file), each worker maps the file again."""
-        at = self._first_data_page()
+        at = self._first_data_offset()
         if at is None or self._ptes_forked:
             return
         try:
@@ -1379,7 +1379,7 @@ class FileSource:
         finally:
             mprotect(self._map, self._maplen, PROT_READ)
 
-    def _first_data_page(self):
+    def _first_data_offset(self):
         """The mapping offset of the first byte of data served (not in a hole; None: none)."""
         pos = self.offset
         for a, b in self.holes:
@@ -2418,9 +2418,10 @@ class UrlSource:
         """Fetch the next N-1 chunks from ``c`` in the direction of the faults (``step``; None:
         the last one), except those installed whole and given back already."""
         step = self._step = step or self._step
+        top = self._needed()
         for i in range(1, max(2, self.nfetchers)):
             k = c + i * step
-            if not 0 <= k < self._needed():
+            if not 0 <= k < top:
                 break
             if not self._given[k]:
                 self._want(k, PRIO_READAHEAD)
@@ -7151,18 +7152,14 @@ class SelfServeTarget(WorkloadTarget):
 
     def verify(self, source):
         """Compare every byte with what the source should have put there: (ok, first bad)."""
-        want = None if source.kind == "zero" else source_bytes(source, 0, min(self.size,
-                                                                               source.size))
+        have = 0 if source.kind == "zero" else min(self.size, source.size)
         view = memoryview(self.copy)
         step = 1 << 20
-        for off in range(0, self.size, step):
+        for off in range(0, self.size, step):        # a step at a time: never a whole copy
             end = min(self.size, off + step)
             got = view[off:end]
-            if want is None or off >= len(want):
-                exp = bytes(end - off)
-            else:
-                exp = bytes(want[off:min(end, len(want))])
-                exp += bytes(end - off - len(exp))
+            exp = source_bytes(source, off, max(0, min(end, have) - off))
+            exp += bytes(end - off - len(exp))
             if got != exp:
                 bad = next(i for i in range(end - off) if got[i] != exp[i])
                 return False, off + bad
