@@ -1720,7 +1720,20 @@ PRIO_DEMAND, PRIO_READAHEAD, PRIO_PREFETCH, PRIO_FILL = 0, 1, 2, 3
 _ABSENT, _SEEN, _AHEAD, _CACHED = 0, 1, 2, 3
 #: chunks' worth of memory kept for fetching into again (``UrlSource._to_pool``)
 URL_POOL_CHUNKS = 16
+#: most bytes one background request (--prefetch, --fill) asks for: consecutive queued chunks
+URL_RUN = 16 << 20
+#: weight of a new sample in the estimates of time to a response and transfer rate
+URL_EWMA = 0.2
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class _Run:
+    """A request's progress (UrlSource._extend, _soon): the chunk it reads now, when it was
+    sent and when its response came (perf_counter; None: not yet)."""
+    __slots__ = ("pos", "sent", "first")
+
+    def __init__(self, pos):
+        self.pos, self.sent, self.first = pos, None, None
 
 
 class FetchError(TargetError):
@@ -1857,7 +1870,11 @@ class UrlSource:
         self._shared = False              # the mapping is the cache file's
         self._cv = threading.Condition()
         self._queue, self._queued, self._pending, self._errors = [], {}, {}, {}
-        self._running = set()
+        self._running = {}                # chunks being read: chunk -> its fetcher's token
+        self._later = {}                  # chunks a background request reads later: its _Run
+        self._ttfb, self._rate = 0.01, 100e6   # estimates: s to a response, bytes/s after it
+        self._skip = None                 # where the bytes of a chunk so fetched are dropped
+        self._requests = 0                # requests in flight (a run of chunks is one)
         self._to_write = []               # fetched chunks the writer has still to persist
         self._unwritten = set()           # ... and those it is writing (their memory stays)
         self._last = -1                   # the chunk of the last fill (``ensure``)
@@ -2215,8 +2232,9 @@ class UrlSource:
             t.start()
             self._threads.append(t)
 
-    def _take(self, reserved):
-        """The most urgent queued chunk this fetcher may take (the reserved one: demand only)."""
+    def _take(self, reserved, me):
+        """The most urgent queued chunk this fetcher (token ``me``) may take (the reserved one:
+        demand only), and how many chunks its request reads."""
         from heapq import heappop
         q = self._queue
         while q:
@@ -2228,9 +2246,36 @@ class UrlSource:
                 return None
             heappop(q)
             del self._queued[c]
-            self._running.add(c)
-            return prio, c
+            self._later.pop(c, None)           # a demand for a chunk of another's run
+            self._running[c] = me
+            return prio, c, self._extend(c, prio)
         return None
+
+    def _extend(self, c, prio):
+        """How many chunks from ``c`` one request fetches: background work (--prefetch, --fill)
+        takes the queued background chunks that follow ``c`` too, up to URL_RUN bytes, because
+        an object store's time to the first byte is most of a chunk's fetch (README "Restoring
+        from a URL": fewer, larger requests).  Those chunks wait in ``_later``: a fault that
+        needs one before the request reaches it has it fetched on its own (``_submit``), and
+        the request then skips its bytes.  Demand and readahead: one chunk.  Returns the count
+        and the request's _Run."""
+        n, run = 1, _Run(c)
+        if prio >= PRIO_PREFETCH:
+            while n < max(1, URL_RUN // self.chunk) and c + n < self.nchunks and \
+                    self._queued.get(c + n, -1) >= PRIO_PREFETCH:
+                del self._queued[c + n]
+                self._later[c + n] = run
+                n += 1
+        return n, run
+
+    def _soon(self, run, c):
+        """Whether the request ``run``, under way, brings chunk ``c`` no later than a request of
+        its own would (from the estimated time to a response and rate after it)."""
+        if run.sent is None:
+            return False
+        per = self.chunk / self._rate
+        head = 0.0 if run.first else max(0.0, self._ttfb - (time.perf_counter() - run.sent))
+        return head + (c - run.pos) * per <= self._ttfb + per
 
     def _fetcher(self, reserved):
         conn = [None]
@@ -2238,75 +2283,138 @@ class UrlSource:
             with self._cv:
                 item = None
                 while not self._closing:
-                    item = self._take(reserved)
+                    item = self._take(reserved, conn)
                     if item is not None:
                         break
                     self._cv.wait()
                 if item is None:
                     self._drop(conn)
                     return
-                prio, c = item
+                prio, c, (n, progress) = item
+            run = list(range(c, c + n))          # chunks of the request not done yet
             err = None
             try:
-                self._fetch_chunk(c, conn, prio)
+                self._fetch_run(run, conn, prio, progress)
             except FetchError as e:
                 err = e
             except Exception as e:             # never leave a waiter waiting
                 err = FetchError("fetching %s: %s" % (self.display, type(e).__name__))
-            with self._cv:
-                if err is not None:
-                    self._errors[c] = err
-                    if err.fatal and self.failed is None:
-                        self.failed = err
-                ev = self._pending.pop(c, None)
-                self._running.discard(c)
-                self._cv.notify_all()
-            if ev is not None:
-                ev.set()
-            if self.waker is not None:
-                self.waker()
+            for k in run:
+                if self._claim(k, conn):
+                    self._done(k, err)
 
-    def _fetch_chunk(self, c, conn, prio):
+    def _claim(self, c, me):
+        """Whether chunk ``c`` of fetcher ``me``'s request is still its to read (not fetched
+        on its own meanwhile, for a fault: ``_extend``); if so, it is being read now."""
+        with self._cv:
+            run = self._later.pop(c, None)
+            if run is not None:
+                run.pos = c
+                self._queued.pop(c, None)          # a demand queued for it: stale now
+                self._running[c] = me
+            return self._running.get(c) is me
+
+    def _done(self, c, err=None):
+        """Chunk ``c``'s fetch has ended (stored, or failed with ``err``): wake its waiters."""
+        with self._cv:
+            if err is not None:
+                self._errors[c] = err
+                if err.fatal and self.failed is None:
+                    self.failed = err
+            ev = self._pending.pop(c, None)
+            self._running.pop(c, None)
+            self._cv.notify_all()
+        if ev is not None:
+            ev.set()
+        if self.waker is not None:
+            self.waker()
+
+    def _requeue(self, chunks, prio):
+        """Chunks of a run that this request will not fetch after all: back in the queue."""
+        import heapq
+        with self._cv:
+            for k in chunks:
+                self._later.pop(k, None)
+                if not self.have[k] and k not in self._queued and k not in self._running:
+                    self._queued[k] = prio
+                    self._seq += 1
+                    heapq.heappush(self._queue, (prio, self._seq, k))
+            self._cv.notify_all()
+
+    def _fetch_run(self, run, conn, prio, progress):
+        """Fetch the consecutive chunks ``run`` with one Range GET (retried from the first chunk
+        not in yet), each stored and its waiters woken as soon as its bytes are in; ``run``
+        keeps the chunks not done.  With the cache, the first chunk waits for another process
+        fetching it; a later one that another process holds or has written ends the run there
+        (back to the queue)."""
+        c = run[0]
         if self.have[c]:
-            return
-        locked = self.caching and self._lock_chunk(c)
+            return self._cut(run, 1, prio)
+        locked = set()                             # chunk locks held (the writer takes some)
         try:
-            if locked and os.pread(self._map_fd, 1, c) == b"\x01":
-                self._from_cache(c)                # another process fetched it meanwhile
+            if self.caching and not self._lock_run(run, locked, prio):
                 return
-            a, b = self._span(c)
+            a, b = self._span(c)[0], self._span(run[-1])[1]
             t = time.perf_counter()
-            into = self._into(c)
-            self._with_retries("bytes=%d-%d" % (a, b - 1),
-                               lambda: self._get_into(conn, a, b, into))
+            with self._cv:
+                self._requests += 1
+            try:
+                self._with_retries("bytes=%d-%d" % (a, b - 1),
+                                   lambda: self._get_run(conn, run, prio, locked, progress))
+            finally:
+                with self._cv:
+                    self._requests -= 1
             us = (time.perf_counter() - t) * 1e6
-            if self._store(c, None, prio):
-                locked = False                     # the writer unlocks once written
             with self._cv:
                 if len(self._lat) >= 1 << 16:     # bounded: keep every other sample
                     self._lat = self._lat[::2]
                 self._lat.append(us)
                 self.counts["fetches"] += 1
-                self.counts["fetched_bytes"] += b - a
-                self.counts["cache_misses"] += 1
         finally:
-            if locked:
-                self._unlock_chunk(c)
+            for k in locked:
+                self._unlock_chunk(k)
+
+    def _lock_run(self, run, locked, prio):
+        """Take the cache's chunk locks for ``run`` (see _fetch_run); False: its first chunk is
+        in the cache now (another process fetched it meanwhile), mapped from there."""
+        if self._lock_chunk(run[0]):
+            locked.add(run[0])
+            if os.pread(self._map_fd, 1, run[0]) == b"\x01":
+                self._from_cache(run[0])
+                self._cut(run, 1, prio)
+                return False
+        for i in range(1, len(run)):
+            k = run[i]
+            if not self._lock_chunk(k, wait=False):
+                self._cut(run, i, prio)
+                break
+            if os.pread(self._map_fd, 1, k) == b"\x01":
+                self._unlock_chunk(k)
+                self._cut(run, i, prio)
+                break
+            locked.add(k)
+        return True
+
+    def _cut(self, run, i, prio):
+        """Fetch only ``run[:i]``: the rest goes back to the queue."""
+        self._requeue(run[i:], prio)
+        del run[i:]
 
     def _page_span(self, c):
         a, b = self._span(c)
         return a, -(-(b - a) // PAGE_SIZE) * PAGE_SIZE
 
-    def _lock_chunk(self, c):
+    def _lock_chunk(self, c, wait=True):
         """A record lock on byte ``c`` of the map: processes sharing the cache fetch each chunk
         once (the kernel may call a lock wait between two processes EDEADLK although each
-        holder only fetches: wait a little and try again)."""
+        holder only fetches: wait a little and try again).  ``wait=False``: only if free."""
         for _ in range(1000):
             try:
-                fcntl.lockf(self._map_fd, fcntl.LOCK_EX, 1, c, 0)
+                fcntl.lockf(self._map_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), 1,
+                            c, 0)
                 return True
             except OSError as e:
-                if e.errno not in (errno.EDEADLK, errno.EINTR):
+                if not wait or e.errno not in (errno.EDEADLK, errno.EINTR):
                     return False
                 time.sleep(0.001)
         return False
@@ -2317,10 +2425,14 @@ class UrlSource:
         except OSError:
             pass
 
-    def _get_into(self, conn, a, b, into):
-        """One ranged GET of ``[a, b)`` read into ``into``; checks status, Content-Range, size
-        and validator."""
+    def _get_run(self, conn, run, prio, locked, progress):
+        """One ranged GET of the chunks ``run``, each read into its place and stored as it
+        comes (then dropped from ``run``); checks status, Content-Range, size and validator."""
+        a, b = self._span(run[0])[0], self._span(run[-1])[1]
+        progress.sent, progress.first = time.perf_counter(), None
         resp = self._request(conn, a, b)
+        t = progress.first = time.perf_counter()
+        self._ttfb += (t - progress.sent - self._ttfb) * URL_EWMA
         st = resp.status
         if st != 206:
             self._drop(conn)
@@ -2345,13 +2457,42 @@ class UrlSource:
             self._drop(conn)
             raise FetchError("%s changed during the restore (validator %s, pinned %s)"
                              % (self.display, etag or lm, self.validator), fatal=True)
-        view = memoryview(into).cast("B")[:b - a]
+        while run:
+            c = run[0]
+            if not self._claim(c, conn):           # fetched on its own for a fault: skip it
+                locked.discard(c)                  # (that fetch unlocks it)
+                self._read_body(conn, resp, self._scratch(), self._span(c), a)
+                run.pop(0)
+                continue
+            self._read_body(conn, resp, self._into(c), self._span(c), a)
+            t, dt = time.perf_counter(), time.perf_counter() - t
+            self._rate += (self.chunk / max(dt, 1e-6) - self._rate) * URL_EWMA
+            if self._store(c, None, prio):
+                locked.discard(c)                  # the writer unlocks once written
+            with self._cv:
+                self.counts["fetched_bytes"] += self._span(c)[1] - self._span(c)[0]
+                self.counts["cache_misses"] += 1
+            run.pop(0)
+            self._done(c)
+
+    def _scratch(self):
+        """A chunk's worth of memory for bytes to skip (the fetchers share it: what lands
+        there is never read)."""
+        if self._skip is None:
+            self._skip = bytearray(self.chunk)
+        return self._skip
+
+    def _read_body(self, conn, resp, into, span, a):
+        """Read bytes ``span`` of the response (which started at ``a``) into ``into``."""
+        n = span[1] - span[0]
+        view = memoryview(into).cast("B")[:n]
         got = 0
         try:
-            while got < b - a:
+            while got < n:
                 k = resp.readinto(view[got:])
                 if not k:
-                    raise _Transient("connection closed after %d of %d bytes" % (got, b - a))
+                    raise _Transient("connection closed after %d bytes"
+                                     % (span[0] - a + got))
                 got += k
         except (OSError, ValueError) as e:
             self._drop(conn)
@@ -2371,6 +2512,9 @@ class UrlSource:
             ev = self._pending[c] = threading.Event()
         if c in self._running:
             return ev                               # in flight: wait for it, no second fetch
+        run = self._later.get(c)
+        if run is not None and (prio != PRIO_DEMAND or self._soon(run, c)):
+            return ev                               # a request under way brings it (sooner)
         old = self._queued.get(c)
         if old is None or prio < old:
             self._queued[c] = prio
@@ -2595,7 +2739,7 @@ class UrlSource:
             rec["fetch_latency_us"] = {} if not lat else {
                 "p50": round(lat[len(lat) // 2], 1),
                 "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1)}
-            rec["in_flight"] = len(self._running)
+            rec["in_flight"] = self._requests
             rec["chunk"] = self.chunk
             rec["cached"] = self.cache_dir is not None
         return rec
@@ -10929,6 +11073,10 @@ class ServeSession(Session):
             readahead=args.readahead,
             on_remove=args.on_remove))
         self.working_set = working_set
+        if working_set is not None and hasattr(source, "plan"):
+            # a UrlSource fetches the list ahead, in first-fault order, from now on: before
+            # the target is there (Firecracker connects once it has loaded the snapshot)
+            source.plan((o, o + working_set[1]) for o in working_set[2])
 
     def prepare(self, handler):
         if self.args.fill:
@@ -10941,8 +11089,6 @@ class ServeSession(Session):
         runs = split_runs(coalesce_pages(pages, rec_ps, handler.page_size), bounds)
         handler.prefetch = Prefetcher(runs)
         self.stats.add("prefetch_listed", sum(b - a for a, b in runs) // handler.page_size)
-        if hasattr(self.source, "plan"):          # a UrlSource fetches the list ahead,
-            self.source.plan((o, o + rec_ps) for o in pages)    # in first-fault order
 
     def finish(self, reason):
         if isinstance(self.target, SelfServeTarget) and reason == "workload done":

@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -78,6 +79,17 @@ def restore(ngx, url, sock, *extra, client=None):
 
 def chunk_gets(ngx):
     return [r for r in ngx.requests() if r[2] == 206 and r[1] != "bytes=0-0"]
+
+
+def chunks_fetched(ngx):
+    """The chunk indexes the range GETs asked for, one per chunk per request (a background
+    request asks for several consecutive chunks)."""
+    out = []
+    for r in chunk_gets(ngx):
+        a, b = (int(x) for x in r[1][len("bytes="):].split("-"))
+        assert a % CHUNK == 0 and (b + 1) % CHUNK == 0, r
+        out.extend(range(a // CHUNK, (b + 1) // CHUNK))
+    return out
 
 
 # -- serving ------------------------------------------------------------------------------------
@@ -334,24 +346,35 @@ def test_a_fetcher_stays_free_for_faults(ngx, tmp_path):
     assert finish(p)[0] == 0
 
 
+def covering(ngx, off):
+    """The logged range GETs (not the probe) whose range holds byte ``off``."""
+    out = []
+    for r in ngx.requests():
+        m = re.match(r"^bytes=(\d+)-(\d+)$", r[1])
+        if m and int(m.group(1)) <= off <= int(m.group(2)) and r[1] != "bytes=0-0":
+            out.append(r[1])
+    return out
+
+
 def test_a_fault_in_a_chunk_in_flight_waits_for_that_fetch(ngx, tmp_path):
     sock = str(tmp_path / "s")
-    p = serve(ngx.url("slow/mem.bin"), sock, "--fetchers", "2", "--fill", "idle")
+    p = serve(ngx.url("slow/mem.bin"), sock, "--fetchers", "2", "--fill", "idle",
+              "--stats-interval", "0.1")
     c = FcClient([SIZE])
     try:
         c.handshake(sock)
         time.sleep(0.3)                             # the fill is fetching chunk 1 (3 s)
         assert c.touch(0, CHUNK + 7 * PS, PS, timeout=10) == \
             ngx.data[CHUNK + 7 * PS:CHUNK + 8 * PS]
-        want = "bytes=%d-%d" % (CHUNK, 2 * CHUNK - 1)
-        deadline = time.monotonic() + 5
-        while want not in [r[1] for r in ngx.requests()] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        assert [r[1] for r in ngx.requests()].count(want) == 1      # no second GET
     finally:
         c.close()
     assert finish(p)[0] == 0
+    # the fill's request (chunk 1 and those after it, one background request) was the only one
+    # for that page: no second GET (nginx logs the request the handler broke off at its end)
+    st = [r for r in records(p) if r["event"] == "stats"]
+    assert max(r["in_flight"] for r in st) == 1 and st[-1]["fetch_waits"] >= 1
+    ngx.stop()
+    assert len(covering(ngx, CHUNK + 7 * PS)) == 1, ngx.requests()
 
 
 # -- the cache ----------------------------------------------------------------------------------
@@ -373,10 +396,13 @@ def test_cache_second_restore_with_new_signature_fetches_nothing(ngx, tmp_path):
                                  for d in os.listdir(cache))
 
 
-def test_cache_shared_by_two_processes(ngx, tmp_path):
+@pytest.mark.parametrize("fill", [False, True], ids=["faults", "fill-idle"])
+def test_cache_shared_by_two_processes(ngx, tmp_path, fill):
+    # with --fill idle, requests of several chunks meet the other process's chunk locks
     cache = str(tmp_path / "cache")
     socks = [str(tmp_path / "a"), str(tmp_path / "b")]
-    procs = [serve(ngx.url("mem.bin"), s, "--cache", cache) for s in socks]
+    procs = [serve(ngx.url("mem.bin"), s, "--cache", cache, *(["--fill", "idle"] if fill
+                                                                  else [])) for s in socks]
     clients = [FcClient([SIZE]) for _ in socks]
     bad = []
     try:
@@ -394,8 +420,11 @@ def test_cache_shared_by_two_processes(ngx, tmp_path):
     assert bad == [[], []]
     for p in procs:
         assert finish(p)[0] == 0
-    ranges = [r[1] for r in chunk_gets(ngx)]
-    assert sorted(ranges) == sorted(set(ranges)) and len(ranges) == NCHUNKS   # each chunk once
+    got = chunks_fetched(ngx)
+    if not fill:
+        assert sorted(got) == list(range(NCHUNKS)), [r[1] for r in ngx.requests()]  # once each
+    else:       # a fault ahead of a request for many chunks may get one on its own (see below)
+        assert set(got) == set(range(NCHUNKS)) and len(got) < 2 * NCHUNKS, got
 
 
 def test_unwritable_cache_serves_without_it_and_says_so_once(ngx, tmp_path):
@@ -425,7 +454,7 @@ def test_full_cache_serves_without_it_and_says_so_once(ngx, tmp_path):
 
 # -- --prefetch, --record, --fill idle ----------------------------------------------------------
 
-def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_faults(ngx, tmp_path):
+def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_peer_comes(ngx, tmp_path):
     ws = str(tmp_path / "ws")
     pages = [c * CHUNK + k * PS for c in (3, 7, 11) for k in (0, 5, 9)]
     p = serve(ngx.url("mem.bin"), str(tmp_path / "s1"), "--record", ws)
@@ -441,12 +470,12 @@ def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_faults(ngx, tm
     p = serve(ngx.url("mem.bin"), sock, "--prefetch", ws)
     c = FcClient([SIZE])
     try:
-        c.handshake(sock)
         want = {"bytes=%d-%d" % (k * CHUNK, (k + 1) * CHUNK - 1) for k in (3, 7, 11)}
         deadline = time.monotonic() + 20
         while not want <= {r[1] for r in chunk_gets(ngx)} and time.monotonic() < deadline:
-            time.sleep(0.02)                # fetched with no fault: the peer touched nothing
+            time.sleep(0.02)                # fetched before the peer (Firecracker) connects
         assert want <= {r[1] for r in chunk_gets(ngx)}
+        c.handshake(sock)
         assert c.mismatches(0, ngx.data) == []
     finally:
         c.close()
@@ -454,6 +483,28 @@ def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_faults(ngx, tm
     assert st["prefetch_pages"] >= len(pages)
     ranges = [r[1] for r in chunk_gets(ngx)]
     assert len(ranges) == len(set(ranges))                # a fault never fetched a chunk again
+
+
+def test_a_fault_ahead_of_a_slow_background_request_is_fetched_on_its_own(ngx, tmp_path):
+    # --fill's one request for chunks 1-15 comes at 64 KiB/s (/slow/: chunk 1 alone takes 3 s,
+    # chunk 10 would come after 36 s); a fault in chunk 10 gets its own GET (/slow/ serves
+    # ranges from 2621440 at full speed), and the long request skips those bytes
+    sock = str(tmp_path / "s")
+    p = serve(ngx.url("slow/mem.bin"), sock, "--fetchers", "2", "--fill", "idle")
+    c = FcClient([SIZE])
+    try:
+        c.handshake(sock)
+        deadline = time.monotonic() + 5
+        while "bytes=0-%d" % (CHUNK - 1) not in [r[1] for r in ngx.requests()] and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)                             # the fill's request for chunks 1-15 is out
+        assert c.touch(0, 10 * CHUNK + 3 * PS, PS, timeout=10) == \
+            ngx.data[10 * CHUNK + 3 * PS:10 * CHUNK + 4 * PS]      # not behind chunks 1-9
+        assert "bytes=%d-%d" % (10 * CHUNK, 11 * CHUNK - 1) in [r[1] for r in ngx.requests()]
+    finally:
+        c.close()
+    assert finish(p)[0] == 0
 
 
 def _fill_then_verify_without_source(srv, sock, src_args, ngx, stop_source):
@@ -479,8 +530,8 @@ def test_fill_idle_from_url_completes_the_restore(ngx, tmp_path):
                                           ["--url", ngx.url("mem.bin"), "--chunk", "256K"],
                                           ngx, ngx.stop)
     assert st["fill_pages"] > 0
-    ranges = [r[1] for r in chunk_gets(ngx)]
-    assert len(ranges) == len(set(ranges)) == NCHUNKS        # the probe fetched chunk 0
+    assert sorted(chunks_fetched(ngx)) == list(range(NCHUNKS))   # each once (chunk 0: the probe)
+    assert len(chunk_gets(ngx)) < NCHUNKS                    # in runs of several chunks
 
 
 def test_fill_idle_from_file(ngx, tmp_path):
@@ -647,3 +698,4 @@ def test_a_chunk_given_back_is_fetched_again_when_needed(ngx):
         assert [r[1] for r in chunk_gets(ngx)].count("bytes=0-%d" % (CHUNK - 1)) >= 1
     finally:
         src.close()
+
