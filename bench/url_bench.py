@@ -8,13 +8,15 @@ which plays Firecracker) restores it through uffdtool, once per configuration, i
   warm C        --url with the cache the cold run filled
   demand cold   --url, empty cache, toucher order --order (default rand)
   prefetch cold the same with --prefetch of the working set recorded by a first run
+                (both for each --latency-ms L: nginx answers each request L ms late, as an
+                object store's time to the first byte; L > 0 needs libnginx-mod-http-echo)
   fill idle     --url, empty cache, --fill idle: seconds from handshake to fill_done
 
 Prints a Markdown table (MiB/s of the toucher's timed run, seconds to the end of its run
 including its first fault, ratios against the file run).  Standard library only.
 
     python3 bench/url_bench.py                      # 256 MiB, --readahead 64, chunks 1M,2M,4M
-    python3 bench/url_bench.py --size-mib 64 --chunks 1M
+    python3 bench/url_bench.py --size-mib 64 --chunks 1M --latency-ms 0,50 --fetchers 8
 """
 import argparse
 import hashlib
@@ -118,6 +120,9 @@ def main():
     ap.add_argument("--chunks", default="1M,2M,4M", help="chunk sizes of the cold/warm runs")
     ap.add_argument("--chunk", default="2M", help="chunk of the prefetch and fill runs")
     ap.add_argument("--order", default="rand", help="toucher order of the prefetch runs")
+    ap.add_argument("--latency-ms", default="0,20,50",
+                    help="per-request latencies of the demand/prefetch runs (default 0,20,50)")
+    ap.add_argument("--fetchers", type=int, help="uffdtool --fetchers of every --url run")
     ap.add_argument("--reps", type=int, default=3,
                     help="runs of each configuration, interleaved; the best is reported (the "
                          "machine may be shared)")
@@ -130,10 +135,16 @@ def main():
     if not a.toucher_source:
         raise SystemExit("no ../shared/bench/uffd_bench.c: give --toucher-source")
     toucher = build_toucher(os.path.abspath(a.toucher_source), work)
-    ngx = Nginx(os.path.join(work, "nginx"))
+    a.lats = [int(x) for x in a.latency_ms.split(",")]
+    try:
+        ngx = Nginx(os.path.join(work, "nginx"), latency=any(a.lats))
+    except RuntimeError as e:
+        raise SystemExit("url_bench: %s (or give --latency-ms 0)" % e)
     src = os.path.join(ngx.root, "mem.bin")
     make_source(src, a.size_mib)
     url = ngx.url("mem.bin") + "?X-Signature=bench"
+    a.url_at = lambda ms: ngx.url("mem.bin", ms / 1000) + "?X-Signature=bench"
+    a.more = ["--fetchers", str(a.fetchers)] if a.fetchers else []
     sock = os.path.join(work, "h.sock")
     mib = a.size_mib
 
@@ -159,44 +170,49 @@ def main():
         ws = os.path.join(work, "ws.txt")
         run_one(toucher, src, sock, mib, ["--file", src, "--record", ws], a.order)
         for _ in range(a.reps):
-            f, fo, dem, pre = one_round(a, toucher, src, sock, mib, url, ws, cache, row)
+            one_round(a, toucher, src, sock, mib, url, ws, cache, row)
         secs, pages, ok = fill_until_done(src, sock, url, cache("f"), mib)
     finally:
         ngx.stop()
-    f, fo, dem, pre = (best[k][0] for k in ("file (local)", "file, order %s" % a.order,
-                                            "on-demand cold, order %s" % a.order,
-                                            "--prefetch cold, order %s" % a.order))
+    f, fo = best["file (local)"][0], best["file, order %s" % a.order][0]
+    pairs = [(ms, best[demand_name(a, ms)][0], best[prefetch_name(a, ms)][0]) for ms in a.lats]
     rows = [v[1] for v in best.values()]
-    report(a, mib, rows, f, fo, dem, pre, secs, pages, ok)
+    report(a, mib, rows, f, fo, pairs, secs, pages, ok)
     if not a.work:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def demand_name(a, ms):
+    return "on-demand cold, order %s%s" % (a.order, ", %d ms" % ms if ms else "")
+
+
+def prefetch_name(a, ms):
+    return "--prefetch cold, order %s%s" % (a.order, ", %d ms" % ms if ms else "")
 
 
 def one_round(a, toucher, src, sock, mib, url, ws, cache, row):
     """Every configuration once (the reps interleave them, so that a noisy moment of a
     shared machine does not hit one configuration only)."""
-    f = row("file (local)", *run_one(toucher, src, sock, mib, ["--file", src]))
+    row("file (local)", *run_one(toucher, src, sock, mib, ["--file", src]))
     for ch in a.chunks.split(","):
         d = cache(ch)
-        row("cold cache, chunk %s" % ch, *run_one(toucher, src, sock, mib,
-                                                  ["--url", url, "--cache", d, "--chunk", ch]))
-        row("warm cache, chunk %s" % ch, *run_one(toucher, src, sock, mib,
-                                                  ["--url", url, "--cache", d, "--chunk", ch]))
-    fo = row("file, order %s" % a.order, *run_one(toucher, src, sock, mib, ["--file", src],
-                                                   a.order))
-    dem = row("on-demand cold, order %s" % a.order,
-              *run_one(toucher, src, sock, mib, ["--url", url, "--cache", cache("d"),
-                                                 "--chunk", a.chunk], a.order))
-    pre = row("--prefetch cold, order %s" % a.order,
-              *run_one(toucher, src, sock, mib, ["--url", url, "--cache", cache("p"),
-                                                 "--chunk", a.chunk, "--prefetch", ws],
-                       a.order))
-    return f, fo, dem, pre
+        args = ["--url", url, "--cache", d, "--chunk", ch] + a.more
+        row("cold cache, chunk %s" % ch, *run_one(toucher, src, sock, mib, args))
+        row("warm cache, chunk %s" % ch, *run_one(toucher, src, sock, mib, args))
+    row("file, order %s" % a.order, *run_one(toucher, src, sock, mib, ["--file", src], a.order))
+    for ms in a.lats:
+        args = ["--url", a.url_at(ms), "--chunk", a.chunk] + a.more
+        row(demand_name(a, ms), *run_one(toucher, src, sock, mib,
+                                         args + ["--cache", cache("d")], a.order))
+        row(prefetch_name(a, ms), *run_one(toucher, src, sock, mib,
+                                           args + ["--cache", cache("p"), "--prefetch", ws],
+                                           a.order))
 
 
-def report(a, mib, rows, f, fo, dem, pre, secs, pages, ok):
-    print("%d MiB, --readahead 64, nginx on 127.0.0.1, shared C toucher; one run of the "
-          "script, best of %d interleaved reps\n" % (mib, a.reps))
+def report(a, mib, rows, f, fo, pairs, secs, pages, ok):
+    print("%d MiB, --readahead 64, nginx on 127.0.0.1, shared C toucher%s; one run of the "
+          "script, best of %d interleaved reps\n"
+          % (mib, ", --fetchers %d" % a.fetchers if a.fetchers else "", a.reps))
     print("| configuration | MiB/s (toucher's timed run) | s to the toucher's end | "
           "fetched MiB | cache hits (chunks) | s faults waited for fetches | fetch p50 ms | "
           "faults |")
@@ -210,11 +226,13 @@ def report(a, mib, rows, f, fo, dem, pre, secs, pages, ok):
     for name, rate, total, fetched, hits, *_ in rows:
         if name.startswith(("cold", "warm")):
             print("- %s: %.2fx the file's throughput" % (name, rate / f["mib_per_s"]))
-    print("- --prefetch cold vs on-demand cold (order %s), time to the toucher's end: "
-          "%.2fx faster" % (a.order, (dem["ready_s"] + dem["wall_s"]) /
-                            (pre["ready_s"] + pre["wall_s"])))
-    print("- on-demand cold vs file (order %s): %.2fx the file's throughput"
-          % (a.order, dem["mib_per_s"] / fo["mib_per_s"]))
+    for ms, dem, pre in pairs:
+        print("- --prefetch cold vs on-demand cold (order %s, %d ms per request), time to the "
+              "toucher's end: %.2fx faster" % (a.order, ms, (dem["ready_s"] + dem["wall_s"]) /
+                                               (pre["ready_s"] + pre["wall_s"])))
+    dem = pairs[0][1]
+    print("- on-demand cold vs file (order %s, %d ms): %.2fx the file's throughput"
+          % (a.order, pairs[0][0], dem["mib_per_s"] / fo["mib_per_s"]))
     print("- --fill idle (chunk %s): fill_done %.3f s after the handshake, %d pages, "
           "verified: %s" % (a.chunk, secs, pages, ok))
 

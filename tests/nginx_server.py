@@ -2,7 +2,11 @@
 directory, generated config (``daemon off``, pid file, error and access logs inside the prefix,
 no root-owned default paths), a free port, and the memory files under ``root``.
 
-The access log has one line per request: ``METHOD RANGE STATUS BYTES IF-MATCH``."""
+The access log has one line per request: ``METHOD RANGE STATUS BYTES IF-MATCH``.
+
+``latency=True`` (bench/url_bench.py) loads Debian's echo module (libnginx-mod-http-echo) for
+``/lat/SECONDS/NAME``: NAME answered after SECONDS, as an object store's time to the first byte,
+by nginx's own static module (ranges, ETag, If-Match/If-Range)."""
 import os
 import shutil
 import signal
@@ -13,7 +17,16 @@ import time
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
                                   else None)
 
+#: Debian's libnginx-mod-http-echo: echo_sleep, then echo_exec to the static file
+ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
+LATENCY_LOCATION = r"""
+        location ~ ^/lat/(?<secs>[0-9.]+)/(?<rest>.*)$ {{
+            echo_sleep $secs;
+            echo_exec /$rest $args;
+        }}"""
+
 CONF = """
+{load}
 {user}
 daemon off;
 worker_processes 1;
@@ -51,7 +64,7 @@ http {{
         location /slow/ {{ alias {root}/; limit_rate $slow_rate; }}
         location = /forbidden {{ return 403; }}
         location = /unauthorized {{ return 401; }}
-        location = /broken {{ return 500; }}
+        location = /broken {{ return 500; }}{latency}
         location /auth/ {{
             alias {root}/;
             if ($http_authorization != "Bearer {token}") {{ return 401; }}
@@ -72,7 +85,7 @@ def free_port():
 
 
 class Nginx:
-    def __init__(self, prefix, cert=None, key=None):
+    def __init__(self, prefix, cert=None, key=None, latency=False):
         self.prefix = str(prefix)
         self.root = os.path.join(self.prefix, "www")
         os.makedirs(self.root, exist_ok=True)
@@ -82,9 +95,13 @@ class Nginx:
         if cert:
             ssl_conf = "ssl_certificate %s; ssl_certificate_key %s;" % (cert, key)
         self.scheme = "https" if cert else "http"
+        if latency and not os.path.exists(ECHO_MODULE):
+            raise RuntimeError("no %s: apt-get install libnginx-mod-http-echo" % ECHO_MODULE)
         with open(os.path.join(self.prefix, "nginx.conf"), "w") as f:
             f.write(CONF.format(prefix=self.prefix, port=self.port, root=self.root,
                                 ssl=" ssl" if cert else "", ssl_conf=ssl_conf, token=TOKEN,
+                                load="load_module %s;" % ECHO_MODULE if latency else "",
+                                latency=LATENCY_LOCATION.format() if latency else "",
                                 # as root, workers would switch to nobody, who cannot read
                                 # the test's private temporary directories
                                 user="user root;" if os.geteuid() == 0 else ""))
@@ -107,7 +124,10 @@ class Nginx:
                 time.sleep(0.02)
         raise RuntimeError("nginx did not listen on %d" % self.port)
 
-    def url(self, path):
+    def url(self, path, latency=0.0):
+        """The URL of ``path``; ``latency`` seconds before each answer (``latency=True``)."""
+        if latency:
+            path = "lat/%.3f/%s" % (latency, path.lstrip("/"))    # echo_sleep: ms at most
         return "%s://127.0.0.1:%d/%s" % (self.scheme, self.port, path.lstrip("/"))
 
     def put(self, name, data, mtime=None):
