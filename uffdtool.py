@@ -38,7 +38,7 @@ Library example::
                 uffd.zeropage(ev.address & ~(uffdtool.PAGE_SIZE - 1), uffdtool.PAGE_SIZE)
 """
 
-__version__ = "0.2.1"
+__version__ = "0.2.2"
 
 import argparse
 import array

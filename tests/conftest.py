@@ -24,10 +24,14 @@ def need_program(name, package):
     environment variable CI is set (CI installs PACKAGE, see .ci/run)."""
     path = shutil.which(name)
     if path is None:
-        why = "needs %s (apt package %s)" % (name, package)
-        if os.environ.get("CI"):
-            pytest.fail(why + ": CI must install it")
-        pytest.skip(why)
+        _missing("needs %s (apt package %s)" % (name, package))
+    return path
+
+
+def need_file(path, package):
+    """The same for a file PATH that apt package PACKAGE installs (an nginx module)."""
+    if not os.path.exists(path):
+        _missing("needs %s (apt package %s)" % (path, package))
     return path
 
 
@@ -36,10 +40,13 @@ def need_module(name, package):
     try:
         return __import__(name)
     except ImportError:
-        why = "needs the Python module %s (pip install %s)" % (name, package)
-        if os.environ.get("CI"):
-            pytest.fail(why + ": CI must install it")
-        pytest.skip(why)
+        _missing("needs the Python module %s (pip install %s)" % (name, package))
+
+
+def _missing(why):
+    if os.environ.get("CI"):
+        pytest.fail(why + ": CI must install it")
+    pytest.skip(why)
 
 
 def _uffd_usable():

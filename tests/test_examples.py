@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, need_program, needs_root, needs_uffd, uffdtool
+from conftest import ROOT, need_file, need_program, needs_root, needs_uffd, uffdtool
+from nginx_server import ECHO_MODULE
 
 README = os.path.join(ROOT, "README.md")
 x86_64 = pytest.mark.skipif(uffdtool.ARCH != "x86_64", reason="ptrace is x86_64 only")
@@ -234,15 +235,17 @@ def test_url_benchmark_runs():
     shared C toucher, every configuration once; each run verified (no timing is asserted)."""
     need_program("nginx", "nginx")
     need_program("gcc", "gcc")
+    need_file(ECHO_MODULE, "libnginx-mod-http-echo")          # --latency-ms
     assert "python3 bench/url_bench.py" in readme()
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "url_bench.py"),
-                        "--size-mib", "8", "--reps", "1", "--chunks", "256K", "--chunk", "256K"],
-                       capture_output=True, text=True, timeout=300)
+                        "--size-mib", "8", "--reps", "1", "--chunks", "256K", "--chunk", "256K",
+                        "--latency-ms", "0,20"], capture_output=True, text=True, timeout=300)
     if r.returncode and "no ../shared/bench/uffd_bench.c" in r.stderr:
         pytest.skip("the shared C toucher is not beside this checkout")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 6 and "verified: True" in r.stdout     # header + configurations
+    assert len(rows) == 1 + 8 and "verified: True" in r.stdout     # header + configurations
+    assert "20 ms per request" in r.stdout
 
 
 # -- report -----------------------------------------------------------------------------------

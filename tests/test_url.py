@@ -476,6 +476,7 @@ def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_peer_comes(ngx
             time.sleep(0.02)                # fetched before the peer (Firecracker) connects
         assert want <= {r[1] for r in chunk_gets(ngx)}
         c.handshake(sock)
+        wait_record(p, "prefetch_done")     # installed with no fault (the peer waits for it)
         assert c.mismatches(0, ngx.data) == []
     finally:
         c.close()
