@@ -52,6 +52,12 @@ http {{
         "~^bytes=262144-" 64k;
         default 16k;
     }}
+    # /cut/: ranges from 262144 at 64 KiB/s, others at full speed: a request for the chunks
+    # from 1 on that is broken off (nginx stopped) after chunk 1 resumes at full speed
+    map $http_range $cut_rate {{
+        "~^bytes=262144-" 64k;
+        default 0;
+    }}
     sendfile on;
     types {{ }}
     default_type application/octet-stream;
@@ -62,6 +68,7 @@ http {{
         root {root};
         location /norange/ {{ alias {root}/; max_ranges 0; }}
         location /slow/ {{ alias {root}/; limit_rate $slow_rate; }}
+        location /cut/ {{ alias {root}/; limit_rate $cut_rate; }}
         location = /forbidden {{ return 403; }}
         location = /unauthorized {{ return 401; }}
         location = /broken {{ return 500; }}{latency}

@@ -508,6 +508,36 @@ def test_a_fault_ahead_of_a_slow_background_request_is_fetched_on_its_own(ngx, t
     assert finish(p)[0] == 0
 
 
+def test_a_background_request_broken_off_resumes_after_its_last_whole_chunk(ngx, tmp_path):
+    # --fill's GET for chunks 1-N comes at 64 KiB/s (/cut/: chunk 1 takes 3 s, chunk 2 4 s
+    # more); once chunk 1 is in (the peer has a page of it), nginx is stopped mid-chunk 2 and
+    # started again: the retry asks for chunks 2-N only (at full speed), every page is right
+    sock = str(tmp_path / "s")
+    p = serve(ngx.url("cut/mem.bin"), sock, "--fetchers", "2", "--fill", "idle",
+              "--retries", "5")
+    c = FcClient([SIZE])
+    try:
+        c.handshake(sock)
+        time.sleep(0.3)                             # the fill's GET from chunk 1 is out
+        assert c.touch(0, CHUNK + 5 * PS, PS, timeout=15) == \
+            ngx.data[CHUNK + 5 * PS:CHUNK + 6 * PS]
+        ngx.stop()
+        ngx.start()
+        wait_record(p, "fill_done")
+        assert c.mismatches(0, ngx.data) == []
+    finally:
+        c.close()
+    st = finished_ok(p)
+    assert st["fetch_retries"] >= 1
+    # nginx logs no request it broke off itself: the log has the probe (chunk 0) and the
+    # retry, which starts at chunk 2 and asks for more; no GET had chunk 1 again
+    gets = [tuple(int(x) for x in r[1][len("bytes="):].split("-")) for r in ngx.requests()
+            if r[1] != "bytes=0-0"]
+    retry = [g for g in gets if g[0] == 2 * CHUNK]
+    assert len(retry) == 1 and retry[0][1] >= 3 * CHUNK - 1, gets
+    assert not [g for g in gets if g[0] <= CHUNK <= g[1]], gets
+
+
 def _fill_then_verify_without_source(srv, sock, src_args, ngx, stop_source):
     p = start_tool("serve-file", *src_args, "--firecracker-socket", sock, "--fill", "idle")
     c = FcClient([SIZE])
