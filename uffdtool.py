@@ -2431,8 +2431,8 @@ class UrlSource:
         a, b = self._span(run[0])[0], self._span(run[-1])[1]
         progress.sent, progress.first = time.perf_counter(), None
         resp = self._request(conn, a, b)
-        t = progress.first = time.perf_counter()
-        self._ttfb += (t - progress.sent - self._ttfb) * URL_EWMA
+        progress.first = time.perf_counter()
+        self._ttfb += (progress.first - progress.sent - self._ttfb) * URL_EWMA
         st = resp.status
         if st != 206:
             self._drop(conn)
@@ -2459,20 +2459,22 @@ class UrlSource:
                              % (self.display, etag or lm, self.validator), fatal=True)
         while run:
             c = run[0]
-            if not self._claim(c, conn):           # fetched on its own for a fault: skip it
-                locked.discard(c)                  # (that fetch unlocks it)
-                self._read_body(conn, resp, self._scratch(), self._span(c), a)
-                run.pop(0)
+            span = self._span(c)
+            mine = self._claim(c, conn)            # else fetched on its own for a fault: skip
+            t = time.perf_counter()
+            self._read_body(conn, resp, self._into(c) if mine else self._scratch(), span, a)
+            self._rate += ((span[1] - span[0]) / max(time.perf_counter() - t, 1e-6) -
+                           self._rate) * URL_EWMA
+            with self._cv:
+                self.counts["fetched_bytes"] += span[1] - span[0]
+            run.pop(0)
+            if not mine:
+                locked.discard(c)                  # (the fetch that has it unlocks it)
                 continue
-            self._read_body(conn, resp, self._into(c), self._span(c), a)
-            t, dt = time.perf_counter(), time.perf_counter() - t
-            self._rate += (self.chunk / max(dt, 1e-6) - self._rate) * URL_EWMA
             if self._store(c, None, prio):
                 locked.discard(c)                  # the writer unlocks once written
             with self._cv:
-                self.counts["fetched_bytes"] += self._span(c)[1] - self._span(c)[0]
                 self.counts["cache_misses"] += 1
-            run.pop(0)
             self._done(c)
 
     def _scratch(self):
