@@ -356,18 +356,26 @@ def covering(ngx, off):
     return out
 
 
-def test_a_fault_in_a_chunk_in_flight_waits_for_that_fetch(ngx, tmp_path):
-    sock = str(tmp_path / "s")
-    p = serve(ngx.url("slow/mem.bin"), sock, "--fetchers", "2", "--fill", "idle",
-              "--stats-interval", "0.1")
+def _touch_while_filling(ngx, sock, location, page, *extra):
+    """serve-file --fill idle from ``location`` (a slow one, where chunk 1 takes 3 s), the
+    peer's handshake, and a touch of ``page`` (its bytes checked) once the fill's GET from
+    chunk 1 is out; returns the tool and the peer (for the caller to close)."""
+    p = serve(ngx.url(location), sock, "--fetchers", "2", "--fill", "idle", *extra)
     c = FcClient([SIZE])
     try:
         c.handshake(sock)
-        time.sleep(0.3)                             # the fill is fetching chunk 1 (3 s)
-        assert c.touch(0, CHUNK + 7 * PS, PS, timeout=10) == \
-            ngx.data[CHUNK + 7 * PS:CHUNK + 8 * PS]
-    finally:
+        time.sleep(0.3)                             # the fill is fetching chunk 1
+        assert c.touch(0, page, PS, timeout=15) == ngx.data[page:page + PS]
+    except BaseException:
         c.close()
+        raise
+    return p, c
+
+
+def test_a_fault_in_a_chunk_in_flight_waits_for_that_fetch(ngx, tmp_path):
+    p, c = _touch_while_filling(ngx, str(tmp_path / "s"), "slow/mem.bin", CHUNK + 7 * PS,
+                                "--stats-interval", "0.1")
+    c.close()
     assert finish(p)[0] == 0
     # the fill's request (chunk 1 and those after it, one background request) was the only one
     # for that page: no second GET (nginx logs the request the handler broke off at its end)
@@ -512,15 +520,9 @@ def test_a_background_request_broken_off_resumes_after_its_last_whole_chunk(ngx,
     # --fill's GET for chunks 1-N comes at 64 KiB/s (/cut/: chunk 1 takes 3 s, chunk 2 4 s
     # more); once chunk 1 is in (the peer has a page of it), nginx is stopped mid-chunk 2 and
     # started again: the retry asks for chunks 2-N only (at full speed), every page is right
-    sock = str(tmp_path / "s")
-    p = serve(ngx.url("cut/mem.bin"), sock, "--fetchers", "2", "--fill", "idle",
-              "--retries", "5")
-    c = FcClient([SIZE])
+    p, c = _touch_while_filling(ngx, str(tmp_path / "s"), "cut/mem.bin", CHUNK + 5 * PS,
+                                "--retries", "5")
     try:
-        c.handshake(sock)
-        time.sleep(0.3)                             # the fill's GET from chunk 1 is out
-        assert c.touch(0, CHUNK + 5 * PS, PS, timeout=15) == \
-            ngx.data[CHUNK + 5 * PS:CHUNK + 6 * PS]
         ngx.stop()
         ngx.start()
         wait_record(p, "fill_done")
