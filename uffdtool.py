@@ -8629,6 +8629,30 @@ def check_eagain():
 
 # -- feature bits -----------------------------------------------------------------------------
 
+def _send_pair(peer, feature):
+    """In a check's child: a page registered on a uffd with ``feature`` (a1) and one on a uffd
+    without (a2), both uffds sent to the parent (``_serve_pair``).  Returns (uffds, a1, a2)."""
+    us = (_uffd(feature), _uffd())
+    a1, a2 = mmap_anon(PAGE_SIZE), mmap_anon(PAGE_SIZE)
+    us[0].register(a1, PAGE_SIZE)
+    us[1].register(a2, PAGE_SIZE)
+    peer.send(fds=[u.fileno() for u in us], a1=a1, a2=a2)
+    return us, a1, a2
+
+
+def _serve_pair(peer, feature):
+    """The parent's side of ``_send_pair``: serve both uffds until the child ends.  Returns
+    (the child's first message, the _Served with its faults, the child's last message)."""
+    msg, fds = peer.recv()
+    served = _Served([Userfaultfd.adopt(fds[0], feature), Userfaultfd.adopt(fds[1])], "copy")
+    try:
+        last, _ = peer.serve(served)
+        peer.wait()
+    finally:
+        served.close()
+    return msg, served, last
+
+
 @selftest_check("thread-id")
 def check_thread_id():
     """THREAD_ID: pagefault.feat.ptid is the faulting thread's TID (a second thread's, not the
@@ -8636,12 +8660,7 @@ def check_thread_id():
     def body(peer):
         import threading                # only here: the faulting threads of this check
         ps = PAGE_SIZE
-        u1 = _uffd(UFFD_FEATURE_THREAD_ID)
-        u2 = _uffd()
-        a1, a2 = mmap_anon(ps), mmap_anon(ps)
-        u1.register(a1, ps)
-        u2.register(a2, ps)
-        peer.send(fds=[u1.fileno(), u2.fileno()], a1=a1, a2=a2)
+        _, a1, a2 = _send_pair(peer, UFFD_FEATURE_THREAD_ID)
         tids = []
         buf = ctypes.create_string_buffer(ps)
 
@@ -8656,14 +8675,7 @@ def check_thread_id():
         peer.send(tids=tids, pid=os.getpid())
 
     with _Peer(body) as peer:
-        msg, fds = peer.recv()
-        served = _Served([Userfaultfd.adopt(fds[0], UFFD_FEATURE_THREAD_ID),
-                          Userfaultfd.adopt(fds[1])], "copy")
-        try:
-            m, _ = peer.serve(served)
-            peer.wait()
-        finally:
-            served.close()
+        _, served, m = _serve_pair(peer, UFFD_FEATURE_THREAD_ID)
     _expect(len(served.faults) == 2, "faults %r", served.faults)
     f1, f2 = served.faults[0][1], served.faults[1][1]
     _expect(f1.ptid == m["tids"][0] and f1.ptid != m["pid"],
@@ -8701,25 +8713,13 @@ def check_exact_address():
     off = 0x123
 
     def body(peer):
-        u1 = _uffd(UFFD_FEATURE_EXACT_ADDRESS)
-        u2 = _uffd()
-        a1, a2 = mmap_anon(PAGE_SIZE), mmap_anon(PAGE_SIZE)
-        u1.register(a1, PAGE_SIZE)
-        u2.register(a2, PAGE_SIZE)
-        peer.send(fds=[u1.fileno(), u2.fileno()], a1=a1, a2=a2)
+        _, a1, a2 = _send_pair(peer, UFFD_FEATURE_EXACT_ADDRESS)
         _peek(a1 + off, 1)
         _peek(a2 + off, 1)
         peer.send(done=1)
 
     with _Peer(body) as peer:
-        msg, fds = peer.recv()
-        served = _Served([Userfaultfd.adopt(fds[0], UFFD_FEATURE_EXACT_ADDRESS),
-                          Userfaultfd.adopt(fds[1])], "copy")
-        try:
-            peer.serve(served)
-            peer.wait()
-        finally:
-            served.close()
+        msg, served, _ = _serve_pair(peer, UFFD_FEATURE_EXACT_ADDRESS)
     f = [ev.address for _, ev in served.faults]
     _expect(f == [msg["a1"] + off, msg["a2"]], "fault addresses %s, want %s",
             [hex(a) for a in f], [hex(msg["a1"] + off), hex(msg["a2"])])
