@@ -2247,26 +2247,36 @@ class UrlSource:
             heappop(q)
             del self._queued[c]
             self._later.pop(c, None)           # a demand for a chunk of another's run
-            self._running[c] = me
-            return prio, c, self._extend(c, prio)
+            lo, n, run = self._extend(c, prio)
+            if n == 1:
+                self._running[c] = me
+            return prio, lo, (n, run)
         return None
 
     def _extend(self, c, prio):
-        """How many chunks from ``c`` one request fetches: background work (--prefetch, --fill)
-        takes the queued background chunks that follow ``c`` too, up to URL_RUN bytes, because
-        an object store's time to the first byte is most of a chunk's fetch (README "Restoring
-        from a URL": fewer, larger requests).  Those chunks wait in ``_later``: a fault that
-        needs one before the request reaches it has it fetched on its own (``_submit``), and
-        the request then skips its bytes.  Demand and readahead: one chunk.  Returns the count
-        and the request's _Run."""
-        n, run = 1, _Run(c)
+        """The chunks one request fetches for chunk ``c``: background work (--prefetch, --fill)
+        takes the queued background chunks that follow ``c`` too, then those before it, up to
+        URL_RUN bytes, because an object store's time to the first byte is most of a chunk's
+        fetch (README "Restoring from a URL": fewer, larger requests).  Such a request's
+        chunks wait in ``_later``: a fault that needs one before the request reaches it has it
+        fetched on its own (``_submit``), and the request then skips its bytes.  Demand and
+        readahead: ``c`` alone.  Returns (first chunk, count, the request's _Run)."""
+        lo, hi = c, c + 1
         if prio >= PRIO_PREFETCH:
-            while n < max(1, URL_RUN // self.chunk) and c + n < self.nchunks and \
-                    self._queued.get(c + n, -1) >= PRIO_PREFETCH:
-                del self._queued[c + n]
-                self._later[c + n] = run
-                n += 1
-        return n, run
+            most = max(1, URL_RUN // self.chunk)
+            while hi - lo < most and hi < self.nchunks and self._background(hi):
+                hi += 1
+            while hi - lo < most and lo > 0 and self._background(lo - 1):
+                lo -= 1
+        run = _Run(lo)
+        if hi - lo > 1:
+            for k in range(lo, hi):
+                self._queued.pop(k, None)
+                self._later[k] = run
+        return lo, hi - lo, run
+
+    def _background(self, c):
+        return self._queued.get(c, -1) >= PRIO_PREFETCH
 
     def _soon(self, run, c):
         """Whether the request ``run``, under way, brings chunk ``c`` no later than a request of

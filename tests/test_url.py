@@ -494,6 +494,34 @@ def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_peer_comes(ngx
     assert len(ranges) == len(set(ranges))                # a fault never fetched a chunk again
 
 
+def test_a_prefetch_list_in_any_order_is_fetched_in_few_long_requests(ngx, tmp_path):
+    # recorded from the last chunk down to chunk 1 (chunk 0 comes with the probe): one GET
+    # takes the chunk at the head of the list and the queued ones before it
+    ws = str(tmp_path / "ws")
+    pages = [k * CHUNK + 3 * PS for k in range(NCHUNKS - 1, 0, -1)]
+    p = serve(ngx.url("mem.bin"), str(tmp_path / "s1"), "--record", ws)
+    c = FcClient([SIZE])
+    try:
+        c.handshake(str(tmp_path / "s1"))
+        c.touch_pages(0, pages)
+    finally:
+        c.close()
+    assert finish(p)[0] == 0
+    ngx.clear_log()
+    sock = str(tmp_path / "s2")
+    p = serve(ngx.url("mem.bin"), sock, "--prefetch", ws)
+    c = FcClient([SIZE])
+    try:
+        c.handshake(sock)
+        wait_record(p, "prefetch_done")
+        assert c.mismatches(0, ngx.data) == []
+    finally:
+        c.close()
+    finished_ok(p)
+    assert [r[1] for r in chunk_gets(ngx)] == ["bytes=0-%d" % (CHUNK - 1),
+                                               "bytes=%d-%d" % (CHUNK, SIZE - 1)]
+
+
 def test_a_fault_ahead_of_a_slow_background_request_is_fetched_on_its_own(ngx, tmp_path):
     # --fill's one request for chunks 1-15 comes at 64 KiB/s (/slow/: chunk 1 alone takes 3 s,
     # chunk 10 would come after 36 s); a fault in chunk 10 gets its own GET (/slow/ serves
