@@ -2276,7 +2276,8 @@ class UrlSource:
         return lo, hi - lo, run
 
     def _background(self, c):
-        return self._queued.get(c, -1) >= PRIO_PREFETCH
+        """Chunk ``c`` is missing and queued for background work only."""
+        return not self.have[c] and self._queued.get(c, -1) >= PRIO_PREFETCH
 
     def _soon(self, run, c):
         """Whether the request ``run``, under way, brings chunk ``c`` no later than a request of
@@ -2315,14 +2316,22 @@ class UrlSource:
 
     def _claim(self, c, me):
         """Whether chunk ``c`` of fetcher ``me``'s request is still its to read (not fetched
-        on its own meanwhile, for a fault: ``_extend``); if so, it is being read now."""
+        on its own meanwhile, for a fault: ``_extend``, nor mapped from the cache, where
+        another process wrote it); if so, it is being read now."""
+        ev = None
         with self._cv:
             run = self._later.pop(c, None)
             if run is not None:
                 run.pos = c
                 self._queued.pop(c, None)          # a demand queued for it: stale now
-                self._running[c] = me
-            return self._running.get(c) is me
+                if self.have[c]:
+                    ev = self._pending.pop(c, None)
+                else:
+                    self._running[c] = me
+            mine = self._running.get(c) is me
+        if ev is not None:
+            ev.set()
+        return mine
 
     def _done(self, c, err=None):
         """Chunk ``c``'s fetch has ended (stored, or failed with ``err``): wake its waiters."""
