@@ -462,9 +462,10 @@ def test_full_cache_serves_without_it_and_says_so_once(ngx, tmp_path):
 
 # -- --prefetch, --record, --fill idle ----------------------------------------------------------
 
-def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_peer_comes(ngx, tmp_path):
+def _record(ngx, tmp_path, pages):
+    """A working set recorded by a restore whose peer touches ``pages`` in that order; the
+    access log is cleared after it.  Returns the file's path."""
     ws = str(tmp_path / "ws")
-    pages = [c * CHUNK + k * PS for c in (3, 7, 11) for k in (0, 5, 9)]
     p = serve(ngx.url("mem.bin"), str(tmp_path / "s1"), "--record", ws)
     c = FcClient([SIZE])
     try:
@@ -474,6 +475,12 @@ def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_peer_comes(ngx
         c.close()
     assert finish(p)[0] == 0
     ngx.clear_log()
+    return ws
+
+
+def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_peer_comes(ngx, tmp_path):
+    pages = [c * CHUNK + k * PS for c in (3, 7, 11) for k in (0, 5, 9)]
+    ws = _record(ngx, tmp_path, pages)
     sock = str(tmp_path / "s2")
     p = serve(ngx.url("mem.bin"), sock, "--prefetch", ws)
     c = FcClient([SIZE])
@@ -497,17 +504,7 @@ def test_prefetch_of_a_recorded_working_set_fetches_it_before_the_peer_comes(ngx
 def test_a_prefetch_list_in_any_order_is_fetched_in_few_long_requests(ngx, tmp_path):
     # recorded from the last chunk down to chunk 1 (chunk 0 comes with the probe): one GET
     # takes the chunk at the head of the list and the queued ones before it
-    ws = str(tmp_path / "ws")
-    pages = [k * CHUNK + 3 * PS for k in range(NCHUNKS - 1, 0, -1)]
-    p = serve(ngx.url("mem.bin"), str(tmp_path / "s1"), "--record", ws)
-    c = FcClient([SIZE])
-    try:
-        c.handshake(str(tmp_path / "s1"))
-        c.touch_pages(0, pages)
-    finally:
-        c.close()
-    assert finish(p)[0] == 0
-    ngx.clear_log()
+    ws = _record(ngx, tmp_path, [k * CHUNK + 3 * PS for k in range(NCHUNKS - 1, 0, -1)])
     sock = str(tmp_path / "s2")
     p = serve(ngx.url("mem.bin"), sock, "--prefetch", ws)
     c = FcClient([SIZE])
