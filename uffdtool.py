@@ -10392,8 +10392,8 @@ def _add_url_options(g):
                    help="with --url: bytes per Range GET, a power of two (default %s)"
                         % ("%dK" % (URL_CHUNK >> 10)))
     g.add_argument("--fetchers", type=_positive_int, default=URL_FETCHERS, metavar="N",
-                   help="with --url: parallel connections, one kept for faults (default %d)"
-                        % URL_FETCHERS)
+                   help="with --url: parallel connections, one kept for faults (default %d; "
+                        "8 for an object store, whose requests take tens of ms)" % URL_FETCHERS)
     g.add_argument("--retries", type=int, default=URL_RETRIES, metavar="N",
                    help="with --url: retries of a failed GET, with backoff (default %d)"
                         % URL_RETRIES)
@@ -10463,7 +10463,8 @@ def build_parser():
     g.add_argument("--zero", action="store_true", help="fill with zero pages (UFFDIO_ZEROPAGE)")
     _add_url_options(g)
     g.add_argument("--prefetch", metavar="FILE",
-                   help="install the pages listed in FILE (a --record working set) early")
+                   help="install the pages listed in FILE (a --record working set) early "
+                        "(with --url, fetched from the start, before the peer connects)")
     _add_target(pf)
     pf.add_argument("--firecracker-socket", metavar="PATH",
                     help="listen on PATH for Firecracker's UFFD handshake")
