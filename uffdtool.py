@@ -1728,12 +1728,15 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class _Run:
-    """A request's progress (UrlSource._extend, _soon): the chunk it reads now, when it was
-    sent and when its response came (perf_counter; None: not yet)."""
-    __slots__ = ("pos", "sent", "first")
+    """A request's progress (UrlSource._extend, _soon): the chunk it reads now, the chunk its
+    response starts at, when it was sent and when the response came (perf_counter; None: not
+    yet), and the bytes of the response read so far."""
+    __slots__ = ("pos", "start", "sent", "first", "got")
 
     def __init__(self, pos):
-        self.pos, self.sent, self.first = pos, None, None
+        self.pos = self.start = pos
+        self.sent = self.first = None
+        self.got = 0
 
 
 class FetchError(TargetError):
@@ -2281,12 +2284,17 @@ class UrlSource:
 
     def _soon(self, run, c):
         """Whether the request ``run``, under way, brings chunk ``c`` no later than a request of
-        its own would (from the estimated time to a response and rate after it)."""
+        its own would: the time to a response and the rate after it are estimated from the
+        fetches so far, the rate of a response that is coming from what it has brought."""
         if run.sent is None:
             return False
-        per = self.chunk / self._rate
-        head = 0.0 if run.first else max(0.0, self._ttfb - (time.perf_counter() - run.sent))
-        return head + (c - run.pos) * per <= self._ttfb + per
+        now = time.perf_counter()
+        rate = self._rate
+        if run.first is not None and run.got:       # (over at least a response's time)
+            rate = run.got / max(now - run.first, self._ttfb, 1e-3)
+        head = 0.0 if run.first else max(0.0, self._ttfb - (now - run.sent))
+        need = (c - run.start) * self.chunk - run.got       # its bytes to come before c
+        return head + need / rate <= self._ttfb
 
     def _fetcher(self, reserved):
         conn = [None]
@@ -2449,6 +2457,7 @@ class UrlSource:
         comes (then dropped from ``run``); checks status, Content-Range, size and validator."""
         a, b = self._span(run[0])[0], self._span(run[-1])[1]
         progress.sent, progress.first = time.perf_counter(), None
+        progress.start, progress.got = run[0], 0
         resp = self._request(conn, a, b)
         progress.first = time.perf_counter()
         self._ttfb += (progress.first - progress.sent - self._ttfb) * URL_EWMA
@@ -2481,7 +2490,8 @@ class UrlSource:
             span = self._span(c)
             mine = self._claim(c, conn)            # else fetched on its own for a fault: skip
             t = time.perf_counter()
-            self._read_body(conn, resp, self._into(c) if mine else self._scratch(), span, a)
+            self._read_body(conn, resp, self._into(c) if mine else self._scratch(), span,
+                            progress)
             self._rate += ((span[1] - span[0]) / max(time.perf_counter() - t, 1e-6) -
                            self._rate) * URL_EWMA
             with self._cv:
@@ -2503,8 +2513,8 @@ class UrlSource:
             self._skip = bytearray(self.chunk)
         return self._skip
 
-    def _read_body(self, conn, resp, into, span, a):
-        """Read bytes ``span`` of the response (which started at ``a``) into ``into``."""
+    def _read_body(self, conn, resp, into, span, progress):
+        """Read bytes ``span`` of the response (``progress``, a _Run) into ``into``."""
         n = span[1] - span[0]
         view = memoryview(into).cast("B")[:n]
         got = 0
@@ -2512,9 +2522,9 @@ class UrlSource:
             while got < n:
                 k = resp.readinto(view[got:])
                 if not k:
-                    raise _Transient("connection closed after %d bytes"
-                                     % (span[0] - a + got))
+                    raise _Transient("connection closed after %d bytes" % progress.got)
                 got += k
+                progress.got += k
         except (OSError, ValueError) as e:
             self._drop(conn)
             raise _Transient(self._net_reason(e) if isinstance(e, OSError) else "short body")
