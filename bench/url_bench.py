@@ -153,12 +153,13 @@ def main():
         shutil.rmtree(d, ignore_errors=True)
         return d
 
-    best = {}
+    best, rounds = {}, {}
 
     def row(name, res, recs):
         """Keep the best of the reps of ``name`` (highest throughput)."""
         st = [r for r in recs if r["event"] == "stats"][-1]
         total = res["ready_s"] + res["wall_s"]
+        rounds.setdefault(name, []).append(res)
         if name in best and best[name][0]["mib_per_s"] >= res["mib_per_s"]:
             return best[name][0]
         p50 = (st.get("fetch_latency_us") or {}).get("p50")
@@ -177,7 +178,7 @@ def main():
     f, fo = best["file (local)"][0], best["file, order %s" % a.order][0]
     pairs = [(ms, best[demand_name(a, ms)][0], best[prefetch_name(a, ms)][0]) for ms in a.lats]
     rows = [v[1] for v in best.values()]
-    report(a, mib, rows, f, fo, pairs, secs, pages, ok)
+    report(a, mib, rows, f, fo, pairs, secs, pages, ok, rounds)
     if not a.work:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -209,7 +210,18 @@ def one_round(a, toucher, src, sock, mib, url, ws, cache, row):
                                            a.order))
 
 
-def report(a, mib, rows, f, fo, pairs, secs, pages, ok):
+def total_s(res):
+    return res["ready_s"] + res["wall_s"]
+
+
+def per_round(xs, ys, ratio):
+    """The ratios of the runs of two configurations in the same rounds: "median (range)"."""
+    import statistics
+    r = sorted(ratio(x, y) for x, y in zip(xs, ys))
+    return "median %.2fx, range %.2f-%.2f" % (statistics.median(r), r[0], r[-1])
+
+
+def report(a, mib, rows, f, fo, pairs, secs, pages, ok, rounds):
     print("%d MiB, --readahead 64, nginx on 127.0.0.1, shared C toucher%s; one run of the "
           "script, best of %d interleaved reps\n"
           % (mib, ", --fetchers %d" % a.fetchers if a.fetchers else "", a.reps))
@@ -223,13 +235,20 @@ def report(a, mib, rows, f, fo, pairs, secs, pages, ok):
         print("| %s | %.0f | %.3f | %d | %s | %s | %s | %d |" % (
             name, rate, total, fetched, hits, waited, p50, faults))
     print()
+    print("Best against best; in parentheses the ratios within each round (the reps run every "
+          "configuration once, one after the other)\n")
     for name, rate, total, fetched, hits, *_ in rows:
         if name.startswith(("cold", "warm")):
-            print("- %s: %.2fx the file's throughput" % (name, rate / f["mib_per_s"]))
+            print("- %s: %.2fx the file's throughput (%s)" % (
+                name, rate / f["mib_per_s"],
+                per_round(rounds[name], rounds["file (local)"],
+                          lambda x, y: x["mib_per_s"] / y["mib_per_s"])))
     for ms, dem, pre in pairs:
         print("- --prefetch cold vs on-demand cold (order %s, %d ms per request), time to the "
-              "toucher's end: %.2fx faster" % (a.order, ms, (dem["ready_s"] + dem["wall_s"]) /
-                                               (pre["ready_s"] + pre["wall_s"])))
+              "toucher's end: %.2fx faster (%s)" % (
+                  a.order, ms, total_s(dem) / total_s(pre),
+                  per_round(rounds[prefetch_name(a, ms)], rounds[demand_name(a, ms)],
+                            lambda x, y: total_s(y) / total_s(x))))
     dem = pairs[0][1]
     print("- on-demand cold vs file (order %s, %d ms): %.2fx the file's throughput"
           % (a.order, pairs[0][0], dem["mib_per_s"] / fo["mib_per_s"]))
