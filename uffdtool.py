@@ -1728,13 +1728,13 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class _Run:
-    """A request's progress (UrlSource._extend, _soon): the chunk it reads now, the chunk its
-    response starts at, when it was sent and when the response came (perf_counter; None: not
-    yet), and the bytes of the response read so far."""
-    __slots__ = ("pos", "start", "sent", "first", "got")
+    """A request's progress (UrlSource._extend, _soon): the chunk its response starts at, when
+    it was sent and when the response came (perf_counter; None: not yet), and the bytes of the
+    response read so far."""
+    __slots__ = ("start", "sent", "first", "got")
 
-    def __init__(self, pos):
-        self.pos = self.start = pos
+    def __init__(self, start):
+        self.start = start
         self.sent = self.first = None
         self.got = 0
 
@@ -2236,8 +2236,9 @@ class UrlSource:
             self._threads.append(t)
 
     def _take(self, reserved, me):
-        """The most urgent queued chunk this fetcher (token ``me``) may take (the reserved one:
-        demand only), and how many chunks its request reads."""
+        """What this fetcher (token ``me``) fetches next: the most urgent queued chunk it may
+        take (the reserved one: demand only) with the chunks ``_extend`` adds, as (prio, first
+        chunk, count, the request's _Run); None: nothing for it."""
         from heapq import heappop
         q = self._queue
         while q:
@@ -2253,7 +2254,7 @@ class UrlSource:
             lo, n, run = self._extend(c, prio)
             if n == 1:
                 self._running[c] = me
-            return prio, lo, (n, run)
+            return prio, lo, n, run
         return None
 
     def _extend(self, c, prio):
@@ -2309,7 +2310,7 @@ class UrlSource:
                 if item is None:
                     self._drop(conn)
                     return
-                prio, c, (n, progress) = item
+                prio, c, n, progress = item
             run = list(range(c, c + n))          # chunks of the request not done yet
             err = None
             try:
@@ -2328,9 +2329,7 @@ class UrlSource:
         another process wrote it); if so, it is being read now."""
         ev = None
         with self._cv:
-            run = self._later.pop(c, None)
-            if run is not None:
-                run.pos = c
+            if self._later.pop(c, None) is not None:
                 self._queued.pop(c, None)          # a demand queued for it: stale now
                 if self.have[c]:
                     ev = self._pending.pop(c, None)
@@ -2358,14 +2357,11 @@ class UrlSource:
 
     def _requeue(self, chunks, prio):
         """Chunks of a run that this request will not fetch after all: back in the queue."""
-        import heapq
         with self._cv:
             for k in chunks:
                 self._later.pop(k, None)
                 if not self.have[k] and k not in self._queued and k not in self._running:
-                    self._queued[k] = prio
-                    self._seq += 1
-                    heapq.heappush(self._queue, (prio, self._seq, k))
+                    self._push(k, prio)
             self._cv.notify_all()
 
     def _fetch_run(self, run, conn, prio, progress):
@@ -2535,7 +2531,6 @@ class UrlSource:
     def _submit(self, c, prio):
         """Queue chunk ``c`` at ``prio`` (or raise a queued one to it); returns its Event.
         Caller holds ``_cv``."""
-        import heapq
         if self.have[c]:
             return None
         ev = self._pending.get(c)
@@ -2548,11 +2543,17 @@ class UrlSource:
             return ev                               # a request under way brings it (sooner)
         old = self._queued.get(c)
         if old is None or prio < old:
-            self._queued[c] = prio
-            self._seq += 1
-            heapq.heappush(self._queue, (prio, self._seq, c))
+            self._push(c, prio)
             self._cv.notify_all()
         return ev
+
+    def _push(self, c, prio):
+        """Put chunk ``c`` in the queue at ``prio`` (an entry at another priority goes stale).
+        Caller holds ``_cv``."""
+        import heapq
+        self._queued[c] = prio
+        self._seq += 1
+        heapq.heappush(self._queue, (prio, self._seq, c))
 
     def _want(self, c, prio):
         """Ask for chunk ``c`` in the background (no wait)."""
