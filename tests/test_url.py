@@ -81,12 +81,18 @@ def chunk_gets(ngx):
     return [r for r in ngx.requests() if r[2] == 206 and r[1] != "bytes=0-0"]
 
 
+def bounds(rec):
+    """(first, last) byte of a logged request's Range (None: not a single range)."""
+    m = re.match(r"^bytes=(\d+)-(\d+)$", rec[1])
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def chunks_fetched(ngx):
     """The chunk indexes the range GETs asked for, one per chunk per request (a background
     request asks for several consecutive chunks)."""
     out = []
     for r in chunk_gets(ngx):
-        a, b = (int(x) for x in r[1][len("bytes="):].split("-"))
+        a, b = bounds(r)
         assert a % CHUNK == 0 and (b + 1) % CHUNK == 0, r
         out.extend(range(a // CHUNK, (b + 1) // CHUNK))
     return out
@@ -350,8 +356,8 @@ def covering(ngx, off):
     """The logged range GETs (not the probe) whose range holds byte ``off``."""
     out = []
     for r in ngx.requests():
-        m = re.match(r"^bytes=(\d+)-(\d+)$", r[1])
-        if m and int(m.group(1)) <= off <= int(m.group(2)) and r[1] != "bytes=0-0":
+        g = bounds(r)
+        if g and g[0] <= off <= g[1] and r[1] != "bytes=0-0":
             out.append(r[1])
     return out
 
@@ -558,8 +564,7 @@ def test_a_background_request_broken_off_resumes_after_its_last_whole_chunk(ngx,
     assert st["fetch_retries"] >= 1
     # nginx logs no request it broke off itself: the log has the probe (chunk 0) and the
     # retry, which starts at chunk 2 and asks for more; no GET had chunk 1 again
-    gets = [tuple(int(x) for x in r[1][len("bytes="):].split("-")) for r in ngx.requests()
-            if r[1] != "bytes=0-0"]
+    gets = [bounds(r) for r in ngx.requests() if r[1] != "bytes=0-0"]
     retry = [g for g in gets if g[0] == 2 * CHUNK]
     assert len(retry) == 1 and retry[0][1] >= 3 * CHUNK - 1, gets
     assert not [g for g in gets if g[0] <= CHUNK <= g[1]], gets
